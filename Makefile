@@ -1,0 +1,31 @@
+# The two set-up commands of the README. Both create .venv on first use.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# Optional: an extra package index for torch (e.g. a CPU-only wheel index).
+TORCH_INDEX ?=
+PIP_EXTRA := $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX),)
+
+.PHONY: demo test venv clean
+
+$(VENV)/.base: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q $(PIP_EXTRA) -c constraints.txt -e .
+	touch $@
+
+$(VENV)/.test: $(VENV)/.base
+	$(PIP) install -q $(PIP_EXTRA) -c constraints.txt -e '.[test]'
+	touch $@
+
+venv: $(VENV)/.base
+
+demo: $(VENV)/.base
+	$(PY) demo.py --outdir out
+
+test: $(VENV)/.test
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) out .pytest_cache

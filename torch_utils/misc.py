@@ -1,0 +1,170 @@
+"""Shape checks, the infinite distributed sampler, parameter copying and module summaries."""
+
+import contextlib
+import re
+
+import numpy as np
+import torch
+
+
+def assert_shape(tensor: torch.Tensor, ref_shape, name: str = 'tensor'):
+    """Raise AssertionError unless `tensor.shape` matches `ref_shape` (None = any size)."""
+    if tensor.ndim != len(ref_shape):
+        raise AssertionError(f'{name}: wrong number of dimensions: got {tensor.ndim} {tuple(tensor.shape)}, expected {len(ref_shape)}')
+    for idx, (size, ref) in enumerate(zip(tensor.shape, ref_shape)):
+        if ref is None:
+            continue
+        if isinstance(ref, torch.Tensor):
+            ref = int(ref)
+        if size != ref:
+            raise AssertionError(f'{name}: wrong size for dimension {idx}: got {size} in {tuple(tensor.shape)}, expected {ref}')
+
+
+class InfiniteSampler(torch.utils.data.Sampler):
+    """Endless stream of dataset indices for one rank.
+
+    Rank r of n takes every n-th index of one shared order, so the ranks see disjoint
+    items that together cover the dataset. With `shuffle`, the order is a seeded
+    permutation that is locally re-shuffled as it is consumed (window = fraction of the
+    dataset), giving a fresh order every epoch without a global barrier.
+    """
+
+    def __init__(self, dataset, rank: int = 0, num_replicas: int = 1, shuffle: bool = True, seed: int = 0, window_size: float = 0.5):
+        if len(dataset) == 0:
+            raise ValueError('InfiniteSampler: the dataset is empty')
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f'InfiniteSampler: rank {rank} is outside [0, {num_replicas})')
+        super().__init__()
+        self.dataset_size = len(dataset)
+        self.rank, self.num_replicas = rank, num_replicas
+        self.shuffle, self.seed, self.window_size = shuffle, seed, window_size
+
+    def __iter__(self):
+        order = np.arange(self.dataset_size)
+        rnd, window = None, 0
+        if self.shuffle:
+            rnd = np.random.RandomState(self.seed)
+            rnd.shuffle(order)
+            window = int(np.rint(order.size * self.window_size))
+        idx = 0
+        while True:
+            i = idx % order.size
+            if idx % self.num_replicas == self.rank:
+                yield int(order[i])
+            if window >= 2:
+                j = (i - rnd.randint(window)) % order.size
+                order[i], order[j] = order[j], order[i]
+            idx += 1
+
+
+def named_params_and_buffers(module: torch.nn.Module):
+    return list(module.named_parameters()) + list(module.named_buffers())
+
+
+@torch.no_grad()
+def copy_params_and_buffers(src_module: torch.nn.Module, dst_module: torch.nn.Module, require_all: bool = False, rename=None):
+    """Copy every parameter and buffer of `dst_module` that `src_module` has with the same name and shape.
+
+    `rename(dst_name) -> src_name` maps names (e.g. to initialise a texture generator from
+    a backbone). Returns dict(copied, shape_mismatch, missing) with lists of dst names.
+    """
+    src = dict(named_params_and_buffers(src_module))
+    report = dict(copied=[], shape_mismatch=[], missing=[])
+    for name, tensor in named_params_and_buffers(dst_module):
+        src_name = rename(name) if rename is not None else name
+        if src_name not in src:
+            report['missing'].append(name)
+        elif src[src_name].shape != tensor.shape:
+            report['shape_mismatch'].append(name)
+        else:
+            tensor.copy_(src[src_name].detach())
+            tensor.requires_grad_(tensor.requires_grad)
+            report['copied'].append(name)
+    if require_all and (report['missing'] or report['shape_mismatch']):
+        raise KeyError(f"copy_params_and_buffers: missing {report['missing'][:5]}, shape mismatch {report['shape_mismatch'][:5]}")
+    return report
+
+
+@contextlib.contextmanager
+def ddp_sync(module: torch.nn.Module, sync: bool):
+    """Skip DDP's gradient all-reduce for this backward unless `sync` (no-op without DDP)."""
+    if isinstance(module, torch.nn.parallel.DistributedDataParallel) and not sync:
+        with module.no_sync():
+            yield
+    else:
+        yield
+
+
+def check_ddp_consistency(module: torch.nn.Module, ignore_regex: str = None):
+    """Raise if any parameter or buffer differs between ranks (no-op in one process)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    for name, tensor in named_params_and_buffers(module):
+        if ignore_regex is not None and re.fullmatch(ignore_regex, name):
+            continue
+        other = tensor.detach().clone()
+        torch.distributed.broadcast(other, src=0)
+        if not (torch.nan_to_num(tensor.detach()) == torch.nan_to_num(other)).all():
+            raise RuntimeError(f'check_ddp_consistency: {type(module).__name__}.{name} differs between ranks')
+
+
+def print_module_summary(module: torch.nn.Module, inputs, max_nesting: int = 3, skip_redundant: bool = True):
+    """Run one forward pass and print a table of submodules: parameters, buffers, output shapes and dtypes.
+
+    Returns the module's outputs.
+    """
+    entries = []
+    nesting = [0]
+
+    def pre_hook(_mod, _inputs):
+        nesting[0] += 1
+
+    def post_hook(mod, _inputs, outputs):
+        nesting[0] -= 1
+        if nesting[0] <= max_nesting:
+            outs = outputs if isinstance(outputs, (tuple, list)) else [outputs]
+            if isinstance(outputs, dict):
+                outs = list(outputs.values())
+            entries.append((mod, [t for t in outs if isinstance(t, torch.Tensor)]))
+
+    hooks = [m.register_forward_pre_hook(pre_hook) for m in module.modules()]
+    hooks += [m.register_forward_hook(post_hook) for m in module.modules()]
+    try:
+        outputs = module(*inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+
+    seen = set()
+    names = {mod: name for name, mod in module.named_modules()}
+    rows = [['Module', 'Parameters', 'Buffers', 'Output shape', 'Datatype'], ['---'] * 5]
+    total_params = total_buffers = 0
+    for mod, outs in entries:
+        params = [t for t in mod.parameters() if id(t) not in seen]
+        buffers = [t for t in mod.buffers() if id(t) not in seen]
+        seen.update(id(t) for t in params + buffers)
+        if skip_redundant and not params and not buffers and mod is not module and len(list(mod.children())) > 0:
+            continue
+        n_params, n_buffers = sum(t.numel() for t in params), sum(t.numel() for t in buffers)
+        total_params += n_params
+        total_buffers += n_buffers
+        shapes = [str(list(t.shape)) for t in outs] or ['-']
+        dtypes = [str(t.dtype).split('.')[-1] for t in outs] or ['-']
+        name = names.get(mod, '?') or '<top-level>'
+        rows.append([name, str(n_params) if n_params else '-', str(n_buffers) if n_buffers else '-', shapes[0], dtypes[0]])
+        for s, d in zip(shapes[1:], dtypes[1:]):
+            rows.append(['', '', '', s, d])
+    rows += [['---'] * 5, ['Total', str(total_params), str(total_buffers), '', '']]
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    print()
+    for row in rows:
+        print('  '.join(cell.ljust(w) for cell, w in zip(row, widths)))
+    print()
+    return outputs
+
+
+def nan_to_num_grads(params):
+    """Replace NaN/inf in gradients by 0 / +-1e5 (in place), as EG3D does after the all-reduce."""
+    for p in params:
+        if p.grad is not None:
+            torch.nan_to_num(p.grad, nan=0, posinf=1e5, neginf=-1e5, out=p.grad)

@@ -1,0 +1,7 @@
+"""train: filled in by a later issue."""
+
+import sys
+
+if __name__ == '__main__':
+    print('train.py: not implemented yet', file=sys.stderr)
+    sys.exit(2)
