@@ -1,0 +1,68 @@
+"""Alpha compositing of samples along rays (EG3D's mid-point rule).
+
+Samples at depths t_0 < ... < t_{S-1} bound S - 1 intervals. Each interval j takes the
+mean colour and mean raw density of its two end samples, an opacity
+alpha_j = 1 - exp(-density_j * (t_{j+1} - t_j)), and the weight
+w_j = alpha_j * prod_{k<j} (1 - alpha_k). The composite is sum_j w_j * colour_j, and the
+depth is the weight-averaged interval mid-point.
+"""
+
+import torch
+
+from torch_utils import misc
+
+CLAMP_MODES = ('softplus',)
+
+
+class MipRayMarcher2(torch.nn.Module):
+    """Composite per-sample features and densities along each ray. No parameters."""
+
+    def forward(self, colors: torch.Tensor, densities: torch.Tensor, depths: torch.Tensor, rendering_options: dict):
+        """Mid-point alpha compositing.
+
+        Args:
+            colors:    (B, N, S, C) features per sample (the decoder's output, in [0, 1] for RGB).
+            densities: (B, N, S, 1) raw densities (sigma before the activation).
+            depths:    (B, N, S, 1) sample depths along the ray, increasing along S, world units
+                       (distance from the ray origin for unit directions).
+            rendering_options: reads `clamp_mode` ('softplus': density = softplus(sigma - 1))
+                       and `white_back` (bool, default False: the empty part of a ray adds
+                       white instead of black).
+        Returns:
+            rgb:     (B, N, C) composite, mapped from [0, 1] to [-1, 1] (x * 2 - 1) as EG3D does.
+            depth:   (B, N, 1) expected depth, clamped per ray to [t_0, t_{S-1}]; a ray with zero
+                     total weight gets t_{S-1} (EG3D: nan -> inf -> clamp).
+            weights: (B, N, S - 1, 1) compositing weight of each interval; weights.sum(2) is
+                     the ray's opacity.
+        """
+        misc.assert_shape(densities, [*colors.shape[:3], 1], 'densities')
+        misc.assert_shape(depths, [*colors.shape[:3], 1], 'depths')
+        if colors.shape[2] < 2:
+            raise ValueError(f'MipRayMarcher2: need at least 2 samples per ray, got {colors.shape[2]}')
+        clamp_mode = rendering_options.get('clamp_mode', 'softplus')
+        if clamp_mode not in CLAMP_MODES:
+            raise ValueError(f'MipRayMarcher2: unknown clamp_mode {clamp_mode!r}, expected one of {CLAMP_MODES}')
+
+        deltas = depths[:, :, 1:] - depths[:, :, :-1]
+        colors_mid = (colors[:, :, :-1] + colors[:, :, 1:]) / 2
+        densities_mid = (densities[:, :, :-1] + densities[:, :, 1:]) / 2
+        depths_mid = (depths[:, :, :-1] + depths[:, :, 1:]) / 2
+        densities_mid = torch.nn.functional.softplus(densities_mid - 1)
+
+        alpha = 1 - torch.exp(-densities_mid * deltas)
+        # Transmittance before each interval; the 1e-10 keeps cumprod's gradient finite when alpha = 1.
+        survive = torch.cat([torch.ones_like(alpha[:, :, :1]), 1 - alpha + 1e-10], dim=2)
+        transmittance = torch.cumprod(survive, dim=2)[:, :, :-1]
+        weights = alpha * transmittance
+
+        rgb = (weights * colors_mid).sum(dim=2)
+        opacity = weights.sum(dim=2)
+        has_weight = opacity > 0
+        depth = (weights * depths_mid).sum(dim=2) / torch.where(has_weight, opacity, torch.ones_like(opacity))
+        depth = torch.where(has_weight, depth, depths[:, :, -1])
+        depth = torch.minimum(torch.maximum(depth, depths.amin(dim=2)), depths.amax(dim=2))
+
+        if rendering_options.get('white_back', False):
+            rgb = rgb + 1 - opacity
+        rgb = rgb * 2 - 1
+        return rgb, depth, weights

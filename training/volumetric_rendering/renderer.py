@@ -1,0 +1,250 @@
+"""Tri-plane volume renderer with hierarchical (importance) sampling.
+
+Each ray is sampled in two passes: `depth_resolution` stratified samples between
+`ray_start` and `ray_end`, then `depth_resolution_importance` samples drawn from the coarse
+pass's compositing weights. The decoder runs on both sets; the merged, sorted samples are
+composited by MipRayMarcher2.
+
+Rendering options (a plain dict, usually G's `rendering_kwargs`; other keys are ignored):
+    ray_start, ray_end            float world units along unit directions, or both 'auto':
+                                  the ray's entry and exit of the cube [-box_warp/2, box_warp/2]^3.
+    box_warp                      side of the tri-plane cube in world units (coords.BOX_WARP).
+    depth_resolution              stratified samples per ray (EG3D: 48).
+    depth_resolution_importance   importance samples per ray (EG3D: 48; 0 disables the pass).
+    disparity_space_sampling      bool, default False: stratify in 1/depth instead of depth.
+    clamp_mode                    density activation, default 'softplus' (see ray_marcher).
+    white_back                    bool, default False.
+    density_noise                 float, default 0: std of Gaussian noise added to sigma.
+    deterministic_sampling        bool, default False: bin centres instead of random jitter,
+                                  and evenly spaced quantiles in the importance pass.
+"""
+
+import torch
+
+from torch_utils import misc
+from torch_utils import persistence
+from training import coords
+from training.volumetric_rendering.ray_marcher import MipRayMarcher2
+
+
+def sample_from_planes(planes: torch.Tensor, coordinates: torch.Tensor, plane_axes: str = 'next3d',
+                       box_warp: float = coords.BOX_WARP, mode: str = 'bilinear', padding_mode: str = 'zeros') -> torch.Tensor:
+    """Bilinearly sample three feature planes at world points.
+
+    Args:
+        planes:      (B, 3, C, H, W) features; plane k's columns and rows follow the world
+                     axes coords.PLANE_AXES[plane_axes][k], spanning [-box_warp/2, box_warp/2]
+                     edge to edge (grid_sample, align_corners=False).
+        coordinates: (B, N, 3) world points.
+    Returns:
+        (B, 3, N, C) features per plane; points outside the cube read zeros (padding_mode).
+    """
+    misc.assert_shape(planes, [None, 3, None, None, None], 'planes')
+    batch_size, _, channels, height, width = planes.shape
+    misc.assert_shape(coordinates, [batch_size, None, 3], 'coordinates')
+    num_points = coordinates.shape[1]
+    grid = coords.project_onto_planes(coordinates, plane_axes=plane_axes, box_warp=box_warp)   # (B, 3, N, 2)
+    grid = grid.to(planes.dtype).reshape(batch_size * 3, 1, num_points, 2)
+    features = torch.nn.functional.grid_sample(planes.reshape(batch_size * 3, channels, height, width), grid,
+                                               mode=mode, padding_mode=padding_mode, align_corners=False)
+    return features.reshape(batch_size, 3, channels, num_points).permute(0, 1, 3, 2)
+
+
+def ray_box_intersection(ray_origins: torch.Tensor, ray_directions: torch.Tensor, box_side: float):
+    """Entry and exit depths of rays through the cube [-box_side/2, box_side/2]^3 (slab method).
+
+    Args:
+        ray_origins, ray_directions: (B, N, 3) world units.
+    Returns:
+        ray_start, ray_end: (B, N, 1) depths along the directions (start >= 0).
+        is_valid:           (B, N, 1) bool, the ray meets the cube in front of its origin.
+    """
+    half = box_side / 2
+    tiny = torch.full_like(ray_directions, 1e-12).copysign(ray_directions)
+    directions = torch.where(ray_directions.abs() < 1e-12, tiny, ray_directions)
+    t_low = (-half - ray_origins) / directions
+    t_high = (half - ray_origins) / directions
+    ray_start = torch.minimum(t_low, t_high).amax(dim=-1, keepdim=True).clamp(min=0)
+    ray_end = torch.maximum(t_low, t_high).amin(dim=-1, keepdim=True)
+    return ray_start, ray_end, ray_end > ray_start
+
+
+def sample_stratified(ray_start: torch.Tensor, ray_end: torch.Tensor, num_samples: int,
+                      disparity_space: bool = False, deterministic: bool = False) -> torch.Tensor:
+    """One depth per equal bin of [ray_start, ray_end] (of [1/start, 1/end] in disparity space).
+
+    Args:
+        ray_start, ray_end: (B, N, 1) depths.
+    Returns:
+        (B, N, num_samples, 1) increasing depths, uniformly jittered inside their bins
+        (bin centres if deterministic).
+    """
+    batch_size, num_rays, _ = ray_start.shape
+    bins = torch.arange(num_samples, device=ray_start.device, dtype=ray_start.dtype).reshape(1, 1, -1)
+    jitter = 0.5 if deterministic else torch.rand(batch_size, num_rays, num_samples, device=ray_start.device, dtype=ray_start.dtype)
+    s = (bins + jitter) / num_samples                                      # (B, N, S) in [0, 1]
+    if disparity_space:
+        depths = 1 / ((1 - s) / ray_start + s / ray_end)
+    else:
+        depths = ray_start + s * (ray_end - ray_start)
+    return depths.unsqueeze(-1)
+
+
+def sample_pdf(bins: torch.Tensor, weights: torch.Tensor, num_samples: int, deterministic: bool = False) -> torch.Tensor:
+    """Inverse-CDF samples of the piecewise-constant density given by `weights` on `bins`.
+
+    Args:
+        bins:    (M, K + 1) increasing bin edges.
+        weights: (M, K) non-negative weight of each bin (normalised here; need not sum to 1).
+    Returns:
+        (M, num_samples) samples; uniform quantiles (i + 0.5) / num_samples if deterministic.
+        Not differentiable with respect to bins or weights (detached).
+    """
+    bins, weights = bins.detach(), weights.detach()
+    misc.assert_shape(weights, [bins.shape[0], bins.shape[1] - 1], 'weights')
+    total = weights.sum(dim=-1, keepdim=True)
+    pdf = weights / total.clamp(min=1e-12)
+    cdf = torch.cat([torch.zeros_like(pdf[:, :1]), torch.cumsum(pdf, dim=-1)], dim=-1)   # (M, K + 1)
+    cdf[:, -1] = 1                                                     # no rounding gap at the top
+    if deterministic:
+        u = (torch.arange(num_samples, device=bins.device, dtype=bins.dtype) + 0.5) / num_samples
+        u = u.expand(bins.shape[0], num_samples).contiguous()
+    else:
+        u = torch.rand(bins.shape[0], num_samples, device=bins.device, dtype=bins.dtype)
+    above = torch.searchsorted(cdf.contiguous(), u, right=True).clamp(1, bins.shape[1] - 1)
+    below = above - 1
+    cdf_below, cdf_above = cdf.gather(1, below), cdf.gather(1, above)
+    bins_below, bins_above = bins.gather(1, below), bins.gather(1, above)
+    span = cdf_above - cdf_below
+    t = (u - cdf_below) / torch.where(span > 1e-12, span, torch.ones_like(span))
+    return bins_below + t.clamp(0, 1) * (bins_above - bins_below)
+
+
+def sample_importance(depths: torch.Tensor, weights: torch.Tensor, num_samples: int, deterministic: bool = False) -> torch.Tensor:
+    """New depths drawn where the coarse pass put its compositing weight.
+
+    The interval weights are smoothed as EG3D does (max-pool over neighbouring intervals,
+    then average-pool, then + 0.01 so that no interval is starved) and define a
+    piecewise-constant density over the coarse intervals [t_j, t_{j+1}] (where
+    MipRayMarcher2's weight w_j lives).
+
+    Args:
+        depths:  (B, N, S, 1) increasing coarse depths.
+        weights: (B, N, S - 1, 1) weights from MipRayMarcher2.
+    Returns:
+        (B, N, num_samples, 1) depths (detached).
+    """
+    batch_size, num_rays, num_coarse, _ = depths.shape
+    misc.assert_shape(weights, [batch_size, num_rays, num_coarse - 1, 1], 'weights')
+    w = weights.detach().reshape(batch_size * num_rays, 1, num_coarse - 1)
+    w = torch.nn.functional.max_pool1d(w, kernel_size=2, stride=1, padding=1)     # (M, 1, S): max of neighbours
+    w = torch.nn.functional.avg_pool1d(w, kernel_size=2, stride=1)                 # (M, 1, S - 1)
+    w = w.squeeze(1) + 0.01
+    samples = sample_pdf(depths.reshape(batch_size * num_rays, num_coarse), w, num_samples, deterministic)
+    return samples.reshape(batch_size, num_rays, num_samples, 1)
+
+
+@persistence.persistent_class
+class ImportanceRenderer(torch.nn.Module):
+    """Render tri-planes through a decoder along given rays. No parameters."""
+
+    def __init__(self,
+        plane_axes: str = 'next3d',     # Tri-plane layout, a key of coords.PLANE_AXES.
+    ):
+        super().__init__()
+        if plane_axes not in coords.PLANE_AXES:
+            raise ValueError(f'ImportanceRenderer: unknown plane_axes {plane_axes!r}, expected one of {tuple(coords.PLANE_AXES)}')
+        self.plane_axes = plane_axes
+        self.ray_marcher = MipRayMarcher2()
+
+    def extra_repr(self) -> str:
+        return f'plane_axes={self.plane_axes!r}'
+
+    def forward(self, planes: torch.Tensor, decoder: torch.nn.Module, ray_origins: torch.Tensor,
+                ray_directions: torch.Tensor, rendering_options: dict):
+        """Volume-render the tri-plane along each ray.
+
+        Args:
+            planes:         (B, 3, C, H, W) tri-plane features.
+            decoder:        module called as decoder(features (B, 3, M, C), directions (B, M, 3))
+                            -> dict(rgb=(B, M, C'), sigma=(B, M, 1)), e.g. OSGDecoder.
+            ray_origins:    (B, N, 3) world units.
+            ray_directions: (B, N, 3) unit vectors (depths are then distances).
+            rendering_options: see the module docstring.
+        Returns:
+            feature_samples: (B, N, C') composited features in [-1, 1] (see MipRayMarcher2).
+            depth_samples:   (B, N, 1) expected depth.
+            weights:         (B, N, S - 1, 1) compositing weights of the S - 1 intervals between
+                             the S = depth_resolution + depth_resolution_importance sorted samples;
+                             weights.sum(2) is the opacity.
+        """
+        opts = rendering_options
+        misc.assert_shape(ray_origins, [planes.shape[0], None, 3], 'ray_origins')
+        misc.assert_shape(ray_directions, list(ray_origins.shape), 'ray_directions')
+        deterministic = bool(opts.get('deterministic_sampling', False))
+
+        ray_start, ray_end = self._ray_limits(ray_origins, ray_directions, opts)
+        depths = sample_stratified(ray_start, ray_end, int(opts['depth_resolution']),
+                                   disparity_space=bool(opts.get('disparity_space_sampling', False)), deterministic=deterministic)
+        colors, densities = self._run_along_rays(planes, decoder, ray_origins, ray_directions, depths, opts)
+
+        num_importance = int(opts['depth_resolution_importance'])
+        if num_importance > 0:
+            with torch.no_grad():   # the importance depths are detached, so their weights need no graph
+                _, _, coarse_weights = self.ray_marcher(colors, densities, depths, opts)
+            depths_fine = sample_importance(depths, coarse_weights, num_importance, deterministic=deterministic)
+            colors_fine, densities_fine = self._run_along_rays(planes, decoder, ray_origins, ray_directions, depths_fine, opts)
+            depths, order = torch.sort(torch.cat([depths, depths_fine], dim=2), dim=2)
+            colors = torch.cat([colors, colors_fine], dim=2).gather(2, order.expand(-1, -1, -1, colors.shape[-1]))
+            densities = torch.cat([densities, densities_fine], dim=2).gather(2, order)
+
+        return self.ray_marcher(colors, densities, depths, opts)
+
+    def run_model(self, planes: torch.Tensor, decoder: torch.nn.Module, sample_coordinates: torch.Tensor,
+                  sample_directions: torch.Tensor, options: dict) -> dict:
+        """Decoder output at arbitrary world points.
+
+        Args:
+            planes:             (B, 3, C, H, W).
+            sample_coordinates: (B, M, 3) world points.
+            sample_directions:  (B, M, 3) view directions (passed to the decoder).
+            options:            reads `box_warp` and `density_noise` (default 0).
+        Returns:
+            dict(rgb=(B, M, C'), sigma=(B, M, 1)) with sigma the raw density.
+        """
+        features = sample_from_planes(planes, sample_coordinates, plane_axes=self.plane_axes, box_warp=options['box_warp'])
+        out = decoder(features, sample_directions)
+        noise = float(options.get('density_noise', 0))
+        if noise > 0:
+            out['sigma'] = out['sigma'] + torch.randn_like(out['sigma']) * noise
+        return out
+
+    def _ray_limits(self, ray_origins, ray_directions, opts):
+        """(B, N, 1) start and end depths: fixed, or the cube's entry and exit ('auto')."""
+        start, end = opts['ray_start'], opts['ray_end']
+        if isinstance(start, str) or isinstance(end, str):
+            if not (start == 'auto' and end == 'auto'):
+                raise ValueError(f'ImportanceRenderer: ray_start and ray_end must both be numbers or both be \'auto\', got {start!r}, {end!r}')
+            start, end, valid = ray_box_intersection(ray_origins, ray_directions, float(opts['box_warp']))
+            # Rays that miss the cube still need a range: use the union of the image's hits.
+            any_valid = valid.any(dim=1, keepdim=True)
+            lowest = torch.where(valid, start, torch.full_like(start, float('inf'))).amin(dim=1, keepdim=True)
+            highest = torch.where(valid, end, torch.full_like(end, float('-inf'))).amax(dim=1, keepdim=True)
+            start = torch.where(valid, start, torch.where(any_valid, lowest, torch.zeros_like(lowest)))
+            end = torch.where(valid, end, torch.where(any_valid, highest, torch.ones_like(highest)))
+            return start, end
+        if not float(end) > float(start):
+            raise ValueError(f'ImportanceRenderer: ray_end ({end}) must be greater than ray_start ({start})')
+        shape = (*ray_origins.shape[:2], 1)
+        return (torch.full(shape, float(start), device=ray_origins.device, dtype=ray_origins.dtype),
+                torch.full(shape, float(end), device=ray_origins.device, dtype=ray_origins.dtype))
+
+    def _run_along_rays(self, planes, decoder, ray_origins, ray_directions, depths, opts):
+        """Decoder at the points origin + depth * direction: colours (B, N, S, C'), sigma (B, N, S, 1)."""
+        batch_size, num_rays, num_samples, _ = depths.shape
+        points = ray_origins.unsqueeze(2) + depths * ray_directions.unsqueeze(2)
+        directions = ray_directions.unsqueeze(2).expand(-1, -1, num_samples, -1)
+        out = self.run_model(planes, decoder, points.reshape(batch_size, -1, 3), directions.reshape(batch_size, -1, 3), opts)
+        colors = out['rgb'].reshape(batch_size, num_rays, num_samples, -1)
+        densities = out['sigma'].reshape(batch_size, num_rays, num_samples, 1)
+        return colors, densities
