@@ -1,0 +1,92 @@
+"""bias_act reference: closed forms per activation, defaults, clamp, gradients."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from torch_utils.ops import bias_act as B
+
+SELU_SCALE = 1.0507009873554804934193349852946
+SELU_ALPHA = 1.6732632423543772848170429916717
+
+CLOSED_FORMS = {
+    'linear':   lambda z, a: z,
+    'relu':     lambda z, a: np.maximum(z, 0),
+    'lrelu':    lambda z, a: np.where(z > 0, z, a * z),
+    'tanh':     lambda z, a: np.tanh(z),
+    'sigmoid':  lambda z, a: 1 / (1 + np.exp(-z)),
+    'elu':      lambda z, a: np.where(z > 0, z, a * (np.exp(z) - 1)),
+    'selu':     lambda z, a: SELU_SCALE * np.where(z > 0, z, SELU_ALPHA * (np.exp(z) - 1)),
+    'softplus': lambda z, a: np.log1p(np.exp(z)),
+    'swish':    lambda z, a: z / (1 + np.exp(-z)),
+}
+DEFAULT_GAIN = {'relu': math.sqrt(2), 'lrelu': math.sqrt(2), 'swish': math.sqrt(2)}
+DEFAULT_ALPHA = {'lrelu': 0.2, 'elu': 1.0}
+
+
+@pytest.mark.parametrize('act', sorted(CLOSED_FORMS))
+def test_closed_forms_with_defaults(act):
+    x = torch.randn(2, 3, 4, 5, dtype=torch.float64) * 2
+    b = torch.randn(3, dtype=torch.float64)
+    y = B.bias_act(x, b, act=act)
+    z = x.numpy() + b.numpy()[None, :, None, None]
+    expected = CLOSED_FORMS[act](z, DEFAULT_ALPHA.get(act, 0.0)) * DEFAULT_GAIN.get(act, 1.0)
+    np.testing.assert_allclose(y.numpy(), expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize('act', sorted(CLOSED_FORMS))
+def test_alpha_gain_clamp_dim(act):
+    x = torch.randn(4, 6, 3, dtype=torch.float64) * 3
+    b = torch.randn(3, dtype=torch.float64)
+    y = B.bias_act(x, b, dim=-1, act=act, alpha=0.3, gain=1.7, clamp=0.9)
+    z = x.numpy() + b.numpy()
+    expected = np.clip(CLOSED_FORMS[act](z, 0.3) * 1.7, -0.9, 0.9)
+    np.testing.assert_allclose(y.numpy(), expected, rtol=1e-12, atol=1e-12)
+    assert (y.abs() <= 0.9).all() and (y.abs() == 0.9).any()
+
+
+def test_hand_values():
+    x = torch.tensor([[-1.0, 2.0]])
+    assert torch.allclose(B.bias_act(x, act='lrelu'), torch.tensor([[-0.2, 2.0]]) * math.sqrt(2))
+    assert torch.allclose(B.bias_act(x, torch.tensor([1.0, -3.0]), act='relu', gain=1), torch.tensor([[0.0, 0.0]]))
+    assert torch.allclose(B.bias_act(x, torch.tensor([0.5]), dim=0, clamp=1.0), torch.tensor([[-0.5, 1.0]]))
+    assert torch.equal(B.bias_act(x), x)        # linear, no bias, gain 1: identity
+
+
+def test_dtypes_and_memory_format():
+    x = torch.randn(2, 4, 3, 3).to(memory_format=torch.channels_last)
+    b = torch.randn(4)
+    for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        y = B.bias_act(x.to(dtype), b, act='lrelu', clamp=1.0)
+        assert y.dtype == dtype
+        assert y.is_contiguous(memory_format=torch.channels_last)
+        ref = B.bias_act(x.double(), b.double(), act='lrelu', clamp=1.0)
+        assert torch.allclose(y.double(), ref, rtol=1e-2, atol=1e-2)
+
+
+def test_bad_input():
+    x = torch.zeros(2, 3)
+    with pytest.raises(ValueError, match='unknown activation'):
+        B.bias_act(x, act='gelu')
+    with pytest.raises(ValueError, match=r'b must have shape \[3\]'):
+        B.bias_act(x, torch.zeros(2))
+    with pytest.raises(ValueError, match='dim=2'):
+        B.bias_act(x, dim=2)
+    with pytest.raises(ValueError, match='clamp'):
+        B.bias_act(x, clamp=-1)
+    with pytest.raises(ValueError, match='floating-point'):
+        B.bias_act(torch.zeros(2, 3, dtype=torch.int64))
+
+
+@pytest.mark.parametrize('act', sorted(CLOSED_FORMS))
+@pytest.mark.parametrize('clamp', [None, 0.7])
+def test_gradients(act, clamp):
+    # Keep x + b away from the kinks of relu/lrelu/elu/clamp so finite differences are valid.
+    x = torch.randn(2, 3, 4, dtype=torch.float64)
+    x = (x.sign() * (x.abs() + 0.05)).requires_grad_(True)
+    b = torch.zeros(3, dtype=torch.float64, requires_grad=True)
+    fn = lambda x, b: B.bias_act(x, b, act=act, alpha=0.25, gain=1.3, clamp=clamp)
+    assert torch.autograd.gradcheck(fn, (x, b))
+    assert torch.autograd.gradgradcheck(fn, (x, b))

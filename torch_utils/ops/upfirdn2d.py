@@ -1,0 +1,198 @@
+"""Upsample, FIR-filter, downsample (`upfirdn2d`) on NCHW images, and its helpers.
+
+The operation, per image and channel, in this order:
+1. zero-insert upsample by `up`: x[i] -> xu[i * up], the other up - 1 samples are zero
+   (the output has H * up rows, the last up - 1 of them zero);
+2. pad by (x0, x1, y0, y1) zeros; negative values crop instead;
+3. FIR filter with `f` ("valid" mode, so the filter never reads outside the padded
+   image). With `flip_filter=False` this is a true convolution (the kernel is flipped
+   before a correlation), with `flip_filter=True` a correlation. The filter is scaled
+   so that its overall gain is `gain`;
+4. keep every `down`-th sample, starting at the first.
+Output size per axis: (in * up + pad0 + pad1 - taps) // down + 1.
+
+Filters are float32 tensors made by `setup_filter`: 2-D [taps_y, taps_x], or 1-D [taps]
+meaning the separable outer product f[y] * f[x]. `f=None` means the identity [[1]].
+"""
+
+from typing import Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+
+Scaling = Union[int, Sequence[int]]
+Padding = Union[int, Sequence[int]]
+
+
+def parse_scaling(scaling: Scaling) -> tuple:
+    """An int or an (x, y) pair -> (sx, sy), both integers >= 1."""
+    if isinstance(scaling, int):
+        scaling = (scaling, scaling)
+    sx, sy = (int(s) for s in scaling)
+    if sx < 1 or sy < 1:
+        raise ValueError(f'upfirdn2d: scaling factors must be integers >= 1, got {tuple(scaling)}')
+    return sx, sy
+
+
+def parse_padding(padding: Padding) -> tuple:
+    """An int, an (x, y) pair or (x0, x1, y0, y1) -> (x0, x1, y0, y1); negative values crop."""
+    if isinstance(padding, int):
+        padding = (padding, padding)
+    padding = tuple(int(p) for p in padding)
+    if len(padding) == 2:
+        px, py = padding
+        padding = (px, px, py, py)
+    if len(padding) != 4:
+        raise ValueError(f'upfirdn2d: padding must be an int, (x, y) or (x0, x1, y0, y1), got {padding}')
+    return padding
+
+
+def get_filter_size(f: Optional[torch.Tensor]) -> tuple:
+    """Number of taps (fw, fh) of a filter made by `setup_filter` (None = 1x1)."""
+    if f is None:
+        return 1, 1
+    if f.ndim not in (1, 2):
+        raise ValueError(f'upfirdn2d: filter must be 1-D or 2-D, got shape {tuple(f.shape)}')
+    fw = f.shape[-1]
+    fh = f.shape[0]
+    return int(fw), int(fh)
+
+
+def setup_filter(
+    f,                              # Filter taps: None (= [1]), a number, a 1-D or 2-D array-like.
+    device=torch.device('cpu'),     # Device of the returned tensor.
+    normalize: bool = True,         # Scale the taps to sum to 1 (so a constant passes unchanged).
+    flip_filter: bool = False,      # Flip the taps (only matters for asymmetric filters).
+    gain: float = 1,                # Overall gain of the filter (applied across both axes).
+    separable: Optional[bool] = None,   # Keep a 1-D filter 1-D (separable); None = only when it has >= 8 taps.
+) -> torch.Tensor:
+    """Turn filter taps into the float32 tensor that `upfirdn2d` expects.
+
+    A 1-D filter is either kept 1-D (applied along x, then y: the separable outer
+    product) or expanded to its 2-D outer product; both give the same result, the 1-D
+    form is cheaper for long filters. Returns a float32 tensor [taps] or [taps_y, taps_x].
+    """
+    if f is None:
+        f = 1
+    f = torch.as_tensor(f, dtype=torch.float32)
+    if f.ndim == 0:
+        f = f[None]
+    if f.ndim not in (1, 2) or f.numel() == 0:
+        raise ValueError(f'setup_filter: expected a non-empty 1-D or 2-D filter, got shape {tuple(f.shape)}')
+    if separable is None:
+        separable = (f.ndim == 1 and f.numel() >= 8)
+    if f.ndim == 1 and not separable:
+        f = f.ger(f)
+    if f.ndim != (1 if separable else 2):
+        raise ValueError(f'setup_filter: separable={separable} does not fit a {f.ndim}-D filter')
+    if normalize:
+        f = f / f.sum()
+    if flip_filter:
+        f = f.flip(list(range(f.ndim)))
+    f = f * (gain ** (f.ndim / 2))
+    return f.to(device=device)
+
+
+def _check_args(x: torch.Tensor, f: Optional[torch.Tensor]):
+    if not isinstance(x, torch.Tensor) or x.ndim != 4:
+        raise ValueError(f'upfirdn2d: x must be an NCHW tensor, got {type(x).__name__} {tuple(getattr(x, "shape", ()))}')
+    if f is not None:
+        if not isinstance(f, torch.Tensor) or f.dtype != torch.float32:
+            raise ValueError('upfirdn2d: f must be a float32 tensor made by setup_filter (or None)')
+        get_filter_size(f)
+
+
+def output_size(in_size: tuple, f: Optional[torch.Tensor], up: Scaling, down: Scaling, padding: Padding) -> tuple:
+    """(H, W) of upfirdn2d's output for an input of size (H, W); raises if it would be empty."""
+    upx, upy = parse_scaling(up)
+    downx, downy = parse_scaling(down)
+    padx0, padx1, pady0, pady1 = parse_padding(padding)
+    fw, fh = get_filter_size(f)
+    in_h, in_w = in_size
+    out_h = (in_h * upy + pady0 + pady1 - fh) // downy + 1
+    out_w = (in_w * upx + padx0 + padx1 - fw) // downx + 1
+    if out_h < 1 or out_w < 1:
+        raise ValueError(f'upfirdn2d: input {in_h}x{in_w} with up={up}, padding={padding} and a {fh}x{fw} filter leaves an empty output')
+    return out_h, out_w
+
+
+def _upfirdn2d_ref(x: torch.Tensor, f: Optional[torch.Tensor], up: Scaling, down: Scaling, padding: Padding, flip_filter: bool, gain: float) -> torch.Tensor:
+    """Reference: plain PyTorch, exact, differentiable to any order (in x and f)."""
+    upx, upy = parse_scaling(up)
+    downx, downy = parse_scaling(down)
+    padx0, padx1, pady0, pady1 = parse_padding(padding)
+    if f is None:
+        f = torch.ones([1, 1], dtype=torch.float32, device=x.device)
+    batch, channels, in_h, in_w = x.shape
+
+    # Zero-insert upsample: append up - 1 zeros after every sample along each axis.
+    x = x.reshape(batch, channels, in_h, 1, in_w, 1)
+    x = F.pad(x, [0, upx - 1, 0, 0, 0, upy - 1])
+    x = x.reshape(batch, channels, in_h * upy, in_w * upx)
+
+    # Pad with zeros, then crop where the padding is negative.
+    x = F.pad(x, [max(padx0, 0), max(padx1, 0), max(pady0, 0), max(pady1, 0)])
+    x = x[:, :, max(-pady0, 0): x.shape[2] - max(-pady1, 0), max(-padx0, 0): x.shape[3] - max(-padx1, 0)]
+
+    # FIR filter as a depthwise correlation; a true convolution flips the kernel first.
+    f = f.to(x.dtype) * (gain ** (f.ndim / 2))
+    if not flip_filter:
+        f = f.flip(list(range(f.ndim)))
+    if f.ndim == 2:
+        x = F.conv2d(x, f[None, None].expand(channels, 1, *f.shape), groups=channels)
+    else:
+        x = F.conv2d(x, f[None, None, None, :].expand(channels, 1, 1, f.shape[0]), groups=channels)
+        x = F.conv2d(x, f[None, None, :, None].expand(channels, 1, f.shape[0], 1), groups=channels)
+
+    # Decimate.
+    return x[:, :, ::downy, ::downx]
+
+
+def upfirdn2d(
+    x: torch.Tensor,                # Input images [N, C, H, W], any float dtype.
+    f: Optional[torch.Tensor],      # Float32 filter from setup_filter, [fh, fw] or [taps]; None = identity.
+    up: Scaling = 1,                # Zero-insert upsampling factor: int or (x, y).
+    down: Scaling = 1,              # Decimation factor: int or (x, y).
+    padding: Padding = 0,           # Padding after upsampling: int, (x, y) or (x0, x1, y0, y1); negative crops.
+    flip_filter: bool = False,      # False = true convolution, True = correlation.
+    gain: float = 1,                # Overall gain of the filter.
+    impl: Optional[str] = None,     # None = CUDA kernel where possible, 'ref' = reference, 'cuda' = require CUDA tensors.
+) -> torch.Tensor:
+    """Upsample, pad, FIR-filter and downsample a batch of images (see the module docstring).
+
+    Returns [N, C, (H * upy + pady0 + pady1 - fh) // downy + 1, (W * upx + padx0 + padx1 - fw) // downx + 1]
+    in x's dtype. Gradients flow to x (and to f with the reference).
+    """
+    _check_args(x, f)
+    output_size(x.shape[2:], f, up, down, padding)
+    return _upfirdn2d_ref(x, f, up, down, padding, flip_filter, gain)
+
+
+def filter2d(x: torch.Tensor, f: Optional[torch.Tensor], padding: Padding = 0, flip_filter: bool = False, gain: float = 1, impl: Optional[str] = None) -> torch.Tensor:
+    """FIR-filter x [N, C, H, W] keeping its size ('same' padding), plus optional extra `padding`."""
+    padx0, padx1, pady0, pady1 = parse_padding(padding)
+    fw, fh = get_filter_size(f)
+    p = [padx0 + fw // 2, padx1 + (fw - 1) // 2, pady0 + fh // 2, pady1 + (fh - 1) // 2]
+    return upfirdn2d(x, f, padding=p, flip_filter=flip_filter, gain=gain, impl=impl)
+
+
+def upsample2d(x: torch.Tensor, f: Optional[torch.Tensor], up: Scaling = 2, padding: Padding = 0, flip_filter: bool = False, gain: float = 1, impl: Optional[str] = None) -> torch.Tensor:
+    """Upsample x [N, C, H, W] to exactly [N, C, H * upy, W * upx] with the FIR filter f.
+
+    The filter gain is multiplied by upx * upy to make up for the inserted zeros, so a
+    constant image stays constant (away from the borders) when f is normalized.
+    """
+    upx, upy = parse_scaling(up)
+    padx0, padx1, pady0, pady1 = parse_padding(padding)
+    fw, fh = get_filter_size(f)
+    p = [padx0 + (fw + upx - 1) // 2, padx1 + (fw - upx) // 2, pady0 + (fh + upy - 1) // 2, pady1 + (fh - upy) // 2]
+    return upfirdn2d(x, f, up=(upx, upy), padding=p, flip_filter=flip_filter, gain=gain * upx * upy, impl=impl)
+
+
+def downsample2d(x: torch.Tensor, f: Optional[torch.Tensor], down: Scaling = 2, padding: Padding = 0, flip_filter: bool = False, gain: float = 1, impl: Optional[str] = None) -> torch.Tensor:
+    """Filter and downsample x [N, C, H, W] to [N, C, H // downy, W // downx] (exact when divisible)."""
+    downx, downy = parse_scaling(down)
+    padx0, padx1, pady0, pady1 = parse_padding(padding)
+    fw, fh = get_filter_size(f)
+    p = [padx0 + (fw - downx + 1) // 2, padx1 + (fw - downx) // 2, pady0 + (fh - downy + 1) // 2, pady1 + (fh - downy) // 2]
+    return upfirdn2d(x, f, down=(downx, downy), padding=p, flip_filter=flip_filter, gain=gain, impl=impl)
