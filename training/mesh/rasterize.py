@@ -1,0 +1,401 @@
+"""Hard triangle rasterization in the project's NDC frame (see `training.coords`).
+
+Input vertices are already projected: x in [-1, 1] left to right (columns), y in [-1, 1]
+top to bottom (rows), z = depth (smaller is nearer). Pixel centres sit at (2i + 1) / n - 1,
+grid_sample's align_corners=False convention. One face per pixel, nearest surface wins,
+depth and barycentrics are linear in screen space (no perspective correction; see
+`interpolate(..., perspective_correct=True)` for the perspective path).
+
+Rules that make the output deterministic and watertight:
+  * Front faces: the NDC frame (x right, y down, z forward) is right-handed, so a face is
+    front-facing when (v1 - v0) x (v2 - v0) has negative z, i.e. its vertices run
+    counter-clockwise as seen on the screen (rows growing downwards).
+  * A pixel centre exactly on an edge belongs to the face that lies to the edge's right
+    or, for horizontal edges, below it (the top-left rule in screen space). Each edge
+    function is evaluated from the edge's lower-index vertex, so two faces that share an
+    edge compute bitwise-identical values of opposite sign: a closed mesh has no cracks
+    and no pixel is covered twice by faces that share an edge.
+  * Equal depth at a pixel (compared in float32): the lower face index wins.
+  * Empty pixels: pix_to_face = -1, bary = 0, depth = +inf.
+  * No clipping: vertices may have any finite depth, including negative. Faces with a
+    non-finite vertex and zero-area faces are never drawn.
+
+Backends: 'pytorch' (the reference; vectorised, CPU and GPU, memory bounded by chunks
+of face-pixel candidates), 'nvdiffrast' and 'pytorch3d' (used only when importable; they
+choose the visible face per pixel, then barycentrics and depth are recomputed here with
+the same formulas, so all backends agree except on exact ties). The two optional
+backends are NOT verified in this repository's tests (neither installs on CPU).
+"""
+
+from typing import NamedTuple, Tuple, Union
+
+import torch
+
+from training import coords
+
+
+class Fragments(NamedTuple):
+    """Per-pixel rasterization result.
+
+    pix_to_face: (B, H, W) int64, index into `faces`, -1 where no face is visible.
+    bary:        (B, H, W, 3) float, screen-space barycentrics of the visible face
+                 (weights of its vertices 0, 1, 2); 0 where empty.
+    depth:       (B, H, W) float, screen-space interpolated z; +inf where empty.
+    """
+    pix_to_face: torch.Tensor
+    bary: torch.Tensor
+    depth: torch.Tensor
+
+
+_EMPTY_KEY = torch.iinfo(torch.int64).max
+_MAX_PAIRS = 1 << 21     # face-pixel candidates per chunk (~ 100 MB of temporaries)
+
+
+def _image_hw(image_size) -> Tuple[int, int]:
+    if isinstance(image_size, int):
+        h = w = image_size
+    else:
+        h, w = (int(s) for s in image_size)
+    if h <= 0 or w <= 0:
+        raise ValueError(f'image_size must be positive, got {image_size}')
+    return h, w
+
+
+def _check_inputs(verts: torch.Tensor, faces: torch.Tensor):
+    if verts.ndim != 3 or verts.shape[-1] != 3:
+        raise ValueError(f'verts must be (B, V, 3), got {tuple(verts.shape)}')
+    if not verts.is_floating_point():
+        raise ValueError(f'verts must be floating point, got {verts.dtype}')
+    if faces.ndim != 2 or faces.shape[-1] != 3:
+        raise ValueError(f'faces must be (F, 3), got {tuple(faces.shape)}')
+    if faces.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f'faces must be an integer tensor, got {faces.dtype}')
+    if faces.numel() > 0 and (int(faces.min()) < 0 or int(faces.max()) >= verts.shape[1]):
+        raise ValueError(f'faces index vertices outside [0, {verts.shape[1]})')
+    if faces.shape[0] >= 2**31:
+        raise ValueError('at most 2^31 - 1 faces are supported')
+
+
+def _to_pixels(verts: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """NDC (B, V, 3) -> continuous pixel coordinates where pixel (i, j) has centre (j, i)."""
+    px = (verts[..., 0] + 1) * (w / 2) - 0.5
+    py = (verts[..., 1] + 1) * (h / 2) - 0.5
+    return torch.stack([px, py, verts[..., 2]], dim=-1)
+
+
+def _face_setup(pverts: torch.Tensor, faces: torch.Tensor, cull_backfaces: bool):
+    """Per-face data for the edge tests.
+
+    Returns corner positions (B, F, 3, 3), the twice-signed screen area (B, F) and, per
+    edge k (opposite corner k), its canonical start corner index (F, 3) and a sign (F, 3)
+    such that w_k = sign * E(start -> end) with E evaluated from the lower-index vertex.
+    """
+    tri = pverts[:, faces]                                       # (B, F, 3, 3)
+    a, b, c = tri.unbind(2)
+    area = (b[..., 0] - a[..., 0]) * (c[..., 1] - a[..., 1]) - (b[..., 1] - a[..., 1]) * (c[..., 0] - a[..., 0])
+    valid = torch.isfinite(tri).all(dim=(-1, -2)) & (area != 0)
+    if cull_backfaces:
+        valid &= area < 0
+    return tri, area, valid
+
+
+def _edge_values(tri_xy: torch.Tensor, faces_pts: torch.Tensor, px: torch.Tensor, py: torch.Tensor):
+    """Edge functions w_k (..., 3) at pixel centres, canonical per undirected edge.
+
+    tri_xy: (..., 3, 2) corner positions; faces_pts: (..., 3) vertex indices of the corners.
+    w_k is the signed double area of (corner k+1, corner k+2, p); the three sum to the
+    face's double area. Each is evaluated from the edge's lower-index vertex and negated
+    when needed, so a neighbour sharing the edge gets exactly the opposite value.
+    """
+    ws = []
+    for k in range(3):
+        i, j = (k + 1) % 3, (k + 2) % 3
+        swap = faces_pts[..., i] > faces_pts[..., j]
+        s_xy = torch.where(swap[..., None], tri_xy[..., j, :], tri_xy[..., i, :])
+        e_xy = torch.where(swap[..., None], tri_xy[..., i, :], tri_xy[..., j, :])
+        dx, dy = e_xy[..., 0] - s_xy[..., 0], e_xy[..., 1] - s_xy[..., 1]
+        e = dx * (py - s_xy[..., 1]) - dy * (px - s_xy[..., 0])
+        ws.append(torch.where(swap, -e, e))
+    return torch.stack(ws, dim=-1)
+
+
+def _owns_edge(tri_xy: torch.Tensor, area: torch.Tensor) -> torch.Tensor:
+    """(..., 3) bool: whether pixel centres exactly on edge k belong to this face.
+
+    The inward normal of edge k is sign(area) * (-dy, dx) for the edge from corner k+1 to
+    corner k+2; the face owns the edge when its interior lies to the right (normal x > 0)
+    or, for a horizontal edge, below (normal y > 0). A neighbour sharing the edge has the
+    opposite normal, so exactly one of the two owns it.
+    """
+    owns = []
+    s = torch.sign(area)
+    for k in range(3):
+        i, j = (k + 1) % 3, (k + 2) % 3
+        dx = tri_xy[..., j, 0] - tri_xy[..., i, 0]
+        dy = tri_xy[..., j, 1] - tri_xy[..., i, 1]
+        nx, ny = -dy * s, dx * s
+        owns.append((nx > 0) | ((nx == 0) & (ny > 0)))
+    return torch.stack(owns, dim=-1)
+
+
+def _depth(bary: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """Screen-space depth (...,) from barycentrics (..., 3) and corner depths (..., 3).
+
+    Written relative to corner 0 so that a face of constant depth gets exactly that depth
+    (equal-depth ties are then real ties, broken by face index).
+    """
+    z0 = z[..., 0]
+    return z0 + bary[..., 1] * (z[..., 1] - z0) + bary[..., 2] * (z[..., 2] - z0)
+
+
+def _ordered_depth_bits(z: torch.Tensor) -> torch.Tensor:
+    """float32 -> int64 whose signed order equals the float order (with -0 == +0)."""
+    bits = (z.float() + 0.0).view(torch.int32)
+    bits = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+    return bits.to(torch.int64)
+
+
+def _visible_faces_pytorch(pverts: torch.Tensor, faces: torch.Tensor, h: int, w: int, cull_backfaces: bool) -> torch.Tensor:
+    """Reference visibility: (B, H, W) int64 face index or -1."""
+    bsz, nf = pverts.shape[0], faces.shape[0]
+    device = pverts.device
+    tri, area, valid = _face_setup(pverts, faces, cull_backfaces)
+    xy = tri[..., :2]
+
+    # Inclusive pixel bounding boxes of pixel centres that may lie inside each face.
+    lo = torch.ceil(xy.amin(dim=2)).clamp(min=0)
+    hi = torch.floor(xy.amax(dim=2))
+    hi = torch.minimum(hi, torch.tensor([w - 1, h - 1], dtype=hi.dtype, device=device))
+    size = (hi - lo + 1).clamp(min=0)
+    size = torch.where(valid[..., None] & torch.isfinite(size), size, torch.zeros_like(size))
+    nx, ny = size[..., 0].long(), size[..., 1].long()
+    counts = (nx * ny).reshape(-1)                               # (B*F,)
+    x0 = torch.nan_to_num(lo[..., 0]).long().reshape(-1)
+    y0 = torch.nan_to_num(lo[..., 1]).long().reshape(-1)
+    nx = nx.reshape(-1)
+
+    keys = torch.full((bsz * h * w,), _EMPTY_KEY, dtype=torch.int64, device=device)
+    live = torch.nonzero(counts > 0).squeeze(1)                  # only faces with candidates
+    if live.numel() == 0:
+        return torch.full((bsz, h, w), -1, dtype=torch.int64, device=device)
+    counts_live = counts[live]
+    ends = torch.cumsum(counts_live, 0)
+    total = int(ends[-1])
+    # Chunk boundaries: faces [start, stop) with at most _MAX_PAIRS candidates (one face
+    # larger than that gets a chunk of its own).
+    bounds = [0]
+    if total > _MAX_PAIRS:
+        marks = torch.arange(_MAX_PAIRS, total, _MAX_PAIRS, device=device)
+        cuts = torch.searchsorted(ends, marks, right=True).tolist()
+        for c in cuts:
+            c = max(c, bounds[-1] + 1)
+            if c < len(live) and c > bounds[-1]:
+                bounds.append(c)
+    bounds.append(len(live))
+    bounds = sorted(set(bounds))
+
+    faces_flat = faces.to(device)
+    xy_flat = xy.reshape(bsz * nf, 3, 2)
+    z_flat = tri[..., 2].reshape(bsz * nf, 3)
+    area_flat = area.reshape(-1)
+    owns_flat = _owns_edge(xy_flat, area_flat)                   # (B*F, 3)
+
+    for start, stop in zip(bounds[:-1], bounds[1:]):
+        ids = live[start:stop]                                   # flat (batch, face) ids
+        cnt = counts_live[start:stop]
+        pair_face = torch.repeat_interleave(ids, cnt)
+        first = torch.cumsum(cnt, 0) - cnt
+        local = torch.arange(int(cnt.sum()), device=device) - torch.repeat_interleave(first, cnt)
+        pnx = nx[pair_face]
+        pix_x = x0[pair_face] + local % pnx
+        pix_y = y0[pair_face] + torch.div(local, pnx, rounding_mode='floor')
+        f_local = pair_face % nf
+        b_idx = torch.div(pair_face, nf, rounding_mode='floor')
+
+        txy = xy_flat[pair_face]                                 # (P, 3, 2)
+        wk = _edge_values(txy, faces_flat[f_local], pix_x.to(txy.dtype), pix_y.to(txy.dtype))
+        sgn = torch.sign(area_flat[pair_face])[:, None]
+        wk = wk * sgn                                            # >= 0 inside, any winding
+        owns = owns_flat[pair_face]
+        inside = ((wk > 0) | ((wk == 0) & owns)).all(dim=1)
+
+        wk, z = wk[inside], z_flat[pair_face[inside]]
+        bary = wk / wk.sum(dim=1, keepdim=True)
+        depth = _depth(bary, z)
+        key = (_ordered_depth_bits(depth) << 32) | f_local[inside]
+        pix = (b_idx[inside] * h + pix_y[inside]) * w + pix_x[inside]
+        keys.scatter_reduce_(0, pix, key, reduce='amin', include_self=True)
+
+    face = torch.where(keys == _EMPTY_KEY, torch.full_like(keys, -1), keys & 0xFFFFFFFF)
+    return face.reshape(bsz, h, w)
+
+
+def _visible_faces_nvdiffrast(pverts: torch.Tensor, verts: torch.Tensor, faces: torch.Tensor, h: int, w: int, cull_backfaces: bool) -> torch.Tensor:
+    """nvdiffrast picks the visible face (CUDA only; unverified in this repository)."""
+    import nvdiffrast.torch as dr   # optional dependency
+    _, area, valid = _face_setup(pverts, faces, cull_backfaces)
+    ctx = dr.RasterizeCudaContext(device=verts.device)
+    out = []
+    for b in range(verts.shape[0]):
+        keep = torch.nonzero(valid[b]).squeeze(1)
+        if keep.numel() == 0:
+            out.append(torch.full((h, w), -1, dtype=torch.int64, device=verts.device))
+            continue
+        z = verts[b, :, 2]
+        zf = z[torch.isfinite(z)]
+        zmin, zmax = zf.min(), zf.max()
+        # nvdiffrast's depth test keeps the smallest z/w in [-1, 1]; its row 0 is clip y = -1,
+        # which is our top row, so x and y pass through unchanged.
+        zc = (z - zmin) / (zmax - zmin).clamp(min=1e-12) * 1.8 - 0.9
+        pos = torch.stack([verts[b, :, 0], verts[b, :, 1], zc, torch.ones_like(zc)], -1)[None].float().contiguous()
+        tri = faces[keep].to(torch.int32).contiguous()
+        rast, _ = dr.rasterize(ctx, pos, tri, resolution=[h, w])
+        tid = rast[0, ..., 3].round().long() - 1                 # 0 = empty
+        out.append(torch.where(tid >= 0, keep[tid.clamp(min=0)], torch.full_like(tid, -1)))
+    return torch.stack(out)
+
+
+def _visible_faces_pytorch3d(pverts: torch.Tensor, verts: torch.Tensor, faces: torch.Tensor, h: int, w: int, cull_backfaces: bool) -> torch.Tensor:
+    """pytorch3d picks the visible face (unverified in this repository)."""
+    from pytorch3d.renderer.mesh.rasterize_meshes import rasterize_meshes   # optional dependency
+    from pytorch3d.structures import Meshes
+    _, _, valid = _face_setup(pverts, faces, cull_backfaces)
+    out = []
+    for b in range(verts.shape[0]):
+        keep = torch.nonzero(valid[b]).squeeze(1)
+        if keep.numel() == 0:
+            out.append(torch.full((h, w), -1, dtype=torch.int64, device=verts.device))
+            continue
+        # pytorch3d's NDC has +x left and +y up, the shorter image side spanning [-1, 1],
+        # and only draws z > 0.
+        v = verts[b].float()
+        z = v[:, 2]
+        zf = z[torch.isfinite(z)]
+        p3 = torch.stack([-v[:, 0] * max(w / h, 1.0), -v[:, 1] * max(h / w, 1.0), z - zf.min() + 1.0], -1)
+        mesh = Meshes(verts=[p3], faces=[faces[keep]])
+        p2f, _, _, _ = rasterize_meshes(mesh, image_size=(h, w), blur_radius=0.0, faces_per_pixel=1,
+                                        perspective_correct=False, cull_backfaces=False)
+        tid = p2f[0, ..., 0]
+        out.append(torch.where(tid >= 0, keep[tid.clamp(min=0)], torch.full_like(tid, -1)))
+    return torch.stack(out)
+
+
+def _fragments_from_faces(pverts: torch.Tensor, faces: torch.Tensor, pix_to_face: torch.Tensor) -> Fragments:
+    """Barycentrics and depth of the chosen faces, differentiable w.r.t. the vertices.
+
+    Uses the same edge functions as the coverage test, evaluated only at covered pixels.
+    """
+    bsz, h, w = pix_to_face.shape
+    flat = pix_to_face.reshape(-1)
+    pix = torch.nonzero(flat >= 0).squeeze(1)                    # covered pixels
+    f = flat[pix]
+    b = torch.div(pix, h * w, rounding_mode='floor')
+    jj = (pix % w).to(pverts.dtype)
+    ii = torch.div(pix % (h * w), w, rounding_mode='floor').to(pverts.dtype)
+    corners = faces[f]                                           # (P, 3)
+    tri = pverts[b[:, None], corners]                            # (P, 3, 3)
+    wk = _edge_values(tri[..., :2], corners, jj, ii)
+    bary_c = wk / wk.sum(dim=-1, keepdim=True)
+    depth_c = _depth(bary_c, tri[..., 2])
+    bary = pverts.new_zeros(bsz * h * w, 3).index_put((pix,), bary_c)
+    depth = pverts.new_full((bsz * h * w,), float('inf')).index_put((pix,), depth_c)
+    return Fragments(pix_to_face, bary.reshape(bsz, h, w, 3), depth.reshape(bsz, h, w))
+
+
+def rasterize(verts: torch.Tensor, faces: torch.Tensor, image_size: Union[int, Tuple[int, int]], *,
+              cull_backfaces: bool = True, backend: str = 'auto') -> Fragments:
+    """Rasterize a batch of meshes that share one topology.
+
+    Args:
+        verts:          (B, V, 3) float, NDC (x right, y down, z depth; see module docstring).
+        faces:          (F, 3) int64 vertex indices shared by the batch.
+        image_size:     int or (H, W).
+        cull_backfaces: drop faces whose screen winding is clockwise (normal z >= 0).
+        backend:        'auto' | 'pytorch' | 'nvdiffrast' | 'pytorch3d'. 'auto' is
+                        nvdiffrast on CUDA when importable, else pytorch.
+    Returns:
+        Fragments(pix_to_face (B, H, W) int64, bary (B, H, W, 3), depth (B, H, W)).
+        bary and depth are differentiable functions of `verts`; pix_to_face is not.
+    """
+    _check_inputs(verts, faces)
+    h, w = _image_hw(image_size)
+    faces = faces.to(device=verts.device, dtype=torch.int64)
+    if backend == 'auto':
+        backend = 'pytorch'
+        if verts.is_cuda:
+            try:
+                import nvdiffrast.torch  # noqa: F401
+                backend = 'nvdiffrast'
+            except ImportError:
+                pass
+    pverts = _to_pixels(verts, h, w)
+    with torch.no_grad():
+        if backend == 'pytorch':
+            pix_to_face = _visible_faces_pytorch(pverts.detach(), faces, h, w, cull_backfaces)
+        elif backend == 'nvdiffrast':
+            pix_to_face = _visible_faces_nvdiffrast(pverts.detach(), verts.detach(), faces, h, w, cull_backfaces)
+        elif backend == 'pytorch3d':
+            pix_to_face = _visible_faces_pytorch3d(pverts.detach(), verts.detach(), faces, h, w, cull_backfaces)
+        else:
+            raise ValueError(f"unknown rasterizer backend '{backend}' (expected auto, pytorch, nvdiffrast or pytorch3d)")
+    return _fragments_from_faces(pverts, faces, pix_to_face)
+
+
+def project_perspective(points_world: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """World points (B, N, 3) -> NDC (B, N, 3) of the camera in label `c` (B, 25+).
+
+    OpenCV pinhole with intrinsics normalised by the image size: u = fx X / Z + cx in
+    [0, 1] across the image, NDC x = 2u - 1 (same for y/rows); z = camera-space depth Z
+    (world units). Points behind the camera (Z <= 0) are returned as they are: callers
+    must keep meshes in front of the camera (the rasterizer does no clipping).
+    """
+    if points_world.ndim != 3 or points_world.shape[-1] != 3:
+        raise ValueError(f'points_world must be (B, N, 3), got {tuple(points_world.shape)}')
+    if c.ndim != 2 or c.shape[1] < 25 or c.shape[0] != points_world.shape[0]:
+        raise ValueError(f'c must be (B, 25+) with B = {points_world.shape[0]}, got {tuple(c.shape)}')
+    cam2world, intr = coords.split_label(c.to(points_world.dtype))
+    rot, origin = cam2world[:, :3, :3], cam2world[:, :3, 3]
+    cam = (points_world - origin[:, None]) @ rot                 # R^T (p - o), row vectors
+    z = cam[..., 2]
+    u = intr[:, None, 0, 0] * cam[..., 0] / z + intr[:, None, 0, 1] * cam[..., 1] / z + intr[:, None, 0, 2]
+    v = intr[:, None, 1, 1] * cam[..., 1] / z + intr[:, None, 1, 2]
+    return torch.stack([2 * u - 1, 2 * v - 1, z], dim=-1)
+
+
+def interpolate(attrs: torch.Tensor, fragments: Fragments, faces: torch.Tensor = None, *,
+                perspective_correct: bool = False, verts: torch.Tensor = None) -> torch.Tensor:
+    """Interpolate attributes over the visible faces -> (B, C, H, W); 0 where empty.
+
+    attrs: per-vertex (B, V, C) when `faces` (F, 3) is given; otherwise per-face-corner
+           (B, F, 3, C) or (F, 3, C) shared by the batch (e.g. per-face UVs).
+    perspective_correct: weight the screen-space barycentrics by 1 / depth of each corner
+           (needs `verts` (B, V, 3) in NDC with z = camera depth, as `project_perspective`
+           returns, and `faces`). Correct for pinhole projection; leave False for the
+           orthographic views.
+    """
+    p2f, bary = fragments.pix_to_face, fragments.bary
+    bsz, h, w = p2f.shape
+    covered = p2f >= 0
+    f = p2f.clamp(min=0)
+    bidx = torch.arange(bsz, device=f.device).view(bsz, 1, 1)
+    if perspective_correct:
+        if verts is None or faces is None:
+            raise ValueError('perspective_correct=True needs verts (B, V, 3) and faces (F, 3)')
+        zc = verts[..., 2][bidx[..., None], faces.to(f.device)[f]]          # (B, H, W, 3)
+        bz = bary / torch.where(covered[..., None], zc, torch.ones_like(zc))
+        bary = bz / bz.sum(-1, keepdim=True).where(covered[..., None], torch.ones_like(bz[..., :1]))
+    if attrs.ndim == 3 and faces is not None:
+        if attrs.shape[0] != bsz:
+            raise ValueError(f'per-vertex attrs must be (B={bsz}, V, C), got {tuple(attrs.shape)}')
+        corner = attrs[bidx[..., None], faces.to(f.device)[f]]             # (B, H, W, 3, C)
+    elif attrs.ndim == 4:
+        if attrs.shape[0] != bsz or attrs.shape[2] != 3:
+            raise ValueError(f'per-corner attrs must be (B={bsz}, F, 3, C), got {tuple(attrs.shape)}')
+        corner = attrs[bidx, f]
+    elif attrs.ndim == 3 and attrs.shape[1] == 3:
+        corner = attrs[f]
+    else:
+        raise ValueError(f'attrs must be (B, V, C) with faces, (B, F, 3, C) or (F, 3, C); got {tuple(attrs.shape)}')
+    out = (bary[..., None].to(corner.dtype) * corner).sum(-2)
+    out = torch.where(covered[..., None], out, torch.zeros_like(out))
+    return out.permute(0, 3, 1, 2)
