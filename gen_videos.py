@@ -1,7 +1,116 @@
-"""gen_videos: filled in by a later issue."""
+"""Render orbit videos with latent interpolation between seeds.
 
-import sys
+    python gen_videos.py --outdir=out --trunc=0.7 --seeds=0-3 --grid=2x2
+    python gen_videos.py --outdir=out --seeds=0-1 --grid=1x1 --image_mode=image_depth --interpolate=false
+"""
+
+import math
+import os
+
+import click
+import numpy as np
+import scipy.interpolate
+import torch
+from tqdm import tqdm
+
+import dnnlib
+from training.generation import BUNDLED_NETWORK, depth_to_image, frontal_label, load_generator, make_grid, mesh_condition, orbit_label, to_uint8
+from training.video import VideoWriter
+
+
+def orbit_angles(t: float, yaw_range: float = 0.35, pitch_range: float = 0.25):
+    """Camera angles at phase t in [0, 1): yaw = pi/2 + 0.35 sin(2 pi t), pitch = pi/2 - 0.05 + 0.25 cos(2 pi t)."""
+    return (math.pi / 2 + yaw_range * math.sin(2 * math.pi * t),
+            math.pi / 2 - 0.05 + pitch_range * math.cos(2 * math.pi * t))
+
+
+def interpolate_ws(ws: np.ndarray, num_keyframes: int, wraps: int = 2):
+    """Cyclic cubic interpolation of keyframe latents: ws (K, ...) -> f(t), t in keyframe units."""
+    if num_keyframes == 1:
+        return lambda t: ws[0]
+    x = np.arange(-num_keyframes * wraps, num_keyframes * (wraps + 1))
+    y = np.tile(ws, [wraps * 2 + 1] + [1] * (ws.ndim - 1))
+    return scipy.interpolate.interp1d(x, y, kind='cubic', axis=0)
+
+
+def render_video(G, path, seeds, grid, num_keyframes, w_frames, psi, truncation_cutoff, image_mode, v, device,
+                 sample_mult=1.0, nrr=None, fps=60):
+    gw, gh = grid
+    if num_keyframes is None:
+        if len(seeds) % (gw * gh) != 0:
+            raise click.BadParameter(f'{len(seeds)} seeds do not divide into a {gw}x{gh} grid', param_hint='--seeds')
+        num_keyframes = len(seeds) // (gw * gh)
+    all_seeds = [seeds[i % len(seeds)] for i in range(num_keyframes * gw * gh)]
+    c = frontal_label(G, device=device)
+    zs = torch.from_numpy(np.stack([np.random.RandomState(s).randn(G.z_dim) for s in all_seeds])).float().to(device)
+    with torch.no_grad():
+        ws = G.mapping(zs, c.expand(len(zs), -1), truncation_psi=psi, truncation_cutoff=truncation_cutoff)
+    ws = ws.reshape(gh, gw, num_keyframes, *ws.shape[1:]).cpu().numpy()
+    interps = [[interpolate_ws(ws[y, x], num_keyframes) for x in range(gw)] for y in range(gh)]
+
+    rendering_kwargs = dict(G.rendering_kwargs)
+    G.rendering_kwargs['depth_resolution'] = int(rendering_kwargs['depth_resolution'] * sample_mult)
+    G.rendering_kwargs['depth_resolution_importance'] = int(rendering_kwargs['depth_resolution_importance'] * sample_mult)
+    num_frames = num_keyframes * w_frames
+    try:
+        with VideoWriter(path, fps=fps) as video:
+            for frame_idx in tqdm(range(num_frames), desc=os.path.basename(path)):
+                yaw, pitch = orbit_angles(frame_idx / num_frames)
+                cam = orbit_label(G, yaw, pitch, device=device)
+                tiles = []
+                for y in range(gh):
+                    for x in range(gw):
+                        w = torch.from_numpy(np.asarray(interps[y][x](frame_idx / w_frames))).float().to(device)[None]
+                        with torch.no_grad():
+                            out = G.synthesis(w, cam, v, neural_rendering_resolution=nrr, noise_mode='const')
+                        if image_mode == 'image_depth':
+                            img = depth_to_image(out['image_depth'])
+                        else:
+                            img = out[image_mode]
+                        tiles.append(img)
+                video.append(make_grid(to_uint8(torch.cat(tiles)), (gw, gh)))
+    finally:
+        G.rendering_kwargs.clear()
+        G.rendering_kwargs.update(rendering_kwargs)
+    return num_frames
+
+
+@click.command()
+@click.option('--network', 'network_pkl', default=BUNDLED_NETWORK, show_default=True, help='Network snapshot or official pickle')
+@click.option('--seeds', type=dnnlib.parse_range, default='0-3', show_default=True, help="Seeds, e.g. '0-3,7'")
+@click.option('--shuffle-seed', type=int, default=None, help='Random seed to shuffle the seeds with')
+@click.option('--grid', type=dnnlib.parse_vec2, default='1x1', show_default=True, help='Grid width x height')
+@click.option('--num-keyframes', type=int, default=None, help='Keyframes (default: seeds / grid cells)')
+@click.option('--w-frames', type=click.IntRange(min=1), default=120, show_default=True, help='Frames between keyframes')
+@click.option('--trunc', 'truncation_psi', type=float, default=1.0, show_default=True, help='Truncation psi')
+@click.option('--trunc-cutoff', 'truncation_cutoff', type=int, default=14, show_default=True, help='Truncation cutoff')
+@click.option('--outdir', type=str, required=True, help='Output folder')
+@click.option('--image_mode', type=click.Choice(['image', 'image_depth', 'image_raw']), default='image', show_default=True)
+@click.option('--sample_mult', type=float, default=1.0, show_default=True, help='Multiplier for the depth samples per ray')
+@click.option('--nrr', type=int, default=None, help='Neural rendering resolution override')
+@click.option('--interpolate', type=bool, default=True, show_default=True, help='One interpolation video of the grid; false: one video per seed')
+@click.option('--obj_path', type=str, default=None, help='Driving mesh (.obj); default: the bundled head, neutral')
+@click.option('--lms_path', type=str, default=None, help='68 x 3 landmarks of the mesh')
+@click.option('--lms_cond', type=bool, default=True, show_default=True, help='Condition on the landmark file (else computed from the mesh)')
+@click.option('--fps', type=click.IntRange(min=1), default=60, show_default=True)
+@click.option('--device', type=str, default=None, help='torch device (default: cuda if available)')
+def generate_videos(network_pkl, seeds, shuffle_seed, grid, num_keyframes, w_frames, truncation_psi, truncation_cutoff,
+                    outdir, image_mode, sample_mult, nrr, interpolate, obj_path, lms_path, lms_cond, fps, device):
+    """Orbit videos: mp4, libx264, 10 Mbit/s."""
+    device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
+    G = load_generator(network_pkl, device)
+    v = mesh_condition(G, obj_path, lms_path, lms_cond, device)
+    if shuffle_seed is not None:
+        np.random.RandomState(shuffle_seed).shuffle(seeds)
+    os.makedirs(outdir, exist_ok=True)
+    if interpolate:
+        path = os.path.join(outdir, 'interpolation.mp4' if image_mode == 'image' else f'interpolation_{image_mode}.mp4')
+        render_video(G, path, seeds, grid, num_keyframes, w_frames, truncation_psi, truncation_cutoff, image_mode, v, device, sample_mult, nrr, fps)
+    else:
+        for seed in seeds:
+            path = os.path.join(outdir, f'{seed}.mp4' if image_mode == 'image' else f'{seed}_{image_mode}.mp4')
+            render_video(G, path, [seed], (1, 1), 1, w_frames, truncation_psi, truncation_cutoff, image_mode, v, device, sample_mult, nrr, fps)
+
 
 if __name__ == '__main__':
-    print('gen_videos.py: not implemented yet', file=sys.stderr)
-    sys.exit(2)
+    generate_videos()

@@ -1,7 +1,86 @@
-"""reenact_avatar: filled in by a later issue."""
+"""Reenact generated avatars with a tracked video (a driving folder).
 
-import sys
+    python reenact_avatar.py --drive_root=data/driving --grid=2x1 --seeds=166 --outdir=out --fname=reenact.mp4 --trunc=0.7
+
+A driving folder holds dataset.json (a camera per frame), the frames, and per frame
+<id>.obj + <id>_kpt2d.txt (see training/driving.py). Each output row shows the driving
+frame followed by one avatar per seed: a WxH grid has H rows of W-1 avatars.
+"""
+
+import os
+
+import click
+import numpy as np
+import PIL.Image
+import torch
+from tqdm import tqdm
+
+import dnnlib
+from training.driving import load_condition, read_driving_folder, smooth_labels
+from training.generation import BUNDLED_NETWORK, _bundled_landmarks, frontal_label, load_generator, make_grid, to_uint8, uses_mesh
+from training.video import VideoWriter
+
+
+def load_frame_image(path: str, size: int) -> np.ndarray:
+    try:
+        image = PIL.Image.open(path).convert('RGB')
+    except (OSError, ValueError) as e:
+        raise ValueError(f'{path}: unreadable driving frame ({e})') from e
+    return np.asarray(image.resize((size, size), PIL.Image.LANCZOS))
+
+
+@click.command()
+@click.option('--drive_root', type=str, required=True, help='Driving folder (dataset.json, frames, <id>.obj, <id>_kpt2d.txt)')
+@click.option('--network', 'network_pkl', default=BUNDLED_NETWORK, show_default=True, help='Network snapshot or official pickle')
+@click.option('--seeds', type=dnnlib.parse_range, default='0', show_default=True, help="Seeds, e.g. '0-3,7'")
+@click.option('--grid', type=dnnlib.parse_vec2, default='2x1', show_default=True, help='Grid WxH: H rows of (driving frame + W-1 avatars)')
+@click.option('--outdir', type=str, required=True, help='Output folder')
+@click.option('--fname', type=str, default='reenact.mp4', show_default=True, help='Output video name')
+@click.option('--trunc', 'truncation_psi', type=float, default=1.0, show_default=True, help='Truncation psi')
+@click.option('--trunc-cutoff', 'truncation_cutoff', type=int, default=14, show_default=True, help='Truncation cutoff')
+@click.option('--fixed_camera', type=bool, default=False, show_default=True, help='Render from a fixed frontal camera instead of the tracked one')
+@click.option('--num_frames', type=click.IntRange(min=1), default=None, help='Use only the first N frames')
+@click.option('--lms_cond', type=bool, default=True, show_default=True, help='Use the <id>_kpt2d.txt landmarks (else computed from the mesh)')
+@click.option('--smooth', type=click.IntRange(min=0), default=2, show_default=True, help='Camera smoothing radius in frames')
+@click.option('--fps', type=click.IntRange(min=1), default=30, show_default=True)
+@click.option('--device', type=str, default=None, help='torch device (default: cuda if available)')
+def reenact(drive_root, network_pkl, seeds, grid, outdir, fname, truncation_psi, truncation_cutoff, fixed_camera,
+            num_frames, lms_cond, smooth, fps, device):
+    """Drive avatars with a tracked video; writes OUTDIR/FNAME (mp4, 30 fps)."""
+    device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
+    gw, gh = grid
+    if gw < 2:
+        raise click.BadParameter('the grid needs at least 2 columns: the driving frame and one avatar', param_hint='--grid')
+    frames = read_driving_folder(drive_root)
+    if num_frames is not None:
+        frames = frames[:num_frames]
+    G = load_generator(network_pkl, device)
+    if not uses_mesh(G):
+        raise click.UsageError(f'{network_pkl}: this generator is not mesh-driven (EG3D) and cannot be reenacted')
+    avatars = (gw - 1) * gh
+    seeds = [seeds[i % len(seeds)] for i in range(avatars)]
+
+    c_cond = frontal_label(G, device=device)
+    z = torch.from_numpy(np.stack([np.random.RandomState(s).randn(G.z_dim) for s in seeds])).float().to(device)
+    with torch.no_grad():
+        ws = G.mapping(z, c_cond.expand(len(z), -1), truncation_psi=truncation_psi, truncation_cutoff=truncation_cutoff)
+    labels = np.stack([f.label for f in frames])
+    cameras = smooth_labels(labels, smooth) if smooth > 0 else labels
+    res = G.img_resolution
+    path = os.path.join(outdir, fname)
+    with VideoWriter(path, fps=fps) as video:
+        for i, frame in enumerate(tqdm(frames, desc='frames')):
+            v = load_condition(frame.obj_path, frame.lms_path if lms_cond else None, G.num_vertices,
+                               landmarks_fn=None if lms_cond else _bundled_landmarks).to(device)
+            cam = frontal_label(G, device=device) if fixed_camera else torch.from_numpy(cameras[i])[None].to(device)
+            with torch.no_grad():
+                images = G.synthesis(ws, cam.expand(len(ws), -1), v.expand(len(ws), -1, -1), noise_mode='const')['image']
+            tiles = to_uint8(images).reshape(gh, gw - 1, res, res, 3)
+            driving = np.broadcast_to(load_frame_image(frame.image_path, res), (gh, 1, res, res, 3))
+            rows = np.concatenate([driving, tiles], axis=1).reshape(gh * gw, res, res, 3)
+            video.append(make_grid(rows, (gw, gh)))
+    print(f'Wrote {len(frames)} frames to {path}')
+
 
 if __name__ == '__main__':
-    print('reenact_avatar.py: not implemented yet', file=sys.stderr)
-    sys.exit(2)
+    reenact()

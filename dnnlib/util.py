@@ -132,3 +132,35 @@ class Logger:
         if self.file is not None:
             self.file.close()
             self.file = None
+
+
+def parse_range(text) -> list:
+    """'0-3,7' -> [0, 1, 2, 3, 7]; also accepts a list of ints (as click passes defaults)."""
+    if isinstance(text, (list, tuple)):
+        return [int(v) for v in text]
+    values = []
+    for part in str(text).split(','):
+        part = part.strip()
+        if not part:
+            continue
+        lo, sep, hi = part.partition('-')
+        if sep and lo:
+            if int(hi) < int(lo):
+                raise ValueError(f'bad range {part!r}: end before start')
+            values.extend(range(int(lo), int(hi) + 1))
+        else:
+            values.append(int(part))
+    if not values:
+        raise ValueError(f'no numbers in {text!r}')
+    return values
+
+
+def parse_vec2(text) -> tuple:
+    """'4x2' or '4,2' -> (4, 2)."""
+    if isinstance(text, (list, tuple)):
+        return tuple(int(v) for v in text)
+    for sep in ('x', ','):
+        parts = str(text).split(sep)
+        if len(parts) == 2:
+            return int(parts[0]), int(parts[1])
+    raise ValueError(f'cannot parse {text!r} as WxH')

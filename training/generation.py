@@ -1,0 +1,115 @@
+"""Shared pieces of the generation scripts: loading a generator, its mesh condition,
+the cameras they render from, and image grids."""
+
+import io
+import os
+
+import numpy as np
+import PIL.Image
+import torch
+
+import legacy
+from torch_utils.persistence import atomic_write_bytes
+from training import coords
+from training.driving import DEFAULT_LMS, DEFAULT_OBJ, load_condition
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BUNDLED_NETWORK = os.path.join('pretrained_models', 'next3d-synthetic-small128.pkl')
+
+
+def load_generator(network_pkl: str, device: torch.device) -> torch.nn.Module:
+    """G_ema of a snapshot or official pickle, in eval mode on `device`."""
+    path = network_pkl
+    if not os.path.isfile(path) and os.path.isfile(os.path.join(ROOT, path)):
+        path = os.path.join(ROOT, path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f'{network_pkl}: no such network file')
+    print(f'Loading networks from "{path}"...')
+    G = legacy.load_network_pkl(path)['G_ema']
+    if G is None:
+        raise ValueError(f'{path}: holds no generator (G_ema or G)')
+    return G.eval().requires_grad_(False).to(device)
+
+
+def uses_mesh(G) -> bool:
+    """Whether G is driven by a mesh (Next3D) or not (EG3D)."""
+    return getattr(G, 'num_vertices', None) is not None
+
+
+def mesh_condition(G, obj_path: str = None, lms_path: str = None, lms_cond: bool = True, device=torch.device('cpu')):
+    """The (1, V + 68, 3) condition for G from an .obj and its landmarks (None for EG3D).
+
+    Defaults to the bundled head's neutral mesh. With lms_cond False the landmarks are
+    computed from the mesh with the bundled head model's landmark embedding, which needs
+    the mesh to have the bundled head's topology.
+    """
+    if not uses_mesh(G):
+        return None
+    obj_path = obj_path or DEFAULT_OBJ
+    if lms_cond:
+        v = load_condition(obj_path, lms_path or (DEFAULT_LMS if obj_path == DEFAULT_OBJ else None), G.num_vertices,
+                           landmarks_fn=None if lms_path or obj_path == DEFAULT_OBJ else _missing_landmarks(obj_path))
+    else:
+        v = load_condition(obj_path, None, G.num_vertices, landmarks_fn=_bundled_landmarks)
+    return v.to(device)
+
+
+def _missing_landmarks(obj_path):
+    def fail(_verts):
+        raise ValueError(f'{obj_path}: --lms_cond needs --lms_path (the 68 x 3 landmarks of this mesh)')
+    return fail
+
+
+def _bundled_landmarks(verts: torch.Tensor) -> torch.Tensor:
+    from training.mesh.head_model import load_head_model
+    head = load_head_model()
+    if verts.shape[1] != head.num_vertices:
+        raise ValueError(f'computing landmarks from a mesh needs the bundled head topology ({head.num_vertices} vertices), '
+                         f'got {verts.shape[1]}: pass --lms_path and --lms_cond=True')
+    return head.landmarks_from_vertices(verts)
+
+
+def orbit_label(G, yaw: float, pitch: float, focal: float = coords.FOCAL_LENGTH, device=torch.device('cpu')) -> torch.Tensor:
+    """(1, 25) label of a camera on G's orbit (radius and pivot from its rendering options)."""
+    rk = G.rendering_kwargs
+    cam2world = coords.cam2world_look_at(torch.tensor([yaw]), torch.tensor([pitch]),
+                                         radius=rk.get('avg_camera_radius', coords.CAMERA_RADIUS),
+                                         pivot=tuple(rk.get('avg_camera_pivot', coords.CAMERA_PIVOT)))
+    return coords.make_label(cam2world, coords.intrinsics(focal)).to(device)
+
+
+def frontal_label(G, focal: float = coords.FOCAL_LENGTH, device=torch.device('cpu')) -> torch.Tensor:
+    return orbit_label(G, np.pi / 2, np.pi / 2, focal, device)
+
+
+def to_uint8(images: torch.Tensor, drange=(-1, 1)) -> np.ndarray:
+    """(N, C, H, W) float in drange -> (N, H, W, 3) uint8 (1 channel is repeated)."""
+    lo, hi = drange
+    x = ((images.detach().float() - lo) * (255 / (hi - lo))).round().clamp(0, 255).to(torch.uint8)
+    if x.shape[1] == 1:
+        x = x.repeat(1, 3, 1, 1)
+    return x.permute(0, 2, 3, 1).cpu().numpy()
+
+
+def depth_to_image(depth: torch.Tensor) -> torch.Tensor:
+    """(N, 1, H, W) depth -> (N, 1, H, W) in [-1, 1], near = bright, per-image min-max."""
+    d = -depth
+    lo = d.flatten(1).min(1).values.view(-1, 1, 1, 1)
+    hi = d.flatten(1).max(1).values.view(-1, 1, 1, 1)
+    return (d - lo) / (hi - lo).clamp(min=1e-8) * 2 - 1
+
+
+def make_grid(frames: np.ndarray, grid: tuple) -> np.ndarray:
+    """(N, H, W, 3) uint8 -> one (gh*H, gw*W, 3) image, row-major; N must equal gw*gh."""
+    gw, gh = grid
+    n, h, w, c = frames.shape
+    if n != gw * gh:
+        raise ValueError(f'{n} images do not fill a {gw}x{gh} grid')
+    return frames.reshape(gh, gw, h, w, c).transpose(0, 2, 1, 3, 4).reshape(gh * h, gw * w, c)
+
+
+def save_image_grid(images: torch.Tensor, path: str, grid: tuple, drange=(-1, 1)):
+    """Atomically save (N, C, H, W) images as one PNG grid (gw columns x gh rows)."""
+    buffer = io.BytesIO()
+    PIL.Image.fromarray(make_grid(to_uint8(images, drange), grid)).save(buffer, format='PNG')
+    atomic_write_bytes(path, buffer.getvalue())
