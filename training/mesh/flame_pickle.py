@@ -201,6 +201,8 @@ def load_flame_pickle(path) -> Dict[str, np.ndarray]:
       weights       (V, J) float32, skinning weights
       kintree_table (2, J) int64, row 0 = parent index (root's is any value), row 1 = joint id
       f             (F, 3) int64, triangle vertex indices
+    and, when the file stores it, n_shape_components (int): how many of shapedirs'
+    components are identity ones (FLAME's files do not say; FLAME 2020 uses 300).
     posedirs stored as ((J-1)*9, V*3) (SMPL's flattened layout) is reshaped.
     """
     path = str(path)
@@ -240,6 +242,11 @@ def load_flame_pickle(path) -> Dict[str, np.ndarray]:
             raise ValueError(f'{path}: "{name}" holds non-finite values')
     if out['f'].min() < 0 or out['f'].max() >= n_verts:
         raise ValueError(f'{path}: face indices out of range [0, {n_verts})')
+    if 'n_shape_components' in model:
+        n = int(np.asarray(model['n_shape_components']))
+        if not 0 <= n <= out['shapedirs'].shape[2]:
+            raise ValueError(f'{path}: n_shape_components = {n} exceeds the {out["shapedirs"].shape[2]} components')
+        out['n_shape_components'] = n
     return out
 
 
