@@ -6,11 +6,14 @@ at i + 0.5. This is grid_sample's align_corners=False convention, and the mouth 
 spec section 4 (landmark NDC * 128 + 128 on a 256 render) is expressed in it.
 
 A box is (cx, cy, side): the square [cx - side/2, cx + side/2) x [cy - side/2, cy + side/2),
-floats, one per sample. Both directions resample with a per-sample separable matrix: output
-pixel j has a footprint of width max(step, 1) input pixels centred on its centre, and takes
-the input pixels' overlap with that footprint as weights. For enlargement (step < 1) this is
-exactly bilinear interpolation; for reduction it is an area average over the footprint
-(antialiased). Everything is batched tensor algebra: no host sync, no loop over samples.
+floats, one per sample. Both directions resample the same way: the input is reconstructed
+by bilinear interpolation between pixel centres (grid_sample's reconstruction with
+align_corners=False), and each output pixel takes the mean of that reconstruction over
+its own footprint. A reduction is thus box-filtered (antialiased) over the bilinear
+reconstruction; an enlargement approaches plain bilinear interpolation; linear ramps are
+reproduced exactly; the result varies continuously with the box size. It is computed as
+a per-sample separable matrix (closed-form integrals of the interpolation tents), with
+batched tensor algebra only: no host sync, no loop over samples.
 """
 
 import torch
@@ -18,28 +21,66 @@ import torch
 from torch_utils import misc
 
 
+def _tent_integral(u: torch.Tensor) -> torch.Tensor:
+    """Antiderivative of the unit tent max(0, 1 - |u|), from -inf: 0 below -1, 1 above 1."""
+    u = u.clamp(-1, 1)
+    return torch.where(u < 0, (u + 1) ** 2 / 2, 1 - (1 - u) ** 2 / 2)
+
+
 def _resampling_matrix(start: torch.Tensor, step: torch.Tensor, num_out: int, num_in: int, border: bool) -> torch.Tensor:
-    """Weights (B, num_out, num_in) of a 1D area/bilinear resampling.
+    """Weights (B, num_out, num_in) of a 1D resampling.
 
     Output pixel j stands for the input interval [start + j * step, start + (j + 1) * step)
-    (input pixel units); its weights are the overlaps of the input pixels with a footprint of
-    width max(step, 1) around that interval's centre, divided by the footprint width.
-    border=False: outside the input counts as zeros. border=True: the first and last input
-    pixels extend to infinity (clamp-to-edge); rows then sum to exactly 1.
+    (input pixel units, start and step (B,)). Its weights are the means over that interval
+    of the input pixels' interpolation tents (centred on i + 0.5, half-width 1).
+    border=False: outside the input reads zero (grid_sample's padding_mode='zeros').
+    border=True: the first and last pixels extend to infinity (padding_mode='border'), and
+    every row sums to exactly 1.
     """
     start, step = start.reshape(-1, 1, 1), step.reshape(-1, 1, 1)
     j = torch.arange(num_out, device=start.device, dtype=start.dtype).reshape(1, -1, 1)
-    centre = start + (j + 0.5) * step
-    width = step.clamp(min=1)
-    low, high = centre - width / 2, centre + width / 2                   # (B, num_out, 1)
-    cell_low = torch.arange(num_in, device=start.device, dtype=start.dtype).reshape(1, 1, -1)
-    cell_high = cell_low + 1
-    if border:
-        inf = torch.tensor(float('inf'), device=start.device, dtype=start.dtype)
-        cell_low = torch.where(cell_low == 0, -inf, cell_low)
-        cell_high = torch.where(cell_high == num_in, inf, cell_high)
-    overlap = (torch.minimum(high, cell_high) - torch.maximum(low, cell_low)).clamp(min=0)
-    return overlap / width
+    centres_in = torch.arange(num_in, device=start.device, dtype=start.dtype).reshape(1, 1, -1) + 0.5
+    low = start + j * step - centres_in                           # interval ends relative to each tent
+    high = low + step
+    mid = low + step / 2
+    integral_low, integral_high = _tent_integral(low), _tent_integral(high)
+    value_mid = (1 - mid.abs()).clamp(min=0)
+    if border:   # the edge pixels' tents stay at 1 outward: their antiderivative grows like u
+        first = torch.zeros(1, 1, num_in, dtype=torch.bool, device=start.device)
+        last = first.clone()
+        first[..., 0], last[..., -1] = True, True
+        integral_low = torch.where(first & (low < 0), low + 0.5, torch.where(last & (low > 0), low + 0.5, integral_low))
+        integral_high = torch.where(first & (high < 0), high + 0.5, torch.where(last & (high > 0), high + 0.5, integral_high))
+        value_mid = torch.where((first & (mid < 0)) | (last & (mid > 0)), torch.ones_like(value_mid), value_mid)
+    # A vanishing footprint is a point sample; avoid the cancellation in the integral's difference.
+    tiny = step < 1e-4
+    mean = (integral_high - integral_low) / torch.where(tiny, torch.ones_like(step), step)
+    return torch.where(tiny, value_mid, mean)
+
+
+LIP_LANDMARKS = slice(48, 60)          # outer lip, iBUG 68-point order
+MOUTH_CORNERS = (48, 54)
+MOUTH_BOX_SCALE = 1.2                  # box side = floor(1.2 x the lips' larger extent)
+
+
+def mouth_box_from_landmarks(landmarks_ndc: torch.Tensor, image_size: int = 256) -> torch.Tensor:
+    """Mouth box of each sample from its landmarks in the front view.
+
+    Args:
+        landmarks_ndc: (B, 68, 2+) iBUG landmarks projected by the front orthographic view,
+                       NDC x (columns) and y (rows) in [-1, 1]; extra columns (depth) ignored.
+        image_size:    side of the front render in pixels.
+    Returns:
+        (B, 3) float (cx, cy, side) in pixels: centre = midpoint of the mouth corners 48 and
+        54, side = floor(1.2 x max(width, height) of the outer lip 48-59), as Next3D.
+    """
+    misc.assert_shape(landmarks_ndc, [None, 68, None], 'landmarks_ndc')
+    pixels = (landmarks_ndc[..., :2] + 1) * (image_size / 2)          # NDC -1 is the image's left/top edge
+    centre = (pixels[:, MOUTH_CORNERS[0]] + pixels[:, MOUTH_CORNERS[1]]) / 2
+    lips = pixels[:, LIP_LANDMARKS]
+    extent = (lips.amax(dim=1) - lips.amin(dim=1)).amax(dim=1)
+    side = torch.floor(MOUTH_BOX_SCALE * extent).clamp(min=1)
+    return torch.cat([centre, side.unsqueeze(1)], dim=1)
 
 
 def _check_box(box: torch.Tensor, batch_size: int):
@@ -55,7 +96,8 @@ def crop_mouth(front: torch.Tensor, box: torch.Tensor, out_size: int = 64) -> to
         front: (B, C, H, W) image or feature render.
         box:   (B, 3) float (cx, cy, side) in pixels (see the module docstring).
     Returns:
-        (B, C, out_size, out_size); parts of a box outside the image read zeros.
+        (B, C, out_size, out_size); parts of a box outside the image read zeros (as
+        grid_sample's padding_mode='zeros').
     """
     misc.assert_shape(front, [None, None, None, None], 'front')
     batch_size, _, height, width = front.shape
@@ -82,8 +124,8 @@ def paste_mouth(front: torch.Tensor, patch: torch.Tensor, box: torch.Tensor) -> 
     """Resample `patch` onto each sample's box and replace `front` there.
 
     The patch spans the box edge to edge. Pixels whose centre lies inside the box take the
-    resampled patch (bilinear when the box is larger than the patch, area average when
-    smaller, clamp-to-edge at the patch border); every other pixel is `front`, bit for bit.
+    resampled patch (see the module docstring; the patch's edge pixels extend outward, as
+    grid_sample's padding_mode='border'); every other pixel is `front`, bit for bit.
 
     Args:
         front: (B, C, H, W).
@@ -99,6 +141,7 @@ def paste_mouth(front: torch.Tensor, patch: torch.Tensor, box: torch.Tensor) -> 
     box = box.to(front.dtype)
     patch = patch.to(front.dtype)
     cx, cy, side = box.unbind(dim=1)
+    side = side.clamp(min=1e-6)          # an empty box selects no pixel; avoid dividing by zero
     patch_h, patch_w = patch.shape[2:]
     # Front pixel i covers [i, i + 1): in patch pixels that is [(i - x0) * w / side, ...).
     rows = _resampling_matrix(-(cy - side / 2) * patch_h / side, patch_h / side, height, patch_h, border=True)   # (B, H, h)

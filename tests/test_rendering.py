@@ -1,0 +1,401 @@
+"""Volume rendering: ray sampler, ray marcher, importance sampling, tri-plane sampling, decoder."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from torch_utils import persistence
+from training import coords
+from training.triplane_decoder import FullyConnectedLayer, OSGDecoder
+from training.volumetric_rendering.ray_marcher import MipRayMarcher2
+from training.volumetric_rendering.ray_sampler import RaySampler
+from training.volumetric_rendering.renderer import (ImportanceRenderer, ray_box_intersection, sample_from_planes,
+                                                    sample_importance, sample_pdf, sample_stratified)
+
+# Written out by hand (not read from coords.PLANE_AXES) so a change there is caught.
+EXPECTED_AXES = {
+    'next3d': ((0, 1), (0, 2), (2, 1)),
+    'eg3d': ((0, 1), (0, 2), (2, 0)),
+}
+
+
+def softplus(x):
+    return math.log1p(math.exp(x))
+
+
+def inverse_density(density):
+    """Raw sigma whose activation softplus(sigma - 1) equals `density`."""
+    return 1 + math.log(math.expm1(density))
+
+
+def coordinate_planes(resolution, box_warp=1.0, plane_axes='next3d', dtype=torch.float64):
+    """(1, 3, 3, R, R) planes whose texels hold the world coordinates of their centres:
+    channel 0 = the column axis' coordinate, channel 1 = the row axis' coordinate,
+    channel 2 = 1 (reads less than 1 only near or outside the box's faces)."""
+    centres = ((torch.arange(resolution, dtype=dtype) + 0.5) / resolution * 2 - 1) * box_warp / 2
+    rows, cols = torch.meshgrid(centres, centres, indexing='ij')
+    plane = torch.stack([cols, rows, torch.ones_like(rows)])
+    return plane.expand(1, 3, 3, resolution, resolution).clone()
+
+
+# ----------------------------------------------------------------------------------------
+# Ray sampler
+
+def test_ray_sampler_frontal_camera():
+    resolution = 5
+    cam2world = coords.cam2world_look_at(torch.tensor([math.pi / 2]), torch.tensor([math.pi / 2]))
+    origins, dirs = RaySampler()(cam2world, coords.intrinsics()[None], resolution)
+    assert origins.shape == (1, 25, 3) and dirs.shape == (1, 25, 3)
+    torch.testing.assert_close(dirs.norm(dim=-1), torch.ones(1, 25), atol=1e-6, rtol=0)
+    pivot = torch.tensor(coords.CAMERA_PIVOT)
+    torch.testing.assert_close(origins[0, 0], pivot + torch.tensor([0, 0, coords.CAMERA_RADIUS]), atol=1e-5, rtol=0)
+    # The centre pixel (row 2, column 2 -> ray 12) looks straight at the pivot.
+    to_pivot = torch.nn.functional.normalize(pivot - origins[0, 12], dim=0)
+    torch.testing.assert_close(dirs[0, 12], to_pivot, atol=1e-6, rtol=0)
+    # Row-major order; OpenCV camera facing -z: columns go to +x (right), rows to -y (down).
+    grid = dirs[0].reshape(resolution, resolution, 3)
+    assert (grid[:, 1:, 0] > grid[:, :-1, 0]).all()
+    assert (grid[1:, :, 1] < grid[:-1, :, 1]).all()
+    # Pixel (row 0, column 4): centre at normalised (4.5 / 5, 0.5 / 5).
+    f = coords.FOCAL_LENGTH
+    expected = torch.tensor([(0.9 - 0.5) / f, -(0.1 - 0.5) / f, -1.0])
+    torch.testing.assert_close(grid[0, 4], expected / expected.norm(), atol=1e-6, rtol=0)
+
+
+def test_ray_sampler_general_camera_and_intrinsics():
+    torch.manual_seed(1)
+    cam2world = coords.cam2world_look_at(torch.tensor([1.2, 2.0]), torch.tensor([1.4, 1.7]))
+    intr = torch.tensor([[[3.0, 0.1, 0.45], [0, 3.5, 0.55], [0, 0, 1]], [[5.0, 0, 0.5], [0, 5.0, 0.5], [0, 0, 1]]])
+    resolution = 4
+    _, dirs = RaySampler()(cam2world, intr, resolution)
+    # Project every ray back through the camera: it must land on its pixel centre.
+    cam_dirs = dirs @ cam2world[:, :3, :3]                      # world -> camera (R^T d)
+    pix = (cam_dirs / cam_dirs[..., 2:]) @ intr.transpose(1, 2)
+    j, i = np.meshgrid(np.arange(resolution), np.arange(resolution))
+    expected = torch.tensor(np.stack([(j.ravel() + 0.5) / resolution, (i.ravel() + 0.5) / resolution], -1), dtype=torch.float32)
+    torch.testing.assert_close(pix[..., :2], expected.expand(2, -1, -1), atol=1e-5, rtol=0)
+
+
+# ----------------------------------------------------------------------------------------
+# Ray marcher
+
+def test_ray_marcher_three_samples_by_hand():
+    depths = [1.0, 2.0, 4.0]
+    sigmas = [0.5, 2.5, 1.5]
+    colors = [[0.2, 0.4], [0.6, 0.0], [1.0, 1.0]]
+    # Hand computation: two intervals with mid-point densities and colours.
+    d0, d1 = softplus((0.5 + 2.5) / 2 - 1), softplus((2.5 + 1.5) / 2 - 1)
+    a0, a1 = 1 - math.exp(-d0 * 1.0), 1 - math.exp(-d1 * 2.0)
+    w0, w1 = a0, a1 * (1 - a0)
+    c0, c1 = [0.4, 0.2], [0.8, 0.5]
+    rgb = [w0 * c0[k] + w1 * c1[k] for k in range(2)]
+    depth = (w0 * 1.5 + w1 * 3.0) / (w0 + w1)
+
+    t = lambda x: torch.tensor(x, dtype=torch.float64)
+    out_rgb, out_depth, weights = MipRayMarcher2()(
+        t(colors).reshape(1, 1, 3, 2), t(sigmas).reshape(1, 1, 3, 1), t(depths).reshape(1, 1, 3, 1), dict(clamp_mode='softplus'))
+    torch.testing.assert_close(weights.reshape(2), t([w0, w1]), atol=1e-9, rtol=0)
+    torch.testing.assert_close(out_rgb.reshape(2), t([2 * v - 1 for v in rgb]), atol=1e-9, rtol=0)
+    torch.testing.assert_close(out_depth.reshape(()), t(depth), atol=1e-9, rtol=0)
+
+    white, _, _ = MipRayMarcher2()(
+        t(colors).reshape(1, 1, 3, 2), t(sigmas).reshape(1, 1, 3, 1), t(depths).reshape(1, 1, 3, 1), dict(white_back=True))
+    torch.testing.assert_close(white.reshape(2), t([2 * (v + 1 - w0 - w1) - 1 for v in rgb]), atol=1e-9, rtol=0)
+
+
+def test_ray_marcher_empty_and_opaque_rays():
+    depths = torch.tensor([2.0, 2.5, 3.0]).reshape(1, 1, 3, 1).repeat(1, 2, 1, 1)
+    colors = torch.full((1, 2, 3, 3), 0.5)
+    sigmas = torch.stack([torch.full((3, 1), -1e4), torch.full((3, 1), 1e4)]).unsqueeze(0)
+    rgb, depth, weights = MipRayMarcher2()(colors, sigmas, depths, {})
+    # Empty ray: no weight, black (-1), depth = far end (EG3D: nan -> inf -> clamp).
+    assert weights[0, 0].sum() == 0
+    torch.testing.assert_close(rgb[0, 0], torch.full((3,), -1.0))
+    assert depth[0, 0, 0] == 3.0
+    # Opaque ray: all weight in the first interval, depth at its mid-point.
+    torch.testing.assert_close(weights[0, 1, :, 0], torch.tensor([1.0, 0.0]))
+    torch.testing.assert_close(rgb[0, 1], torch.zeros(3))
+    torch.testing.assert_close(depth[0, 1, 0], torch.tensor(2.25))
+
+
+def test_ray_marcher_rejects_bad_input():
+    x = torch.zeros(1, 1, 3, 1)
+    with pytest.raises(ValueError, match='clamp_mode'):
+        MipRayMarcher2()(x, x, x, dict(clamp_mode='relu'))
+    with pytest.raises(AssertionError, match='densities'):
+        MipRayMarcher2()(x, torch.zeros(1, 1, 4, 1), x, {})
+
+
+def test_ray_marcher_gradcheck():
+    torch.manual_seed(0)
+    colors = torch.rand(1, 2, 4, 2, dtype=torch.float64, requires_grad=True)
+    sigmas = torch.randn(1, 2, 4, 1, dtype=torch.float64, requires_grad=True)
+    depths = (torch.tensor([2.0, 2.3, 2.7, 3.2], dtype=torch.float64).reshape(1, 1, 4, 1).repeat(1, 2, 1, 1)).requires_grad_()
+    fn = lambda c, s, d: MipRayMarcher2()(c, s, d, {})
+    assert torch.autograd.gradcheck(fn, (colors, sigmas, depths))
+
+
+# ----------------------------------------------------------------------------------------
+# Tri-plane sampling
+
+@pytest.mark.parametrize('plane_axes', ['next3d', 'eg3d'])
+@pytest.mark.parametrize('box_warp', [1.0, 2.0])
+def test_sample_from_planes_reads_world_coordinates(plane_axes, box_warp):
+    resolution = 16
+    planes = coordinate_planes(resolution, box_warp)
+    # Points inside the outermost texel centres, where bilinear interpolation of a linear
+    # function is exact.
+    limit = box_warp / 2 * (1 - 1 / resolution)
+    points = (torch.rand(1, 50, 3, dtype=torch.float64) * 2 - 1) * limit
+    features = sample_from_planes(planes, points, plane_axes=plane_axes, box_warp=box_warp)
+    assert features.shape == (1, 3, 50, 3)
+    for k, (col_axis, row_axis) in enumerate(EXPECTED_AXES[plane_axes]):
+        torch.testing.assert_close(features[0, k, :, 0], points[0, :, col_axis], atol=1e-12, rtol=0)
+        torch.testing.assert_close(features[0, k, :, 1], points[0, :, row_axis], atol=1e-12, rtol=0)
+
+
+def test_sample_from_planes_zero_outside_box_and_texel_centres():
+    planes = torch.arange(3 * 4 * 4, dtype=torch.float64).reshape(1, 3, 1, 4, 4)
+    # Texel (row 1, column 2) of a 4 x 4 plane has its centre at (u, v) = (0.125, -0.125).
+    point = torch.tensor([[[0.125, -0.125, 0.375]]], dtype=torch.float64)
+    features = sample_from_planes(planes, point, plane_axes='next3d')
+    # plane0 (x, y): col x=0.125 -> 2, row y=-0.125 -> 1; plane1 (x, z): col 2, row z=0.375 -> 3;
+    # plane2 (z, y): col 3, row 1.
+    assert features.reshape(3).tolist() == [0 * 16 + 1 * 4 + 2, 1 * 16 + 3 * 4 + 2, 2 * 16 + 1 * 4 + 3]
+    outside = sample_from_planes(planes, torch.tensor([[[0.0, 0.0, 3.0]]], dtype=torch.float64))
+    assert outside[0, 0, 0, 0] != 0 and outside[0, 1, 0, 0] == 0 and outside[0, 2, 0, 0] == 0
+
+
+def test_sample_from_planes_gradcheck():
+    planes = torch.randn(1, 3, 2, 5, 5, dtype=torch.float64, requires_grad=True)
+    points = ((torch.rand(1, 6, 3, dtype=torch.float64) * 2 - 1) * 0.4).requires_grad_()
+    assert torch.autograd.gradcheck(lambda p, x: sample_from_planes(p, x, plane_axes='next3d'), (planes, points))
+
+
+# ----------------------------------------------------------------------------------------
+# Depth sampling
+
+def test_ray_box_intersection():
+    origins = torch.tensor([[[0.0, 0.0, 2.0], [2.0, 2.0, 2.0], [0.1, 0.0, 0.0], [0.0, 0.0, 2.0]]])
+    dirs = torch.tensor([[[0.0, 0.0, -1.0], [0.0, 0.0, -1.0], [1.0, 0.0, 0.0], [0.6, 0.0, -0.8]]])
+    start, end, valid = ray_box_intersection(origins, dirs, 1.0)
+    assert valid[0, :, 0].tolist() == [True, False, True, False]
+    torch.testing.assert_close(start[0, [0, 2], 0], torch.tensor([1.5, 0.0]))   # inside: starts at the origin
+    torch.testing.assert_close(end[0, [0, 2], 0], torch.tensor([2.5, 0.4]))
+    start, end, valid = ray_box_intersection(origins[:, 3:], dirs[:, 3:], 4.0)  # enters z = 2 at 0, leaves x = 2 at 10/3
+    torch.testing.assert_close(torch.cat([start, end]).reshape(2), torch.tensor([0.0, 2 / 0.6]))
+
+
+def test_sample_stratified_bins():
+    start, end = torch.full((1, 2, 1), 2.0), torch.full((1, 2, 1), 3.0)
+    det = sample_stratified(start, end, 4, deterministic=True)
+    torch.testing.assert_close(det[0, 0, :, 0], torch.tensor([2.125, 2.375, 2.625, 2.875]))
+    disparity = sample_stratified(start, end, 4, disparity_space=True, deterministic=True)
+    s = torch.tensor([0.125, 0.375, 0.625, 0.875])
+    torch.testing.assert_close(disparity[0, 1, :, 0], 1 / ((1 - s) / 2 + s / 3))
+    jittered = sample_stratified(start, end, 4)[..., 0]
+    bin_index = torch.floor((jittered - 2.0) * 4)
+    assert (bin_index == torch.arange(4.0)).all()            # one sample per bin, in order
+
+
+def test_sample_pdf_matches_piecewise_constant_cdf():
+    bins = torch.tensor([[0.0, 1.0, 3.0, 4.0, 4.5]], dtype=torch.float64)
+    weights = torch.tensor([[1.0, 0.0, 3.0, 2.0]], dtype=torch.float64)
+
+    def cdf(x):
+        edges, mass = bins[0].numpy(), (weights[0] / weights.sum()).numpy()
+        cum = np.concatenate([[0], np.cumsum(mass)])
+        return np.interp(x, edges, cum)
+
+    n = 20000
+    torch.manual_seed(3)
+    samples = np.sort(sample_pdf(bins.expand(2, -1), weights.expand(2, -1), n)[0].numpy())
+    assert ((samples < 1) | (samples >= 3)).all()             # nothing in the empty bin
+    # Kolmogorov-Smirnov: sup |F_n - F| < 1.63 / sqrt(n) at the 1% level.
+    ks = np.maximum(np.arange(1, n + 1) / n - cdf(samples), cdf(samples) - np.arange(n) / n).max()
+    assert ks < 1.63 / math.sqrt(n), ks
+    # Deterministic quantiles invert the CDF exactly.
+    det = sample_pdf(bins, weights, 8, deterministic=True)[0].numpy()
+    np.testing.assert_allclose(cdf(det), (np.arange(8) + 0.5) / 8, atol=1e-12)
+
+
+def test_sample_importance_smooths_weights_as_eg3d():
+    depths = torch.tensor([0.0, 1.0, 2.0, 3.0, 4.0], dtype=torch.float64).reshape(1, 1, 5, 1)
+    weights = torch.tensor([0.0, 1.0, 0.0, 0.0], dtype=torch.float64).reshape(1, 1, 4, 1)
+    # max-pool (kernel 2, pad 1): [0, 1, 1, 0, 0]; avg-pool (kernel 2): [0.5, 1, 0.5, 0]; + 0.01.
+    smoothed = torch.tensor([[0.51, 1.01, 0.51, 0.01]], dtype=torch.float64)
+    fine = sample_importance(depths, weights, 16, deterministic=True)
+    assert fine.shape == (1, 1, 16, 1)
+    torch.testing.assert_close(fine.reshape(1, 16), sample_pdf(depths.reshape(1, 5), smoothed, 16, deterministic=True))
+
+
+# ----------------------------------------------------------------------------------------
+# Renderer
+
+class SlabDecoder(torch.nn.Module):
+    """Constant density and colour where z in [z_low, z_high] inside the box, nothing elsewhere.
+
+    Reads z from coordinate planes (plane1's rows hold z), so it runs the renderer's real
+    plane-sampling path; outside the box the planes read zeros, which channel 2 detects.
+    """
+
+    def __init__(self, z_low, z_high, density, color):
+        super().__init__()
+        self.z_low, self.z_high, self.sigma_in = z_low, z_high, inverse_density(density)
+        self.color = color
+
+    def forward(self, features, directions):
+        z = features[:, 1, :, 1:2]                       # plane1 (x, z): row coordinate = z
+        in_box = features[:, :, :, 2:3].amin(dim=1) > 1 - 1e-9
+        inside = (z >= self.z_low) & (z <= self.z_high) & in_box
+        sigma = torch.where(inside, torch.full_like(z, self.sigma_in), torch.full_like(z, -30.0))
+        rgb = torch.tensor(self.color, dtype=z.dtype).expand(*z.shape[:2], -1)
+        return dict(rgb=rgb, sigma=sigma)
+
+
+@pytest.mark.parametrize('white_back', [False, True])
+def test_renderer_slab_matches_analytic_opacity_and_depth(white_back):
+    z_low, z_high, density, color = -0.1, 0.2, 5.0, [0.3, 0.9]
+    planes = coordinate_planes(64)
+    cam2world = coords.cam2world_look_at(torch.tensor([math.pi / 2]), torch.tensor([math.pi / 2])).double()
+    origins, dirs = RaySampler()(cam2world, coords.intrinsics()[None].double(), 4)
+    num_samples, ray_start, ray_end = 512, 2.5, 3.3
+    opts = dict(ray_start=ray_start, ray_end=ray_end, box_warp=1.0, depth_resolution=num_samples,
+                depth_resolution_importance=0, deterministic_sampling=True, white_back=white_back)
+    rgb, depth, weights = ImportanceRenderer()(planes, SlabDecoder(z_low, z_high, density, color), origins, dirs, opts)
+
+    # Along a ray z = o_z + t d_z (d_z < 0): the slab spans t0..t1.
+    o_z, d_z = origins[0, :, 2], dirs[0, :, 2]
+    t0, t1 = (z_high - o_z) / d_z, (z_low - o_z) / d_z
+    thickness = t1 - t0
+    opacity = 1 - torch.exp(-density * thickness)
+    mean_offset = 1 / density - thickness * torch.exp(-density * thickness) / opacity
+    # Discretisation: an interval that straddles a face of the slab averages an inside and an
+    # outside raw sigma and contributes ~nothing, so the sampled thickness lies in
+    # [T - 2 d, T] (d = interval length along the ray, |d_z| > 0.99 here) and the opacity,
+    # whose derivative in T is D exp(-D T), is right to within 2 d D exp(-D (T - 2 d)).
+    interval = (ray_end - ray_start) / num_samples / 0.99
+    tolerance = (2 * interval * density * torch.exp(-density * (thickness - 2 * interval))).max().item()
+    torch.testing.assert_close(weights.sum(dim=2)[0, :, 0], opacity, atol=tolerance, rtol=0)
+    torch.testing.assert_close(depth[0, :, 0], t0 + mean_offset, atol=2 * interval, rtol=0)
+    expected_rgb = opacity[:, None] * torch.tensor(color, dtype=torch.float64)
+    if white_back:
+        expected_rgb = expected_rgb + (1 - opacity[:, None])
+    torch.testing.assert_close(rgb[0], expected_rgb * 2 - 1, atol=2 * tolerance, rtol=0)
+
+
+def test_renderer_importance_samples_concentrate_on_the_slab():
+    z_low, z_high, density = -0.1, 0.2, 5.0
+    planes = coordinate_planes(64)
+    origins = torch.tensor([[[0.0, 0.0, 3.0]]], dtype=torch.float64)
+    dirs = torch.tensor([[[0.0, 0.0, -1.0]]], dtype=torch.float64)
+    decoder = SlabDecoder(z_low, z_high, density, [0.5])
+    # Samples stay inside the box (z in [0.4, -0.3]), where the planes read z exactly.
+    opts = dict(ray_start=2.6, ray_end=3.3, box_warp=1.0, depth_resolution=48, depth_resolution_importance=48,
+                deterministic_sampling=True)
+    renderer = ImportanceRenderer()
+    rgb, depth, weights = renderer(planes, decoder, origins, dirs, opts)
+    assert weights.shape == (1, 1, 95, 1)
+    opacity = 1 - math.exp(-density * 0.3)
+    assert abs(weights.sum().item() - opacity) < 0.03
+    expected_depth = 2.8 + 1 / density - 0.3 * math.exp(-density * 0.3) / opacity
+    assert abs(depth.item() - expected_depth) < 0.01
+    # Where did the importance pass put its samples? Count fine samples inside the slab.
+    coarse = sample_stratified(torch.full((1, 1, 1), 2.6, dtype=torch.float64), torch.full((1, 1, 1), 3.3, dtype=torch.float64),
+                               48, deterministic=True)
+    colors, sigmas = renderer._run_along_rays(planes, decoder, origins, dirs, coarse, opts)
+    _, _, coarse_weights = renderer.ray_marcher(colors, sigmas, coarse, opts)
+    fine = sample_importance(coarse, coarse_weights, 48, deterministic=True)
+    in_slab = ((fine >= 2.8 - 0.03) & (fine <= 3.1 + 0.03)).float().mean().item()
+    assert in_slab > 0.8, in_slab                           # the slab is 0.3 / 0.7 = 43% of the range
+
+
+def test_renderer_auto_range_and_option_errors():
+    planes = coordinate_planes(16)
+    decoder = SlabDecoder(-0.1, 0.2, 5.0, [0.5])
+    origins = torch.tensor([[[0.0, 0.0, 3.0], [5.0, 5.0, 3.0]]], dtype=torch.float64)
+    dirs = torch.tensor([[[0.0, 0.0, -1.0], [0.0, 0.0, -1.0]]], dtype=torch.float64)
+    opts = dict(ray_start='auto', ray_end='auto', box_warp=1.0, depth_resolution=64, depth_resolution_importance=0,
+                deterministic_sampling=True)
+    _, depth, weights = ImportanceRenderer()(planes, decoder, origins, dirs, opts)
+    # The hitting ray samples only the box, [2.5, 3.5]: 64 samples there resolve the slab
+    # (depths 2.8 to 3.1) to within 2 intervals; the missing ray borrows that range and stays empty.
+    opacity = 1 - math.exp(-5.0 * 0.3)
+    expected_depth = 2.8 + 1 / 5.0 - 0.3 * math.exp(-5.0 * 0.3) / opacity
+    assert abs(depth[0, 0, 0].item() - expected_depth) < 2 / 64
+    assert abs(weights[0, 0].sum().item() - opacity) < 2 / 64 * 5.0
+    assert weights[0, 1].sum() < 1e-10 and 2.5 <= depth[0, 1, 0] <= 3.5
+    with pytest.raises(ValueError, match='both'):
+        ImportanceRenderer()(planes, decoder, origins, dirs, dict(opts, ray_end=3.3))
+    with pytest.raises(ValueError, match='greater'):
+        ImportanceRenderer()(planes, decoder, origins, dirs, dict(opts, ray_start=3.0, ray_end=2.0))
+    with pytest.raises(ValueError, match='plane_axes'):
+        ImportanceRenderer(plane_axes='xy')
+
+
+def test_renderer_gradients_reach_planes_and_decoder():
+    torch.manual_seed(0)
+    decoder = OSGDecoder(n_features=4, hidden_dim=8, decoder_output_dim=3).double()
+    planes = (torch.randn(1, 3, 4, 6, 6, dtype=torch.float64) * 0.5).requires_grad_()
+    origins = torch.tensor([[[0.05, -0.02, 1.0], [0.0, 0.1, 1.0]]], dtype=torch.float64)
+    dirs = torch.nn.functional.normalize(torch.tensor([[[0.0, 0.0, -1.0], [0.1, 0.0, -1.0]]], dtype=torch.float64), dim=-1)
+    opts = dict(ray_start=0.6, ray_end=1.4, box_warp=1.0, depth_resolution=6, depth_resolution_importance=0,
+                deterministic_sampling=True)
+    renderer = ImportanceRenderer()
+    fn = lambda p: renderer(p, decoder, origins, dirs, opts)[:2]
+    assert torch.autograd.gradcheck(fn, (planes,))
+    # With importance sampling the gradient still reaches every decoder parameter.
+    rgb, depth, _ = renderer(planes, decoder, origins, dirs, dict(opts, depth_resolution_importance=6))
+    (rgb.sum() + depth.sum()).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in decoder.parameters())
+    assert planes.grad.abs().sum() > 0
+
+
+def test_run_model_density_noise():
+    planes = coordinate_planes(8)
+    decoder = SlabDecoder(-0.1, 0.2, 5.0, [0.5])
+    points = torch.zeros(1, 1000, 3, dtype=torch.float64)
+    clean = ImportanceRenderer().run_model(planes, decoder, points, points, dict(box_warp=1.0))
+    noisy = ImportanceRenderer().run_model(planes, decoder, points, points, dict(box_warp=1.0, density_noise=0.5))
+    assert clean['sigma'].shape == (1, 1000, 1) and clean['rgb'].shape == (1, 1000, 1)
+    assert abs((noisy['sigma'] - clean['sigma']).std().item() - 0.5) < 0.05
+
+
+# ----------------------------------------------------------------------------------------
+# Decoder
+
+def test_decoder_parameter_count_and_output():
+    decoder = OSGDecoder()
+    assert sum(p.numel() for p in decoder.parameters()) == 4257
+    features = torch.randn(2, 3, 10, 32) * 10
+    out = decoder(features, torch.zeros(2, 10, 3))
+    assert out['rgb'].shape == (2, 10, 32) and out['sigma'].shape == (2, 10, 1)
+    assert out['rgb'].min() >= -0.001 and out['rgb'].max() <= 1.001
+    # Only the mean of the three planes matters.
+    shuffled = features[:, [2, 0, 1]]
+    torch.testing.assert_close(decoder(shuffled, None)['sigma'], out['sigma'])
+
+
+def test_decoder_matches_explicit_mlp():
+    decoder = OSGDecoder(n_features=5, hidden_dim=7, decoder_output_dim=2, decoder_lr_mul=0.25).double()
+    features = torch.randn(1, 3, 4, 5, dtype=torch.float64)
+    fc0, fc2 = decoder.net[0], decoder.net[2]
+    # Equalised learning rate: effective weight = stored * lr_mul / sqrt(fan_in), bias = stored * lr_mul.
+    h = features.mean(1) @ (fc0.weight * 0.25 / math.sqrt(5)).T + fc0.bias * 0.25
+    out = torch.nn.functional.softplus(h) @ (fc2.weight * 0.25 / math.sqrt(7)).T + fc2.bias * 0.25
+    result = decoder(features, None)
+    torch.testing.assert_close(result['sigma'], out[..., :1])
+    torch.testing.assert_close(result['rgb'], torch.sigmoid(out[..., 1:]) * 1.002 - 0.001)
+    # Stored weights are N(0, 1) / lr_mul, so the effective initial weights do not depend on lr_mul.
+    layer = FullyConnectedLayer(1000, 100, lr_multiplier=0.01)
+    assert abs(layer.weight.std().item() * 0.01 - 1) < 0.02
+
+
+def test_decoder_checkpoint_round_trip():
+    decoder = OSGDecoder(decoder_lr_mul=0.5)
+    restored = persistence.module_from_dict(persistence.module_to_dict(decoder))
+    assert isinstance(restored, OSGDecoder) and restored.init_kwargs['decoder_lr_mul'] == 0.5
+    features = torch.randn(1, 3, 4, 32)
+    torch.testing.assert_close(restored(features, None)['rgb'], decoder(features, None)['rgb'])
