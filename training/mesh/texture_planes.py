@@ -1,0 +1,298 @@
+"""Rasterize a mesh's neural texture into the three feature planes of a tri-plane.
+
+Next3D's key step (spec section 4): the textured mesh is rendered orthographically from
+four axis-aligned views (`coords.ORTHO_VIEWS_DEG`: front, left = yaw +90, right = yaw -90,
+top), hard rasterization, one face per pixel, nearest surface, back faces culled. The two
+yaw views are summed into one "side" render. The renders then become the planes.
+
+Layouts
+-------
+'aligned' (default for new models). View NDC = ORTHO_SCALE * M R (mesh + MESH_SHIFT), with
+    R = Rz Ry Rx of the view and M = diag(1, -1, -1) taking the rotated mesh frame (x right,
+    y up, z towards the viewer) into the NDC frame (x right, y down, z away), so each view
+    is a proper rotation and the images are upright:
+      front: columns +x, rows -y (row 0 = top of the head), viewer at +z.
+      left:  columns +z, rows -y, viewer at -x.   right: columns -z, rows -y, viewer at +x.
+      top:   columns +x, rows +z (face at the bottom), viewer at +y.
+    `side` = left + right mirrored left-right, i.e. in the left view's orientation.
+    `to_planes` turns every render into the plane with the same two axes, transposed and
+    flipped into grid_sample orientation, so that a world point samples the feature of the
+    surface it lies on (tests/test_texture_planes.py checks this at every visible point).
+'released' (compatibility with the official weights). Reproduces the released code's
+    pixels: mesh y flipped before the view rotation is applied as v @ R, the shift added
+    after it, image row = +5 (y + 0.01) for the front view (the head upside down), the two
+    yaw views summed without mirroring, [front, side, top] put on planes 0, 1, 2 as they
+    are, and empty pixels holding the texture sampled at the UV centre. Only the front
+    render lands on a plane with matching axes.
+
+Hole filling: pixels that cannot be reached from the image border through pixels with
+alpha < 1 (the open mouth, enclosed by the lips) get alpha = 1; their render value is
+what the view holds there (0 in 'aligned', the texture centre in 'released'), as in the
+original, which fills alpha only. Reachability is computed on the tensors' device by
+alternating row and column run propagation (see `fill_enclosed`).
+"""
+
+from typing import Dict, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from torch_utils import misc, persistence
+from training import coords
+from training.mesh.rasterize import rasterize
+
+VIEW_NAMES = ('front', 'left', 'right', 'top')
+LAYOUTS = ('aligned', 'released')
+SIDE_ALPHA_MODES = ('or', 'released')
+
+
+def view_transform(name: str, layout: str = 'aligned') -> Tuple[torch.Tensor, torch.Tensor]:
+    """Affine map of mesh metres to a view's NDC: ndc = mesh @ L.T + t.
+
+    Returns L (3, 3) and t (3,) float32. det(L) > 0 for 'aligned' (proper rotation x 5);
+    det(L) < 0 for 'released' (the released views are mirror images).
+    """
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got '{layout}'")
+    rot = coords.euler_to_matrix(torch.tensor(coords.ORTHO_VIEWS_DEG[name]))
+    shift = torch.tensor(coords.MESH_SHIFT)
+    s = coords.ORTHO_SCALE
+    if layout == 'aligned':
+        lin = s * torch.diag(torch.tensor([1.0, -1.0, -1.0])) @ rot
+        return lin, lin @ shift
+    # Released: a = 5 (R^T diag(1,-1,1) m + shift); image (col, row, depth) = (a0, -a1, -a2).
+    flip_out = torch.diag(torch.tensor([1.0, -1.0, -1.0]))
+    lin = s * flip_out @ rot.T @ torch.diag(torch.tensor([1.0, -1.0, 1.0]))
+    return lin, s * flip_out @ shift
+
+
+def _image_axes(name: str, layout: str):
+    """((column axis, sign), (row axis, sign)) of a view's image in mesh axes."""
+    lin, _ = view_transform(name, layout)
+    out = []
+    for r in range(2):
+        a = int(lin[r].abs().argmax())
+        out.append((a, 1 if lin[r, a] > 0 else -1))
+    return tuple(out)
+
+
+def fill_enclosed(alpha: torch.Tensor, check_every: int = 4, max_rounds: int = 4096) -> torch.Tensor:
+    """Set alpha = 1 where a pixel cannot be reached from the image border.
+
+    alpha: (N, 1, H, W) in [0, 1]. A pixel is passable when alpha * 255 <= 254 (the
+    original's 8-bit flood fill), reachable when a 4-connected path of passable pixels
+    joins it to any passable border pixel. One round propagates along whole row runs,
+    then whole column runs; paths with k turns need about k / 2 rounds. Convergence is
+    checked on the host once every `check_every` rounds only.
+    """
+    n, _, h, w = alpha.shape
+    passable = (alpha[:, 0] * 255 <= 254)
+    border = torch.zeros_like(passable)
+    border[:, 0, :] = border[:, -1, :] = True
+    border[:, :, 0] = border[:, :, -1] = True
+    reach = passable & border
+    for rounds in range(0, max_rounds, check_every):
+        before = reach
+        for _ in range(check_every):
+            reach = _propagate_runs(reach, passable)
+            reach = _propagate_runs(reach.transpose(1, 2), passable.transpose(1, 2)).transpose(1, 2)
+        if torch.equal(reach, before):
+            break
+    return torch.where(reach[:, None], alpha, torch.ones_like(alpha))
+
+
+def _propagate_runs(reach: torch.Tensor, passable: torch.Tensor) -> torch.Tensor:
+    """Mark every pixel of a row run of passable pixels reachable if any pixel of it is."""
+    n, h, w = passable.shape
+    start = passable.clone()
+    start[:, :, 1:] &= ~passable[:, :, :-1]
+    run = torch.cumsum(start.to(torch.int32), dim=2).to(torch.int64)             # 1.. per row
+    row = torch.arange(n * h, device=passable.device, dtype=torch.int64).view(n, h, 1)
+    ids = torch.where(passable, row * (w + 1) + run, torch.zeros_like(run))     # 0 = not passable
+    hit = torch.zeros(n * h * (w + 1) + 1, dtype=torch.uint8, device=passable.device)
+    hit.scatter_reduce_(0, ids.reshape(-1), (reach & passable).reshape(-1).to(torch.uint8), reduce='amax')
+    hit[0] = 0
+    return hit[ids].bool() & passable
+
+
+def mouth_box_from_landmarks(lms_px: torch.Tensor, image_size: int = 256) -> torch.Tensor:
+    """(B, 68, 2) front-render pixel landmarks -> (B, 3) float (cx, cy, side) in pixels.
+
+    Centre = midpoint of points 48 and 54; side = floor(1.2 x max extent of 48-59). See
+    `training.mouth.mouth_box_from_landmarks`, which this forwards to.
+    """
+    from training import mouth
+    return mouth.mouth_box_from_landmarks(lms_px / (image_size / 2) - 1, image_size=image_size)
+
+
+@persistence.persistent_class
+class TexturePlaneRasterizer(torch.nn.Module):
+    def __init__(self,
+        num_faces,                      # Faces of the template mesh (FLAME: 9976).
+        num_uvs,                        # Texture coordinates of the template (FLAME: 5118).
+        image_size      = 256,          # Resolution of the renders and of the planes.
+        layout          = 'aligned',    # 'aligned' (new models) or 'released' (official weights), see module docstring.
+        side_alpha      = 'or',         # 'or': side alpha = OR of both yaw views; 'released': the left view's alpha only.
+        plane_axes      = 'next3d',     # Key of coords.PLANE_AXES used by `to_planes` in the aligned layout.
+        mask_size       = 256,          # Resolution of the face/eye UV mask buffer.
+    ):
+        super().__init__()
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {LAYOUTS}, got '{layout}'")
+        if side_alpha not in SIDE_ALPHA_MODES:
+            raise ValueError(f"side_alpha must be one of {SIDE_ALPHA_MODES}, got '{side_alpha}'")
+        if plane_axes not in coords.PLANE_AXES:
+            raise ValueError(f"plane_axes must be one of {tuple(coords.PLANE_AXES)}, got '{plane_axes}'")
+        self.num_faces = int(num_faces)
+        self.num_uvs = int(num_uvs)
+        self.image_size = int(image_size)
+        self.layout = layout
+        self.side_alpha = side_alpha
+        self.plane_axes = plane_axes
+        self.register_buffer('faces', torch.zeros(self.num_faces, 3, dtype=torch.int64))
+        self.register_buffer('uvfaces', torch.zeros(self.num_faces, 3, dtype=torch.int64))
+        self.register_buffer('uvcoords', torch.zeros(self.num_uvs, 2))
+        self.register_buffer('uv_mask', torch.ones(1, 1, mask_size, mask_size))
+        lins, offs = zip(*[view_transform(v, layout) for v in VIEW_NAMES])
+        self.register_buffer('view_lin', torch.stack(lins), persistent=False)   # (4, 3, 3)
+        self.register_buffer('view_off', torch.stack(offs), persistent=False)   # (4, 3)
+
+    def extra_repr(self) -> str:
+        return (f'num_faces={self.num_faces}, num_uvs={self.num_uvs}, image_size={self.image_size}, '
+                f'layout={self.layout}, side_alpha={self.side_alpha}, plane_axes={self.plane_axes}')
+
+    # --- topology ------------------------------------------------------------------------
+
+    def load_topology(self, faces, uvfaces, uvcoords, uv_mask=None):
+        """Fill the buffers. faces/uvfaces (F, 3) int, uvcoords (T, 2) in [0, 1] (v up, as
+        in OBJ files), uv_mask (H, W) or (1, 1, H, W) in [0, 1] (row 0 = v = 1)."""
+        faces, uvfaces = torch.as_tensor(np.asarray(faces)).long(), torch.as_tensor(np.asarray(uvfaces)).long()
+        uvcoords = torch.as_tensor(np.asarray(uvcoords), dtype=torch.float32)
+        for name, t, shape in (('faces', faces, (self.num_faces, 3)), ('uvfaces', uvfaces, (self.num_faces, 3)),
+                               ('uvcoords', uvcoords, (self.num_uvs, 2))):
+            if tuple(t.shape) != shape:
+                raise ValueError(f'{name}: expected shape {shape}, got {tuple(t.shape)}')
+        if int(uvfaces.min()) < 0 or int(uvfaces.max()) >= self.num_uvs:
+            raise ValueError(f'uvfaces index texture coordinates outside [0, {self.num_uvs})')
+        self.faces.copy_(faces)
+        self.uvfaces.copy_(uvfaces)
+        self.uvcoords.copy_(uvcoords)
+        if uv_mask is not None:
+            m = torch.as_tensor(np.asarray(uv_mask), dtype=torch.float32)
+            m = m.reshape(1, 1, *m.shape[-2:])
+            if m.shape[-2:] != self.uv_mask.shape[-2:]:
+                m = F.interpolate(m, size=self.uv_mask.shape[-2:], mode='nearest')
+            self.uv_mask.copy_(m.clamp(0, 1))
+        return self
+
+    @classmethod
+    def from_template(cls, template_obj_path, uv_mask_path=None, **kwargs):
+        """Build from a template OBJ (v, vt, f v/vt) and a face/eye UV mask image (white = 1)."""
+        from training.mesh import obj_io
+        mesh = obj_io.read_obj(template_obj_path)
+        if mesh.vt is None or mesh.ft is None:
+            raise ValueError(f'{template_obj_path}: the template needs texture coordinates (vt) and v/vt face indices')
+        module = cls(num_faces=len(mesh.f), num_uvs=len(mesh.vt), **kwargs)
+        mask = None
+        if uv_mask_path is not None:
+            from PIL import Image
+            try:
+                img = np.asarray(Image.open(uv_mask_path).convert('L'), dtype=np.float32) / 255
+            except OSError as e:
+                raise ValueError(f'{uv_mask_path}: cannot read the UV mask image ({e})') from e
+            mask = img
+        return module.load_topology(mesh.f, mesh.ft, mesh.vt, mask)
+
+    # --- rendering -----------------------------------------------------------------------
+
+    def to_view_ndc(self, points: torch.Tensor) -> torch.Tensor:
+        """Mesh metres (B, N, 3) -> NDC of the four views (4, B, N, 3), order VIEW_NAMES."""
+        lin, off = self.view_lin.to(points.dtype), self.view_off.to(points.dtype)
+        return torch.einsum('vij,bnj->vbni', lin, points) + off[:, None, None, :]
+
+    def render_views(self, verts: torch.Tensor, texture: torch.Tensor) -> Dict[str, Tuple[torch.Tensor, torch.Tensor]]:
+        """Render the four views: {name: (render (B, C, H, W), alpha (B, 1, H, W))}.
+
+        Each render is in its own image orientation (module docstring); the right view is
+        not mirrored here. alpha = visibility x UV mask, enclosed holes set to 1.
+        """
+        misc.assert_shape(verts, [None, None, 3], 'verts')
+        misc.assert_shape(texture, [verts.shape[0], None, None, None], 'texture')
+        bsz, res = verts.shape[0], self.image_size
+        ndc = self.to_view_ndc(verts).reshape(4 * bsz, -1, 3)
+        faces, uvfaces = self.faces, self.uvfaces
+        if self.layout == 'released':                            # mirrored views: keep front faces front
+            faces, uvfaces = faces[:, [0, 2, 1]], uvfaces[:, [0, 2, 1]]
+        frag = rasterize(ndc, faces, res, cull_backfaces=True)
+        covered = (frag.pix_to_face >= 0)[:, None]               # (4B, 1, H, W)
+        face_uv = self.uvcoords[uvfaces]                          # (F, 3, 2)
+        f = frag.pix_to_face.clamp(min=0)
+        uv = (frag.bary[..., None] * face_uv[f]).sum(-2)          # (4B, H, W, 2)
+        grid = torch.stack([uv[..., 0] * 2 - 1, 1 - uv[..., 1] * 2], dim=-1)
+        grid = torch.where(covered.permute(0, 2, 3, 1), grid, torch.zeros_like(grid)).to(texture.dtype)
+        tex = texture.unsqueeze(0).expand(4, -1, -1, -1, -1).reshape(4 * bsz, *texture.shape[1:])
+        render = F.grid_sample(tex, grid, mode='bilinear', padding_mode='zeros', align_corners=False)
+        mask = F.grid_sample(self.uv_mask.to(texture.dtype).expand(4 * bsz, -1, -1, -1), grid,
+                             mode='bilinear', padding_mode='zeros', align_corners=False)
+        alpha = fill_enclosed(mask * covered.to(mask.dtype))
+        if self.layout == 'aligned':
+            render = render * covered.to(render.dtype)
+        render = render.reshape(4, bsz, *render.shape[1:])
+        alpha = alpha.reshape(4, bsz, *alpha.shape[1:])
+        return {name: (render[i], alpha[i]) for i, name in enumerate(VIEW_NAMES)}
+
+    def mirror_right_view(self, right: torch.Tensor) -> torch.Tensor:
+        """The right view's render or alpha in the side orientation: mirrored into the left
+        view's orientation ('aligned'), or as it is ('released': the original sums the two
+        views' mirror images)."""
+        if self.layout == 'released':
+            return right
+        (lc, lcs), (lr, lrs) = _image_axes('left', self.layout)
+        (rc, rcs), (rr, rrs) = _image_axes('right', self.layout)
+        assert (lc, lr) == (rc, rr)
+        dims = [d for d, same in ((-1, lcs == rcs), (-2, lrs == rrs)) if not same]
+        return right.flip(dims) if dims else right
+
+    def forward(self, verts: torch.Tensor, texture: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """verts (B, V, 3) mesh metres, texture (B, C, Ht, Wt) -> dict of renders (B, C, H, W)
+        and alphas (B, 1, H, W): front, side (left + right), top, each with `<name>_alpha`."""
+        views = self.render_views(verts, texture)
+        (front, front_a), (left, left_a), (right, right_a), (top, top_a) = [views[n] for n in VIEW_NAMES]
+        side = left + self.mirror_right_view(right)
+        if self.side_alpha == 'or':
+            side_a = torch.maximum(left_a, self.mirror_right_view(right_a))
+        else:
+            side_a = left_a                                      # the original ORed a view with itself
+        # The original ORs booleans: alpha becomes 0/1 (a partial mask value counts as 1).
+        side_a = (side_a > 0).to(side_a.dtype)
+        return dict(front=front, front_alpha=front_a, side=side, side_alpha=side_a, top=top, top_alpha=top_a)
+
+    def to_planes(self, front: torch.Tensor, side: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
+        """Renders (B, C, H, W) -> planes (B, 3, C, H, W) in `plane_axes` order, grid_sample
+        orientation (column = first axis, row = second, both increasing with the world
+        coordinate). Works for renders and alphas alike."""
+        if self.layout == 'released':
+            return torch.stack([front, side, top], dim=1)
+        images = {'front': front, 'left': side, 'top': top}     # side is in the left view's orientation
+        planes = []
+        for a, b in coords.PLANE_AXES[self.plane_axes]:
+            for name, img in images.items():
+                (ca, cs), (ra, rs) = _image_axes(name, self.layout)
+                if {ca, ra} == {a, b}:
+                    break
+            else:
+                raise ValueError(f'no render has the axes ({a}, {b}) of plane_axes {self.plane_axes}')
+            if ca != a:                                          # swap columns and rows
+                img, (ca, cs), (ra, rs) = img.transpose(-1, -2), (ra, rs), (ca, cs)
+            dims = [d for d, sign in ((-1, cs), (-2, rs)) if sign < 0]
+            planes.append(img.flip(dims) if dims else img)
+        return torch.stack(planes, dim=1)
+
+    def project_landmarks_front(self, lms: torch.Tensor) -> torch.Tensor:
+        """(B, 68, 3) mesh metres -> (B, 68, 2) pixel coordinates in the front render
+        (x = column, y = row; pixel = ndc * size/2 + size/2, so centres are at i + 0.5)."""
+        misc.assert_shape(lms, [None, None, 3], 'lms')
+        ndc = lms @ self.view_lin[0].to(lms.dtype).T + self.view_off[0].to(lms.dtype)
+        half = self.image_size / 2
+        return ndc[..., :2] * half + half
