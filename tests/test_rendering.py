@@ -8,7 +8,8 @@ import torch
 
 from torch_utils import persistence
 from training import coords
-from training.triplane_decoder import FullyConnectedLayer, OSGDecoder
+from training.networks_stylegan2 import FullyConnectedLayer
+from training.triplane_decoder import OSGDecoder
 from training.volumetric_rendering.ray_marcher import MipRayMarcher2
 from training.volumetric_rendering.ray_sampler import RaySampler
 from training.volumetric_rendering.renderer import (ImportanceRenderer, ray_box_intersection, sample_from_planes,

@@ -1,49 +1,17 @@
 """The tri-plane decoder: a small MLP from plane features to colour features and density."""
 
-import numpy as np
 import torch
 
 from torch_utils import misc
 from torch_utils import persistence
-
-
-@persistence.persistent_class
-class FullyConnectedLayer(torch.nn.Module):
-    """Linear layer with an equalized learning rate, as in StyleGAN2.
-
-    The weight is stored divided by `lr_multiplier` and scaled back at run time by
-    lr_multiplier / sqrt(in_features), so every layer learns at the same speed under Adam
-    whatever its fan-in, and `lr_multiplier` sets its speed relative to the others.
-    """
-
-    def __init__(self,
-        in_features: int,               # Input width.
-        out_features: int,              # Output width.
-        bias: bool = True,              # Add a learned bias?
-        lr_multiplier: float = 1.0,     # Learning-rate multiplier of this layer.
-        bias_init: float = 0.0,         # Initial value of the bias.
-    ):
-        super().__init__()
-        self.in_features = in_features
-        self.out_features = out_features
-        self.weight = torch.nn.Parameter(torch.randn([out_features, in_features]) / lr_multiplier)
-        self.bias = torch.nn.Parameter(torch.full([out_features], float(bias_init))) if bias else None
-        self.weight_gain = lr_multiplier / np.sqrt(in_features)
-        self.bias_gain = lr_multiplier
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(..., in_features) -> (..., out_features)."""
-        w = self.weight.to(x.dtype) * self.weight_gain
-        b = None if self.bias is None else self.bias.to(x.dtype) * self.bias_gain
-        return torch.nn.functional.linear(x, w, b)
-
-    def extra_repr(self) -> str:
-        return f'in_features={self.in_features}, out_features={self.out_features}, lr_multiplier={self.bias_gain:g}'
+from training.networks_stylegan2 import FullyConnectedLayer
 
 
 @persistence.persistent_class
 class OSGDecoder(torch.nn.Module):
     """Mean of the three plane features -> FC -> softplus -> FC -> (sigma, colour features).
+
+    Both layers have StyleGAN2's equalized learning rate, scaled by `decoder_lr_mul`.
 
     Colour features go through a sigmoid widened by 0.001 on each side, so that the
     composited image can reach exactly 0 and 1 (-1 and 1 after the renderer's mapping).
@@ -75,6 +43,8 @@ class OSGDecoder(torch.nn.Module):
             dict(rgb=(B, N, decoder_output_dim) in [-0.001, 1.001], sigma=(B, N, 1) raw density).
         """
         misc.assert_shape(sampled_features, [None, 3, None, self.n_features], 'sampled_features')
-        out = self.net(sampled_features.mean(dim=1))
+        batch_size, _, num_points, channels = sampled_features.shape
+        out = self.net(sampled_features.mean(dim=1).reshape(batch_size * num_points, channels))   # 2D: one addmm per layer
+        out = out.reshape(batch_size, num_points, -1)
         rgb = torch.sigmoid(out[..., 1:]) * (1 + 2 * 0.001) - 0.001
         return dict(rgb=rgb, sigma=out[..., 0:1])
