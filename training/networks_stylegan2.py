@@ -72,7 +72,7 @@ def modulated_conv2d(
 
     # Reduced-precision activations can overflow in the weight product: pre-scale both
     # factors (demodulation removes the scale again).
-    if x.dtype != torch.float32 and demodulate:
+    if x.dtype in (torch.float16, torch.bfloat16) and demodulate:
         weight = weight * (1 / math.sqrt(in_channels * kh * kw) / weight.norm(float('inf'), dim=[1, 2, 3], keepdim=True))
         styles = styles / styles.norm(float('inf'), dim=1, keepdim=True)
 

@@ -1,0 +1,195 @@
+"""StyleGAN2 layers, dual discriminator, super-resolution and StyleUNet (CPU, tiny sizes)."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from training import configs
+from training.dual_discriminator import DualDiscriminator
+from training.networks_stylegan2 import Generator
+from training.networks_stylegan2 import MappingNetwork
+from training.networks_stylegan2 import MinibatchStdLayer
+from training.networks_stylegan2 import modulated_conv2d
+from training.style_unet import StyleUNet
+from training.superresolution import SuperResolution
+from training.superresolution import sr_factor
+
+
+def count(module):
+    return sum(p.numel() for p in module.parameters())
+
+
+# --- modulated convolution -------------------------------------------------------------------
+
+def test_modulated_conv2d_matches_per_sample_reference():
+    torch.manual_seed(1)
+    x = torch.randn(3, 4, 8, 8, dtype=torch.float64)
+    weight = torch.randn(5, 4, 3, 3, dtype=torch.float64)
+    styles = torch.rand(3, 4, dtype=torch.float64) + 0.5
+    noise = torch.randn(1, 1, 8, 8, dtype=torch.float64)
+    expected = []
+    for i in range(3):      # the definition: scale input channels, normalise each output filter, convolve
+        w = weight * styles[i].reshape(1, -1, 1, 1)
+        w = w / (w.square().sum(dim=[1, 2, 3], keepdim=True) + 1e-8).sqrt()
+        expected.append(F.conv2d(x[i:i + 1], w, padding=1))
+    expected = torch.cat(expected) + noise
+    for fused in (True, False):
+        out = modulated_conv2d(x, weight, styles, noise=noise, padding=1, fused_modconv=fused)
+        torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
+
+
+def test_modulated_conv2d_without_demodulation_is_a_scaled_conv():
+    x = torch.randn(2, 3, 5, 5, dtype=torch.float64)
+    weight = torch.randn(4, 3, 1, 1, dtype=torch.float64)
+    styles = torch.randn(2, 3, dtype=torch.float64)
+    out = modulated_conv2d(x, weight, styles, demodulate=False)
+    expected = torch.einsum('oi,ni,nihw->nohw', weight[:, :, 0, 0], styles, x)
+    torch.testing.assert_close(out, expected)
+
+
+# --- mapping ---------------------------------------------------------------------------------
+
+def test_mapping_truncation_and_w_avg_tracking():
+    mapping = MappingNetwork(z_dim=8, c_dim=3, w_dim=6, num_ws=5, num_layers=2)
+    with torch.no_grad():
+        mapping.w_avg.copy_(torch.randn(6))
+    z, c = torch.randn(4, 8), torch.randn(4, 3)
+    ws = mapping(z, c)
+    assert ws.shape == (4, 5, 6) and ws.dtype == torch.float32
+    torch.testing.assert_close(mapping(z, c, truncation_psi=0), mapping.w_avg.expand(4, 5, 6), rtol=0, atol=0)
+    half = mapping(z, c, truncation_psi=0.5, truncation_cutoff=2)
+    torch.testing.assert_close(half[:, :2], mapping.w_avg + 0.5 * (ws[:, :2] - mapping.w_avg))
+    torch.testing.assert_close(half[:, 2:], ws[:, 2:], rtol=0, atol=0)
+
+    old = mapping.w_avg.clone()
+    mapping(z, c, update_emas=True)
+    torch.testing.assert_close(mapping.w_avg, ws[:, 0].mean(0) + 0.998 * (old - ws[:, 0].mean(0)))
+
+
+def test_mapping_normalises_embedded_label():
+    mapping = MappingNetwork(z_dim=4, c_dim=2, w_dim=4, num_ws=1, num_layers=1)
+    z, c = torch.randn(3, 4), torch.randn(3, 2)
+    # Scaling z or c does not change w: both are normalised to unit second moment.
+    torch.testing.assert_close(mapping(z, c), mapping(7 * z, 0.1 * c), rtol=1e-5, atol=1e-5)
+
+
+# --- 2-D generator ----------------------------------------------------------------------------
+
+def test_stylegan2_generator_shapes_determinism_and_noise():
+    G = Generator(16, 0, 16, img_resolution=16, img_channels=5, synthesis_kwargs=dict(channel_base=128, channel_max=16)).eval()
+    assert G.num_ws == 6 and G.mapping.num_ws == 6
+    with torch.no_grad():
+        for name, p in G.named_parameters():
+            if name.endswith('noise_strength'):
+                p.fill_(0.5)
+    z = torch.randn(2, 16)
+    img = G(z, None, noise_mode='const')
+    assert img.shape == (2, 5, 16, 16) and img.dtype == torch.float32 and torch.isfinite(img).all()
+    torch.testing.assert_close(G(z, None, noise_mode='const'), img, rtol=0, atol=0)
+    assert not torch.equal(G(z, None, noise_mode='none'), img)
+    assert not torch.equal(G(z, None, noise_mode='random'), G(z, None, noise_mode='random'))
+    G.train()       # grouped (fused) vs shared convolution: the same function
+    torch.testing.assert_close(G(z, None, noise_mode='const', fused_modconv=False), img, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match='noise_mode'):
+        G(z, None, noise_mode='fixed')
+
+
+def test_official_state_dict_names():
+    G = Generator(8, 25, 8, img_resolution=8, img_channels=3, mapping_kwargs=dict(num_layers=2),
+                  synthesis_kwargs=dict(channel_base=64, channel_max=8))
+    keys = set(G.state_dict())
+    for key in ['mapping.embed.weight', 'mapping.fc0.weight', 'mapping.fc1.bias', 'mapping.w_avg', 'synthesis.b4.const',
+                'synthesis.b4.conv1.noise_const', 'synthesis.b8.conv0.affine.weight', 'synthesis.b8.conv0.affine.bias',
+                'synthesis.b8.conv0.noise_strength', 'synthesis.b8.conv1.weight', 'synthesis.b8.torgb.weight',
+                'synthesis.b8.torgb.bias', 'synthesis.b8.torgb.affine.weight']:
+        assert key in keys, key
+
+
+# --- discriminator -----------------------------------------------------------------------------
+
+def test_minibatch_std_matches_hand_computation():
+    x = torch.randn(8, 6, 2, 2, dtype=torch.float64)
+    out = MinibatchStdLayer(group_size=4)(x)
+    assert out.shape == (8, 7, 2, 2)
+    for i in range(8):      # sample i is grouped with i +- 2, i +- 4, ...
+        group = x[i % 2::2]
+        std = (group.var(dim=0, unbiased=False) + 1e-8).sqrt().mean()
+        torch.testing.assert_close(out[i, 6], std.expand(2, 2))
+    with pytest.raises(ValueError, match='divisible'):
+        MinibatchStdLayer(group_size=4)(torch.randn(6, 2, 2, 2))
+
+
+def test_dual_discriminator_logits_and_gradients():
+    D = configs.make_discriminator('tiny64', c_dim=25, disc_c_noise=1.0)
+    image = torch.randn(4, 3, 64, 64, requires_grad=True)
+    image_raw = torch.randn(4, 3, 32, 32, requires_grad=True)
+    c = torch.randn(4, 25)
+    c_before = c.clone()
+    logits = D(dict(image=image, image_raw=image_raw), c)
+    assert logits.shape == (4, 1) and logits.dtype == torch.float32
+    torch.testing.assert_close(c, c_before, rtol=0, atol=0)     # label noise is not applied in place
+    logits.sum().backward()
+    assert image.grad.abs().sum() > 0 and image_raw.grad.abs().sum() > 0
+    with pytest.raises(AssertionError, match='image'):
+        D(dict(image=torch.randn(4, 3, 32, 32), image_raw=image_raw), c)
+
+
+def test_discriminator_label_conditioning():
+    D = configs.make_discriminator('tiny64', c_dim=25)
+    img = dict(image=torch.randn(4, 3, 64, 64), image_raw=torch.randn(4, 3, 32, 32))
+    c = torch.randn(4, 25)
+    assert not torch.allclose(D(img, c), D(img, c.flip(0)))
+
+
+# --- super-resolution and StyleUNet -----------------------------------------------------------------
+
+@pytest.mark.parametrize('img_resolution,nrr,factor', [(512, 64, 8), (256, 64, 4), (128, 64, 2), (64, 32, 2)])
+def test_sr_factor(img_resolution, nrr, factor):
+    assert sr_factor(img_resolution, nrr) == factor
+
+
+def test_superresolution_shapes_and_last_w():
+    S = SuperResolution(8, 64, factor=8, w_dim=16, block_channels=(8, 4), num_fp16_res=0).eval()
+    ws = torch.randn(2, 5, 16)
+    rgb, x = torch.randn(2, 3, 8, 8), torch.randn(2, 8, 8, 8)
+    out = S(rgb, x, ws)
+    assert out.shape == (2, 3, 64, 64) and S.input_resolution == 16
+    ws2 = ws.clone()
+    ws2[:, :-1] = torch.randn(2, 4, 16)     # only the last w matters
+    torch.testing.assert_close(S(rgb, x, ws2), out, rtol=0, atol=0)
+    with pytest.raises(ValueError, match='no super-resolution'):
+        sr_factor(512, 100)
+
+
+def test_style_unet_structure_and_ws_slices():
+    unet = StyleUNet(4, 6, in_resolution=16, bottleneck_resolution=4, out_resolution=32, w_dim=8, channel_base=128, channel_max=16).eval()
+    assert unet.fused_resolutions == [4, 8] and unet.block_resolutions == [8, 16, 32] and unet.num_ws == 8
+    assert not hasattr(unet, 'b4') and len(unet.fusion) == 2 and len(unet.encoder) == 2
+    image, ws = torch.randn(2, 4, 16, 16), torch.randn(2, 8, 8)
+    out = unet(image, ws, noise_mode='const')
+    assert out.shape == (2, 6, 32, 32)
+    ws2 = ws.clone()
+    ws2[:, 0] = 0           # the 4x4 block's w: not read (no such block)
+    torch.testing.assert_close(unet(image, ws2, noise_mode='const'), out, rtol=0, atol=0)
+    ws2[:, 1] = 0           # b8's conv0
+    assert not torch.allclose(unet(image, ws2, noise_mode='const'), out)
+    assert not torch.allclose(unet(torch.randn_like(image), ws, noise_mode='const'), out)
+
+
+# --- published sizes ------------------------------------------------------------------------------
+
+def test_ffhq512_parameter_counts():
+    """Spec section 4: the used parameters of the official networks, built on the meta device."""
+    G = configs.make_generator('ffhq512', device='meta')
+    parts = dict(backbone=G.backbone, texture=G.texture_backbone, mouth=G.mouth_backbone, blending=G.neural_blending,
+                 sr=G.superresolution, decoder=G.decoder)
+    expected = dict(backbone=29_008_301, texture=28_018_669, mouth=60_570_060, blending=23_757_030, sr=1_649_578, decoder=4_257)
+    assert {k: count(v) for k, v in parts.items()} == expected
+    assert count(G) == 143_007_895 and G.num_ws == 28
+    assert count(G.mouth_backbone.encoder) == 18_944_000 and count(G.mouth_backbone.fusion) == 16_517_120
+    assert count(G.neural_blending.encoder) == 6_961_280 and count(G.neural_blending.fusion) == 8_258_816
+    assert count(configs.make_generator('ffhq512-eg3d', device='meta')) == 30_662_136
+    assert count(configs.make_discriminator('ffhq512', c_dim=25, device='meta')) == 31_359_744
+    assert count(configs.make_discriminator('ffhq512', c_dim=75, device='meta')) == 31_385_344
