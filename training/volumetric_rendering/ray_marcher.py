@@ -36,26 +36,13 @@ class MipRayMarcher2(torch.nn.Module):
                      the ray's opacity.
         """
         misc.assert_shape(densities, [*colors.shape[:3], 1], 'densities')
-        misc.assert_shape(depths, [*colors.shape[:3], 1], 'depths')
-        if colors.shape[2] < 2:
-            raise ValueError(f'MipRayMarcher2: need at least 2 samples per ray, got {colors.shape[2]}')
-        clamp_mode = rendering_options.get('clamp_mode', 'softplus')
-        if clamp_mode not in CLAMP_MODES:
-            raise ValueError(f'MipRayMarcher2: unknown clamp_mode {clamp_mode!r}, expected one of {CLAMP_MODES}')
-
-        deltas = depths[:, :, 1:] - depths[:, :, :-1]
-        colors_mid = (colors[:, :, :-1] + colors[:, :, 1:]) / 2
-        densities_mid = (densities[:, :, :-1] + densities[:, :, 1:]) / 2
+        weights = self.interval_weights(densities, depths, rendering_options)
         depths_mid = (depths[:, :, :-1] + depths[:, :, 1:]) / 2
-        densities_mid = torch.nn.functional.softplus(densities_mid - 1)
-
-        alpha = 1 - torch.exp(-densities_mid * deltas)
-        # Transmittance before each interval; the 1e-10 keeps cumprod's gradient finite when alpha = 1.
-        survive = torch.cat([torch.ones_like(alpha[:, :, :1]), 1 - alpha + 1e-10], dim=2)
-        transmittance = torch.cumprod(survive, dim=2)[:, :, :-1]
-        weights = alpha * transmittance
-
-        rgb = (weights * colors_mid).sum(dim=2)
+        # sum_j w_j (c_j + c_{j+1}) / 2 regrouped per sample, as one batched matrix product:
+        # no (B, N, S - 1, C) temporaries for the wide feature channels.
+        zero = torch.zeros_like(weights[:, :, :1])
+        sample_weights = (torch.cat([weights, zero], dim=2) + torch.cat([zero, weights], dim=2)) / 2
+        rgb = torch.einsum('bnsc,bns->bnc', colors, sample_weights.squeeze(-1))
         opacity = weights.sum(dim=2)
         has_weight = opacity > 0
         depth = (weights * depths_mid).sum(dim=2) / torch.where(has_weight, opacity, torch.ones_like(opacity))
@@ -66,3 +53,20 @@ class MipRayMarcher2(torch.nn.Module):
             rgb = rgb + 1 - opacity
         rgb = rgb * 2 - 1
         return rgb, depth, weights
+
+    def interval_weights(self, densities: torch.Tensor, depths: torch.Tensor, rendering_options: dict) -> torch.Tensor:
+        """Compositing weights alone: densities, depths (B, N, S, 1) -> weights (B, N, S - 1, 1)."""
+        misc.assert_shape(depths, list(densities.shape), 'depths')
+        misc.assert_shape(densities, [None, None, None, 1], 'densities')
+        if densities.shape[2] < 2:
+            raise ValueError(f'MipRayMarcher2: need at least 2 samples per ray, got {densities.shape[2]}')
+        clamp_mode = rendering_options.get('clamp_mode', 'softplus')
+        if clamp_mode not in CLAMP_MODES:
+            raise ValueError(f'MipRayMarcher2: unknown clamp_mode {clamp_mode!r}, expected one of {CLAMP_MODES}')
+        deltas = depths[:, :, 1:] - depths[:, :, :-1]
+        densities_mid = torch.nn.functional.softplus((densities[:, :, :-1] + densities[:, :, 1:]) / 2 - 1)
+        alpha = 1 - torch.exp(-densities_mid * deltas)
+        # Transmittance before each interval; the 1e-10 keeps cumprod's gradient finite when alpha = 1.
+        survive = torch.cat([torch.ones_like(alpha[:, :, :1]), 1 - alpha + 1e-10], dim=2)
+        transmittance = torch.cumprod(survive, dim=2)[:, :, :-1]
+        return alpha * transmittance

@@ -191,7 +191,7 @@ class ImportanceRenderer(torch.nn.Module):
         num_importance = int(opts['depth_resolution_importance'])
         if num_importance > 0:
             with torch.no_grad():   # the importance depths are detached, so their weights need no graph
-                _, _, coarse_weights = self.ray_marcher(colors, densities, depths, opts)
+                coarse_weights = self.ray_marcher.interval_weights(densities, depths, opts)
             depths_fine = sample_importance(depths, coarse_weights, num_importance, deterministic=deterministic)
             colors_fine, densities_fine = self._run_along_rays(planes, decoder, ray_origins, ray_directions, depths_fine, opts)
             depths, order = torch.sort(torch.cat([depths, depths_fine], dim=2), dim=2)
