@@ -114,11 +114,12 @@ _ALLOWED = {
     ('_codecs', 'encode'): _codecs_encode,
     ('copy_reg', '_reconstructor'): _reconstructor,
     ('copyreg', '_reconstructor'): _reconstructor,
-    ('__builtin__', 'object'): object,
     **{(f'{core}.multiarray', '_reconstruct'): _numpy_reconstruct for core in ('numpy.core', 'numpy._core')},
     **{(f'{core}.multiarray', 'scalar'): _numpy_scalar for core in ('numpy.core', 'numpy._core')},
     **{(f'{core}.numeric', '_frombuffer'): _frombuffer for core in ('numpy.core', 'numpy._core')},
-    ('builtins', 'object'): object,
+    # object (for copyreg._reconstructor) and plain containers that protocol 0/1 pickles
+    # build through their constructors.
+    **{(mod, c.__name__): c for mod in ('__builtin__', 'builtins') for c in (object, set, frozenset, list, dict, tuple)},
     ('scipy.sparse.csc', 'csc_matrix'): _CscMatrix,
     ('scipy.sparse._csc', 'csc_matrix'): _CscMatrix,
     ('scipy.sparse.csr', 'csr_matrix'): _CsrMatrix,
