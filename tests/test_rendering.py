@@ -332,8 +332,14 @@ def test_renderer_auto_range_and_option_errors():
         ImportanceRenderer()(planes, decoder, origins, dirs, dict(opts, ray_end=3.3))
     with pytest.raises(ValueError, match='greater'):
         ImportanceRenderer()(planes, decoder, origins, dirs, dict(opts, ray_start=3.0, ray_end=2.0))
+    with pytest.raises(ValueError, match='depth_resolution_importance'):
+        ImportanceRenderer()(planes, decoder, origins, dirs, {k: v for k, v in opts.items() if k != 'depth_resolution_importance'})
     with pytest.raises(ValueError, match='plane_axes'):
         ImportanceRenderer(plane_axes='xy')
+    restored = persistence.module_from_dict(persistence.module_to_dict(ImportanceRenderer(plane_axes='eg3d')))
+    assert restored.plane_axes == 'eg3d'
+    with pytest.raises(ValueError, match='positive'):
+        RaySampler()(torch.eye(4)[None], torch.eye(3)[None], 0)
 
 
 def test_renderer_gradients_reach_planes_and_decoder():
@@ -400,3 +406,23 @@ def test_decoder_checkpoint_round_trip():
     assert isinstance(restored, OSGDecoder) and restored.init_kwargs['decoder_lr_mul'] == 0.5
     features = torch.randn(1, 3, 4, 32)
     torch.testing.assert_close(restored(features, None)['rgb'], decoder(features, None)['rgb'])
+
+
+@pytest.mark.gpu
+def test_renderer_and_mouth_on_cuda_match_cpu():
+    torch.manual_seed(0)
+    from training.mouth import crop_mouth, paste_mouth
+    decoder = OSGDecoder()
+    planes = torch.randn(2, 3, 32, 32, 32) * 0.5
+    cam2world = coords.cam2world_look_at(torch.tensor([1.4, 1.7]), torch.tensor([1.5, 1.6]))
+    origins, dirs = RaySampler()(cam2world, coords.intrinsics().expand(2, 3, 3), 8)
+    opts = dict(ray_start=2.25, ray_end=3.3, box_warp=1.0, depth_resolution=24, depth_resolution_importance=24,
+                deterministic_sampling=True)
+    cpu = ImportanceRenderer()(planes, decoder, origins, dirs, opts)
+    gpu = ImportanceRenderer()(planes.cuda(), decoder.cuda(), origins.cuda(), dirs.cuda(), opts)
+    for a, b in zip(cpu, gpu):
+        torch.testing.assert_close(b.cpu(), a, atol=1e-4, rtol=1e-4)
+    front, patch = torch.rand(2, 4, 64, 64), torch.rand(2, 4, 16, 16)
+    box = torch.tensor([[30.0, 40.0, 20.5], [20.0, 25.0, 33.0]])
+    torch.testing.assert_close(crop_mouth(front.cuda(), box.cuda(), 16).cpu(), crop_mouth(front, box, 16), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(paste_mouth(front.cuda(), patch.cuda(), box.cuda()).cpu(), paste_mouth(front, patch, box), atol=1e-5, rtol=1e-5)

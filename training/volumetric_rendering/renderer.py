@@ -26,6 +26,8 @@ from torch_utils import persistence
 from training import coords
 from training.volumetric_rendering.ray_marcher import MipRayMarcher2
 
+REQUIRED_OPTIONS = ('ray_start', 'ray_end', 'box_warp', 'depth_resolution', 'depth_resolution_importance')
+
 
 def sample_from_planes(planes: torch.Tensor, coordinates: torch.Tensor, plane_axes: str = 'next3d',
                        box_warp: float = coords.BOX_WARP, mode: str = 'bilinear', padding_mode: str = 'zeros') -> torch.Tensor:
@@ -179,6 +181,9 @@ class ImportanceRenderer(torch.nn.Module):
                              weights.sum(2) is the opacity.
         """
         opts = rendering_options
+        missing = [key for key in REQUIRED_OPTIONS if key not in opts]
+        if missing:
+            raise ValueError(f'ImportanceRenderer: rendering_options lacks {missing} (needs {list(REQUIRED_OPTIONS)})')
         misc.assert_shape(ray_origins, [planes.shape[0], None, 3], 'ray_origins')
         misc.assert_shape(ray_directions, list(ray_origins.shape), 'ray_directions')
         deterministic = bool(opts.get('deterministic_sampling', False))
