@@ -57,9 +57,13 @@ def generate_images(network_pkl, seeds, truncation_psi, truncation_cutoff, outdi
 def export_shape(G, ws, v, resolution: int, shape_format: str, path: str, device):
     """Density on a resolution^3 grid over the tri-plane box -> .mrc (EG3D layout) or .ply (level 10)."""
     box = G.rendering_kwargs['box_warp']
+    with torch.no_grad():
+        planes = G.make_planes(ws, v, noise_mode='const')       # once, not once per chunk
+
+    def sigma_fn(points):
+        return G.renderer.run_model(planes, G.decoder, points, torch.zeros_like(points), G.rendering_kwargs)['sigma']
+
     with tqdm(total=resolution ** 3, desc=f'shape {os.path.basename(path)}', unit='pt', unit_scale=True, leave=False) as bar:
-        def sigma_fn(points):
-            return G.sample_mixed(points, torch.zeros_like(points), ws, v, noise_mode='const')['sigma']
         volume = shapes.sample_density_volume(sigma_fn, resolution, box_warp=box, device=device, progress=bar)
     if shape_format == '.mrc':
         shapes.save_mrc(path, shapes.prepare_mrc_volume(volume))

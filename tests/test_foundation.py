@@ -179,6 +179,9 @@ def test_checkpoint_round_trip_identical(tmp_path, allow_test_classes):
     torch.nn.init.normal_(net.fc.weight)
     path = tmp_path / 'network-snapshot-000000.pkl'
     persistence.save_checkpoint(str(path), dict(G=net, G_ema=net, training_set_kwargs=dict(path='x.zip', resolution=64)))
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask          # not mkstemp's 0600
     data = legacy.load_network_pkl(str(path))
     assert isinstance(data.G, TinyNet) and data.D is None
     assert data.G.init_kwargs == dict(in_dim=3, out_dim=4, cfg=dict(kind='demo', sizes=(1, 2), nested={'a': [1.5]}), scale=2.0)

@@ -13,6 +13,7 @@ packages that are marked `@persistent_class` are constructed.
     data = persistence.load_checkpoint('net.pkl')      # data['G'] is a Generator again
 """
 
+import contextlib
 import copy
 import functools
 import inspect
@@ -134,22 +135,28 @@ def _decode(value, source):
     return value
 
 
-def atomic_write_bytes(path: str, data: bytes):
-    """Write `data` to `path` so that `path` is either the old file or the complete new one."""
+@contextlib.contextmanager
+def atomic_output(path: str, suffix: str = '.tmp'):
+    """Yield a temporary path beside `path`; on success it replaces `path` (fsync'd, mode per umask).
+
+    On any exception the temporary file is removed and `path` keeps its old content.
+    """
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix='.' + os.path.basename(path) + '.', suffix='.tmp', dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix='.' + os.path.basename(path) + '.', suffix=suffix, dir=folder)
+    os.close(fd)
     try:
-        with os.fdopen(fd, 'wb') as f:
-            f.write(data)
-            f.flush()
+        yield tmp
+        with open(tmp, 'rb+') as f:
             os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)      # mkstemp creates 0600; give the usual file mode
         os.replace(tmp, path)
-    except BaseException:
+    finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-        raise
     try:
         dir_fd = os.open(folder, os.O_RDONLY)
         try:
@@ -158,6 +165,13 @@ def atomic_write_bytes(path: str, data: bytes):
             os.close(dir_fd)
     except OSError:
         pass    # some file systems do not allow fsync on folders
+
+
+def atomic_write_bytes(path: str, data: bytes):
+    """Write `data` to `path` so that `path` is either the old file or the complete new one."""
+    with atomic_output(path) as tmp:
+        with open(tmp, 'wb') as f:
+            f.write(data)
 
 
 def save_checkpoint(path: str, data: dict):

@@ -1,12 +1,9 @@
 """Density volumes from a generator, saved as .mrc volumes or .ply surfaces."""
 
-import os
-import tempfile
-
 import numpy as np
 import torch
 
-from torch_utils.persistence import atomic_write_bytes
+from torch_utils.persistence import atomic_output, atomic_write_bytes
 
 
 def grid_coordinates(resolution: int, box_warp: float = 1.0) -> torch.Tensor:
@@ -50,18 +47,10 @@ def prepare_mrc_volume(volume: np.ndarray, border_voxels: int = None) -> np.ndar
 def save_mrc(path: str, volume: np.ndarray, voxel_size: float = 1.0):
     """Atomically write a float32 .mrc volume (open in ChimeraX at level ~10)."""
     import mrcfile
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix='.mrc', dir=folder)
-    os.close(fd)
-    try:
+    with atomic_output(path, suffix='.mrc') as tmp:
         with mrcfile.new(tmp, overwrite=True) as mrc:
             mrc.set_data(np.ascontiguousarray(volume, dtype=np.float32))
             mrc.voxel_size = voxel_size
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def volume_to_mesh(volume: np.ndarray, level: float = 10.0, box_warp: float = 1.0):

@@ -1,10 +1,9 @@
 """MP4 writing through imageio-ffmpeg's bundled ffmpeg (no system ffmpeg needed)."""
 
-import os
-import tempfile
-
 import imageio
 import numpy as np
+
+from torch_utils.persistence import atomic_output
 
 
 class VideoWriter:
@@ -16,10 +15,8 @@ class VideoWriter:
 
     def __init__(self, path: str, fps: int = 60, bitrate: str = '10M', codec: str = 'libx264'):
         self.path = path
-        folder = os.path.dirname(os.path.abspath(path))
-        os.makedirs(folder, exist_ok=True)
-        fd, self.tmp = tempfile.mkstemp(suffix='.mp4', dir=folder)
-        os.close(fd)
+        self._output = atomic_output(path, suffix='.mp4')
+        self.tmp = self._output.__enter__()
         self.writer = imageio.get_writer(self.tmp, format='FFMPEG', mode='I', fps=fps, codec=codec, bitrate=bitrate,
                                          macro_block_size=2, ffmpeg_log_level='error')
         self.num_frames = 0
@@ -35,10 +32,7 @@ class VideoWriter:
 
     def __exit__(self, exc_type, exc, tb):
         self.writer.close()
-        if exc_type is None:
-            os.replace(self.tmp, self.path)
-        elif os.path.exists(self.tmp):
-            os.remove(self.tmp)
+        self._output.__exit__(exc_type, exc, tb)
 
 
 def read_video_frames(path: str) -> list:
