@@ -17,6 +17,7 @@ Mesh topology: ffhq512 has FLAME's sizes (5023 vertices, 9976 faces, 5118 UVs); 
 The small presets default to the project's bundled head model when it is present.
 """
 
+import contextlib
 import copy
 import os
 from typing import Optional
@@ -109,13 +110,21 @@ def template_sizes(template_obj: str) -> dict:
     return dict(num_vertices=len(mesh.v), num_faces=len(mesh.f), num_uvs=len(mesh.vt))
 
 
+def _bundled_default(cfg: str, template_obj: Optional[str], uv_mask: Optional[str], overrides: dict):
+    """The bundled head model's template and mask for small Next3D presets when no topology is given."""
+    preset = _check_cfg(cfg)
+    if (preset['generator'] == 'next3d' and template_obj is None and cfg != 'ffhq512'
+            and not any(k in overrides for k in FLAME_TOPOLOGY) and os.path.isfile(BUNDLED_TEMPLATE)):
+        return BUNDLED_TEMPLATE, (uv_mask if uv_mask is not None else (BUNDLED_UV_MASK if os.path.isfile(BUNDLED_UV_MASK) else None))
+    return template_obj, uv_mask
+
+
 def generator_kwargs(cfg: str, template_obj: Optional[str] = None, **overrides) -> dict:
     """Constructor arguments of the preset's generator class with overrides (plain data)."""
     preset = _check_cfg(cfg)
     kwargs = _merge(preset['G'], overrides)
+    template_obj, _ = _bundled_default(cfg, template_obj, None, overrides)
     if preset['generator'] == 'next3d':
-        if template_obj is None and cfg != 'ffhq512' and os.path.isfile(BUNDLED_TEMPLATE):
-            template_obj = BUNDLED_TEMPLATE
         if template_obj is not None:
             sizes = template_sizes(template_obj)
             for key, value in sizes.items():
@@ -133,21 +142,16 @@ def make_generator(cfg: str, template_obj: Optional[str] = None, uv_mask: Option
     """Build the preset's generator (EG3DGenerator or Next3DGenerator).
 
     For Next3D presets the topology buffers are filled from `template_obj` (+ `uv_mask`);
-    small presets default to the bundled head model. Without a template (e.g. to count
-    parameters, or on the 'meta' device) the buffers stay empty and G refuses to render
-    until `next3d_generator.load_topology` is called.
+    small presets default to the bundled head model unless topology sizes are given.
+    Without a template (e.g. to count parameters, or on the 'meta' device) the buffers
+    stay empty and G refuses to render until `next3d_generator.load_topology` is called.
     """
     preset = _check_cfg(cfg)
-    if preset['generator'] == 'next3d' and template_obj is None and cfg != 'ffhq512' and os.path.isfile(BUNDLED_TEMPLATE):
-        template_obj = BUNDLED_TEMPLATE
-        uv_mask = uv_mask if uv_mask is not None else (BUNDLED_UV_MASK if os.path.isfile(BUNDLED_UV_MASK) else None)
+    template_obj, uv_mask = _bundled_default(cfg, template_obj, uv_mask, overrides)
     kwargs = generator_kwargs(cfg, template_obj=template_obj, **overrides)
-    if device is not None:
-        with torch.device(device):
-            G = GENERATOR_CLASSES[preset['generator']](**kwargs)
-    else:
+    with torch.device(device) if device is not None else contextlib.nullcontext():
         G = GENERATOR_CLASSES[preset['generator']](**kwargs)
-    if template_obj is not None and preset['generator'] == 'next3d' and str(G.rasterizer.faces.device) != 'meta':
+    if template_obj is not None and preset['generator'] == 'next3d' and G.rasterizer.faces.device.type != 'meta':
         load_topology(G, template_obj, uv_mask)
     return G
 
@@ -155,7 +159,5 @@ def make_generator(cfg: str, template_obj: Optional[str] = None, uv_mask: Option
 def make_discriminator(cfg: str, c_dim: int = 25, device: Optional[torch.device] = None, **overrides) -> DualDiscriminator:
     """Build the preset's dual discriminator for labels of `c_dim` values (25, or 25 + expression)."""
     kwargs = _merge(_check_cfg(cfg)['D'], dict(c_dim=c_dim, **overrides))
-    if device is not None:
-        with torch.device(device):
-            return DualDiscriminator(**kwargs)
-    return DualDiscriminator(**kwargs)
+    with torch.device(device) if device is not None else contextlib.nullcontext():
+        return DualDiscriminator(**kwargs)

@@ -1,0 +1,213 @@
+"""Next3D and EG3D generators on the tiny presets (CPU), driven by the bundled head model.
+
+Runs single-threaded: on a busy two-core machine, multi-threaded small convolutions are
+many times slower than one thread.
+"""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from torch_utils import persistence
+from training import configs
+from training import coords
+from training.mesh import obj_io
+from training.mesh.head_model import load_head_model
+from training.next3d_generator import load_topology
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope='module')
+def head():
+    return load_head_model()
+
+
+def condition(head, jaw=0.0, batch=1):
+    """[batch, V + 68, 3] mesh condition with the jaw opened by `jaw` radians."""
+    with torch.no_grad():
+        verts, lms = head(jaw_pose=torch.tensor([[jaw, 0.0, 0.0]]).repeat(batch, 1))
+    return torch.cat([verts, lms], dim=1)
+
+
+def uv_sphere(n_lat=8, n_lon=8, radius=0.09):
+    """A small UV sphere (vertices, faces, uvs) with another topology than the head model."""
+    v, vt = [], []
+    for i in range(n_lat + 1):
+        th = math.pi * i / n_lat
+        for j in range(n_lon + 1):
+            ph = 2 * math.pi * j / n_lon
+            v.append([radius * math.sin(th) * math.sin(ph), radius * math.cos(th), radius * math.sin(th) * math.cos(ph)])
+            vt.append([j / n_lon, 1 - i / n_lat])
+    width = n_lon + 1
+    f = []
+    for i in range(n_lat):
+        for j in range(n_lon):
+            a, b, c, d = i * width + j, (i + 1) * width + j, (i + 1) * width + j + 1, i * width + j + 1
+            f += [[a, b, c], [a, c, d]]
+    return np.array(v, np.float32), np.array(f, np.int64), np.array(vt, np.float32)
+
+
+def frontal_label(batch=1, yaw=math.pi / 2):
+    cam = coords.cam2world_look_at(torch.full([batch], yaw), torch.full([batch], math.pi / 2))
+    return coords.make_label(cam)
+
+
+def tiny_next3d(rendering_kwargs=None, **overrides):
+    torch.manual_seed(0)
+    G = configs.make_generator('tiny64',
+                               rendering_kwargs=dict(deterministic_sampling=True, **(rendering_kwargs or {})), **overrides)
+    with torch.no_grad():       # non-zero noise strengths so that noise modes matter
+        for name, p in G.named_parameters():
+            if name.endswith('noise_strength'):
+                p.fill_(0.1)
+    return G
+
+
+def test_next3d_forward_shapes_ranges_and_determinism(head):
+    G = tiny_next3d().eval()
+    z, c, v = torch.randn(2, 64), frontal_label(2, yaw=1.4), condition(head, batch=2)
+    out = G(z, c, v, noise_mode='const')
+    assert out['image'].shape == (2, 3, 64, 64) and out['image_raw'].shape == (2, 3, 32, 32)
+    assert out['image_depth'].shape == (2, 1, 32, 32)
+    assert all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in out.values())
+    assert out['image_raw'].min() >= -1 and out['image_raw'].max() <= 1
+    assert out['image_depth'].min() >= coords.RAY_START and out['image_depth'].max() <= coords.RAY_END
+    again = G(z, c, v, noise_mode='const')
+    for key in out:
+        torch.testing.assert_close(again[key], out[key], rtol=0, atol=0)
+    assert not torch.equal(G(z, c, v, noise_mode='random')['image'], out['image'])
+    # A lower raw resolution for one call leaves the attribute alone.
+    small = G(z, c, v, noise_mode='const', neural_rendering_resolution=16)
+    assert small['image_raw'].shape == (2, 3, 16, 16) and small['image'].shape == (2, 3, 64, 64)
+    assert G.neural_rendering_resolution == 32
+
+
+def test_next3d_gradients_reach_every_part(head):
+    G = tiny_next3d().train()
+    out = G(torch.randn(2, 64), frontal_label(2), condition(head, batch=2), noise_mode='const')
+    (out['image'].square().mean() + out['image_raw'].mean()).backward()
+    for part in ['texture_backbone', 'backbone', 'mouth_backbone', 'neural_blending', 'decoder', 'superresolution']:
+        grads = [p.grad for n, p in G.named_parameters() if n.startswith(part + '.') and p.grad is not None]
+        assert grads and max(float(g.abs().max()) for g in grads) > 0, part
+    # The mapping (through every ws) as well.
+    assert G.backbone.mapping.fc0.weight.grad.abs().max() > 0
+
+
+def test_jaw_changes_mouth_region_far_more_than_corners(head):
+    G = tiny_next3d().eval()
+    z, c = torch.randn(1, 64), frontal_label()
+    closed_v, open_v = condition(head, 0.0), condition(head, 0.3)
+    with torch.no_grad():
+        closed = G(z, c, closed_v, noise_mode='const')
+        opened = G(z, c, open_v, noise_mode='const')
+
+    # Image rectangle of the vertices that the jaw moves (frontal camera, pinhole projection).
+    moving = (open_v[0] - closed_v[0]).norm(dim=1) > 1e-4
+    world = coords.mesh_to_world(closed_v[0, moving])
+    cam2world, intr = coords.split_label(c)
+    cam = (torch.linalg.inv(cam2world[0]) @ torch.cat([world, torch.ones(len(world), 1)], 1).T).T[:, :3]
+    uv = (intr[0] @ (cam / cam[:, 2:]).T).T[:, :2]
+    for key in ['image', 'image_raw', 'image_depth']:
+        res = closed[key].shape[-1]
+        (c0, r0), (c1, r1) = (uv.amin(0) * res).floor().int().tolist(), (uv.amax(0) * res).ceil().int().tolist()
+        diff = (opened[key] - closed[key]).abs().mean(1)[0]
+        mouth = float(diff[r0:r1, c0:c1].mean())
+        # The top corners: the bottom ones look through the neck, at the jaw's height, and a
+        # tri-plane shares each side/top plane feature along the third axis, so the moving
+        # jaw legitimately changes features all along those rows.
+        k = res // 8
+        corners = float(torch.cat([diff[:k, :k], diff[:k, -k:]]).mean())
+        assert mouth > 1e-3 and mouth >= 10 * corners, (key, mouth, corners)
+
+
+def test_truncation_cutoff_defaults_to_backbone_ws(head):
+    G = tiny_next3d()
+    with torch.no_grad():
+        G.backbone.mapping.w_avg.copy_(torch.randn(64))
+    z, c = torch.randn(3, 64), frontal_label(3)
+    ws = G.mapping(z, c)
+    nb = G.num_backbone_ws
+    assert ws.shape == (3, G.num_ws, 64) and nb == 10 and G.num_ws == 20
+    trunc = G.mapping(z, c, truncation_psi=0)
+    torch.testing.assert_close(trunc[:, :nb], G.backbone.mapping.w_avg.expand(3, nb, 64), rtol=0, atol=0)
+    torch.testing.assert_close(trunc[:, nb:], ws[:, nb:], rtol=0, atol=0)
+    everything = G.mapping(z, c, truncation_psi=0, truncation_cutoff=G.num_ws)
+    torch.testing.assert_close(everything, G.backbone.mapping.w_avg.expand(3, G.num_ws, 64), rtol=0, atol=0)
+
+
+def test_camera_conditioning_options(head):
+    G = tiny_next3d(rendering_kwargs=dict(c_gen_conditioning_zero=True))
+    z, c = torch.randn(2, 64), frontal_label(2)
+    torch.testing.assert_close(G.mapping(z, c), G.mapping(z, torch.randn(2, 25)), rtol=0, atol=0)
+    G = tiny_next3d()
+    assert not torch.allclose(G.mapping(z, c), G.mapping(z, torch.randn(2, 25)))
+    # Extra label values (expression) are ignored by the mapping.
+    torch.testing.assert_close(G.mapping(z, torch.cat([c, torch.randn(2, 50)], 1)), G.mapping(z, c), rtol=0, atol=0)
+
+
+def test_sample_and_sample_mixed_agree(head):
+    G = tiny_next3d().eval()
+    z, c, v = torch.randn(1, 64), frontal_label(), condition(head)
+    pts = torch.rand(1, 50, 3) - 0.5
+    dirs = torch.nn.functional.normalize(torch.randn(1, 50, 3), dim=-1)
+    a = G.sample(pts, dirs, z, c, v, noise_mode='const')
+    b = G.sample_mixed(pts, dirs, G.mapping(z, c), v, noise_mode='const')
+    assert a['sigma'].shape == (1, 50, 1) and a['rgb'].shape == (1, 50, 32)
+    torch.testing.assert_close(a['sigma'], b['sigma'], rtol=0, atol=0)
+
+
+def test_checkpoint_round_trip(head, tmp_path):
+    G = tiny_next3d().eval()
+    G.neural_rendering_resolution = 16
+    path = str(tmp_path / 'net.pkl')
+    persistence.save_checkpoint(path, dict(G=G))
+    H = persistence.load_checkpoint(path)['G']
+    assert type(H) is type(G) and H.neural_rendering_resolution == 16 and H.topology_loaded
+    z, c, v = torch.randn(2, 64), frontal_label(2), condition(head, batch=2)
+    a, b = G(z, c, v, noise_mode='const'), H(z, c, v, noise_mode='const')
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=0, atol=0)
+
+
+def test_eg3d_generator_tiny_and_round_trip(tmp_path):
+    torch.manual_seed(0)
+    G = configs.make_generator('tiny64-eg3d', rendering_kwargs=dict(deterministic_sampling=True)).eval()
+    z, c = torch.randn(2, 64), frontal_label(2)
+    out = G(z, c, noise_mode='const')          # v is optional and ignored
+    assert out['image'].shape == (2, 3, 64, 64) and out['image_depth'].shape == (2, 1, 32, 32)
+    torch.testing.assert_close(G(z, c, torch.zeros(2, 7, 3), noise_mode='const')['image'], out['image'], rtol=0, atol=0)
+    path = str(tmp_path / 'eg3d.pkl')
+    persistence.save_checkpoint(path, dict(G_ema=G))
+    H = persistence.load_checkpoint(path)['G_ema']
+    torch.testing.assert_close(H(z, c, noise_mode='const')['image'], out['image'], rtol=0, atol=0)
+
+
+def test_clear_errors(head, tmp_path):
+    sizes = configs.template_sizes(configs.BUNDLED_TEMPLATE)
+    G = configs.make_generator('tiny64', **sizes)      # sizes but no template: topology not loaded
+    z, c = torch.randn(1, 64), frontal_label()
+    with pytest.raises(RuntimeError, match='load_topology'):
+        G(z, c, condition(head))
+    load_topology(G, configs.BUNDLED_TEMPLATE, configs.BUNDLED_UV_MASK)
+    with pytest.raises(ValueError, match='mesh condition'):
+        G(z, c)
+    with pytest.raises(AssertionError, match='68 landmarks'):
+        G(z, c, condition(head)[:, :-1])
+    other = str(tmp_path / 'other.obj')
+    v, f, vt = uv_sphere()
+    obj_io.write_obj(other, v, f, vt, f)
+    with pytest.raises(ValueError, match='does not match'):
+        load_topology(G, other)
+    with pytest.raises(ValueError, match='unknown network preset'):
+        configs.make_generator('ffhq1024')
+    with pytest.raises(ValueError, match='unknown rendering_kwargs'):
+        configs.make_generator('tiny64-eg3d', rendering_kwargs=dict(depth_res=3))
