@@ -365,8 +365,8 @@ def test_renderer_auto_range_and_option_errors():
 
 def test_renderer_gradients_reach_planes_and_decoder():
     torch.manual_seed(0)
-    decoder = OSGDecoder(n_features=4, hidden_dim=8, decoder_output_dim=3).double()
-    planes = (torch.randn(1, 3, 4, 6, 6, dtype=torch.float64) * 0.5).requires_grad_()
+    decoder = OSGDecoder(n_features=2, hidden_dim=8, decoder_output_dim=3).double()
+    planes = (torch.randn(1, 3, 2, 4, 4, dtype=torch.float64) * 0.5).requires_grad_()
     origins = torch.tensor([[[0.05, -0.02, 1.0], [0.0, 0.1, 1.0]]], dtype=torch.float64)
     dirs = torch.nn.functional.normalize(torch.tensor([[[0.0, 0.0, -1.0], [0.1, 0.0, -1.0]]], dtype=torch.float64), dim=-1)
     opts = dict(ray_start=0.6, ray_end=1.4, box_warp=1.0, depth_resolution=6, depth_resolution_importance=0,
