@@ -1,10 +1,26 @@
-"""Fused bias + activation + gain + clamp: y = clamp(act(x + b) * gain, -clamp, +clamp)."""
+"""Fused bias + activation + gain + clamp: y = clamp(act(x + b) * gain, -clamp, +clamp).
+
+Two implementations: `_bias_act_ref` (plain PyTorch, defines the maths) and the CUDA
+kernel in bias_act.cu, registered as the torch.library ops `next3d::bias_act` and
+`next3d::bias_act_grad`. The op's backward calls the gradient op (one fused pass); the
+gradient op's own backward, needed for R1's second derivatives, is written in plain
+PyTorch from closed-form second derivatives (`_activate_grad2`), so derivatives of any
+order exist. On CPU tensors the ops run a PyTorch twin of the kernel, so the op layer
+(autograd formulas, fake kernels, torch.compile) can be tested without a GPU.
+"""
 
 import math
 from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
+
+from . import _build
+
+SOURCES = ('bias_act.cpp', 'bias_act.cu')
+SELU_SCALE = 1.0507009873554804934193349852946
+SELU_ALPHA = 1.6732632423543772848170429916717
+SOFTPLUS_THRESHOLD = 20.0   # F.softplus is the identity above this.
 
 
 class Activation(NamedTuple):
@@ -94,4 +110,145 @@ def bias_act(
 ) -> torch.Tensor:
     """y = clamp(act(x + b) * gain, -clamp, clamp), same shape, dtype and memory format as x."""
     dim, alpha, gain, clamp = _parse_args(x, b, dim, act, alpha, gain, clamp)
+    if _build.want_kernel('bias_act', impl, x, b) and _build.kernel_available('bias_act', SOURCES):
+        if act == 'linear' and b is None and gain == 1 and clamp < 0:
+            return x
+        return _bias_act_op(x, None if b is None else b.to(x.dtype), dim, act, alpha, gain, clamp)
     return _bias_act_ref(x, b, dim, act, alpha, gain, clamp)
+
+
+# ---------------------------------------------------------------------------------------
+# The torch.library ops.
+
+def _activate_grad(z: torch.Tensor, act: str, alpha: float) -> torch.Tensor:
+    """d act / dz in closed form (the same formulas as activate_grad in bias_act.cu)."""
+    if act == 'linear':
+        return torch.ones_like(z)
+    if act == 'relu':
+        return (z > 0).to(z.dtype)
+    if act == 'lrelu':
+        return torch.where(z > 0, 1.0, alpha).to(z.dtype)
+    if act == 'tanh':
+        return 1 - torch.tanh(z).square()
+    if act == 'sigmoid':
+        s = torch.sigmoid(z)
+        return s * (1 - s)
+    if act == 'elu':
+        return torch.where(z > 0, torch.ones_like(z), alpha * torch.exp(z))
+    if act == 'selu':
+        return torch.where(z > 0, torch.full_like(z, SELU_SCALE), SELU_SCALE * SELU_ALPHA * torch.exp(z))
+    if act == 'softplus':
+        return torch.where(z > SOFTPLUS_THRESHOLD, torch.ones_like(z), torch.sigmoid(z))
+    if act == 'swish':
+        s = torch.sigmoid(z)
+        return s * (1 + z * (1 - s))
+    raise ValueError(f'bias_act: unknown activation {act!r}')
+
+
+def _activate_grad2(z: torch.Tensor, act: str, alpha: float) -> torch.Tensor:
+    """d^2 act / dz^2 in closed form, in differentiable PyTorch ops."""
+    if act in ('linear', 'relu', 'lrelu'):
+        return torch.zeros_like(z)
+    if act == 'tanh':
+        t = torch.tanh(z)
+        return -2 * t * (1 - t * t)
+    if act == 'sigmoid':
+        s = torch.sigmoid(z)
+        return s * (1 - s) * (1 - 2 * s)
+    if act == 'elu':
+        return torch.where(z > 0, torch.zeros_like(z), alpha * torch.exp(z))
+    if act == 'selu':
+        return torch.where(z > 0, torch.zeros_like(z), SELU_SCALE * SELU_ALPHA * torch.exp(z))
+    if act == 'softplus':
+        s = torch.sigmoid(z)
+        return torch.where(z > SOFTPLUS_THRESHOLD, torch.zeros_like(z), s * (1 - s))
+    if act == 'swish':
+        s = torch.sigmoid(z)
+        return s * (1 - s) * (2 + z * (1 - 2 * s))
+    raise ValueError(f'bias_act: unknown activation {act!r}')
+
+
+def _add_bias(x: torch.Tensor, b: Optional[torch.Tensor], dim: int) -> torch.Tensor:
+    return x if b is None else x + b.reshape([-1 if i == dim else 1 for i in range(x.ndim)])
+
+
+def _clamp_mask(z: torch.Tensor, act: str, alpha: float, gain: float, clamp: float) -> Optional[torch.Tensor]:
+    """Where the clamp lets the gradient through (None = everywhere)."""
+    if clamp < 0:
+        return None
+    return ((activate(z, act, alpha) * gain).abs() <= clamp).to(z.dtype)
+
+
+def _reduce_to_bias(dz: torch.Tensor, dim: int) -> torch.Tensor:
+    return dz.sum([i for i in range(dz.ndim) if i != dim])
+
+
+@torch.library.custom_op('next3d::bias_act', mutates_args=())
+def _bias_act_op(x: torch.Tensor, b: Optional[torch.Tensor], dim: int, act: str, alpha: float, gain: float, clamp: float) -> torch.Tensor:
+    """clamp(act(x + b) * gain); b already in x's dtype; clamp < 0 = no clamp."""
+    if x.device.type == 'cuda':
+        ext = _build.get_extension('bias_act', SOURCES)
+        return ext.bias_act(x, b, None, dim, ACTIVATIONS[act].index, alpha, gain, clamp)
+    # PyTorch twin of the kernel (CPU), in the kernel's output layout.
+    return torch.empty_like(x).copy_(_bias_act_ref(x, b, dim, act, alpha, gain, clamp))
+
+
+@torch.library.custom_op('next3d::bias_act_grad', mutates_args=())
+def _bias_act_grad_op(dy: torch.Tensor, x: torch.Tensor, b: Optional[torch.Tensor], dim: int, act: str, alpha: float, gain: float, clamp: float) -> torch.Tensor:
+    """dy * act'(x + b) * gain, zero where the clamp is active: the gradient of x (and of b, summed)."""
+    if x.device.type == 'cuda':
+        ext = _build.get_extension('bias_act', SOURCES)
+        return ext.bias_act(x, b, dy, dim, ACTIVATIONS[act].index, alpha, gain, clamp)
+    z = _add_bias(x, b, dim)
+    dz = dy * _activate_grad(z, act, alpha) * gain
+    mask = _clamp_mask(z, act, alpha, gain, clamp)
+    return torch.empty_like(x).copy_(dz if mask is None else dz * mask)
+
+
+@_bias_act_op.register_fake
+def _(x, b, dim, act, alpha, gain, clamp):
+    return torch.empty_like(x)
+
+
+@_bias_act_grad_op.register_fake
+def _(dy, x, b, dim, act, alpha, gain, clamp):
+    return torch.empty_like(x)
+
+
+def _bias_act_setup(ctx, inputs, output):
+    x, b, dim, act, alpha, gain, clamp = inputs
+    ctx.save_for_backward(x, b)
+    ctx.args = (dim, act, alpha, gain, clamp)
+
+
+def _bias_act_backward(ctx, dy):
+    x, b = ctx.saved_tensors
+    dim = ctx.args[0]
+    dz = _bias_act_grad_op(dy, x, b, *ctx.args)
+    return dz, (None if b is None else _reduce_to_bias(dz, dim)), None, None, None, None, None
+
+
+def _bias_act_grad_setup(ctx, inputs, output):
+    dy, x, b, dim, act, alpha, gain, clamp = inputs
+    ctx.save_for_backward(dy, x, b)
+    ctx.args = (dim, act, alpha, gain, clamp)
+
+
+def _bias_act_grad_backward(ctx, g):
+    # dz = dy * act'(z) * gain * mask(z): linear in dy (the same op again); in z it needs
+    # act''(z), written in PyTorch so that higher derivatives exist too. mask is piecewise
+    # constant, so it contributes nothing.
+    dy, x, b = ctx.saved_tensors
+    dim, act, alpha, gain, clamp = ctx.args
+    d_dy = _bias_act_grad_op(g, x, b, *ctx.args)
+    z = _add_bias(x, b, dim)
+    d_z = g * dy * _activate_grad2(z, act, alpha) * gain
+    mask = _clamp_mask(z, act, alpha, gain, clamp)
+    if mask is not None:
+        d_z = d_z * mask
+    d_b = None if b is None else _reduce_to_bias(d_z, dim)
+    return d_dy, d_z, d_b, None, None, None, None, None
+
+
+_bias_act_op.register_autograd(_bias_act_backward, setup_context=_bias_act_setup)
+_bias_act_grad_op.register_autograd(_bias_act_grad_backward, setup_context=_bias_act_grad_setup)

@@ -6,6 +6,10 @@
     x = upfirdn2d(x, fd, down=down)                             (skipped when down == 1 and fd is None)
 
 The padding belongs to the upsampling step. Both filters use the same `flip_filter`.
+
+On the GPU this runs as that composition of our bias_act and upfirdn2d kernels (four
+passes over memory, each a torch.library op with its own backward) rather than one
+fused kernel: simpler to get right, and every derivative order comes for free.
 """
 
 import math
@@ -28,14 +32,15 @@ def _check_args(x: torch.Tensor, b: Optional[torch.Tensor], up: int, down: int, 
         raise ValueError(f'filtered_lrelu: clamp must be >= 0 or None, got {clamp}')
 
 
-def _filtered_lrelu_ref(x, fu, fd, b, up, down, padding, gain, slope, clamp, flip_filter) -> torch.Tensor:
-    """Reference: the composition of the module docstring, differentiable to any order."""
+def _filtered_lrelu_composed(x, fu, fd, b, up, down, padding, gain, slope, clamp, flip_filter, impl) -> torch.Tensor:
+    """The composition of the module docstring; with impl='ref' it is the reference."""
     if b is not None:
-        x = x + b.to(x.dtype).reshape(1, -1, 1, 1)
-    x = upfirdn2d_mod.upfirdn2d(x, fu, up=up, padding=padding, flip_filter=flip_filter, gain=up ** 2, impl='ref')
-    x = bias_act_mod.bias_act(x, act='lrelu', alpha=slope, gain=gain, clamp=clamp, impl='ref')
-    if down > 1 or fd is not None:
-        x = upfirdn2d_mod.upfirdn2d(x, fd, down=down, flip_filter=flip_filter, impl='ref')
+        x = bias_act_mod.bias_act(x, b.to(x.dtype), impl=impl)
+    if fu is not None or up > 1 or upfirdn2d_mod.parse_padding(padding) != (0, 0, 0, 0):
+        x = upfirdn2d_mod.upfirdn2d(x, fu, up=up, padding=padding, flip_filter=flip_filter, gain=up ** 2, impl=impl)
+    x = bias_act_mod.bias_act(x, act='lrelu', alpha=slope, gain=gain, clamp=clamp, impl=impl)
+    if fd is not None or down > 1:
+        x = upfirdn2d_mod.upfirdn2d(x, fd, down=down, flip_filter=flip_filter, impl=impl)
     return x
 
 
@@ -58,4 +63,6 @@ def filtered_lrelu(
     H' = ((H * up + pady0 + pady1 - fu_h + 1) - fd_h) // down + 1, likewise W'.
     """
     _check_args(x, b, up, down, clamp)
-    return _filtered_lrelu_ref(x, fu, fd, b, up, down, padding, float(gain), float(slope), clamp, flip_filter)
+    if impl not in (None, 'ref', 'cuda'):
+        raise ValueError(f'filtered_lrelu: impl must be None, "ref" or "cuda", got {impl!r}')
+    return _filtered_lrelu_composed(x, fu, fd, b, up, down, padding, float(gain), float(slope), clamp, flip_filter, impl)

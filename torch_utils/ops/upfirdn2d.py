@@ -13,12 +13,23 @@ Output size per axis: (in * up + pad0 + pad1 - taps) // down + 1.
 
 Filters are float32 tensors made by `setup_filter`: 2-D [taps_y, taps_x], or 1-D [taps]
 meaning the separable outer product f[y] * f[x]. `f=None` means the identity [[1]].
+
+Two implementations: `_upfirdn2d_ref` (plain PyTorch, defines the maths) and the direct
+CUDA kernel in upfirdn2d.cu, registered as the torch.library op `next3d::upfirdn2d` (2-D
+filters; a 1-D filter runs as two passes). The op is linear in x and its gradient is
+another upfirdn2d (down and up swapped, the filter flipped, the padding mirrored), so
+derivatives of any order run on the kernel. Filter gradients exist only in the
+reference, which is used whenever f requires grad.
 """
 
 from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
+
+from . import _build
+
+SOURCES = ('upfirdn2d.cpp', 'upfirdn2d.cu')
 
 Scaling = Union[int, Sequence[int]]
 Padding = Union[int, Sequence[int]]
@@ -94,8 +105,8 @@ def setup_filter(
 
 
 def _check_args(x: torch.Tensor, f: Optional[torch.Tensor]):
-    if not isinstance(x, torch.Tensor) or x.ndim != 4:
-        raise ValueError(f'upfirdn2d: x must be an NCHW tensor, got {type(x).__name__} {tuple(getattr(x, "shape", ()))}')
+    if not isinstance(x, torch.Tensor) or x.ndim != 4 or not x.is_floating_point():
+        raise ValueError(f'upfirdn2d: x must be a floating-point NCHW tensor, got {type(x).__name__} {tuple(getattr(x, "shape", ()))} {getattr(x, "dtype", "")}')
     if f is not None:
         if not isinstance(f, torch.Tensor) or f.dtype != torch.float32:
             raise ValueError('upfirdn2d: f must be a float32 tensor made by setup_filter (or None)')
@@ -135,7 +146,7 @@ def _upfirdn2d_ref(x: torch.Tensor, f: Optional[torch.Tensor], up: Scaling, down
     x = x[:, :, max(-pady0, 0): x.shape[2] - max(-pady1, 0), max(-padx0, 0): x.shape[3] - max(-padx1, 0)]
 
     # FIR filter as a depthwise correlation; a true convolution flips the kernel first.
-    f = f.to(x.dtype) * (gain ** (f.ndim / 2))
+    f = f.to(device=x.device, dtype=x.dtype) * (gain ** (f.ndim / 2))
     if not flip_filter:
         f = f.flip(list(range(f.ndim)))
     if f.ndim == 2:
@@ -165,6 +176,8 @@ def upfirdn2d(
     """
     _check_args(x, f)
     output_size(x.shape[2:], f, up, down, padding)
+    if (f is None or not f.requires_grad) and _build.want_kernel('upfirdn2d', impl, x, f) and _build.kernel_available('upfirdn2d', SOURCES):
+        return _upfirdn2d_kernel(x, f, up, down, padding, flip_filter, gain)
     return _upfirdn2d_ref(x, f, up, down, padding, flip_filter, gain)
 
 
@@ -196,3 +209,71 @@ def downsample2d(x: torch.Tensor, f: Optional[torch.Tensor], down: Scaling = 2, 
     fw, fh = get_filter_size(f)
     p = [padx0 + (fw - downx + 1) // 2, padx1 + (fw - downx) // 2, pady0 + (fh - downy + 1) // 2, pady1 + (fh - downy) // 2]
     return upfirdn2d(x, f, down=(downx, downy), padding=p, flip_filter=flip_filter, gain=gain, impl=impl)
+
+
+# ---------------------------------------------------------------------------------------
+# The torch.library op (2-D filters only).
+
+def _output_format(x: torch.Tensor) -> torch.memory_format:
+    """The kernel's output layout: channels_last when x is (and is not also contiguous)."""
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def _upfirdn2d_kernel(x, f, up, down, padding, flip_filter, gain) -> torch.Tensor:
+    """upfirdn2d through the op; a 1-D filter runs as an x pass and a y pass."""
+    upx, upy = parse_scaling(up)
+    downx, downy = parse_scaling(down)
+    padx0, padx1, pady0, pady1 = parse_padding(padding)
+    if f is None:
+        f = torch.ones([1, 1], dtype=torch.float32, device=x.device)
+    if f.ndim == 2:
+        return _upfirdn2d_op(x, f, upx, upy, downx, downy, padx0, padx1, pady0, pady1, flip_filter, float(gain))
+    x = _upfirdn2d_op(x, f[None, :], upx, 1, downx, 1, padx0, padx1, 0, 0, flip_filter, float(gain) ** 0.5)
+    return _upfirdn2d_op(x, f[:, None], 1, upy, 1, downy, 0, 0, pady0, pady1, flip_filter, float(gain) ** 0.5)
+
+
+@torch.library.custom_op('next3d::upfirdn2d', mutates_args=())
+def _upfirdn2d_op(x: torch.Tensor, f: torch.Tensor, upx: int, upy: int, downx: int, downy: int,
+                  padx0: int, padx1: int, pady0: int, pady1: int, flip_filter: bool, gain: float) -> torch.Tensor:
+    """upfirdn2d with a 2-D float32 filter on x's device; gain scales the filter."""
+    if x.device.type == 'cuda':
+        ext = _build.get_extension('upfirdn2d', SOURCES)
+        return ext.upfirdn2d(x, f, upx, upy, downx, downy, padx0, padx1, pady0, pady1, flip_filter, gain)
+    # PyTorch twin of the kernel (CPU), in the kernel's output layout.
+    y = _upfirdn2d_ref(x, f, (upx, upy), (downx, downy), (padx0, padx1, pady0, pady1), flip_filter, gain)
+    return torch.empty(y.shape, dtype=y.dtype, device=y.device, memory_format=_output_format(x)).copy_(y)
+
+
+@_upfirdn2d_op.register_fake
+def _(x, f, upx, upy, downx, downy, padx0, padx1, pady0, pady1, flip_filter, gain):
+    out_h = (x.shape[2] * upy + pady0 + pady1 - f.shape[0]) // downy + 1
+    out_w = (x.shape[3] * upx + padx0 + padx1 - f.shape[1]) // downx + 1
+    return torch.empty([x.shape[0], x.shape[1], out_h, out_w], dtype=x.dtype, device=x.device, memory_format=_output_format(x))
+
+
+def _upfirdn2d_setup(ctx, inputs, output):
+    x, f, *args = inputs
+    ctx.save_for_backward(f)
+    ctx.in_size = (x.shape[2], x.shape[3])
+    ctx.args = args
+
+
+def _upfirdn2d_backward(ctx, dy):
+    # The adjoint of zero-insert/pad/filter/decimate: zero-insert by down, filter with the
+    # flipped filter, decimate by up; the padding is mirrored so the result has x's size.
+    f, = ctx.saved_tensors
+    upx, upy, downx, downy, padx0, padx1, pady0, pady1, flip_filter, gain = ctx.args
+    in_h, in_w = ctx.in_size
+    out_h, out_w = dy.shape[2], dy.shape[3]
+    taps_h, taps_w = f.shape
+    gpadx0 = taps_w - padx0 - 1
+    gpadx1 = in_w * upx - out_w * downx + padx0 - upx + 1
+    gpady0 = taps_h - pady0 - 1
+    gpady1 = in_h * upy - out_h * downy + pady0 - upy + 1
+    dx = _upfirdn2d_op(dy, f, downx, downy, upx, upy, gpadx0, gpadx1, gpady0, gpady1, not flip_filter, gain)
+    return dx, None, None, None, None, None, None, None, None, None, None, None
+
+
+_upfirdn2d_op.register_autograd(_upfirdn2d_backward, setup_context=_upfirdn2d_setup)

@@ -1,0 +1,253 @@
+"""Kernel-or-reference dispatch, the build fallback, and the torch.library op layer on CPU.
+
+The ops' CUDA implementations cannot run without a GPU, but everything around them can:
+on CPU tensors each torch.library op runs a PyTorch twin of its kernel, so with the
+dispatch pretending the kernels are available (`pretend_kernels`) these tests exercise
+the ops' autograd formulas, fake kernels and torch.compile tracing exactly as on a GPU.
+"""
+
+import math
+import os
+import warnings
+
+import pytest
+import torch
+
+from torch_utils.ops import _build
+from torch_utils.ops import bias_act as B
+from torch_utils.ops import conv2d_resample as CR
+from torch_utils.ops import filtered_lrelu as FL
+from torch_utils.ops import upfirdn2d as U
+
+OPS_DIR = os.path.dirname(_build.__file__)
+
+
+@pytest.fixture(autouse=True, scope='module')
+def _one_thread():
+    # Tiny tensors gain nothing from intra-op threads, and on a loaded machine the idle
+    # threads' spinning makes gradgradcheck many times slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _run_all_ops(impl=None):
+    """One call of each public op on small CPU tensors (float64)."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 3, 6, 7, dtype=torch.float64, generator=g)
+    b = torch.randn(3, dtype=torch.float64, generator=g)
+    w = torch.randn(4, 3, 3, 3, dtype=torch.float64, generator=g)
+    f = U.setup_filter([1, 3, 3, 1])
+    return [
+        B.bias_act(x, b, act='lrelu', clamp=1.0, impl=impl),
+        U.upfirdn2d(x, f, up=2, down=1, padding=[2, 1, 1, 2], impl=impl),
+        U.upsample2d(x, f, impl=impl),
+        U.downsample2d(x, U.setup_filter(list(range(1, 9))), impl=impl),
+        FL.filtered_lrelu(x, f, f, b, up=2, down=2, padding=3, clamp=0.5, impl=impl),
+    ]
+
+
+@pytest.fixture
+def fresh_build_state(monkeypatch, tmp_path):
+    """No extension loaded or failed yet; the build cache in tmp_path."""
+    monkeypatch.setattr(_build, '_extensions', {})
+    monkeypatch.setenv('NEXT3D_CACHE_DIR', str(tmp_path))
+    monkeypatch.delenv('NEXT3D_OPS_REF', raising=False)
+    return tmp_path
+
+
+@pytest.fixture
+def pretend_kernels(monkeypatch):
+    """Route every op through its torch.library op (whose CPU twin then runs)."""
+    monkeypatch.delenv('NEXT3D_OPS_REF', raising=False)
+    monkeypatch.setattr(_build, 'want_kernel', lambda op, impl, *tensors: impl != 'ref')
+    monkeypatch.setattr(_build, 'kernel_available', lambda name, sources: True)
+
+
+def test_cuda_sources_present():
+    for name, kernels in [('bias_act', ['bias_act_kernel']), ('upfirdn2d', ['upfirdn2d_kernel'])]:
+        cu = open(os.path.join(OPS_DIR, f'{name}.cu')).read()
+        cpp = open(os.path.join(OPS_DIR, f'{name}.cpp')).read()
+        for kernel in kernels:
+            assert f'__global__ void {kernel}' in cu
+        assert 'AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16' in cu
+        assert 'PYBIND11_MODULE(TORCH_EXTENSION_NAME' in cpp
+    assert B.SOURCES == ('bias_act.cpp', 'bias_act.cu') and U.SOURCES == ('upfirdn2d.cpp', 'upfirdn2d.cu')
+
+
+def test_cpu_tensors_use_reference_without_building(monkeypatch, fresh_build_state):
+    def no_build(*args):
+        raise AssertionError('CPU tensors must not trigger a CUDA build')
+    monkeypatch.setattr(_build, '_load', no_build)
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        for got, ref in zip(_run_all_ops(None), _run_all_ops('ref')):
+            assert torch.equal(got, ref)
+    assert _build._extensions == {}
+
+
+def test_impl_argument_checked():
+    x = torch.zeros(1, 2, 4, 4)
+    with pytest.raises(ValueError, match='impl="cuda" needs CUDA tensors'):
+        B.bias_act(x, impl='cuda')
+    with pytest.raises(ValueError, match='impl="cuda" needs CUDA tensors'):
+        U.upfirdn2d(x, None, impl='cuda')
+    with pytest.raises(ValueError, match='impl must be'):
+        B.bias_act(x, impl='triton')
+    with pytest.raises(ValueError, match='impl must be'):
+        FL.filtered_lrelu(x, impl='fast')
+
+
+def test_env_var_forces_reference(monkeypatch):
+    monkeypatch.setenv('NEXT3D_OPS_REF', '1')
+    monkeypatch.setattr(_build, 'kernel_available', lambda *args: pytest.fail('must not look for kernels'))
+    x = torch.randn(1, 2, 4, 4)
+    # impl='cuda' on CPU tensors would raise; the variable overrides it.
+    assert torch.equal(B.bias_act(x, act='relu', impl='cuda'), B.bias_act(x, act='relu', impl='ref'))
+    assert torch.equal(U.upsample2d(x, U.setup_filter([1, 1]), impl='cuda'), U.upsample2d(x, U.setup_filter([1, 1]), impl='ref'))
+    monkeypatch.setenv('NEXT3D_OPS_REF', '0')
+    assert not _build.force_ref()
+
+
+def test_failed_build_warns_once_and_falls_back(monkeypatch, fresh_build_state):
+    calls = []
+
+    def failing_load(name, sources, build_dir):
+        calls.append(name)
+        raise RuntimeError('nvcc: simulated compiler failure')
+    monkeypatch.setattr(_build, '_load', failing_load)
+    # Pretend the tensors are on a GPU so the ops try to build their extensions.
+    monkeypatch.setattr(_build, 'want_kernel', lambda op, impl, *tensors: impl != 'ref')
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        first = _run_all_ops(None)
+        second = _run_all_ops(None)
+    messages = [str(w.message) for w in caught]
+    assert sorted(calls) == ['bias_act', 'upfirdn2d']       # one build attempt per extension
+    assert len(messages) == 2 and all('Build log:' in m for m in messages)
+    for m in messages:
+        log = m.split('Build log: ')[1].strip()
+        assert log.startswith(str(fresh_build_state))
+        assert 'simulated compiler failure' in open(log).read()
+    for got, again, ref in zip(first, second, _run_all_ops('ref')):
+        assert torch.equal(got, ref) and torch.equal(again, ref)
+
+
+@pytest.mark.skipif(torch.version.cuda is not None and torch.cuda.is_available(), reason='this machine can build the extension')
+def test_real_loader_without_cuda_warns(fresh_build_state):
+    with pytest.warns(RuntimeWarning, match='could not build the bias_act CUDA extension'):
+        assert _build.get_extension('bias_act', B.SOURCES) is None
+    assert _build.get_extension('bias_act', B.SOURCES) is None      # cached failure, no second warning
+
+
+def test_build_key_tracks_sources_and_versions(monkeypatch, tmp_path):
+    for name in U.SOURCES:
+        (tmp_path / name).write_bytes(open(os.path.join(OPS_DIR, name), 'rb').read())
+    monkeypatch.setattr(_build, 'SOURCE_DIR', str(tmp_path))
+    key = _build.build_key('upfirdn2d', U.SOURCES)
+    assert key == _build.build_key('upfirdn2d', U.SOURCES) and len(key) == 16
+    (tmp_path / 'upfirdn2d.cu').write_text(open(tmp_path / 'upfirdn2d.cu').read() + '\n// changed\n')
+    assert _build.build_key('upfirdn2d', U.SOURCES) != key
+    changed = _build.build_key('upfirdn2d', U.SOURCES)
+    monkeypatch.setattr(torch, '__version__', torch.__version__ + '.other')
+    assert _build.build_key('upfirdn2d', U.SOURCES) != changed
+
+
+# ---------------------------------------------------------------------------------------
+# The torch.library layer, through the CPU twins of the kernels.
+
+def test_ops_match_reference(pretend_kernels):
+    for got, ref in zip(_run_all_ops(None), _run_all_ops('ref')):
+        assert got.shape == ref.shape
+        assert torch.allclose(got, ref, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize('act', sorted(B.ACTIVATIONS))
+def test_bias_act_op_gradients(pretend_kernels, act):
+    x = torch.randn(2, 3, 4, dtype=torch.float64)
+    x = (x.sign() * (x.abs() + 0.05)).requires_grad_(True)
+    b = (0.01 * torch.randn(3, dtype=torch.float64)).requires_grad_(True)
+    for clamp in (None, 0.7):
+        fn = lambda x, b: B.bias_act(x, b, act=act, alpha=0.25, gain=1.3, clamp=clamp)
+        ref = lambda x, b: B.bias_act(x, b, act=act, alpha=0.25, gain=1.3, clamp=clamp, impl='ref')
+        assert torch.allclose(fn(x, b), ref(x, b), rtol=1e-12, atol=1e-12)
+        assert torch.autograd.gradcheck(fn, (x, b))
+        assert torch.autograd.gradgradcheck(fn, (x, b))
+
+
+@pytest.mark.parametrize('up, down, padding, flip_filter, taps', [
+    (2, 1, [2, 1, 2, 1], False, [1, 3, 3, 1]),
+    (4, 2, [1, -2, 3, 0], True, [[1, 0.5], [-2, 3], [0.25, 1]]),
+    (1, 4, [-1, 2, 2, 1], False, [1, 2, 3]),
+    ((1, 2), (2, 1), [1, 2, -1, 1], True, [1, 2, 3, 4, 5, 6, 7, 8]),
+])
+def test_upfirdn2d_op_gradients(pretend_kernels, up, down, padding, flip_filter, taps):
+    x = torch.randn(1, 2, 4, 5, dtype=torch.float64, requires_grad=True)
+    f = U.setup_filter(taps, normalize=False)
+    fn = lambda x: U.upfirdn2d(x, f, up=up, down=down, padding=padding, flip_filter=flip_filter, gain=1.5)
+    assert torch.allclose(fn(x), U.upfirdn2d(x, f, up=up, down=down, padding=padding, flip_filter=flip_filter, gain=1.5, impl='ref'))
+    assert torch.autograd.gradcheck(fn, (x,))
+    assert torch.autograd.gradgradcheck(fn, (x,))
+
+
+def test_filtered_lrelu_and_conv_gradients(pretend_kernels):
+    x = torch.randn(1, 2, 4, 5, dtype=torch.float64)
+    x = (x.sign() * (x.abs() + 0.05)).requires_grad_(True)
+    b = torch.zeros(2, dtype=torch.float64, requires_grad=True)
+    f = U.setup_filter([1, 3, 3, 1])
+    fn = lambda x, b: FL.filtered_lrelu(x, f, f, b, up=2, down=2, padding=[3, 2, 3, 2], clamp=0.8, slope=0.3)
+    assert torch.autograd.gradcheck(fn, (x, b))
+    assert torch.autograd.gradgradcheck(fn, (x, b))
+    w = torch.randn(2, 2, 3, 3, dtype=torch.float64, requires_grad=True)
+    fn = lambda x, w: CR.conv2d_resample(x, w, f, up=2, padding=1)
+    assert torch.autograd.gradcheck(fn, (x, w))
+    assert torch.autograd.gradgradcheck(fn, (x, w))
+
+
+def test_opcheck_and_memory_format(pretend_kernels):
+    x = torch.randn(2, 3, 5, 6).to(memory_format=torch.channels_last)
+    f = torch.randn(3, 4)
+    torch.library.opcheck(B._bias_act_op, (x, torch.randn(3), 1, 'lrelu', 0.2, math.sqrt(2), 0.5))
+    torch.library.opcheck(B._bias_act_grad_op, (torch.randn(2, 3, 5, 6), x, torch.randn(3), 1, 'swish', 0.0, 1.4, -1.0))
+    torch.library.opcheck(U._upfirdn2d_op, (x, f, 2, 2, 1, 1, 2, 1, 2, 1, False, 2.0))
+    torch.library.opcheck(U._upfirdn2d_op, (x.contiguous(), f, 1, 1, 2, 2, -1, 1, 2, 1, True, 2.0))
+    assert B.bias_act(x, torch.randn(3), act='relu').is_contiguous(memory_format=torch.channels_last)
+    assert U.upsample2d(x, U.setup_filter([1, 3, 3, 1])).is_contiguous(memory_format=torch.channels_last)
+    assert FL.filtered_lrelu(x, up=1).is_contiguous(memory_format=torch.channels_last)
+
+
+def test_meta_tensors():
+    x = torch.empty(2, 3, 16, 16, device='meta')
+    f = torch.empty(4, 4, device='meta')
+    assert U._upfirdn2d_op(x, f, 2, 2, 1, 1, 2, 1, 2, 1, False, 4.0).shape == (2, 3, 32, 32)
+    assert B._bias_act_op(x, torch.empty(3, device='meta'), 1, 'lrelu', 0.2, 1.0, -1.0).shape == x.shape
+    # The public functions on meta tensors (reference path) agree.
+    assert U.upsample2d(x, U.setup_filter([1, 3, 3, 1], device='meta')).shape == (2, 3, 32, 32)
+    assert FL.filtered_lrelu(x, up=2, fu=U.setup_filter([1, 3, 3, 1], device='meta'), padding=3).shape == (2, 3, 35, 35)
+
+
+def test_compile_fullgraph(pretend_kernels):
+    f = U.setup_filter([1, 3, 3, 1])
+
+    def layer(x, w, styles, b):
+        w = w[None] * styles[:, None, :, None, None]
+        w = w * (w.square().sum([2, 3, 4], keepdim=True) + 1e-8).rsqrt()
+        x = x.reshape(1, -1, *x.shape[2:])
+        x = CR.conv2d_resample(x, w.reshape(-1, *w.shape[2:]), f, up=2, padding=1, groups=w.shape[0], flip_weight=False)
+        x = x.reshape(styles.shape[0], -1, *x.shape[2:])
+        x = B.bias_act(x, b, act='lrelu', clamp=256)
+        return FL.filtered_lrelu(x, f, f, b, up=2, down=2, padding=3)
+
+    x = torch.randn(2, 3, 8, 8, requires_grad=True)
+    w = torch.randn(4, 3, 3, 3, requires_grad=True)
+    styles = torch.randn(2, 3, requires_grad=True)
+    b = torch.randn(4, requires_grad=True)
+    compiled = torch.compile(layer, fullgraph=True, backend='aot_eager')
+    y = compiled(x, w, styles, b)
+    grads = torch.autograd.grad(y.square().sum(), [x, w, styles, b])
+    y_eager = layer(x, w, styles, b)
+    grads_eager = torch.autograd.grad(y_eager.square().sum(), [x, w, styles, b])
+    assert torch.allclose(y, y_eager, rtol=1e-5, atol=1e-5)
+    for g, ge in zip(grads, grads_eager):
+        assert torch.allclose(g, ge, rtol=1e-4, atol=1e-4)
