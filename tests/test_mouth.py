@@ -174,3 +174,17 @@ def test_mouth_gradcheck_and_errors():
         crop_mouth(front, torch.zeros(1, 3, dtype=torch.long), 3)
     with pytest.raises(AssertionError, match='patch'):
         paste_mouth(front, torch.zeros(1, 3, 4, 4, dtype=torch.float64), box)
+
+
+def test_half_precision_front_keeps_box_geometry():
+    torch.manual_seed(0)
+    front = torch.rand(1, 2, 256, 256)
+    box = torch.tensor([[200.3, 180.7, 61.0]])
+    reference = crop_mouth(front, box, 16)
+    half = crop_mouth(front.to(torch.bfloat16), box, 16)
+    assert half.dtype == torch.bfloat16
+    torch.testing.assert_close(half.float(), reference, atol=2e-2, rtol=0)
+    pasted = paste_mouth(front.to(torch.bfloat16), reference.to(torch.bfloat16), box)
+    assert torch.equal(box_mask(box, 256, 256), box_mask(box.double(), 256, 256))
+    mask = box_mask(box, 256, 256).expand_as(front)
+    assert torch.equal(pasted[~mask], front.to(torch.bfloat16)[~mask])

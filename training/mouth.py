@@ -83,6 +83,11 @@ def mouth_box_from_landmarks(landmarks_ndc: torch.Tensor, image_size: int = 256)
     return torch.cat([centre, side.unsqueeze(1)], dim=1)
 
 
+def _geometry_dtype(front: torch.Tensor) -> torch.dtype:
+    """Boxes and weights in at least float32: half precision cannot hold pixel positions of a 256 render."""
+    return torch.promote_types(front.dtype, torch.float32)
+
+
 def _check_box(box: torch.Tensor, batch_size: int):
     misc.assert_shape(box, [batch_size, 3], 'box')
     if not box.is_floating_point():
@@ -102,11 +107,11 @@ def crop_mouth(front: torch.Tensor, box: torch.Tensor, out_size: int = 64) -> to
     misc.assert_shape(front, [None, None, None, None], 'front')
     batch_size, _, height, width = front.shape
     _check_box(box, batch_size)
-    box = box.to(front.dtype)
+    box = box.to(_geometry_dtype(front))
     cx, cy, side = box.unbind(dim=1)
     step = side / out_size
-    rows = _resampling_matrix(cy - side / 2, step, out_size, height, border=False)   # (B, out, H)
-    cols = _resampling_matrix(cx - side / 2, step, out_size, width, border=False)    # (B, out, W)
+    rows = _resampling_matrix(cy - side / 2, step, out_size, height, border=False).to(front.dtype)   # (B, out, H)
+    cols = _resampling_matrix(cx - side / 2, step, out_size, width, border=False).to(front.dtype)    # (B, out, W)
     return rows.unsqueeze(1) @ front @ cols.transpose(1, 2).unsqueeze(1)
 
 
@@ -138,13 +143,13 @@ def paste_mouth(front: torch.Tensor, patch: torch.Tensor, box: torch.Tensor) -> 
     batch_size, channels, height, width = front.shape
     misc.assert_shape(patch, [batch_size, channels, None, None], 'patch')
     _check_box(box, batch_size)
-    box = box.to(front.dtype)
+    box = box.to(_geometry_dtype(front))
     patch = patch.to(front.dtype)
     cx, cy, side = box.unbind(dim=1)
     side = side.clamp(min=1e-6)          # an empty box selects no pixel; avoid dividing by zero
     patch_h, patch_w = patch.shape[2:]
     # Front pixel i covers [i, i + 1): in patch pixels that is [(i - x0) * w / side, ...).
-    rows = _resampling_matrix(-(cy - side / 2) * patch_h / side, patch_h / side, height, patch_h, border=True)   # (B, H, h)
-    cols = _resampling_matrix(-(cx - side / 2) * patch_w / side, patch_w / side, width, patch_w, border=True)    # (B, W, w)
+    rows = _resampling_matrix(-(cy - side / 2) * patch_h / side, patch_h / side, height, patch_h, border=True).to(front.dtype)   # (B, H, h)
+    cols = _resampling_matrix(-(cx - side / 2) * patch_w / side, patch_w / side, width, patch_w, border=True).to(front.dtype)    # (B, W, w)
     pasted = rows.unsqueeze(1) @ patch @ cols.transpose(1, 2).unsqueeze(1)
     return torch.where(box_mask(box, height, width), pasted, front)
