@@ -211,3 +211,18 @@ def test_clear_errors(head, tmp_path):
         configs.make_generator('ffhq1024')
     with pytest.raises(ValueError, match='unknown rendering_kwargs'):
         configs.make_generator('tiny64-eg3d', rendering_kwargs=dict(depth_res=3))
+
+
+def test_compatibility_options_for_official_weights(head):
+    """The released layout / side alpha / EG3D plane axes build and render, and differ from the fixed ones."""
+    z, c, v = torch.randn(1, 64), frontal_label(), condition(head)
+    fixed = tiny_next3d().eval()
+    compat = tiny_next3d(plane_axes='eg3d', plane_layout='released', side_alpha='released').eval()
+    assert compat.rasterizer.layout == 'released' and compat.renderer.plane_axes == 'eg3d'
+    compat.load_state_dict(fixed.state_dict())      # same parameters, only the wiring differs
+    with torch.no_grad():
+        a, b = fixed(z, c, v, noise_mode='const'), compat(z, c, v, noise_mode='const')
+    assert b['image'].shape == a['image'].shape and torch.isfinite(b['image']).all()
+    assert not torch.allclose(a['image_raw'], b['image_raw'])
+    with pytest.raises(ValueError, match='plane_axes'):
+        tiny_next3d(plane_axes='xyz')

@@ -202,3 +202,48 @@ def test_ffhq512_parameter_counts():
     assert count(configs.make_generator('ffhq512-eg3d', device='meta')) == 30_662_136
     assert count(configs.make_discriminator('ffhq512', c_dim=25, device='meta')) == 31_359_744
     assert count(configs.make_discriminator('ffhq512', c_dim=75, device='meta')) == 31_385_344
+
+
+# --- mixed precision ---------------------------------------------------------------------------------
+
+def test_reduced_precision_only_for_flagged_blocks_on_cuda():
+    from training.networks_stylegan2 import block_dtype
+    cuda, cpu = torch.device('cuda'), torch.device('cpu')
+    assert block_dtype(True, 'fp16', cuda) == torch.float16
+    assert block_dtype(True, 'bf16', cuda) == torch.bfloat16
+    assert block_dtype(True, 'fp16', cpu) == torch.float32           # CPU always computes in float32
+    assert block_dtype(False, 'fp16', cuda) == torch.float32
+    assert block_dtype(True, 'fp16', cuda, force_fp32=True) == torch.float32
+    with pytest.raises(ValueError, match='mixed_precision'):
+        SuperResolution(8, 64, factor=2, mixed_precision='fp8')
+
+
+def test_modulated_conv2d_prenormalisation_in_bf16():
+    """The overflow guard of reduced precision rescales weight and styles; demodulation undoes it."""
+    torch.manual_seed(2)
+    x = torch.randn(2, 8, 6, 6)
+    weight, styles = torch.randn(4, 8, 3, 3) * 30, torch.randn(2, 8) * 50
+    ref = modulated_conv2d(x, weight, styles, padding=1)
+    out = modulated_conv2d(x.to(torch.bfloat16), weight, styles, padding=1)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref, rtol=0.05, atol=0.05)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize('mixed_precision', ['fp16', 'bf16'])
+def test_tiny_networks_in_reduced_precision_on_cuda(mixed_precision):
+    device = torch.device('cuda')
+    torch.manual_seed(0)
+    G = configs.make_generator('tiny64-eg3d', synthesis_kwargs=dict(num_fp16_res=2, conv_clamp=256, mixed_precision=mixed_precision),
+                               sr_kwargs=dict(num_fp16_res=4, mixed_precision=mixed_precision),
+                               rendering_kwargs=dict(deterministic_sampling=True)).eval().to(device)
+    D = configs.make_discriminator('tiny64', num_fp16_res=4, conv_clamp=256, mixed_precision=mixed_precision).to(device)
+    z = torch.randn(2, 64, device=device)
+    from training import coords
+    c = coords.make_label(coords.cam2world_look_at(torch.full([2], math.pi / 2), torch.full([2], math.pi / 2))).to(device)
+    out = G(z, c, noise_mode='const')
+    ref = G(z, c, noise_mode='const', force_fp32=True)
+    assert all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in out.values())
+    assert (out['image'] - ref['image']).abs().mean() < 0.05
+    logits = D(out, c)
+    assert logits.dtype == torch.float32 and torch.isfinite(logits).all()
