@@ -39,15 +39,18 @@ def sample_from_planes(planes: torch.Tensor, coordinates: torch.Tensor, plane_ax
                      edge to edge (grid_sample, align_corners=False).
         coordinates: (B, N, 3) world points.
     Returns:
-        (B, 3, N, C) features per plane; points outside the cube read zeros (padding_mode).
+        (B, 3, N, C) features per plane, in float32 for half-precision planes; points outside
+        the cube read zeros (padding_mode).
     """
     misc.assert_shape(planes, [None, 3, None, None, None], 'planes')
     batch_size, _, channels, height, width = planes.shape
     misc.assert_shape(coordinates, [batch_size, None, 3], 'coordinates')
     num_points = coordinates.shape[1]
     grid = coords.project_onto_planes(coordinates, plane_axes=plane_axes, box_warp=box_warp)   # (B, 3, N, 2)
-    grid = grid.to(planes.dtype).reshape(batch_size * 3, 1, num_points, 2)
-    features = torch.nn.functional.grid_sample(planes.reshape(batch_size * 3, channels, height, width), grid,
+    # Half-precision grids cannot address a 256 texel plane to better than ~0.1 texel: sample in float32 or wider.
+    dtype = torch.promote_types(planes.dtype, torch.float32)
+    grid = grid.to(dtype).reshape(batch_size * 3, 1, num_points, 2)
+    features = torch.nn.functional.grid_sample(planes.to(dtype).reshape(batch_size * 3, channels, height, width), grid,
                                                mode=mode, padding_mode=padding_mode, align_corners=False)
     return features.reshape(batch_size, 3, channels, num_points).permute(0, 1, 3, 2)
 
