@@ -224,7 +224,7 @@ def test_fill_enclosed_matches_connected_components():
             a[1, 0, k:48 - k, k] = a[1, 0, k:48 - k, 47 - k] = 1
             a[1, 0, k + 1 if (k // 4) % 2 else 46 - k, k] = 0    # alternate the door side
         a[0, 0, 5, 5:9] = 0.5                                    # partial alpha is passable
-        got = fill_enclosed(a, check_every=2)
+        got = fill_enclosed(a)
         for i in range(2):
             passable = (a[i, 0] * 255 <= 254).numpy()
             lab, _ = scipy.ndimage.label(passable)

@@ -99,24 +99,31 @@ def _face_setup(pverts: torch.Tensor, faces: torch.Tensor, cull_backfaces: bool)
     return tri, area, valid
 
 
-def _edge_values(tri_xy: torch.Tensor, faces_pts: torch.Tensor, px: torch.Tensor, py: torch.Tensor):
-    """Edge functions w_k (..., 3) at pixel centres, canonical per undirected edge.
+def _edge_table(tri_xy: torch.Tensor, corner_ids: torch.Tensor) -> torch.Tensor:
+    """Canonical edge data (..., 3, 4) = (sx, sy, dx, dy) per edge k (opposite corner k).
 
-    tri_xy: (..., 3, 2) corner positions; faces_pts: (..., 3) vertex indices of the corners.
-    w_k is the signed double area of (corner k+1, corner k+2, p); the three sum to the
-    face's double area. Each is evaluated from the edge's lower-index vertex and negated
-    when needed, so a neighbour sharing the edge gets exactly the opposite value.
+    tri_xy: (..., 3, 2) corner positions; corner_ids: (..., 3) vertex indices. Edge k runs
+    from corner k+1 to corner k+2; it is stored from its lower-index vertex (start s,
+    direction d) and negated when that reverses it, so that
+        w_k(p) = dx * (py - sy) - dy * (px - sx)
+    is the signed double area of (corner k+1, corner k+2, p), and a neighbour sharing the
+    edge computes bitwise the opposite value (negation is exact in floating point).
     """
-    ws = []
+    rows = []
     for k in range(3):
         i, j = (k + 1) % 3, (k + 2) % 3
-        swap = faces_pts[..., i] > faces_pts[..., j]
-        s_xy = torch.where(swap[..., None], tri_xy[..., j, :], tri_xy[..., i, :])
-        e_xy = torch.where(swap[..., None], tri_xy[..., i, :], tri_xy[..., j, :])
-        dx, dy = e_xy[..., 0] - s_xy[..., 0], e_xy[..., 1] - s_xy[..., 1]
-        e = dx * (py - s_xy[..., 1]) - dy * (px - s_xy[..., 0])
-        ws.append(torch.where(swap, -e, e))
-    return torch.stack(ws, dim=-1)
+        swap = (corner_ids[..., i] > corner_ids[..., j])[..., None]
+        start = torch.where(swap, tri_xy[..., j, :], tri_xy[..., i, :])
+        end = torch.where(swap, tri_xy[..., i, :], tri_xy[..., j, :])
+        d = end - start
+        rows.append(torch.cat([start, torch.where(swap, -d, d)], dim=-1))
+    return torch.stack(rows, dim=-2)
+
+
+def _edge_values(table: torch.Tensor, px: torch.Tensor, py: torch.Tensor) -> torch.Tensor:
+    """Edge functions (..., 3) at points (px, py) (...,) from an edge table (..., 3, 4)."""
+    sx, sy, dx, dy = table.unbind(-1)
+    return dx * (py[..., None] - sy) - dy * (px[..., None] - sx)
 
 
 def _owns_edge(tri_xy: torch.Tensor, area: torch.Tensor) -> torch.Tensor:
@@ -194,36 +201,33 @@ def _visible_faces_pytorch(pverts: torch.Tensor, faces: torch.Tensor, h: int, w:
     bounds.append(len(live))
     bounds = sorted(set(bounds))
 
-    faces_flat = faces.to(device)
-    xy_flat = xy.reshape(bsz * nf, 3, 2)
-    z_flat = tri[..., 2].reshape(bsz * nf, 3)
-    area_flat = area.reshape(-1)
-    owns_flat = _owns_edge(xy_flat, area_flat)                   # (B*F, 3)
+    # Per-face table, gathered once per candidate: edge data with the winding folded in
+    # (w_k >= 0 inside for either winding), fill-rule ownership, corner depths.
+    edges = _edge_table(xy, faces.expand(bsz, -1, -1))
+    edges = torch.cat([edges[..., :2], edges[..., 2:] * torch.sign(area)[..., None, None]], dim=-1)
+    owns = _owns_edge(xy, area).to(xy.dtype)
+    z = tri[..., 2]
+    table = torch.cat([edges.flatten(-2), owns, z[..., :1], z[..., 1:] - z[..., :1]], dim=-1).reshape(bsz * nf, 18)
 
+    boxes = torch.stack([nx, x0, y0], dim=1)                     # (B*F, 3) int64
     for start, stop in zip(bounds[:-1], bounds[1:]):
         ids = live[start:stop]                                   # flat (batch, face) ids
         cnt = counts_live[start:stop]
         pair_face = torch.repeat_interleave(ids, cnt)
         first = torch.cumsum(cnt, 0) - cnt
         local = torch.arange(int(cnt.sum()), device=device) - torch.repeat_interleave(first, cnt)
-        pnx = nx[pair_face]
-        pix_x = x0[pair_face] + local % pnx
-        pix_y = y0[pair_face] + torch.div(local, pnx, rounding_mode='floor')
-        f_local = pair_face % nf
-        b_idx = torch.div(pair_face, nf, rounding_mode='floor')
-
-        txy = xy_flat[pair_face]                                 # (P, 3, 2)
-        wk = _edge_values(txy, faces_flat[f_local], pix_x.to(txy.dtype), pix_y.to(txy.dtype))
-        sgn = torch.sign(area_flat[pair_face])[:, None]
-        wk = wk * sgn                                            # >= 0 inside, any winding
-        owns = owns_flat[pair_face]
-        inside = ((wk > 0) | ((wk == 0) & owns)).all(dim=1)
-
-        wk, z = wk[inside], z_flat[pair_face[inside]]
-        bary = wk / wk.sum(dim=1, keepdim=True)
-        depth = _depth(bary, z)
-        key = (_ordered_depth_bits(depth) << 32) | f_local[inside]
-        pix = (b_idx[inside] * h + pix_y[inside]) * w + pix_x[inside]
+        box = boxes.index_select(0, pair_face)                   # (P, 3) row gathers: much
+        t = table.index_select(0, pair_face)                     # (P, 18) faster than t[idx]
+        row = torch.div(local, box[:, 0], rounding_mode='floor')
+        pix_x = box[:, 1] + (local - row * box[:, 0])
+        pix_y = box[:, 2] + row
+        wk = _edge_values(t[:, :12].view(-1, 3, 4), pix_x.to(t.dtype), pix_y.to(t.dtype))
+        inside = ((wk > 0) | ((wk == 0) & (t[:, 12:15] > 0))).all(dim=1)
+        wsum = wk.sum(dim=1)
+        depth = t[:, 15] + (wk[:, 1] * t[:, 16] + wk[:, 2] * t[:, 17]) / wsum
+        key = (_ordered_depth_bits(depth) << 32) | (pair_face % nf)
+        key = torch.where(inside, key, torch.full_like(key, _EMPTY_KEY))
+        pix = (torch.div(pair_face, nf, rounding_mode='floor') * h + pix_y) * w + pix_x
         keys.scatter_reduce_(0, pix, key, reduce='amin', include_self=True)
 
     face = torch.where(keys == _EMPTY_KEY, torch.full_like(keys, -1), keys & 0xFFFFFFFF)
@@ -294,7 +298,7 @@ def _fragments_from_faces(pverts: torch.Tensor, faces: torch.Tensor, pix_to_face
     ii = torch.div(pix % (h * w), w, rounding_mode='floor').to(pverts.dtype)
     corners = faces[f]                                           # (P, 3)
     tri = pverts[b[:, None], corners]                            # (P, 3, 3)
-    wk = _edge_values(tri[..., :2], corners, jj, ii)
+    wk = _edge_values(_edge_table(tri[..., :2], corners), jj, ii)
     bary_c = wk / wk.sum(dim=-1, keepdim=True)
     depth_c = _depth(bary_c, tri[..., 2])
     bary = pverts.new_zeros(bsz * h * w, 3).index_put((pix,), bary_c)

@@ -77,43 +77,56 @@ def _image_axes(name: str, layout: str):
     return tuple(out)
 
 
-def fill_enclosed(alpha: torch.Tensor, check_every: int = 4, max_rounds: int = 4096) -> torch.Tensor:
+def fill_enclosed(alpha: torch.Tensor, max_rounds: int = 1024) -> torch.Tensor:
     """Set alpha = 1 where a pixel cannot be reached from the image border.
 
     alpha: (N, 1, H, W) in [0, 1]. A pixel is passable when alpha * 255 <= 254 (the
     original's 8-bit flood fill), reachable when a 4-connected path of passable pixels
-    joins it to any passable border pixel. One round propagates along whole row runs,
-    then whole column runs; paths with k turns need about k / 2 rounds. Convergence is
-    checked on the host once every `check_every` rounds only.
+    joins it to a passable border pixel (the original seeds at pixel (0, 0) only). One
+    round spreads reachability along whole runs of passable pixels, first in rows, then
+    in columns, so a path with k turns needs about k / 2 rounds (one or two for a mouth).
+    Convergence is checked on the host after rounds 1, 2, 4, 8, ... only.
     """
-    n, _, h, w = alpha.shape
     passable = (alpha[:, 0] * 255 <= 254)
     border = torch.zeros_like(passable)
     border[:, 0, :] = border[:, -1, :] = True
     border[:, :, 0] = border[:, :, -1] = True
     reach = passable & border
-    for rounds in range(0, max_rounds, check_every):
+    rounds, next_check = 0, 1
+    while rounds < max_rounds:
         before = reach
-        for _ in range(check_every):
-            reach = _propagate_runs(reach, passable)
-            reach = _propagate_runs(reach.transpose(1, 2), passable.transpose(1, 2)).transpose(1, 2)
+        while rounds < next_check:
+            reach = _spread_along_runs(reach, passable, dim=2)
+            reach = _spread_along_runs(reach, passable, dim=1)
+            rounds += 1
         if torch.equal(reach, before):
             break
+        next_check = min(2 * next_check, max_rounds)
     return torch.where(reach[:, None], alpha, torch.ones_like(alpha))
 
 
-def _propagate_runs(reach: torch.Tensor, passable: torch.Tensor) -> torch.Tensor:
-    """Mark every pixel of a row run of passable pixels reachable if any pixel of it is."""
-    n, h, w = passable.shape
-    start = passable.clone()
-    start[:, :, 1:] &= ~passable[:, :, :-1]
-    run = torch.cumsum(start.to(torch.int32), dim=2).to(torch.int64)             # 1.. per row
-    row = torch.arange(n * h, device=passable.device, dtype=torch.int64).view(n, h, 1)
-    ids = torch.where(passable, row * (w + 1) + run, torch.zeros_like(run))     # 0 = not passable
-    hit = torch.zeros(n * h * (w + 1) + 1, dtype=torch.uint8, device=passable.device)
-    hit.scatter_reduce_(0, ids.reshape(-1), (reach & passable).reshape(-1).to(torch.uint8), reduce='amax')
-    hit[0] = 0
-    return hit[ids].bool() & passable
+def _spread_along_runs(reach: torch.Tensor, passable: torch.Tensor, dim: int) -> torch.Tensor:
+    """Mark a whole run of passable pixels along `dim` reachable if any pixel of it is.
+
+    Pointer doubling: after the step with shift s, a pixel knows whether a reachable pixel
+    lies within the s previous ones with only passable pixels between (`run` = the last s
+    pixels are all passable). log2(size) steps per direction, plain elementwise ops.
+    """
+    n = passable.shape[dim]
+    reach = reach & passable
+    out = reach
+    for forward in (True, False):
+        r, run = reach, passable
+        s = 1
+        while s < n:
+            dst, src = (s, 0) if forward else (0, s)          # pixel dst + i looks at dst + i - s (or + s)
+            r_new, run_new = r.clone(), run.clone()
+            r_new.narrow(dim, dst, n - s).logical_or_(r.narrow(dim, src, n - s) & run.narrow(dim, dst, n - s))
+            run_new.narrow(dim, dst, n - s).logical_and_(run.narrow(dim, src, n - s))
+            r, run = r_new, run_new
+            s *= 2
+        out = out | r
+    return out
 
 
 def mouth_box_from_landmarks(lms_px: torch.Tensor, image_size: int = 256) -> torch.Tensor:
@@ -225,20 +238,30 @@ class TexturePlaneRasterizer(torch.nn.Module):
         if self.layout == 'released':                            # mirrored views: keep front faces front
             faces, uvfaces = faces[:, [0, 2, 1]], uvfaces[:, [0, 2, 1]]
         frag = rasterize(ndc, faces, res, cull_backfaces=True)
-        covered = (frag.pix_to_face >= 0)[:, None]               # (4B, 1, H, W)
-        face_uv = self.uvcoords[uvfaces]                          # (F, 3, 2)
-        f = frag.pix_to_face.clamp(min=0)
-        uv = (frag.bary[..., None] * face_uv[f]).sum(-2)          # (4B, H, W, 2)
-        grid = torch.stack([uv[..., 0] * 2 - 1, 1 - uv[..., 1] * 2], dim=-1)
-        grid = torch.where(covered.permute(0, 2, 3, 1), grid, torch.zeros_like(grid)).to(texture.dtype)
-        tex = texture.unsqueeze(0).expand(4, -1, -1, -1, -1).reshape(4 * bsz, *texture.shape[1:])
-        render = F.grid_sample(tex, grid, mode='bilinear', padding_mode='zeros', align_corners=False)
-        mask = F.grid_sample(self.uv_mask.to(texture.dtype).expand(4 * bsz, -1, -1, -1), grid,
-                             mode='bilinear', padding_mode='zeros', align_corners=False)
-        alpha = fill_enclosed(mask * covered.to(mask.dtype))
-        if self.layout == 'aligned':
-            render = render * covered.to(render.dtype)
-        render = render.reshape(4, bsz, *render.shape[1:])
+        # Work on covered pixels only (about a quarter of the image for a head).
+        flat = frag.pix_to_face.reshape(-1)
+        pix = torch.nonzero(flat >= 0).squeeze(1)                # (P,) into (4B, H, W)
+        image = torch.div(pix, res * res, rounding_mode='floor')
+        bary = frag.bary.reshape(-1, 3).index_select(0, pix)
+        corner_uv = self.uvcoords[uvfaces].index_select(0, flat.index_select(0, pix))   # (P, 3, 2)
+        uv = (bary[..., None] * corner_uv).sum(1)
+        grid = torch.stack([uv[:, 0] * 2 - 1, 1 - uv[:, 1] * 2], dim=-1).to(texture.dtype)   # OBJ v is up
+        sample = lambda img, g: F.grid_sample(img, g.view(1, 1, -1, 2), mode='bilinear', padding_mode='zeros',
+                                              align_corners=False)[0, :, 0].T               # (P_i, C)
+        chans = texture.shape[1]
+        if self.layout == 'released':                            # empty pixels: texture at the UV centre
+            centre = F.grid_sample(texture, texture.new_zeros(bsz, 1, 1, 2), align_corners=False)[:, :, 0, 0]
+            render = centre[None, :, :, None].expand(4, bsz, chans, res * res).clone()
+        else:
+            render = texture.new_zeros(4, bsz, chans, res * res)
+        view, within = torch.div(image, bsz, rounding_mode='floor'), pix % (res * res)
+        for b in range(bsz):                                     # image = view * B + b reads texture b
+            sel = torch.nonzero(image % bsz == b).squeeze(1)
+            render[view[sel], b, :, within[sel]] = sample(texture[b:b + 1], grid.index_select(0, sel))
+        render = render.view(4, bsz, chans, res, res)
+        mask = sample(self.uv_mask.to(texture.dtype), grid)[:, 0]
+        alpha = texture.new_zeros(4 * bsz * res * res).index_put((pix,), mask).view(4 * bsz, 1, res, res)
+        alpha = fill_enclosed(alpha)
         alpha = alpha.reshape(4, bsz, *alpha.shape[1:])
         return {name: (render[i], alpha[i]) for i, name in enumerate(VIEW_NAMES)}
 
