@@ -54,15 +54,20 @@ def generate_images(network_pkl, seeds, truncation_psi, truncation_cutoff, outdi
             export_shape(G, ws, v, shape_res, shape_format, os.path.join(outdir, f'seed{seed:04d}{shape_format}'), device)
 
 
-def export_shape(G, ws, v, resolution: int, shape_format: str, path: str, device):
-    """Density on a resolution^3 grid over the tri-plane box -> .mrc (EG3D layout) or .ply (level 10)."""
-    box = G.rendering_kwargs['box_warp']
+def density_function(G, ws, v):
+    """points (1, n, 3) world -> raw density (1, n, 1) of the tri-plane of ws (computed once)."""
     with torch.no_grad():
-        planes = G.make_planes(ws, v, noise_mode='const')       # once, not once per chunk
+        planes = G.make_planes(ws, v, noise_mode='const')
 
     def sigma_fn(points):
         return G.renderer.run_model(planes, G.decoder, points, torch.zeros_like(points), G.rendering_kwargs)['sigma']
+    return sigma_fn
 
+
+def export_shape(G, ws, v, resolution: int, shape_format: str, path: str, device):
+    """Density on a resolution^3 grid over the tri-plane box -> .mrc (EG3D layout) or .ply (level 10)."""
+    box = G.rendering_kwargs['box_warp']
+    sigma_fn = density_function(G, ws, v)
     with tqdm(total=resolution ** 3, desc=f'shape {os.path.basename(path)}', unit='pt', unit_scale=True, leave=False) as bar:
         volume = shapes.sample_density_volume(sigma_fn, resolution, box_warp=box, device=device, progress=bar)
     if shape_format == '.mrc':

@@ -1,0 +1,136 @@
+"""gen_samples.py, gen_videos.py and reenact_avatar.py end to end on a tiny model."""
+
+import json
+import shutil
+
+import mrcfile
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from click.testing import CliRunner
+
+import gen_samples
+import gen_videos
+import reenact_avatar
+from torch_utils import persistence
+from training import coords
+from training.configs import make_generator
+from training.driving import DEFAULT_LMS, DEFAULT_OBJ
+from training.mesh.obj_io import read_obj_vertices, write_obj
+from training.video import read_video_frames
+
+
+@pytest.fixture(scope='module')
+def tiny_network(tmp_path_factory):
+    torch.manual_seed(0)
+    G = make_generator('tiny64').eval()
+    path = tmp_path_factory.mktemp('net') / 'network-snapshot-000000.pkl'
+    persistence.save_checkpoint(str(path), dict(G=G, G_ema=G, D=None, training_set_kwargs={}))
+    return str(path)
+
+
+def invoke(command, args):
+    result = CliRunner().invoke(command, args, catch_exceptions=True)
+    return result
+
+
+def test_gen_samples_images_and_mrc(tiny_network, tmp_path):
+    result = invoke(gen_samples.generate_images, ['--network', tiny_network, '--seeds', '0,2', '--outdir', str(tmp_path),
+                                                  '--shapes', 'true', '--shape-res', '16', '--trunc', '0.7'])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    for seed in (0, 2):
+        image = np.asarray(PIL.Image.open(tmp_path / f'seed{seed:04d}.png'))
+        assert image.shape == (64, 3 * 64, 3) and image.dtype == np.uint8
+        assert image.std() > 0
+        with mrcfile.open(str(tmp_path / f'seed{seed:04d}.mrc')) as mrc:
+            assert mrc.data.shape == (16, 16, 16) and mrc.data.dtype == np.float32
+            assert (mrc.data[:1] == -1000).all() and np.isfinite(mrc.data).all()
+    assert not (tmp_path / 'seed0001.png').exists()
+    # The three views differ (the camera moves), the seeds differ.
+    image = np.asarray(PIL.Image.open(tmp_path / 'seed0000.png')).astype(float)
+    assert np.abs(image[:, :64] - image[:, 128:]).mean() > 0.5
+    assert np.abs(image - np.asarray(PIL.Image.open(tmp_path / 'seed0002.png'))).mean() > 0.5
+
+
+def test_gen_samples_ply(tiny_network, tmp_path, monkeypatch):
+    trimesh = pytest.importorskip('trimesh')
+
+    def sphere_density(G, ws, v):
+        # An untrained network's density need not cross level 10: use a known sphere (r = 0.3).
+        return lambda points: 10 + 20 * (0.3 - points.norm(dim=-1, keepdim=True)) / 0.3
+
+    monkeypatch.setattr(gen_samples, 'density_function', sphere_density)
+    result = invoke(gen_samples.generate_images, ['--network', tiny_network, '--seeds', '1', '--outdir', str(tmp_path),
+                                                  '--shapes', 'true', '--shape-res', '32', '--shape-format', '.ply'])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    mesh = trimesh.load(str(tmp_path / 'seed0001.ply'))
+    assert mesh.is_watertight and len(mesh.faces) > 100
+    assert abs(np.linalg.norm(mesh.vertices, axis=1).mean() - 0.3) < 0.01
+
+
+def test_gen_samples_bad_inputs(tiny_network, tmp_path):
+    result = invoke(gen_samples.generate_images, ['--network', str(tmp_path / 'missing.pkl'), '--outdir', str(tmp_path)])
+    assert result.exit_code != 0 and 'missing.pkl' in str(result.exception)
+    bad = tmp_path / 'bad.obj'
+    write_obj(str(bad), read_obj_vertices(DEFAULT_OBJ)[:100])
+    result = invoke(gen_samples.generate_images, ['--network', tiny_network, '--outdir', str(tmp_path), '--seeds', '0',
+                                                  '--obj_path', str(bad), '--lms_path', DEFAULT_LMS])
+    assert result.exit_code != 0 and 'bad.obj' in str(result.exception) and 'vertices' in str(result.exception)
+    result = invoke(gen_samples.generate_images, ['--network', tiny_network, '--outdir', str(tmp_path), '--seeds', '0',
+                                                  '--obj_path', DEFAULT_OBJ, '--lms_path', str(tmp_path / 'nolms.txt')])
+    assert result.exit_code != 0 and 'nolms.txt' in str(result.exception)
+
+
+def test_gen_videos_frame_counts(tiny_network, tmp_path):
+    result = invoke(gen_videos.generate_videos, ['--network', tiny_network, '--seeds', '0-1', '--grid', '2x1',
+                                                 '--w-frames', '2', '--num-keyframes', '2', '--outdir', str(tmp_path),
+                                                 '--sample_mult', '0.5'])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    frames = read_video_frames(str(tmp_path / 'interpolation.mp4'))
+    assert len(frames) == 4 and frames[0].shape == (64, 128, 3)
+    result = invoke(gen_videos.generate_videos, ['--network', tiny_network, '--seeds', '3', '--w-frames', '3', '--outdir',
+                                                 str(tmp_path), '--interpolate', 'false', '--image_mode', 'image_depth', '--nrr', '16'])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    frames = read_video_frames(str(tmp_path / '3_image_depth.mp4'))
+    assert len(frames) == 3 and frames[0].shape == (16, 16, 3)    # depth at the neural rendering resolution
+
+
+def _driving_folder(root, n=3):
+    root.mkdir()
+    labels = []
+    for i in range(n):
+        PIL.Image.fromarray(np.full((40, 40, 3), 60 * i, np.uint8)).save(root / f'{i:03d}.png')
+        shutil.copy(DEFAULT_OBJ, root / f'{i:03d}.obj')
+        shutil.copy(DEFAULT_LMS, root / f'{i:03d}_kpt2d.txt')
+        c = coords.make_label(coords.cam2world_look_at(torch.tensor([np.pi / 2 + 0.2 * i]), torch.tensor([np.pi / 2])))
+        labels.append([f'{i:03d}.png', c[0].tolist()])
+    (root / 'dataset.json').write_text(json.dumps({'labels': labels}))
+    return root
+
+
+def test_reenact_rows_and_frames(tiny_network, tmp_path):
+    drive = _driving_folder(tmp_path / 'drive')
+    result = invoke(reenact_avatar.reenact, ['--drive_root', str(drive), '--network', tiny_network, '--seeds', '0-1',
+                                             '--grid', '3x1', '--outdir', str(tmp_path), '--fname', 'r.mp4'])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    frames = read_video_frames(str(tmp_path / 'r.mp4'))
+    assert len(frames) == 3 and frames[0].shape == (64, 3 * 64, 3)
+    # The first tile of each row is the driving frame (constant 0, 60, 120 grey).
+    for i, frame in enumerate(frames):
+        assert abs(frame[8:56, 8:56].astype(float).mean() - 60 * i) < 6
+    result = invoke(reenact_avatar.reenact, ['--drive_root', str(drive), '--network', tiny_network, '--num_frames', '1',
+                                             '--fixed_camera', 'true', '--outdir', str(tmp_path), '--fname', 'one.mp4'])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    assert len(read_video_frames(str(tmp_path / 'one.mp4'))) == 1
+
+
+def test_reenact_bad_inputs(tiny_network, tmp_path):
+    drive = _driving_folder(tmp_path / 'drive', n=2)
+    (drive / 'dataset.json').unlink()
+    result = invoke(reenact_avatar.reenact, ['--drive_root', str(drive), '--network', tiny_network, '--outdir', str(tmp_path)])
+    assert result.exit_code != 0 and 'dataset.json' in str(result.exception)
+    drive2 = _driving_folder(tmp_path / 'drive2', n=2)
+    write_obj(str(drive2 / '001.obj'), np.zeros((10, 3)))
+    result = invoke(reenact_avatar.reenact, ['--drive_root', str(drive2), '--network', tiny_network, '--outdir', str(tmp_path)])
+    assert result.exit_code != 0 and '001.obj' in str(result.exception) and 'vertices' in str(result.exception)
