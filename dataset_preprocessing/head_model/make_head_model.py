@@ -59,8 +59,9 @@ COL_FRONT_DENSITY = 0.35                 # theta = pi (a u + (1 - a) u^3): a < 1
 MOUTH_HALF_COLS = 8                      # columns from the mouth centre to each corner
 LIP_SET_BACK = 0.003                     # how far the lips' meeting line lies behind the lips' front
 EYE_CENTRE = np.array([0.032, 0.024])    # (x, y) of the left eye (+x); the right eye is mirrored
-EYE_OPENING = (0.0140, 0.0056)           # half width and half height of the eye opening
-EYEBALL_RADIUS = 0.0115
+EYE_OPENING = (0.0130, 0.0055)           # half width and half height of the eye opening
+EYEBALL_RADIUS = 0.0120
+LID_CLEARANCE = 0.0015                   # lids lie this far behind the eyeball inside the opening
 EYEBALL_SEGMENTS = (12, 10)              # longitude segments, latitude rings
 N_SHAPE = 12
 N_EXP = 12
@@ -111,7 +112,7 @@ def row_phi():
     deg = np.rad2deg(phi)
     density = (1.0 + 2.4 * smoothstep(50, 64, deg) * (1 - smoothstep(146, 158, deg))
                + 2.0 * np.exp(-0.5 * ((deg - np.rad2deg(PHI_MOUTH)) / 5.0) ** 2)
-               + 1.0 * np.exp(-0.5 * ((deg - 77.0) / 6.0) ** 2))
+               + 3.0 * np.exp(-0.5 * ((deg - 76.5) / 4.0) ** 2))
     cdf = np.concatenate([[0], np.cumsum(0.5 * (density[1:] + density[:-1]) * np.diff(phi))])
     s = cdf / cdf[-1] * (N_ROWS - 1)
     # Warp so that the mouth falls exactly half-way between two rows.
@@ -145,7 +146,7 @@ def _superellipsoid(centre, radii, power):
 
 def _neck(p):
     q = (p[..., 0] / 0.057) ** 2 + ((p[..., 2] + 0.024) / 0.053) ** 2
-    return (q < 1.0) & (p[..., 1] < -0.02)
+    return (q < 1.0) & (p[..., 1] < 0.02)      # reaches above CENTRE, so rays start inside it
 
 
 def base_radius(dirs):
@@ -172,7 +173,11 @@ def feature_fields(p):
     f['brow'] = front * (0.005 * gauss(ax, y, 0.030, 0.044, 0.020, 0.0065) + 0.003 * gauss(x, y, 0, 0.041, 0.010, 0.008))
     f['socket'] = front * -0.006 * gauss(ax, y, ex, ey, 0.017, 0.011)
     q = ((ax - ex) / hw) ** 2 + ((y - ey) / hh) ** 2
-    f['eye_opening'] = front * -0.010 * smoothstep(1.15, 0.55, q)
+    # Inside the opening the lid surface sinks just behind the eyeball sphere (whose front is
+    # 0.5 mm behind the closed surface), so the eyeball shows and the lids hug it.
+    rho2 = (ax - ex) ** 2 + (y - ey) ** 2
+    sphere_depth = 0.0005 + EYEBALL_RADIUS - np.sqrt(np.clip(EYEBALL_RADIUS ** 2 - rho2, 0, None))
+    f['eye_opening'] = -front * (sphere_depth + LID_CLEARANCE) * smoothstep(1.1, 0.75, q)
     # Nose: a ridge whose height and width grow from the root to the tip, then fall to the base.
     height = np.interp(y, [-0.034, -0.029, -0.024, -0.017, -0.005, 0.010, 0.022, 0.032], [0, 0.004, 0.017, 0.026, 0.019, 0.010, 0.005, 0])
     width = np.interp(y, [-0.03, -0.017, 0.0, 0.03], [0.010, 0.0095, 0.0065, 0.0055])
@@ -265,9 +270,15 @@ def build_surface():
                 if len(set(tri)) == 3:
                     faces.append(list(tri))
                     uv_faces.append(list(uvtri))
+    # Drop the vertices that the corner merge left unused and renumber.
+    faces = np.array(faces, dtype=np.int64)
+    used = np.zeros(len(verts), dtype=bool)
+    used[faces.reshape(-1)] = True
+    renumber = np.cumsum(used) - 1
+    verts, faces, index = verts[used], renumber[faces], renumber[index]
     info = dict(index=index, uv_index=uv_index, i_mouth=i_m, span=span, theta=theta, u_col=u_col,
                 phis=phis, y_mouth=y_mouth, feats=feats, p0=p0, dirs=dirs)
-    return verts, np.array(faces, dtype=np.int64), uvs, np.array(uv_faces, dtype=np.int64), info
+    return verts, faces, uvs, np.array(uv_faces, dtype=np.int64), info
 
 
 def eyeball(centre, radius):
@@ -436,7 +447,8 @@ def skinning_weights(verts, n_head, info, eye_slices):
     w[0, 1] = 1.0
     w[eye_slices[0], 3] = 1.0
     w[eye_slices[1], 4] = 1.0
-    return w.astype(np.float64)
+    w[w < 1e-3] = 0.0             # no negligible influences: a joint moves a vertex or it does not
+    return w / w.sum(1, keepdims=True)
 
 
 def joint_regressor(verts, info, eye_slices):
@@ -501,7 +513,10 @@ def blendshapes(verts, n_head, info, eye_slices, lower_side):
         0.4 * (lips['upper_lip'] + lips['lower_lip'])[:, None] * radial,                   # lip fullness
         0.005 * gauss(ax, y, 0.048, -0.02, 0.018, 0.018)[:, None] * front[:, None] * radial,  # cheek fullness
     ]
-    blink_mask = lambda side: front * smoothstep(1.3, 0.5, ((x - side * ex) / EYE_OPENING[0]) ** 2 + ((y - ey) / EYE_OPENING[1]) ** 2)
+    # Blink: undo the eye opening and bring the lid 1.5 mm further out, one side at a time.
+    opening = feats['eye_opening']
+    blink = lambda side: -opening * (side * x > 0) + 0.0015 * front * smoothstep(
+        1.4, 0.6, ((x - side * ex) / EYE_OPENING[0]) ** 2 + ((y - ey) / EYE_OPENING[1]) ** 2)
     upper_lip = gauss(x, y, 0, ym + 0.004, 0.02, 0.007) * front * (1 - lower_side)
     lower_lip = gauss(x, y, 0, ym - 0.005, 0.018, 0.008) * front * lower_side
     brows = gauss(ax, y, 0.033, 0.045, 0.022, 0.012) * front
@@ -512,8 +527,8 @@ def blendshapes(verts, n_head, info, eye_slices, lower_side):
         vec(dx=-0.002 * sx * gauss(ax, y, 0.016, 0.042, 0.01, 0.01) * front,
             dy=-0.003 * gauss(ax, y, 0.016, 0.042, 0.012, 0.01) * front),                   # brow furrow
         vec(dx=-0.3 * x * mouth, dz=0.006 * mouth),                                        # lip pucker
-        0.0125 * blink_mask(+1)[:, None] * radial,                                         # blink left (+x)
-        0.0125 * blink_mask(-1)[:, None] * radial,                                         # blink right (-x)
+        blink(+1)[:, None] * radial,                                                       # blink left (+x)
+        blink(-1)[:, None] * radial,                                                       # blink right (-x)
         vec(dx=0.005 * sx * corners, dz=-0.002 * corners),                                 # mouth stretch
         vec(dy=0.003 * upper_lip, dz=0.001 * upper_lip),                                   # upper lip raise
         vec(dy=-0.003 * lower_lip, dz=0.001 * lower_lip),                                  # lower lip depress
@@ -566,10 +581,14 @@ def build_head_model():
     # Eyeballs behind the eye openings, their fronts just behind the lids' surface.
     eye_verts, eye_faces, eye_uvs, eye_slices, eye_centres = [], [], [], [], []
     for side in (+1, -1):
+        # The lid surface point at the eye centre's (x, y) (two depth refinements of the ray),
+        # and the eyeball straight behind it, looking along +z.
         target = np.array([side * EYE_CENTRE[0], EYE_CENTRE[1], 0.09])
-        d = (target - CENTRE) / np.linalg.norm(target - CENTRE)
-        front = surface_point(d[None])[0]
-        centre = front - d * (EYEBALL_RADIUS + 0.0005)
+        for _ in range(3):
+            d = (target - CENTRE) / np.linalg.norm(target - CENTRE)
+            front = surface_point(d[None])[0]
+            target[2] = front[2]
+        centre = front - np.array([0.0, 0.0, EYEBALL_RADIUS + 0.0005])
         ev, ef = eyeball(centre, EYEBALL_RADIUS)
         start = n_head + sum(len(e) for e in eye_verts)
         eye_slices.append(slice(start, start + len(ev)))

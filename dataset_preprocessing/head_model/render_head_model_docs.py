@@ -22,37 +22,70 @@ if __name__ == '__main__':
 from torch_utils.persistence import atomic_write_bytes  # noqa: E402
 from training import coords  # noqa: E402
 from training.mesh.head_model import default_head_model_dir, load_head_model, load_template, load_uv_mask  # noqa: E402
-from training.mesh.rasterize import rasterize  # noqa: E402
+
+
+def zbuffer(px: np.ndarray, depth: np.ndarray, faces: np.ndarray, size: int) -> np.ndarray:
+    """Index of the nearest face per pixel (-1 where empty); px (V, 2) pixel coords, depth (V,)
+    larger = nearer. A plain per-face loop over bounding boxes: slow but independent."""
+    zbuf = np.full((size, size), -np.inf)
+    out = np.full((size, size), -1, dtype=np.int64)
+    for k, (a, b, c) in enumerate(faces):
+        p = px[[a, b, c]]
+        x0, y0 = np.floor(p.min(0)).astype(int)
+        x1, y1 = np.ceil(p.max(0)).astype(int)
+        x0, y0, x1, y1 = max(x0, 0), max(y0, 0), min(x1, size - 1), min(y1, size - 1)
+        if x0 > x1 or y0 > y1:
+            continue
+        gx, gy = np.meshgrid(np.arange(x0, x1 + 1) + 0.5, np.arange(y0, y1 + 1) + 0.5)
+        d = np.linalg.det(np.array([[p[1, 0] - p[0, 0], p[2, 0] - p[0, 0]], [p[1, 1] - p[0, 1], p[2, 1] - p[0, 1]]]))
+        if abs(d) < 1e-12:
+            continue
+        w1 = ((gx - p[0, 0]) * (p[2, 1] - p[0, 1]) - (gy - p[0, 1]) * (p[2, 0] - p[0, 0])) / d
+        w2 = ((gy - p[0, 1]) * (p[1, 0] - p[0, 0]) - (gx - p[0, 0]) * (p[1, 1] - p[0, 1])) / d
+        w0 = 1 - w1 - w2
+        inside = (w0 >= 0) & (w1 >= 0) & (w2 >= 0)
+        z = w0 * depth[a] + w1 * depth[b] + w2 * depth[c]
+        sub = zbuf[y0:y1 + 1, x0:x1 + 1]
+        win = inside & (z > sub)
+        sub[win] = z[win]
+        out[y0:y1 + 1, x0:x1 + 1][win] = k
+    return out
 
 
 def render_shaded(verts: torch.Tensor, faces: torch.Tensor, yaw_deg: float = 0.0, size: int = 256,
-                  lms: torch.Tensor = None) -> np.ndarray:
+                  lms: torch.Tensor = None, supersample: int = 2) -> np.ndarray:
     """(V, 3) mesh metres -> (size, size, 3) uint8 orthographic render from yaw `yaw_deg`.
 
-    The view spans +-0.2 m around the mesh shift of `training.coords` (like the texture
-    rasterization); background is white, landmarks (68, 3) are drawn as red dots.
+    The view spans +-0.2 m around the mesh shift of `training.coords`, like the texture
+    rasterization. Back faces culled, nearest surface per pixel (a small numpy z-buffer,
+    independent of the training rasterizer), flat Lambert shading, white background;
+    landmarks (68, 3) drawn as red dots.
     """
-    rot = coords.euler_to_matrix(torch.tensor([0.0, yaw_deg, 0.0])).to(verts)
-    shift = torch.tensor(coords.MESH_SHIFT).to(verts)
-    def to_ndc(p):
-        q = (p + shift) @ rot          # rotate the object by -yaw: the camera orbits by +yaw
-        return torch.stack([q[:, 0], -q[:, 1], -q[:, 2]], -1) * coords.ORTHO_SCALE
-    ndc = to_ndc(verts)
-    frags = rasterize(ndc[None], faces, size)
-    tri = verts[faces] @ rot
-    normal = torch.nn.functional.normalize(torch.linalg.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0]), dim=-1)
-    light = torch.nn.functional.normalize(torch.tensor([0.3, 0.4, 1.0]).to(verts), dim=0)
-    shade = 0.25 + 0.75 * (normal @ light).clamp(min=0)
-    p2f = frags.pix_to_face[0]
-    img = torch.ones(size, size, 3)
-    skin = torch.tensor([0.86, 0.72, 0.62])
-    img[p2f >= 0] = shade[p2f[p2f >= 0]][:, None].float() * skin
-    img = (img.clamp(0, 1) * 255).byte().numpy()
+    from PIL import Image, ImageDraw
+    rot = coords.euler_to_matrix(torch.tensor([0.0, yaw_deg, 0.0])).double()
+    shift = torch.tensor(coords.MESH_SHIFT).double()
+    to_view = lambda p: ((p.double() + shift) @ rot).numpy()      # the camera orbits by +yaw
+    big = size * supersample
+    to_px = lambda q: np.stack([(q[:, 0] * coords.ORTHO_SCALE + 1) * big / 2, (1 - q[:, 1] * coords.ORTHO_SCALE) * big / 2], -1)
+    q = to_view(verts)
+    f = faces.numpy()
+    tri = q[f]
+    normal = np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0])
+    normal /= np.linalg.norm(normal, axis=1, keepdims=True) + 1e-20
+    front = np.flatnonzero(normal[:, 2] > 0)                    # facing the viewer (+z)
+    face_id = zbuffer(to_px(q), q[:, 2], f[front], big)
+    light = np.array([0.3, 0.4, 1.0]) / np.linalg.norm([0.3, 0.4, 1.0])
+    shade = 0.25 + 0.75 * np.clip(normal[front] @ light, 0, None)
+    img = np.full((big, big, 3), 255.0)
+    hit = face_id >= 0
+    img[hit] = shade[face_id[hit]][:, None] * np.array([220.0, 184.0, 158.0])
+    img = Image.fromarray(img.astype(np.uint8))
     if lms is not None:
-        pix = ((to_ndc(lms)[:, :2] + 1) * size / 2).round().long().numpy()
-        for x, y in pix:
-            img[max(y - 1, 0):y + 2, max(x - 1, 0):x + 2] = [220, 30, 30]
-    return img
+        draw = ImageDraw.Draw(img)
+        for x, y in to_px(to_view(lms)):
+            r = 1.2 * supersample
+            draw.ellipse([x - r, y - r, x + r, y + r], fill=(220, 30, 30))
+    return np.asarray(img.resize((size, size), Image.LANCZOS))
 
 
 def _png(img: np.ndarray) -> bytes:

@@ -1,0 +1,205 @@
+"""The bundled procedural head model (data/head_model): files, topology, landmarks, jaw, UVs."""
+
+import collections
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from dataset_preprocessing.head_model.make_head_model import CENTRE, write_head_model
+from training import coords
+from training.mesh.flame_pickle import load_flame_pickle, load_landmark_embedding
+from training.mesh.head_model import default_head_model_dir, load_head_model, load_template, load_uv_mask
+from training.mesh.obj_io import read_landmarks, read_obj, write_obj
+
+DATA = default_head_model_dir()
+FILES = ['generic_model.pkl', 'head_template.obj', 'landmark_embedding.npy', 'uv_face_eye_mask.png',
+         'neutral.obj', 'neutral_lms.txt', 'README.md']
+
+
+@pytest.fixture(scope='module')
+def model():
+    return load_flame_pickle(os.path.join(DATA, 'generic_model.pkl'))
+
+
+@pytest.fixture(scope='module')
+def flame():
+    return load_head_model(dtype=torch.float64)
+
+
+def test_script_is_deterministic_and_matches_committed_files(tmp_path):
+    write_head_model(str(tmp_path))
+    for name in FILES:
+        assert (tmp_path / name).read_bytes() == open(os.path.join(DATA, name), 'rb').read(), name
+
+
+def test_sizes(model):
+    v, f = model['v_template'], model['f']
+    assert 4500 <= len(v) <= 5500
+    assert model['shapedirs'].shape == (len(v), 3, 24) and model['n_shape_components'] == 12
+    assert model['posedirs'].shape == (len(v), 3, 36)
+    assert model['J_regressor'].shape == (5, len(v)) and model['weights'].shape == (len(v), 5)
+    np.testing.assert_allclose(model['weights'].sum(1), 1, atol=1e-6)
+    np.testing.assert_allclose(model['J_regressor'].sum(1), 1, atol=1e-6)
+    assert model['kintree_table'][0, 1:].tolist() == [0, 1, 1, 1]
+    mesh = read_obj(os.path.join(DATA, 'head_template.obj'))
+    np.testing.assert_allclose(mesh.v, v, atol=1e-6)
+    np.testing.assert_array_equal(mesh.f, f)
+    assert len(mesh.vt) != len(v) and mesh.vt.min() >= 0 and mesh.vt.max() <= 1
+    assert os.path.getsize(os.path.join(DATA, 'generic_model.pkl')) < 6e6
+
+
+def _boundary_loops(faces):
+    edges = np.sort(np.concatenate([faces[:, [0, 1]], faces[:, [1, 2]], faces[:, [2, 0]]]), 1)
+    uniq, count = np.unique(edges, axis=0, return_counts=True)
+    adj = collections.defaultdict(list)
+    for a, b in uniq[count == 1]:
+        adj[a].append(b)
+        adj[b].append(a)
+    loops, seen = [], set()
+    for start in adj:
+        if start in seen:
+            continue
+        loop, stack = [], [start]
+        while stack:
+            x = stack.pop()
+            if x not in seen:
+                seen.add(x)
+                loop.append(x)
+                stack += adj[x]
+        loops.append(np.array(loop))
+    return loops, count
+
+
+def test_consistently_wound_and_closed_except_neck_and_mouth(model):
+    v, f = model['v_template'].astype(np.float64), model['f']
+    directed = np.concatenate([f[:, [0, 1]], f[:, [1, 2]], f[:, [2, 0]]])
+    # Every edge is used at most once per direction: neighbours have opposite orientation.
+    assert len(np.unique(directed, axis=0)) == len(directed)
+    loops, count = _boundary_loops(f)
+    assert count.max() == 2
+    assert len(loops) == 2
+    neck, mouth = sorted(loops, key=lambda loop: v[loop, 1].mean())
+    assert v[neck, 1].max() < -0.12                       # the neck cut
+    lms = read_landmarks(os.path.join(DATA, 'neutral_lms.txt'))
+    assert np.abs(v[mouth, 1] - lms[62, 1]).max() < 0.003  # the lip slit, at the lips
+    assert np.abs(v[mouth, 0]).max() < np.abs(lms[48, 0]) + 0.002
+    # Outward normals: the head surface is star-shaped around CENTRE; eyeballs are spheres.
+    tri = v[f]
+    normal = np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0])
+    eye = model['weights'][f[:, 0], 3:].sum(1) > 0.5
+    centre = np.where(eye[:, None], (model['J_regressor'][3:] @ v)[(model['weights'][f[:, 0], 4] > 0.5).astype(int)], CENTRE)
+    assert (np.einsum('ij,ij->i', normal, tri.mean(1) - centre) > 0).all()
+    assert (np.linalg.norm(normal, axis=1) > 1e-9).all()
+
+
+def test_placement_in_world_cube(model):
+    v = torch.from_numpy(model['v_template'])
+    world = coords.mesh_to_world(v[v[:, 1] > -0.17])
+    assert world.abs().max() < 0.5
+    lms = torch.from_numpy(read_landmarks(os.path.join(DATA, 'neutral_lms.txt')))
+    nose_z = coords.mesh_to_world(lms[30])[2]
+    assert 0.2 < nose_z < 0.3
+    head = model['v_template']
+    width = np.ptp(head[np.abs(head[:, 2] - 0.0) < 0.02, 0])  # includes the ears
+    assert 0.14 < width < 0.19
+    assert 0.21 < head[:, 1].max() - lms[8, 1] < 0.25        # chin to crown
+
+
+def test_landmarks_in_ibug_order(flame):
+    v, lms = flame()
+    lms = lms[0].numpy()
+    np.testing.assert_allclose(lms, read_landmarks(os.path.join(DATA, 'neutral_lms.txt')), atol=1e-6)
+    x, y, z = lms.T
+    assert x[48] < x[54]                                        # image left = subject's right = -x
+    assert np.argmax(z) == 30                                   # nose tip in front
+    assert np.argmin(y) == 8                                    # chin lowest
+    assert (x[0:8] < 0).all() and (x[9:17] > 0).all() and abs(x[8]) < 1e-3
+    assert (np.diff(y[0:9]) < 0).all() and (np.diff(y[8:17]) > 0).all()
+    assert (np.diff(y[27:31]) < 0).all()                        # nose bridge downwards
+    assert (np.diff(x[31:36]) > 0).all() and (np.diff(x[17:22]) > 0).all() and (np.diff(x[22:27]) > 0).all()
+    assert x[36] < x[39] < 0 < x[42] < x[45]                    # eye corners
+    assert y[37] > y[41] and y[44] > y[46]                      # upper lids above lower lids
+    assert min(y[17:27]) > max(y[36:48]) > min(y[36:48]) > y[30] > y[33] > y[51] > y[57] > y[8]
+    assert y[51] > y[62] >= y[66] > y[57]
+    # Left-right symmetry: iBUG's mirror pairs.
+    mirror = list(range(16, -1, -1)) + list(range(26, 16, -1)) + [27, 28, 29, 30, 35, 34, 33, 32, 31] + \
+        [45, 44, 43, 42, 47, 46, 39, 38, 37, 36, 41, 40] + [54, 53, 52, 51, 50, 49, 48, 59, 58, 57, 56, 55] + \
+        [64, 63, 62, 61, 60, 67, 66, 65]
+    np.testing.assert_allclose(lms[mirror] * [-1, 1, 1], lms, atol=1.5e-3)
+
+
+def test_jaw_opens_a_real_mouth_hole(flame, model):
+    jaw = torch.tensor([[np.deg2rad(20.0), 0, 0]], dtype=torch.float64)
+    v0, l0 = flame()
+    v1, l1 = flame(jaw_pose=jaw)
+    gap0 = (l0[0, 62] - l0[0, 66]).norm().item()
+    gap1 = (l1[0, 62] - l1[0, 66]).norm().item()
+    assert gap0 < 1e-6 and gap1 > 0.005 + gap0
+    shift = (v1 - v0)[0].norm(dim=-1)
+    jaw_weight = torch.from_numpy(model['weights'][:, 2])
+    assert (shift[jaw_weight == 0] == 0).all() and (shift[jaw_weight > 0.5] > 1e-3).all()
+    # Front orthographic view: the open mouth is background enclosed by the mesh.
+    from scipy import ndimage
+    from dataset_preprocessing.head_model.render_head_model_docs import zbuffer
+    size = 128
+    def covered(verts):
+        q = verts.numpy()
+        tri = q[model['f']]
+        normal_z = np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0])[:, 2]
+        px = np.stack([(q[:, 0] * 5 + 1) * size / 2, (1 - q[:, 1] * 5) * size / 2], -1)   # +-0.2 m view
+        return zbuffer(px, q[:, 2], model['f'][normal_z > 0], size) >= 0
+    def to_px(p):
+        return int((p[1] * -5 + 1) * size / 2), int((p[0] * 5 + 1) * size / 2)
+    for verts, lms, is_open in ((v0[0], l0[0], False), (v1[0], l1[0], True)):
+        cover = covered(verts)
+        labels, _ = ndimage.label(~cover)
+        outside = set(np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]])))
+        r, c = to_px(((lms[62] + lms[66]) / 2).numpy())
+        enclosed_hole = (not cover[r, c]) and labels[r, c] not in outside
+        assert enclosed_hole == is_open
+
+
+def test_expressions_move_the_right_parts(flame):
+    base_v, base = flame()
+    smile = torch.zeros(1, flame.n_exp, dtype=torch.float64)
+    smile[0, 0] = 1.0
+    _, lms = flame(expression=smile)
+    assert (lms[0, [48, 54], 1] - base[0, [48, 54], 1] > 0.003).all()    # corners up
+    assert (lms[0, 8] - base[0, 8]).norm() < 1e-4                       # chin still
+    width = torch.zeros(1, flame.n_shape, dtype=torch.float64)
+    width[0, 0] = 1.0
+    v, _ = flame(shape=width)
+    assert np.ptp(v[0, :, 0].numpy()) > np.ptp(base_v[0, :, 0].numpy()) + 0.005
+    blink = torch.zeros(1, flame.n_exp, dtype=torch.float64)
+    blink[0, 4] = 1.0                                                    # blink left (+x)
+    v, _ = flame(expression=blink)
+    moved = (v - base_v)[0].norm(dim=-1) > 1e-5
+    assert (base_v[0, moved, 0] > 0).all() and moved.sum() > 10
+
+
+def test_uv_template_and_mask(model):
+    faces, uv, uvfaces = load_template(os.path.join(DATA, 'head_template.obj'))
+    mask = load_uv_mask(os.path.join(DATA, 'uv_face_eye_mask.png'))
+    assert mask.shape == (256, 256) and mask.dtype == torch.float32
+    assert set(mask.unique().tolist()) == {0.0, 1.0}
+    assert 0.1 < mask.mean() < 0.5
+    emb = load_landmark_embedding(os.path.join(DATA, 'landmark_embedding.npy'))
+    def mask_at_landmark(k):
+        fi, bary = emb['full_lmk_faces_idx'][0, k], emb['full_lmk_bary_coords'][0, k]
+        u, v = (bary[:, None] * uv[uvfaces[fi]].numpy()).sum(0)
+        return mask[min(int((1 - v) * 256), 255), min(int(u * 256), 255)].item()
+    assert all(mask_at_landmark(k) == 1.0 for k in (8, 19, 30, 36, 45, 48, 57))
+    assert mask[128, 2] == 0 and mask[2, 128] == 0                        # back of the head, crown
+    torch.testing.assert_close(faces, torch.from_numpy(model['f']))
+
+
+def test_template_and_mask_errors(tmp_path):
+    write_obj(tmp_path / 'novt.obj', np.eye(3), np.array([[0, 1, 2]]))
+    with pytest.raises(ValueError, match=r'novt\.obj: template needs texture coordinates'):
+        load_template(tmp_path / 'novt.obj')
+    from PIL import Image
+    Image.fromarray(np.zeros((64, 64), np.uint8)).save(tmp_path / 'small.png')
+    with pytest.raises(ValueError, match=r'small\.png: expected a 256x256 mask'):
+        load_uv_mask(tmp_path / 'small.png')
