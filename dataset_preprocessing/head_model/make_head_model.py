@@ -150,7 +150,7 @@ def _neck(p):
 
 
 def base_radius(dirs):
-    cranium = _exit_distance(_superellipsoid(np.array([0.0, 0.024, -0.013]), np.array([0.077, 0.101, 0.099]), 2.3), dirs)
+    cranium = _exit_distance(_superellipsoid(np.array([0.0, 0.027, -0.013]), np.array([0.077, 0.104, 0.099]), 2.3), dirs)
     face = _exit_distance(_superellipsoid(np.array([0.0, -0.030, 0.004]), np.array([0.061, 0.077, 0.083]), 2.8), dirs)
     neck = _exit_distance(_neck, dirs)
     return smooth_max(smooth_max(cranium, face, 0.012), neck, 0.02)
@@ -657,7 +657,8 @@ FLAME's file layouts and array names so that every code path that takes FLAME fi
 takes these unchanged.
 
 - Space: metres, +x the subject's left, +y up, +z out of the face; origin near the head
-  centre between the ears. Head about {width:.3f} m wide, chin to crown {height:.3f} m, a neck below.
+  centre between the ears. Head about {width:.3f} m wide above the ears ({ears:.3f} m with
+  them), chin to crown {height:.3f} m, nose tip at z = {nose:.3f} m, a neck below.
 - Mesh: {n_verts} vertices ({n_head} head surface + 2 eyeballs x {n_eye}), {n_faces} faces,
   {n_uvs} texture coordinates (seams at the back of the head, the crown and the eyeballs).
   Faces are counter-clockwise seen from outside. The head surface is closed except at the
@@ -706,7 +707,8 @@ def write_head_model(outdir):
     atomic_write_bytes(os.path.join(outdir, 'uv_face_eye_mask.png'), _png_bytes(m['mask']))
     head = v[:m['n_head_vertices']]
     text = README_TEXT.format(
-        width=float(head[:, 0].max() - head[:, 0].min()), height=float(head[:, 1].max() - m['landmarks'][8, 1]),
+        width=float(np.ptp(head[head[:, 1] > 0.04, 0])), ears=float(np.ptp(head[:, 0])),
+        height=float(head[:, 1].max() - m['landmarks'][8, 1]), nose=float(m['landmarks'][30, 2]),
         n_verts=len(v), n_head=m['n_head_vertices'], n_eye=(len(v) - m['n_head_vertices']) // 2,
         n_faces=len(model['f']), n_uvs=len(m['uvs']), n_shape=N_SHAPE, n_exp=N_EXP)
     atomic_write_bytes(os.path.join(outdir, 'README.md'), text.encode('utf-8'))

@@ -29,10 +29,12 @@ def axis_angle_to_matrix(rvec: torch.Tensor) -> torch.Tensor:
 
 
 def check_parents(parents) -> list:
-    """Validates a parent list (root first, parents before children); returns it as ints."""
-    parents = [int(p) for p in parents]
-    if not parents or parents[0] >= 0:
-        raise ValueError(f'joint 0 must be the root (parent < 0), got parents {parents}')
+    """Validates a parent list (root first, parents before children); returns it as ints.
+
+    The root's entry may hold any value (FLAME stores 4294967295, uint32's -1); it is
+    returned as -1.
+    """
+    parents = [-1] + [int(p) for p in parents[1:]]
     for j, p in enumerate(parents[1:], start=1):
         if not 0 <= p < j:
             raise ValueError(f'joint {j} has parent {p}: parents must come before their children')
