@@ -43,10 +43,22 @@ DEEP3D_TO_WORLD_OFFSET = (0.0, 0.006, 0.161)
 
 FIVE_FROM_68 = ((36, 39), (42, 45), (30,), (48,), (54,))   # 68-point indices averaged per point
 
-# Our bundled head model's mean 68 landmarks through `standard_landmarks_5` (alignment
-# units; +x the subject's left, +y up, +z out of the face). Recomputed by the tests from
-# the head model; filled in when the model lands (see `standard_landmarks_5`).
-STANDARD_LANDMARKS_5 = None
+# `standard_landmarks_5` of our bundled head model's mean 68 landmarks (data/head_model,
+# all coefficients zero), in alignment units: +x the subject's left, +y up, +z out of the
+# face; mirror pairs averaged, so that a mirrored photo gets exactly the mirrored crop.
+# Frozen here so that crops stay comparable when the model is refined (the tests check
+# that it still agrees with the model to 0.01 units, about 1 mm). Deep3DFaceRecon's
+# BFM-based points are similar in spread (eye to eye ~0.62) but sit ~0.18 units higher
+# relative to the origin, on which the crop centres: our crops show the face lower than
+# FFHQ's do. That is what our head model under `coords.mesh_to_world` needs for the label
+# camera to see it where the image shows it.
+STANDARD_LANDMARKS_5 = np.array([
+    [-0.31734, 0.11664, -0.02827],      # image-left eye centre (the subject's right eye)
+    [0.31734, 0.11664, -0.02827],       # image-right eye centre
+    [0.0, -0.28479, 0.36254],           # nose tip
+    [-0.25273, -0.59802, 0.10071],      # image-left mouth corner
+    [0.25273, -0.59802, 0.10071],       # image-right mouth corner
+])
 
 
 def landmarks_68_to_5(lm68: np.ndarray) -> np.ndarray:

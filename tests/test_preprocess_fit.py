@@ -1,0 +1,107 @@
+"""Head-model fitting on synthetic ground truth: known cameras, shapes, expressions, jaw."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from dataset_preprocessing import alignment, fit_flame, landmarks, pose_label
+from training import coords
+from training.mesh.head_model import load_head_model
+from training.mesh.rasterize import project_perspective
+
+
+@pytest.fixture(scope='module')
+def model():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)            # small problems: the thread pool only costs time
+    yield fit_flame.HeadModelAdapter(load_head_model())
+    torch.set_num_threads(threads)
+
+
+def _camera(yaw, pitch, roll):
+    """Our orbit camera (radius 2.7 about the pivot, not EG3D's label family) with a roll."""
+    cam = coords.cam2world_look_at(torch.tensor([math.pi / 2 + yaw]), torch.tensor([math.pi / 2 + pitch]))
+    cam[:, :3, :3] = cam[:, :3, :3] @ coords.euler_to_matrix(torch.tensor([[0.0, 0.0, math.degrees(roll)]]))
+    return cam
+
+
+def _synthetic(model, yaw, pitch, roll, seed, jaw=0.2):
+    g = torch.Generator().manual_seed(seed)
+    shape, exp = torch.randn(1, model.n_shape, generator=g), 0.5 * torch.randn(1, model.n_exp, generator=g)
+    lms = model(shape, exp, torch.tensor([[jaw, 0.0, 0.0]]))[1]
+    cam = _camera(yaw, pitch, roll)
+    ndc = project_perspective(coords.mesh_to_world(lms), coords.make_label(cam))
+    return cam, (ndc[0, :, :2].numpy() + 1) * 256          # 68 points in a 512 image
+
+
+def test_standard_landmarks_from_head_model(model):
+    _, lms = model(torch.zeros(1, model.n_shape), torch.zeros(1, model.n_exp), torch.zeros(1, 3))
+    np.testing.assert_allclose(alignment.standard_landmarks_5(lms[0].numpy()), alignment.STANDARD_LANDMARKS_5, atol=0.01)
+    std = alignment.STANDARD_LANDMARKS_5
+    np.testing.assert_array_equal(std[[1, 0, 2, 4, 3]] * [-1, 1, 1], std)       # mirror symmetric
+
+
+def test_landmark_path_matches_full_model(model):
+    g = torch.Generator().manual_seed(3)
+    shape, exp, jaw = torch.randn(2, model.n_shape, generator=g), torch.randn(2, model.n_exp, generator=g), 0.2 * torch.rand(2, 3, generator=g)
+    torch.testing.assert_close(model.landmarks(shape, exp, jaw), model(shape, exp, jaw)[1], atol=1e-6, rtol=0)
+
+
+def test_projection_matches_rasterizer_convention():
+    pts = torch.randn(2, 7, 3) * 0.05
+    labels = pose_label.pose_to_label(torch.tensor([[0.1, -0.3, 0.05], [0.0, 0.4, 0.0]]), torch.tensor([[0.1, 0.0, 0.0], [0.0, 0.2, 0.0]]))
+    scale = torch.tensor([1.0, 1.1])
+    ndc = project_perspective(coords.mesh_to_world(pts) * scale[:, None, None], labels)
+    torch.testing.assert_close(fit_flame.project_landmarks(pts, scale, labels, 512.0), (ndc[..., :2] + 1) * 256, atol=1e-3, rtol=0)
+
+
+@pytest.mark.parametrize('yaw, pitch, roll, seed', [(0.0, 0.0, 0.0, 1), (0.45, 0.1, 0.1, 2), (-0.55, -0.15, -0.1, 3)])
+def test_fit_recovers_synthetic_pose_and_jaw(model, yaw, pitch, roll, seed):
+    cam, points = _synthetic(model, yaw, pitch, roll, seed)
+    box, _, _ = alignment.align_face(alignment.landmarks_68_to_5(points))
+    crop_points = box.to_crop(points)
+    result = fit_flame.fit_head(model, crop_points[None], 512)
+    # Pose: yaw (y), pitch (x), roll (z) of the label's rotation against the true camera's.
+    err_deg = np.degrees(np.abs(pose_label.cam2world_to_head_angles(result.labels[0, :16].reshape(4, 4))
+                                - pose_label.cam2world_to_head_angles(cam[0].numpy())))
+    assert err_deg.max() < 2.0, err_deg
+    # Landmarks: the written canonical landmarks, projected with the written label by the
+    # rasterizer's projection, land on the crop's points.
+    ndc = project_perspective(coords.mesh_to_world(torch.as_tensor(result.landmarks)), torch.as_tensor(result.labels))
+    reproj = np.linalg.norm((ndc[0, :, :2].numpy() + 1) * 256 - crop_points, axis=1)
+    assert reproj.mean() < 1.0 and result.error_px[0] < 1.0, reproj.mean()
+    assert abs(result.jaw_pose[0, 0] - 0.2) < 0.05                     # jaw opening (radians)
+    assert np.linalg.norm(result.labels[0, [3, 7, 11]]) == pytest.approx(2.7, rel=1e-5)
+    np.testing.assert_allclose(result.labels[0, 16:], [4.2647, 0, 0.5, 0, 4.2647, 0.5, 0, 0, 1], atol=1e-6)
+    assert result.vertices.shape == (1, len(model.flame.v_template), 3) and np.isfinite(result.vertices).all()
+
+
+def test_five_points_and_mirror(model):
+    cam, points = _synthetic(model, 0.3, 0.05, 0.0, 4, jaw=0.0)
+    box, _, _ = alignment.align_face(alignment.landmarks_68_to_5(points))
+    crop_points = box.to_crop(points)
+    # Five points only: rigid pose + scale, coefficients held by their priors.
+    five = fit_flame.fit_head(model, alignment.landmarks_68_to_5(crop_points)[None], 512,
+                              landmark_matrix=alignment.five_from_68_matrix())
+    err = np.degrees(np.abs(pose_label.cam2world_to_head_angles(five.labels[0, :16].reshape(4, 4))
+                            - pose_label.cam2world_to_head_angles(cam[0].numpy())))
+    assert err.max() < 6.0 and five.error_px[0] < 1.0
+    # Mirror: the mirrored crop with the yaw-flipped camera and the same scale fits as well.
+    result = fit_flame.fit_head(model, crop_points[None], 512)
+    mirrored = landmarks.mirror_landmarks_2d(crop_points, 512)
+    flipped = fit_flame.fit_head(model, mirrored[None], 512, fixed_labels=pose_label.mirror_label(torch.as_tensor(result.labels)).numpy(),
+                                 fixed_scale=result.scale)
+    assert flipped.error_px[0] < 1.0
+    np.testing.assert_allclose(flipped.labels, pose_label.mirror_label(torch.as_tensor(result.labels)).numpy())
+    assert flipped.angles[0, 1] == pytest.approx(-result.angles[0, 1], abs=1e-5)   # yaw flipped
+
+
+def test_fit_rejects_bad_input(model):
+    with pytest.raises(ValueError, match=r'\(B, K, 2\)'):
+        fit_flame.fit_head(model, np.zeros([68, 2]), 512)
+    with pytest.raises(ValueError, match='finite'):
+        fit_flame.fit_head(model, np.full([1, 68, 2], np.nan), 512)
+    with pytest.raises(ValueError, match='landmark_matrix'):
+        fit_flame.fit_head(model, np.zeros([1, 5, 2]), 512)
