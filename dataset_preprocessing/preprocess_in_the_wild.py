@@ -1,0 +1,303 @@
+"""In-the-wild photos or a video -> a training dataset (SPEC section 8) or a driving folder.
+
+    python dataset_preprocessing/preprocess_in_the_wild.py --indir photos/ --outdir data/mine
+    python dataset_preprocessing/preprocess_in_the_wild.py --indir talk.mp4 --outdir drive/ --mode driving --fps 10
+
+Per image: 68 landmarks of the largest face (dlib, or `--landmarks` files), EG3D's crop
+from five of them (`alignment.py`), the head pose as a 25-float camera label
+(`pose_label.py`; from Deep3DFaceRecon's `.mat` files with `--recon-mat`, else fitted),
+and a FLAME-format mesh fitted to the landmarks under that camera (`fit_flame.py`),
+written in canonical space with its 68 3D landmarks. A check image per input shows the
+crop, the detected landmarks (green), the fitted ones (red) and the fitted mesh, so that
+a bad fit is seen at a glance. Inputs without a usable face are listed in skipped.txt.
+
+Outputs, `--mode dataset`:
+    images{R}x{R}/00000/img00000000.png, images{R}x{R}/dataset.json, meshes{R}x{R}/...obj,
+    lms{R}x{R}/...txt (68 x 3), sources.txt (output name <tab> input <tab> mirrored),
+    checks/, skipped.txt
+`--mode driving`: <id>.png, dataset.json, <id>.obj, <id>_kpt2d.txt (68 x 3), checks/,
+skipped.txt, with <id> = 00000, 00001, ...
+
+A video is one identity: its frames share the shape coefficients and are smoothed in
+time. Photos are fitted one by one, each with its own shape.
+"""
+
+import io
+import json
+import os
+import sys
+import time
+from typing import List, NamedTuple, Optional
+
+import click
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+from tqdm import tqdm
+
+if __name__ == '__main__' and __package__ is None:
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from dataset_preprocessing import alignment, fit_flame, landmarks, pose_label      # noqa: E402
+from torch_utils.persistence import atomic_write_bytes                              # noqa: E402
+from training.mesh.obj_io import write_landmarks, write_obj                         # noqa: E402
+
+IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.webp')
+VIDEO_EXTENSIONS = ('.mp4', '.mov', '.avi', '.mkv', '.webm', '.m4v')
+FLAME_COMPONENTS = (100, 50)         # identity and expression components used of the user's FLAME (as DECA)
+
+
+class Frame(NamedTuple):
+    name: str                        # input file name, or "<video>#<frame index>"
+    stem: str                        # for --landmarks / --recon-mat look-ups
+    image: Optional[np.ndarray]      # (H, W, 3) uint8, None until loaded (photos load lazily)
+    path: Optional[str]
+
+
+class Prepared(NamedTuple):
+    frame: Frame
+    crop: Image.Image                # the EG3D crop
+    points: np.ndarray               # (K, 2) detected landmarks in crop pixels (K = 68 or 5)
+    angles: Optional[np.ndarray]     # (3,) head angles from a Deep3DFaceRecon .mat, else None
+
+
+# ----------------------------------------------------------------------------------------------
+# Inputs
+
+def list_frames(indir: str, fps: Optional[float]) -> (List[Frame], bool):
+    """Photos of a folder (sorted by name) or the frames of a video -> (frames, is_video)."""
+    if os.path.isdir(indir):
+        names = sorted(n for n in os.listdir(indir) if n.lower().endswith(IMAGE_EXTENSIONS))
+        if not names:
+            raise click.ClickException(f'{indir}: no images ({", ".join(IMAGE_EXTENSIONS)})')
+        return [Frame(n, os.path.splitext(n)[0], None, os.path.join(indir, n)) for n in names], False
+    if os.path.isfile(indir) and indir.lower().endswith(VIDEO_EXTENSIONS):
+        return read_video(indir, fps), True
+    raise click.ClickException(f'{indir}: not a folder of images nor a video ({", ".join(VIDEO_EXTENSIONS)})')
+
+
+def read_video(path: str, fps: Optional[float]) -> List[Frame]:
+    """Frames of a video through imageio-ffmpeg's bundled ffmpeg, subsampled to about `fps`."""
+    import imageio.v2 as imageio
+    try:
+        reader = imageio.get_reader(path, 'ffmpeg')
+        src_fps = float(reader.get_meta_data().get('fps', 0) or 0)
+        step = max(1, int(round(src_fps / fps))) if fps and src_fps > 0 else 1
+        frames = []
+        for i, img in enumerate(reader):
+            if i % step == 0:
+                frames.append(Frame(f'{os.path.basename(path)}#{i}', f'{i:05d}', np.asarray(img)[..., :3], None))
+        reader.close()
+    except Exception as e:
+        raise click.ClickException(f'{path}: cannot read the video ({e})') from None
+    if not frames:
+        raise click.ClickException(f'{path}: the video has no frames')
+    return frames
+
+
+def load_image(frame: Frame) -> np.ndarray:
+    if frame.image is not None:
+        return frame.image
+    try:
+        with Image.open(frame.path) as img:
+            return np.asarray(img.convert('RGB'))
+    except Exception as e:
+        raise ValueError(f'unreadable image ({type(e).__name__}: {e})') from None
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-image steps
+
+def prepare(frame: Frame, detector, landmark_dir: Optional[str], mat_dir: Optional[str], resolution: int) -> Prepared:
+    """Landmarks -> EG3D crop and crop-space landmarks (+ the .mat pose). Raises ValueError to skip."""
+    image = load_image(frame)
+    points = None
+    if landmark_dir is not None:
+        path = os.path.join(landmark_dir, frame.stem + '.txt')
+        if os.path.isfile(path):
+            points = landmarks.read_landmarks_txt(path)
+        elif detector is None:
+            raise ValueError(f'no landmark file {path} and no detector installed')
+    if points is None:
+        points = detector.detect(image)
+    five = points if len(points) == 5 else alignment.landmarks_68_to_5(points)
+    box, _, _ = alignment.align_face(five, size=resolution)
+    crop = alignment.crop_image(Image.fromarray(image), box)
+    angles = None
+    if mat_dir is not None:
+        path = pose_label.find_deep3d_mat(mat_dir, frame.stem)
+        if path is None:
+            raise ValueError(f'no Deep3DFaceRecon result {os.path.join(mat_dir, frame.stem + ".mat")}')
+        angles, _ = pose_label.load_deep3d_mat(path)
+    return Prepared(frame, crop, box.to_crop(points), angles)
+
+
+def fit(model: fit_flame.HeadModelAdapter, items: List[Prepared], resolution: int, video: bool, mirrored_of=None):
+    """Fit one batch (a video: shared shape, smoothed) or one photo."""
+    k = len(items[0].points)
+    matrix = None if k == 68 else alignment.five_from_68_matrix()
+    angles = None
+    if items[0].angles is not None:
+        angles = np.stack([it.angles for it in items])
+    kwargs = dict(groups=np.zeros(len(items)) if video else None, landmark_matrix=matrix,
+                  smoothness=1.0 if video else 0.0, fixed_angles=angles)
+    if mirrored_of is not None:
+        kwargs.update(fixed_labels=pose_label.mirror_label(torch.as_tensor(mirrored_of.labels)).numpy(),
+                      fixed_scale=mirrored_of.scale, fixed_angles=None)
+    return fit_flame.fit_head(model, np.stack([it.points for it in items]), resolution, **kwargs)
+
+
+def mirror_prepared(item: Prepared) -> Prepared:
+    """The left-right mirrored crop and its landmarks (re-ordered, see `landmarks.mirror_landmarks_2d`)."""
+    crop = item.crop.transpose(Image.FLIP_LEFT_RIGHT)
+    return Prepared(item.frame, crop, landmarks.mirror_landmarks_2d(item.points, crop.size[0]), None)
+
+
+def check_image(item: Prepared, result: fit_flame.FitResult, i: int, faces: torch.Tensor, size: int = 256) -> Image.Image:
+    """The crop, the fitted mesh (shaded, half transparent), detected (green) and fitted (red) landmarks."""
+    from training.mesh.rasterize import rasterize
+    img = np.asarray(item.crop.resize((size, size), Image.BILINEAR)).astype(np.float32)
+    label = torch.as_tensor(result.labels[i:i + 1])
+    verts = torch.as_tensor(result.vertices[i:i + 1])
+    ones = torch.ones(1)
+    px = fit_flame.project_landmarks(verts, ones, label, 1.0)                      # [0, 1] image units
+    cam2world = label[:, :16].reshape(1, 4, 4)
+    depth = ((fit_flame.coords.mesh_to_world(verts) - cam2world[:, None, :3, 3]) * cam2world[:, None, :3, 2]).sum(-1)
+    ndc = torch.cat([px * 2 - 1, depth[..., None]], dim=-1)
+    frags = rasterize(ndc, faces, size)
+    covered = frags.pix_to_face[0] >= 0
+    if covered.any():
+        tri = ndc[0][faces]
+        normal = torch.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0], dim=-1)
+        shade = (-normal[:, 2] / normal.norm(dim=-1).clamp_min(1e-12)).clamp(0, 1)
+        value = (60 + 195 * shade[frags.pix_to_face[0].clamp(min=0)]).numpy()
+        mask = covered.numpy()
+        img[mask] = 0.5 * img[mask] + 0.5 * value[mask, None]
+    out = Image.fromarray(img.clip(0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(out)
+    scale = size / item.crop.size[0]
+    for (x, y), color in [(p * scale, (0, 255, 0)) for p in item.points] + [(p * size, (255, 0, 0)) for p in result.projected[i] / item.crop.size[0]]:
+        draw.ellipse([x - 1.5, y - 1.5, x + 1.5, y + 1.5], fill=color)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Outputs
+
+def save_png(path: str, image: Image.Image):
+    buf = io.BytesIO()
+    image.save(buf, format='PNG')
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def output_paths(mode: str, outdir: str, index: int, resolution: int):
+    """(image, mesh, landmarks, dataset.json folder, relative name in dataset.json)."""
+    if mode == 'driving':
+        fid = f'{index:05d}'
+        return (os.path.join(outdir, fid + '.png'), os.path.join(outdir, fid + '.obj'),
+                os.path.join(outdir, fid + '_kpt2d.txt'), outdir, fid + '.png')
+    r = f'{resolution}x{resolution}'
+    rel = f'{index // 1000:05d}/img{index:08d}'
+    return (os.path.join(outdir, f'images{r}', rel + '.png'), os.path.join(outdir, f'meshes{r}', rel + '.obj'),
+            os.path.join(outdir, f'lms{r}', rel + '.txt'), os.path.join(outdir, f'images{r}'), rel + '.png')
+
+
+def load_model(flame_dir: Optional[str]) -> fit_flame.HeadModelAdapter:
+    from training.mesh.flame import FlameModel
+    from training.mesh.head_model import load_head_model
+    if flame_dir is None:
+        return fit_flame.HeadModelAdapter(load_head_model())
+    pkl, emb = os.path.join(flame_dir, 'generic_model.pkl'), os.path.join(flame_dir, 'landmark_embedding.npy')
+    for p in (pkl, emb):
+        if not os.path.isfile(p):
+            raise click.ClickException(f'{p}: missing (--flame needs generic_model.pkl and landmark_embedding.npy)')
+    return fit_flame.HeadModelAdapter(FlameModel(pkl, emb, n_shape=FLAME_COMPONENTS[0], n_exp=FLAME_COMPONENTS[1]))
+
+
+@click.command()
+@click.option('--indir', required=True, help='Folder of photos, or a video file')
+@click.option('--outdir', required=True, help='Output folder')
+@click.option('--mode', type=click.Choice(['dataset', 'driving']), default='dataset', show_default=True, help='Training dataset or reenactment driving folder')
+@click.option('--flame', 'flame_dir', default=None, help='Folder with FLAME generic_model.pkl + landmark_embedding.npy [default: bundled head model]')
+@click.option('--landmarks', 'landmark_dir', default=None, help='Folder of <stem>.txt landmark files (5 or 68 lines "x y", pixel indices)')
+@click.option('--recon-mat', 'mat_dir', default=None, help="Folder of Deep3DFaceRecon <stem>.mat results: their head angles are used")
+@click.option('--fps', type=float, default=None, help='Video: keep about this many frames per second [default: all]')
+@click.option('--mirror', is_flag=True, help='Also write left-right mirrored copies (dataset mode)')
+@click.option('--resolution', type=int, default=512, show_default=True, help='Output image size')
+@click.option('--threads', type=int, default=1, show_default=True, help='torch CPU threads (small fits are fastest on one)')
+def main(indir, outdir, mode, flame_dir, landmark_dir, mat_dir, fps, mirror, resolution, threads):
+    """Preprocess in-the-wild photos or a video (see the module docstring)."""
+    torch.set_num_threads(threads)
+    if mirror and mode == 'driving':
+        raise click.ClickException('--mirror makes sense for a dataset only')
+    detector = None
+    if landmarks.detector_available():
+        detector = landmarks.DlibLandmarkDetector()
+    elif landmark_dir is None:
+        raise click.ClickException(f'no landmark detector installed and no --landmarks folder given: {landmarks.INSTALL_HINT}')
+    frames, video = list_frames(indir, fps)
+    model = load_model(flame_dir)
+    faces = model.flame.faces
+    os.makedirs(outdir, exist_ok=True)
+    start = time.time()
+
+    prepared, skipped = [], []
+    for frame in tqdm(frames, desc='landmarks + crop', disable=None):
+        try:
+            prepared.append(prepare(frame, detector, landmark_dir, mat_dir, resolution))
+        except (ValueError, RuntimeError) as e:
+            skipped.append((frame.name, str(e)))
+    if video and len({len(p.points) for p in prepared}) > 1:
+        # A video is one batch, which needs one landmark layout: fall back to the five points for all.
+        prepared = [p._replace(points=p.points if len(p.points) == 5 else alignment.landmarks_68_to_5(p.points)) for p in prepared]
+
+    batches = [prepared] if video and prepared else [[p] for p in prepared]
+    results = []
+    for batch in tqdm(batches, desc='fitting', disable=None):
+        result = fit(model, batch, resolution, video)
+        results.append((batch, result))
+        if mirror:
+            flipped = [mirror_prepared(p) for p in batch]
+            results.append((flipped, fit(model, flipped, resolution, video, mirrored_of=result)))
+
+    labels, sources, errors = [], [], []
+    index = 0
+    for n_batch, (batch, result) in enumerate(tqdm(results, desc='writing', disable=None)):
+        is_mirror = mirror and n_batch % 2 == 1
+        for i, item in enumerate(batch):
+            img_path, obj_path, lms_path, _, rel = output_paths(mode, outdir, index, resolution)
+            os.makedirs(os.path.dirname(img_path), exist_ok=True)
+            os.makedirs(os.path.dirname(obj_path), exist_ok=True)
+            os.makedirs(os.path.dirname(lms_path), exist_ok=True)
+            save_png(img_path, item.crop)
+            write_obj(obj_path, result.vertices[i], faces.numpy())
+            write_landmarks(lms_path, result.landmarks[i])
+            check = os.path.join(outdir, 'checks', f'{index:05d}.png')
+            os.makedirs(os.path.dirname(check), exist_ok=True)
+            save_png(check, check_image(item, result, i, faces))
+            labels.append([rel, [float(x) for x in result.labels[i]]])
+            sources.append(f'{rel}\t{item.frame.name}\t{int(is_mirror)}\t{result.error_px[i]:.3f}')
+            errors.append(float(result.error_px[i]))
+            index += 1
+
+    json_dir = output_paths(mode, outdir, 0, resolution)[3]
+    if labels:
+        os.makedirs(json_dir, exist_ok=True)
+        atomic_write_bytes(os.path.join(json_dir, 'dataset.json'), json.dumps({'labels': labels}, indent=1).encode())
+    atomic_write_bytes(os.path.join(outdir, 'sources.txt'),
+                       ('output\tinput\tmirrored\tlandmark_error_px_at_512\n' + '\n'.join(sources) + '\n').encode())
+    atomic_write_bytes(os.path.join(outdir, 'skipped.txt'), ''.join(f'{n}\t{why}\n' for n, why in skipped).encode())
+    elapsed = time.time() - start
+    print(f'{len(frames)} inputs: {len(prepared)} processed, {len(skipped)} skipped (see skipped.txt); '
+          f'{len(labels)} outputs in {outdir}')
+    for n, why in skipped:
+        print(f'  skipped {n}: {why}')
+    if errors:
+        print(f'landmark error (pixels at 512): mean {np.mean(errors):.2f}, max {np.max(errors):.2f}; '
+              f'{elapsed / max(1, len(frames)):.2f} s per input')
+    if not labels:
+        raise click.ClickException('no face was processed')
+
+
+if __name__ == '__main__':
+    main()
