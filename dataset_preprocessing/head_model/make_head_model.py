@@ -53,7 +53,8 @@ from training.mesh.obj_io import write_landmarks, write_obj  # noqa: E402
 CENTRE = np.array([0.0, 0.0, -0.015])   # star centre of the surface
 N_COLS = 78                              # columns around the head (even: symmetric, one at theta=0)
 N_ROWS = 62                              # rows from the crown pole (row 0) to the neck
-PHI_MAX = np.deg2rad(162.0)              # last row: the neck cut, about y = -0.17
+PHI_MAX_DEG = 162.0                       # last row: the neck cut, about y = -0.17
+PHI_MAX = np.deg2rad(PHI_MAX_DEG)
 PHI_MOUTH = np.deg2rad(115.5)            # the mouth line
 COL_FRONT_DENSITY = 0.35                 # theta = pi (a u + (1 - a) u^3): a < 1 packs columns at the front
 MOUTH_HALF_COLS = 8                      # columns from the mouth centre to each corner
@@ -433,7 +434,7 @@ def skinning_weights(verts, n_head, info, eye_slices):
     s = rows - (i_m + 0.5)
     vertical = smoothstep(0, 1, 0.5 + s / (2 * half_width))
     lateral = 1 - smoothstep(np.deg2rad(50), np.deg2rad(95), np.abs(theta))
-    down = 1 - smoothstep(np.deg2rad(146), np.deg2rad(157), phi)
+    down = 1 - smoothstep(np.deg2rad(135), np.deg2rad(PHI_MAX_DEG), phi)
     jaw = vertical * lateral * down
     pos = verts[index]
     root = smoothstep(-0.085, -0.135, pos[..., 1]) * (1 - jaw)
