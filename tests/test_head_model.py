@@ -218,3 +218,32 @@ def test_template_and_mask_errors(tmp_path):
     Image.fromarray(np.zeros((64, 64), np.uint8)).save(tmp_path / 'small.png')
     with pytest.raises(ValueError, match=r'small\.png: expected a 256x256 mask'):
         load_uv_mask(tmp_path / 'small.png')
+
+
+def test_no_folded_faces_within_the_documented_ranges(flame, model):
+    """Adjacent faces never flip against each other (dihedral > 107 degrees) for jaw
+    openings up to 15 degrees, each expression at +1.5 (and -1.5 where both signs are
+    meaningful) and each identity component at +-1; inside the eye openings (hidden by
+    the eyeballs) a crease is tolerated."""
+    f = model['f']
+    edges = np.sort(np.concatenate([f[:, [0, 1]], f[:, [1, 2]], f[:, [2, 0]]]), 1)
+    face_of = np.tile(np.arange(len(f)), 3)
+    order = np.lexsort((edges[:, 1], edges[:, 0]))
+    shared = (edges[order][1:] == edges[order][:-1]).all(1)
+    fa, fb = face_of[order][:-1][shared], face_of[order][1:][shared]
+    v0 = model['v_template']
+    from dataset_preprocessing.head_model.make_head_model import EYE_CENTRE, EYE_OPENING
+    in_eye = (((np.abs(v0[:, 0]) - EYE_CENTRE[0]) / EYE_OPENING[0]) ** 2 + ((v0[:, 1] - EYE_CENTRE[1]) / EYE_OPENING[1]) ** 2 < 1.5) & (v0[:, 2] > 0.03)
+    counted = ~(in_eye[f[fa]].any(1) | in_eye[f[fb]].any(1))
+
+    def n_folds(verts):
+        tri = verts[:, torch.from_numpy(f)]
+        n = torch.nn.functional.normalize(torch.linalg.cross(tri[:, :, 1] - tri[:, :, 0], tri[:, :, 2] - tri[:, :, 0]), dim=-1)
+        return (((n[:, fa] * n[:, fb]).sum(-1) < -0.3) & torch.from_numpy(counted)).sum(1)
+    both_signs = [0, 1, 2, 3, 6, 9, 10, 11]              # smile, brows, pucker, stretch, puff, wrinkle, frown
+    exp = torch.cat([1.5 * torch.eye(flame.n_exp), -1.5 * torch.eye(flame.n_exp)[both_signs]]).double()
+    shape = torch.cat([torch.eye(flame.n_shape), -torch.eye(flame.n_shape)]).double()
+    jaw = torch.tensor([[np.deg2rad(a), 0, 0] for a in (0, 5, 10, 15)], dtype=torch.float64)
+    assert n_folds(flame(expression=exp)[0]).tolist() == [0] * len(exp)
+    assert n_folds(flame(shape=shape)[0]).tolist() == [0] * len(shape)
+    assert n_folds(flame(jaw_pose=jaw)[0]).tolist() == [0] * len(jaw)

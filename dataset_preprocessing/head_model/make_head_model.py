@@ -673,7 +673,10 @@ takes these unchanged.
   cheek fullness), then {n_exp} expression components (smile, brow raise, brow furrow, lip
   pucker, blink left, blink right, mouth stretch, upper lip raise, lower lip depress,
   cheek puff, nose wrinkle, frown). Coefficient 1 is about one standard deviation of
-  identity / a moderate expression.
+  identity / a moderate expression. Tested ranges without folded faces: identity +-1
+  (sample N(0, 1)), expressions up to 1.5 (blinks and the lip raise/depress are
+  one-sided: keep them >= 0), jaw opening up to 15 degrees (about 18 before the skin
+  under the chin starts to fold).
 - landmark_embedding.npy: DECA layout; `full_lmk_*` hold the 68 iBUG points (faces +
   barycentrics); `static_*` are points 17-67; `dynamic_*` repeat the jaw contour for all
   79 yaw bins (the contour does not slide with yaw in this model).
