@@ -114,3 +114,13 @@ def test_write_is_atomic_and_leaves_no_temp_files(tmp_path):
     write_obj(tmp_path / 'm.obj', v * 2, f)
     assert sorted(p.name for p in tmp_path.iterdir()) == ['m.obj']
     np.testing.assert_allclose(read_obj(tmp_path / 'm.obj').v, v * 2, atol=1e-6)
+
+
+def test_crlf_tabs_and_other_records(tmp_path):
+    text = 'mtllib m.mtl\r\no head\r\nv\t0 0 0\r\nv 1 0 0\r\nv 1 1 0\r\nvn 0 0 1\r\nvt 0 0\r\nvt 1 0\r\nvt 1 1\r\n' \
+           'usemtl skin\r\ns off\r\nf 1/1 2/2 3/3\r\nl 1 2\r\n'
+    (tmp_path / 'm.obj').write_bytes(text.encode())
+    m = read_obj(tmp_path / 'm.obj')
+    np.testing.assert_array_equal(m.v, [[0, 0, 0], [1, 0, 0], [1, 1, 0]])
+    np.testing.assert_array_equal(m.f, [[0, 1, 2]])
+    np.testing.assert_array_equal(m.ft, [[0, 1, 2]])
