@@ -118,7 +118,7 @@ def row_phi():
     s = cdf / cdf[-1] * (N_ROWS - 1)
     # Warp so that the mouth falls exactly half-way between two rows.
     s_m = np.interp(PHI_MOUTH, phi, s)
-    i_m = int(np.floor(s_m - 0.5 + 0.5))
+    i_m = int(np.floor(s_m))
     target = i_m + 0.5
     s_new = np.where(s <= s_m, s * target / s_m, target + (s - s_m) * (N_ROWS - 1 - target) / (N_ROWS - 1 - s_m))
     return np.interp(np.arange(N_ROWS), s_new, phi), i_m
@@ -127,7 +127,10 @@ def row_phi():
 # --- Base shape: a smooth union of convex primitives, measured along rays from CENTRE ----------
 
 def _exit_distance(inside, dirs, t_max=0.4, iters=40):
-    """Distance along each ray from CENTRE to where the convex `inside(points)` turns False."""
+    """Distance along each ray from CENTRE to where the convex `inside(points)` turns False.
+
+    CENTRE must lie inside the primitive (bisection on [0, t_max] assumes inside at 0).
+    """
     lo = np.zeros(dirs.shape[:-1])
     hi = np.full(dirs.shape[:-1], t_max)
     for _ in range(iters):
@@ -146,11 +149,14 @@ def _superellipsoid(centre, radii, power):
 
 
 def _neck(p):
+    """Elliptic neck cylinder (0.114 m wide, 0.106 m deep, axis at z = -0.024)."""
     q = (p[..., 0] / 0.057) ** 2 + ((p[..., 2] + 0.024) / 0.053) ** 2
     return (q < 1.0) & (p[..., 1] < 0.02)      # reaches above CENTRE, so rays start inside it
 
 
 def base_radius(dirs):
+    """Radius (...,) of the feature-free head along unit rays `dirs` (..., 3) from CENTRE:
+    a smooth union of a cranium and a (boxier) face superellipsoid and the neck."""
     cranium = _exit_distance(_superellipsoid(np.array([0.0, 0.027, -0.013]), np.array([0.077, 0.104, 0.099]), 2.3), dirs)
     face = _exit_distance(_superellipsoid(np.array([0.0, -0.030, 0.004]), np.array([0.061, 0.077, 0.083]), 2.8), dirs)
     neck = _exit_distance(_neck, dirs)
@@ -189,6 +195,7 @@ def feature_fields(p):
 
 
 def lip_fields(p, y_mouth):
+    """Radial offsets of the lips (around the mouth line at height `y_mouth`) and the chin."""
     x, y, z = p[..., 0], p[..., 1], p[..., 2]
     front = _front(z)
     return {
@@ -199,6 +206,7 @@ def lip_fields(p, y_mouth):
 
 
 def ear_field(p):
+    """Radial offset of the ears: a helix bump with a concha dent on each side of the head."""
     x, y, z = p[..., 0], p[..., 1], p[..., 2]
     side = smoothstep(0.05, 0.07, np.abs(x))
     helix = gauss(y, z, 0.006, -0.014, 0.017, 0.010)
@@ -310,7 +318,7 @@ def eyeball(centre, radius):
 
 
 def surface_point(dirs):
-    """Radius of the (feature-free of the eye opening) surface along rays from CENTRE."""
+    """(N, 3) surface points along rays `dirs` (N, 3) from CENTRE, without the eye openings."""
     r0 = base_radius(dirs)
     p0 = CENTRE + r0[..., None] * dirs
     feats = feature_fields(p0)
