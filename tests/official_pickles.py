@@ -41,30 +41,53 @@ class PersistentStandIn:
         return (_reconstruct_persistent_obj, (self.meta,))
 
 
+BY_REFERENCE_CLASSES = [
+    ('training.triplane', 'OSGDecoder'),
+    ('training.volumetric_rendering.renderer', 'ImportanceRenderer'),
+    ('training.volumetric_rendering.ray_sampler', 'RaySampler'),
+    ('training_avatar_texture.triplane_next3d', 'OSGDecoder'),
+    ('training_avatar_texture.volumetric_rendering.renderer', 'ImportanceRenderer'),
+    ('training_avatar_texture.volumetric_rendering.ray_sampler', 'RaySampler'),
+]
+
+
 @contextlib.contextmanager
 def official_names():
-    """Make the stand-ins pickle under the official global names."""
+    """Make the stand-ins pickle under the official global names.
+
+    Modules of the official code base are faked in sys.modules for the duration (a real
+    module of ours with the same name is set aside and restored afterwards).
+    """
     import torch_utils.persistence as tp
     _reconstruct_persistent_obj.__module__ = 'torch_utils.persistence'
     _reconstruct_persistent_obj.__qualname__ = '_reconstruct_persistent_obj'
     had = hasattr(tp, '_reconstruct_persistent_obj')
     tp._reconstruct_persistent_obj = _reconstruct_persistent_obj
-    fake_modules, classes = {}, {}
-    for mod_name, cls_name in [('training.triplane', 'OSGDecoder'),
-                               ('training.volumetric_rendering.renderer', 'ImportanceRenderer'),
-                               ('training.volumetric_rendering.ray_sampler', 'RaySampler')]:
-        if mod_name not in sys.modules:
-            module = types.ModuleType(mod_name)
-            cls = type(cls_name, (torch.nn.Module,), {'__module__': mod_name})
-            setattr(module, cls_name, cls)
-            fake_modules[mod_name] = module
-            classes[f'{mod_name}.{cls_name}'] = cls
-    sys.modules.update(fake_modules)
+    saved, classes = {}, {}
+
+    def fake_module(name):
+        if name not in saved:
+            saved[name] = sys.modules.get(name)
+            sys.modules[name] = types.ModuleType(name)
+        return sys.modules[name]
+
+    for mod_name, cls_name in BY_REFERENCE_CLASSES:
+        parts = mod_name.split('.')
+        for i in range(1, len(parts)):          # parents must import too
+            if '.'.join(parts[:i]) not in sys.modules:
+                fake_module('.'.join(parts[:i]))
+        module = fake_module(mod_name)
+        cls = type(cls_name, (torch.nn.Module,), {'__module__': mod_name})
+        setattr(module, cls_name, cls)
+        classes[f'{mod_name}.{cls_name}'] = cls
     try:
         yield classes
     finally:
-        for name in fake_modules:
-            sys.modules.pop(name, None)
+        for name, module in saved.items():
+            if module is None:
+                sys.modules.pop(name, None)
+            else:
+                sys.modules[name] = module
         if not had:
             del tp._reconstruct_persistent_obj
 

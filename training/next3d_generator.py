@@ -139,7 +139,9 @@ class Next3DGenerator(EG3DGenerator):
         """ws [N, num_ws, w_dim], v [N, V + 68, 3] -> tri-plane [N, 3, plane_channels, P, P] float32."""
         if not self.topology_loaded:
             raise RuntimeError('Next3DGenerator: the mesh topology is not loaded: call '
-                               'training.next3d_generator.load_topology(G, template_obj, uv_mask) after building it')
+                               'training.next3d_generator.load_topology(G, template_obj, uv_mask) after building it '
+                               '(an official Next3D pickle without its face/eye UV mask: pass uv_mask_path to '
+                               'legacy.load_network_pkl)')
         verts, landmarks = self.split_condition(v, ws.shape[0])
         kwargs = dict(noise_mode=noise_mode, force_fp32=force_fp32, fused_modconv=fused_modconv)
         eg3d_ws, texture_ws = ws[:, :self.num_backbone_ws], ws[:, self.num_backbone_ws:]
