@@ -366,6 +366,22 @@ def project_perspective(points_world: torch.Tensor, c: torch.Tensor) -> torch.Te
     return torch.stack([2 * u - 1, 2 * v - 1, z], dim=-1)
 
 
+def perspective_correct_bary(fragments: Fragments, verts: torch.Tensor, faces: torch.Tensor) -> Fragments:
+    """Fragments whose barycentrics are corrected for perspective: b_i / z_i, renormalised.
+
+    verts: (B, V, 3) NDC with z = camera depth (`project_perspective`); faces (F, 3).
+    Depth stays the screen-space interpolated z. Empty pixels keep bary = 0.
+    """
+    p2f, bary = fragments.pix_to_face, fragments.bary
+    covered = (p2f >= 0)[..., None]
+    bidx = torch.arange(p2f.shape[0], device=p2f.device).view(-1, 1, 1, 1)
+    zc = verts[..., 2][bidx, faces.to(p2f.device)[p2f.clamp(min=0)]]          # (B, H, W, 3)
+    bz = bary / torch.where(covered, zc, torch.ones_like(zc))
+    total = bz.sum(-1, keepdim=True)
+    bz = bz / torch.where(covered, total, torch.ones_like(total))
+    return Fragments(p2f, bz, fragments.depth)
+
+
 def interpolate(attrs: torch.Tensor, fragments: Fragments, faces: torch.Tensor = None, *,
                 perspective_correct: bool = False, verts: torch.Tensor = None) -> torch.Tensor:
     """Interpolate attributes over the visible faces -> (B, C, H, W); 0 where empty.
@@ -385,9 +401,7 @@ def interpolate(attrs: torch.Tensor, fragments: Fragments, faces: torch.Tensor =
     if perspective_correct:
         if verts is None or faces is None:
             raise ValueError('perspective_correct=True needs verts (B, V, 3) and faces (F, 3)')
-        zc = verts[..., 2][bidx[..., None], faces.to(f.device)[f]]          # (B, H, W, 3)
-        bz = bary / torch.where(covered[..., None], zc, torch.ones_like(zc))
-        bary = bz / bz.sum(-1, keepdim=True).where(covered[..., None], torch.ones_like(bz[..., :1]))
+        bary = perspective_correct_bary(fragments, verts, faces).bary
     if attrs.ndim == 3 and faces is not None:
         if attrs.shape[0] != bsz:
             raise ValueError(f'per-vertex attrs must be (B={bsz}, V, C), got {tuple(attrs.shape)}')

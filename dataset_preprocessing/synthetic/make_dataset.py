@@ -1,0 +1,197 @@
+"""Render a synthetic training set (or a driving video) from the bundled head model.
+
+Training set (spec section 8 layout, R = --resolution):
+
+    <outdir>/images{R}x{R}/00000/img00000000.png ...   RGB renders
+    <outdir>/images{R}x{R}/dataset.json                {"labels": [[relpath, [25 floats]], ...]}
+    <outdir>/meshes{R}x{R}/00000/img00000000.obj        canonical mesh (v lines only; faces in
+                                                        data/head_model/head_template.obj)
+    <outdir>/lms{R}x{R}/00000/img00000000.txt           68 x 3 canonical landmarks
+
+Meshes are canonical (no head rotation): the random head pose is in the camera, drawn
+like FFHQ's (yaw sd 0.3 rad, pitch sd 0.15 rad around frontal, radius 2.7, pivot
+(0, 0, 0.2), focal 4.2647), and the head sits in the world at `coords.mesh_to_world`.
+
+Driving video (--driving): <outdir>/frameNNNNN.png, frameNNNNN.obj, frameNNNNN_kpt2d.txt
+and dataset.json, one identity with smooth head motion, talking and blinking.
+
+Output depends only on --seed (and the sizes): each image draws from its own generator,
+rendering runs single-threaded in each worker process.
+
+    python dataset_preprocessing/synthetic/make_dataset.py --outdir=out --count=1000 --resolution=128 --seed=0
+"""
+
+import io
+import json
+import math
+import multiprocessing
+import os
+import sys
+import time
+
+import click
+import numpy as np
+import torch
+from PIL import Image
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+from dataset_preprocessing.synthetic import scene   # noqa: E402
+
+CHUNK = 8                    # images rendered together; fixed, so batching never changes the output
+_topology = None             # per-process cache of scene.load_topology()
+
+
+def _replace_write(path: str, data: bytes):
+    """Write through a temporary file and os.replace, so a file is never seen half-written.
+    (No fsync per file: a dataset is rewritten from its seed if the machine crashes.)"""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f'{path}.tmp{os.getpid()}'
+    with open(tmp, 'wb') as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def _png_bytes(image: torch.Tensor) -> bytes:
+    """(3, H, W) float in [0, 1] -> PNG bytes (8 bit, rounded)."""
+    arr = (image.permute(1, 2, 0).clamp(0, 1) * 255 + 0.5).floor().to(torch.uint8).numpy()
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format='PNG')
+    return buf.getvalue()
+
+
+def _obj_bytes(verts: torch.Tensor) -> bytes:
+    """(V, 3) metres -> OBJ text with v lines (micrometre precision)."""
+    return (('v %.6f %.6f %.6f\n' * len(verts)) % tuple(verts.double().reshape(-1).tolist())).encode()
+
+
+def _lms_bytes(lms: torch.Tensor) -> bytes:
+    """(68, 3) -> one 'x y z' line per landmark."""
+    return (('%.6f %.6f %.6f\n' * len(lms)) % tuple(lms.double().reshape(-1).tolist())).encode()
+
+
+def _generator(seed: int, index: int) -> torch.Generator:
+    state = np.random.SeedSequence([seed, index]).generate_state(2, dtype=np.uint32)
+    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+def _init_worker():
+    global _topology
+    torch.set_num_threads(1)
+    _topology = scene.load_topology()
+
+
+def _render_chunk(job):
+    """Render and write images [start, stop); returns [(index, relpath, label list)]."""
+    outdir, start, stop, resolution, seed = job
+    topo = _topology
+    samples = [scene.draw_sample(topo, _generator(seed, i)) for i in range(start, stop)]
+    labels = torch.stack([scene.camera_label(s.yaw, s.pitch) for s in samples])
+    verts, lms = scene.pose_meshes(topo, samples)
+    images = scene.render(topo, samples, verts, labels, resolution)
+    res = f'{resolution}x{resolution}'
+    out = []
+    for k, i in enumerate(range(start, stop)):
+        rel = f'{i // 1000:05d}/img{i:08d}'
+        _replace_write(os.path.join(outdir, f'images{res}', rel + '.png'), _png_bytes(images[k]))
+        _replace_write(os.path.join(outdir, f'meshes{res}', rel + '.obj'), _obj_bytes(verts[k]))
+        _replace_write(os.path.join(outdir, f'lms{res}', rel + '.txt'), _lms_bytes(lms[k]))
+        out.append((i, rel + '.png', [float(x) for x in labels[k]]))
+    return out
+
+
+def _run_jobs(jobs, workers: int):
+    if workers <= 1:
+        _init_worker()
+        for job in jobs:
+            yield _render_chunk(job)
+        return
+    ctx = multiprocessing.get_context('spawn')
+    with ctx.Pool(workers, initializer=_init_worker) as pool:
+        yield from pool.imap_unordered(_render_chunk, jobs)
+
+
+def make_training_set(outdir: str, count: int, resolution: int, seed: int, workers: int = 2):
+    jobs = [(outdir, s, min(s + CHUNK, count), resolution, seed) for s in range(0, count, CHUNK)]
+    entries = []
+    for chunk in _run_jobs(jobs, workers):
+        entries.extend(chunk)
+    entries.sort()
+    res = f'{resolution}x{resolution}'
+    data = json.dumps({'labels': [[rel, label] for _, rel, label in entries]}, indent=0)
+    _replace_write(os.path.join(outdir, f'images{res}', 'dataset.json'), data.encode())
+
+
+def driving_motion(num_frames: int, g: torch.Generator, fps: float = 30.0):
+    """Smooth per-frame yaw, pitch (radians), jaw opening and blink weight, and the
+    indices of expression keyframes: dict of (T,) tensors."""
+    t = torch.arange(num_frames, dtype=torch.float64) / fps
+    ph = torch.rand(6, generator=g, dtype=torch.float64) * 2 * math.pi
+    yaw = math.pi / 2 + 0.25 * torch.sin(2 * math.pi * 0.17 * t + ph[0]) + 0.05 * torch.sin(2 * math.pi * 0.5 * t + ph[1])
+    pitch = math.pi / 2 + 0.07 * torch.sin(2 * math.pi * 0.23 * t + ph[2])
+    # Talking: syllables at ~3 Hz under a slower phrase envelope.
+    syllable = torch.sin(2 * math.pi * 3.0 * t + ph[3]).clamp(min=0) ** 2
+    phrase = torch.sigmoid((torch.sin(2 * math.pi * 0.4 * t + ph[4]) + 0.3) / 0.1)
+    jaw = 0.22 * syllable * phrase
+    # Blinks: ~0.15 s closures every 2-4 s.
+    blink = torch.zeros(num_frames, dtype=torch.float64)
+    next_blink = float(torch.rand((), generator=g)) * 2
+    while next_blink < t[-1] + 1:
+        blink = torch.maximum(blink, torch.exp(-((t - next_blink) / 0.06) ** 2))
+        next_blink += 2 + 2 * float(torch.rand((), generator=g))
+    return dict(yaw=yaw, pitch=pitch, jaw=jaw, blink=blink)
+
+
+def make_driving_video(outdir: str, num_frames: int, resolution: int, seed: int):
+    torch.set_num_threads(1)
+    topo = scene.load_topology()
+    g = _generator(seed, 0)
+    base = scene.draw_sample(topo, g)
+    motion = driving_motion(num_frames, g)
+    # Expression: cosine blend between keyframes every second.
+    keys = torch.randn(num_frames // 30 + 2, topo.flame.n_exp, generator=g) * 0.35
+    labels = []
+    for start in range(0, num_frames, CHUNK):
+        samples = []
+        for f in range(start, min(start + CHUNK, num_frames)):
+            k, w = divmod(f / 30, 1)
+            w = (1 - math.cos(math.pi * w)) / 2
+            exp = keys[int(k)] * (1 - w) + keys[int(k) + 1] * w
+            for c in scene.BLINK_COMPONENTS:
+                exp[c] = 1.6 * float(motion['blink'][f])
+            samples.append(scene.Sample(base.shape, exp, float(motion['jaw'][f]), float(motion['yaw'][f]),
+                                        float(motion['pitch'][f]), base.texture_seed, base.hair, base.light,
+                                        base.light_strength, base.ambient, base.background_seed))
+        cams = torch.stack([scene.camera_label(s.yaw, s.pitch) for s in samples])
+        verts, lms = scene.pose_meshes(topo, samples)
+        images = scene.render(topo, samples, verts, cams, resolution)
+        for k, f in enumerate(range(start, start + len(samples))):
+            name = f'frame{f:05d}'
+            _replace_write(os.path.join(outdir, name + '.png'), _png_bytes(images[k]))
+            _replace_write(os.path.join(outdir, name + '.obj'), _obj_bytes(verts[k]))
+            _replace_write(os.path.join(outdir, name + '_kpt2d.txt'), _lms_bytes(lms[k]))
+            labels.append([name + '.png', [float(x) for x in cams[k]]])
+    _replace_write(os.path.join(outdir, 'dataset.json'), json.dumps({'labels': labels}, indent=0).encode())
+
+
+@click.command()
+@click.option('--outdir', required=True, type=str, help='Output folder')
+@click.option('--count', type=click.IntRange(min=1), default=1000, show_default=True, help='Number of images')
+@click.option('--resolution', type=click.IntRange(min=8), default=128, show_default=True, help='Image size')
+@click.option('--seed', type=click.IntRange(min=0), default=0, show_default=True, help='Random seed')
+@click.option('--driving', is_flag=True, help='Write a driving video folder instead of a training set')
+@click.option('--num_frames', type=click.IntRange(min=1), default=120, show_default=True, help='Frames of the driving video')
+@click.option('--workers', type=click.IntRange(min=1), default=2, show_default=True, help='Worker processes (training set)')
+def main(outdir, count, resolution, seed, driving, num_frames, workers):
+    """Render a synthetic dataset of the bundled head model."""
+    t0 = time.time()
+    if driving:
+        make_driving_video(outdir, num_frames, resolution, seed)
+        print(f'{num_frames} driving frames at {resolution}x{resolution} in {time.time() - t0:.1f} s -> {outdir}')
+    else:
+        make_training_set(outdir, count, resolution, seed, workers)
+        print(f'{count} images at {resolution}x{resolution} in {time.time() - t0:.1f} s -> {outdir}')
+
+
+if __name__ == '__main__':
+    main()
