@@ -19,7 +19,8 @@ Loss (pixels measured at 512 whatever the crop size):
     mean squared landmark error (px^2)
   + shape_prior |shape|^2 + expression_prior |exp|^2 + jaw_prior |jaw|^2 (jaw y, z x10)
   + scale_prior log(scale)^2
-  + smoothness * mean squared change between consecutive frames (videos).
+  + smoothness * mean squared change between consecutive frames (videos), measured in
+    the optimiser's units (about a pixel each, see below).
 Coefficients are in units of standard deviations for FLAME and our head model.
 Optimised with L-BFGS (strong Wolfe line search): first the camera with the mean shape,
 then everything together. Every variable is scaled so that one optimiser unit moves the
@@ -57,7 +58,8 @@ class FitResult:
     angles (B, 3) radians and trans (B, 3): Deep3DFaceRecon pose; labels (B, 25): EG3D
     camera labels; scale (B,); shape (B, S), expression (B, E), jaw_pose (B, 3) axis-angle
     radians; vertices (B, V, 3) and landmarks (B, 68, 3): canonical mesh metres with the
-    scale applied; projected (B, K, 2): the fitted points in crop pixels;
+    scale applied (the canonical, yaw-0 contour); projected (B, K, 2): the fitted points
+    in crop pixels (with the contour of the head's yaw);
     error_px (B,): mean landmark distance in pixels at 512.
     """
     angles: np.ndarray
@@ -89,14 +91,20 @@ class HeadModelAdapter:
         self.flame = flame
         self.n_shape = int(flame.n_shape)
         self.n_exp = int(flame.n_exp)
-        faces_idx = flame.lmk_faces_idx.clone()
+        # Contour points 0-16: FLAME's DECA-style embedding picks them by head yaw (79 bins);
+        # our head model and 'full' embeddings have one set. Points 17-67 are fixed.
         if flame.dynamic_contour:
-            faces_idx[:17] = flame.dynamic_faces_idx[0]      # canonical pose: yaw 0, DECA's bin 0
-            self._bary = torch.cat([flame.dynamic_bary[0], flame.lmk_bary[17:]])
+            contour_faces, contour_bary = flame.dynamic_faces_idx, flame.dynamic_bary          # (79, 17), (79, 17, 3)
         else:
-            self._bary = flame.lmk_bary
-        used, tri = torch.unique(flame.faces[faces_idx].reshape(-1), return_inverse=True)
-        self._tri = tri.reshape(68, 3)
+            contour_faces, contour_bary = flame.lmk_faces_idx[None, :17], flame.lmk_bary[None, :17]
+        inner_faces = flame.lmk_faces_idx[17:]
+        corners = torch.cat([flame.faces[contour_faces].reshape(-1), flame.faces[inner_faces].reshape(-1)])
+        used, index = torch.unique(corners, return_inverse=True)
+        n_contour = contour_faces.numel() * 3
+        self._contour_tri = index[:n_contour].reshape(len(contour_faces), 17, 3)
+        self._contour_bary = contour_bary
+        self._inner_tri = index[n_contour:].reshape(51, 3)
+        self._inner_bary = flame.lmk_bary[17:]
         n_used, n_joints = len(used), flame.J_regressor.shape[0]
         # Joints depend on all vertices, but linearly: fold the regressor into the blendshapes and
         # append the joints as extra "vertices" that the reduced regressor just selects.
@@ -132,13 +140,27 @@ class HeadModelAdapter:
         zeros3 = torch.zeros_like(jaw_pose)
         return self.flame(shape, expression, zeros3, zeros3, jaw_pose, torch.zeros(len(jaw_pose), 6), zeros3)
 
-    def landmarks(self, shape: torch.Tensor, expression: torch.Tensor, jaw_pose: torch.Tensor) -> torch.Tensor:
-        """(B, 68, 3) canonical landmarks, equal to `self(...)[1]`."""
+    def contour_bins(self, yaw: torch.Tensor) -> torch.Tensor:
+        """(B,) head yaw in radians (rotation about the head's +y, as seen by the camera) ->
+        (B,) contour bins: DECA's layout (0..39 for 0..-39 degrees, 40..78 for 1..39), as
+        `FlameModel.landmarks`; always 0 for models with one contour."""
+        if len(self._contour_tri) == 1:
+            return torch.zeros(len(yaw), dtype=torch.int64)
+        deg = torch.round(torch.rad2deg(-yaw)).clamp(-39, 39).long()
+        return torch.where(deg >= 0, deg, 39 - deg)
+
+    def landmarks(self, shape: torch.Tensor, expression: torch.Tensor, jaw_pose: torch.Tensor,
+                  bins: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """(B, 68, 3) canonical landmarks, equal to `self(...)[1]` for bins None (= 0, the
+        canonical pose's contour); `bins` (B,) picks the contour for a yawed head."""
         betas = torch.cat([shape, expression], dim=1)
         v = self._v_template + (betas[:, None, None, :] * self._shapedirs).sum(-1)
         v, _ = linear_blend_skinning(v, self._pose(jaw_pose), self._j_select, self.flame.parents, self._weights, self._posedirs)
-        corners = v[:, self._tri]                                                    # (B, 68, 3, 3)
-        return (self._bary[..., None] * corners).sum(2)
+        bins = torch.zeros(len(v), dtype=torch.int64) if bins is None else bins
+        bidx = torch.arange(len(v))[:, None]
+        contour = (self._contour_bary[bins][..., None] * v[bidx[..., None], self._contour_tri[bins]]).sum(2)
+        inner = (self._inner_bary[..., None] * v[:, self._inner_tri]).sum(2)
+        return torch.cat([contour, inner], dim=1)
 
 
 def _scaled_world(lms: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -257,13 +279,23 @@ def fit_head(model: Callable,
         labels = fixed if fixed_labels is not None else pose_label.pose_to_label(angles, trans)
         return angles, trans, log_scale, labels
 
+    def head_yaw():
+        if fixed_labels is not None:
+            return torch.tensor([pose_label.cam2world_to_head_angles(m)[1] for m in coords.split_label(fixed)[0].numpy()])
+        return camera_now()[0][:, 1].detach()
+
+    # The contour bin (FLAME's yaw-dependent jaw line) is chosen from the pose before each
+    # stage and kept during it: switching inside L-BFGS would make the loss jump.
+    bins = model.contour_bins(head_yaw())
+
     def smooth_term(x):
+        """Mean squared change between consecutive frames, in optimiser units (~pixels)."""
         return ((x[1:] - x[:-1]) ** 2).sum(-1).mean()
 
     def loss_fn(rigid: bool):
         angles, trans, log_scale, labels = camera_now()
         shape, exp, jaw = coefficients_now()
-        lms = model.landmarks(shape, exp, jaw)
+        lms = model.landmarks(shape, exp, jaw, bins)
         proj = project_landmarks(lm_mat @ lms, log_scale.exp(), labels, size)
         loss = (((proj - pts) * px) ** 2).sum(-1).mean()
         loss = loss + scale_prior * (log_scale ** 2).mean()
@@ -271,7 +303,7 @@ def fit_head(model: Callable,
             loss = loss + shape_prior * (shape_var * unit[:model.n_shape]).square().sum(-1).mean() + expression_prior * exp.square().sum(-1).mean()
             loss = loss + jaw_prior * ((jaw * torch.tensor([1.0, 10.0, 10.0])) ** 2).sum(-1).mean()
         if smoothness > 0 and bsz > 1:
-            loss = loss + smoothness * sum(smooth_term(t) for t in (exp, jaw, angles, trans))
+            loss = loss + smoothness * sum(smooth_term(t) for t in (exp_var, jaw_var, angles_var, trans_var))
         return loss
 
     def run(params, rigid, iters):
@@ -289,6 +321,7 @@ def fit_head(model: Callable,
 
     camera = [v for v, on in ((angles_var, fit_angles), (trans_var, fit_trans), (scale_var, fit_scale)) if on]
     run(camera, True, rigid_iters)
+    bins = model.contour_bins(head_yaw())
     run(camera + [shape_var, exp_var, jaw_var], False, full_iters)
 
     with torch.no_grad():
@@ -296,7 +329,7 @@ def fit_head(model: Callable,
         scale = log_scale.exp()
         shape, exp, jaw = coefficients_now()
         verts, lms = model(shape, exp, jaw)
-        proj = project_landmarks(lm_mat @ lms, scale, labels, size)
+        proj = project_landmarks(lm_mat @ model.landmarks(shape, exp, jaw, bins), scale, labels, size)
         err = ((proj - pts) * px).norm(dim=-1).mean(-1)
         ang, trans = angles.numpy(), trans.numpy()
         if fixed_labels is not None:            # the pose behind a given label is not a Deep3DFaceRecon one

