@@ -127,7 +127,7 @@ def _activate_grad(z: torch.Tensor, act: str, alpha: float) -> torch.Tensor:
     if act == 'relu':
         return (z > 0).to(z.dtype)
     if act == 'lrelu':
-        return torch.where(z > 0, 1.0, alpha).to(z.dtype)
+        return torch.where(z > 0, torch.ones_like(z), torch.full_like(z, alpha))
     if act == 'tanh':
         return 1 - torch.tanh(z).square()
     if act == 'sigmoid':
