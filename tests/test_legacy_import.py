@@ -232,7 +232,7 @@ def official_unused_next3d(G, g) -> dict:
     return extra
 
 
-def next3d_pickle(G, with_mask_attribute: bool = False) -> (bytes, set):
+def next3d_pickle(G, with_mask_attribute: bool = False, drop=()) -> (bytes, set):
     g = torch.Generator().manual_seed(3)
     flat = {}
     for k, v in G.state_dict().items():
@@ -253,6 +253,8 @@ def next3d_pickle(G, with_mask_attribute: bool = False) -> (bytes, set):
                     face_uvcoords=deca[r.uvfaces][None], dense_faces=torch.randint(0, 100, (1, 50, 3), generator=g),
                     dataset_label_std=torch.rand(25, generator=g))
     flat.update(topology)
+    for name in drop:
+        del flat[name]
     record_kwargs = generator_record_kwargs(G, 'training_avatar_texture.superresolution.SuperresolutionHybrid2X', gen_exp_cond=True)
     record_kwargs['topology_path'] = 'data/FFHQ/head_template.obj'
     attrs = dict(neural_rendering_resolution=G.neural_rendering_resolution, load_lms=True, uv_resolution=64,
@@ -338,6 +340,31 @@ def test_next3d_uv_mask_from_attribute_or_missing(tmp_path):
     assert any('UV mask' in n for n in out.import_report['G']['notes'])
     with pytest.raises(RuntimeError, match='uv_mask_path'):
         G(torch.randn(1, G.z_dim), torch.zeros(1, 25), torch.zeros(1, G.num_vertices + 68, 3))
+
+
+def test_next3d_uvs_derived_from_deca_uvcoords():
+    """Without raw_uvcoords, UVs come from the DECA-style uvcoords (2u - 1, 1 - 2v, 1): v flips back up."""
+    src = next3d_source()
+    blob, _ = next3d_pickle(src, with_mask_attribute=True, drop=('raw_uvcoords',))
+    out = legacy.load_network_pkl(io.BytesIO(blob))
+    uv, ref = out.G.rasterizer.uvcoords, src.rasterizer.uvcoords
+    assert torch.allclose(uv, ref, atol=1e-6) and not torch.allclose(uv[:, 1], 1 - ref[:, 1], atol=1e-3)
+    assert any('derived' in n for n in out.import_report['G']['notes'])
+
+
+def test_force_fp16(tmp_path):
+    src = eg3d_source()
+    out = legacy.load_network_pkl(io.BytesIO(eg3d_pickle(src)), force_fp16=True)
+    assert out.G.init_kwargs['synthesis_kwargs']['num_fp16_res'] == 4
+    assert out.G.init_kwargs['synthesis_kwargs']['conv_clamp'] == 256
+    assert all(torch.equal(a, b) for a, b in zip(src.state_dict().values(), out.G.state_dict().values())
+               if isinstance(a, torch.Tensor))
+    from torch_utils import persistence
+    path = tmp_path / 'snap.pkl'
+    persistence.save_checkpoint(str(path), dict(G=src, D=configs.make_discriminator('tiny64')))
+    own = legacy.load_network_pkl(str(path), force_fp16=True)
+    assert own.G.init_kwargs['synthesis_kwargs']['num_fp16_res'] == 4 and own.D.init_kwargs['num_fp16_res'] == 4
+    assert torch.equal(own.G.state_dict()['backbone.synthesis.b64.conv1.weight'], src.state_dict()['backbone.synthesis.b64.conv1.weight'])
 
 
 # --- discriminator ------------------------------------------------------------------------
