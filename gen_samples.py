@@ -31,12 +31,13 @@ from training.generation import BUNDLED_NETWORK, frontal_label, load_generator, 
 @click.option('--obj_path', type=str, default=None, help='Driving mesh (.obj); default: the bundled head, neutral')
 @click.option('--lms_path', type=str, default=None, help='68 x 3 landmarks of the mesh; default: the bundled head, neutral')
 @click.option('--lms_cond', type=bool, default=True, show_default=True, help='Condition on the landmark file (else landmarks are computed from the mesh with the bundled head model)')
+@click.option('--uv_mask_path', type=str, default=None, help='Face/eye UV mask PNG for official Next3D pickles that lack it')
 @click.option('--device', type=str, default=None, help="torch device (default: cuda if available)")
 def generate_images(network_pkl, seeds, truncation_psi, truncation_cutoff, outdir, shapes, shape_res, shape_format,
-                    fov_deg, obj_path, lms_path, lms_cond, device):
+                    fov_deg, obj_path, lms_path, lms_cond, uv_mask_path, device):
     """Per seed: the views at yaw +0.4, 0, -0.4 (pitch -0.2) conditioned on a frontal camera -> seedNNNN.png."""
     device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
-    G = load_generator(network_pkl, device)
+    G = load_generator(network_pkl, device, uv_mask_path)
     v = mesh_condition(G, obj_path, lms_path, lms_cond, device)
     focal = coords.fov_to_focal(fov_deg)
     c_cond = frontal_label(G, focal, device)

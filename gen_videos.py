@@ -93,12 +93,13 @@ def render_video(G, path, seeds, grid, num_keyframes, w_frames, psi, truncation_
 @click.option('--lms_path', type=str, default=None, help='68 x 3 landmarks of the mesh')
 @click.option('--lms_cond', type=bool, default=True, show_default=True, help='Condition on the landmark file (else computed from the mesh)')
 @click.option('--fps', type=click.IntRange(min=1), default=60, show_default=True)
+@click.option('--uv_mask_path', type=str, default=None, help='Face/eye UV mask PNG for official Next3D pickles that lack it')
 @click.option('--device', type=str, default=None, help='torch device (default: cuda if available)')
 def generate_videos(network_pkl, seeds, shuffle_seed, grid, num_keyframes, w_frames, truncation_psi, truncation_cutoff,
-                    outdir, image_mode, sample_mult, nrr, interpolate, obj_path, lms_path, lms_cond, fps, device):
+                    outdir, image_mode, sample_mult, nrr, interpolate, obj_path, lms_path, lms_cond, fps, uv_mask_path, device):
     """Orbit videos: mp4, libx264, 10 Mbit/s."""
     device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
-    G = load_generator(network_pkl, device)
+    G = load_generator(network_pkl, device, uv_mask_path)
     v = mesh_condition(G, obj_path, lms_path, lms_cond, device)
     if shuffle_seed is not None:
         np.random.RandomState(shuffle_seed).shuffle(seeds)

@@ -43,9 +43,10 @@ def load_frame_image(path: str, size: int) -> np.ndarray:
 @click.option('--lms_cond', type=bool, default=True, show_default=True, help='Use the <id>_kpt2d.txt landmarks (else computed from the mesh)')
 @click.option('--smooth', type=click.IntRange(min=0), default=2, show_default=True, help='Camera smoothing radius in frames')
 @click.option('--fps', type=click.IntRange(min=1), default=30, show_default=True)
+@click.option('--uv_mask_path', type=str, default=None, help='Face/eye UV mask PNG for official Next3D pickles that lack it')
 @click.option('--device', type=str, default=None, help='torch device (default: cuda if available)')
 def reenact(drive_root, network_pkl, seeds, grid, outdir, fname, truncation_psi, truncation_cutoff, fixed_camera,
-            num_frames, lms_cond, smooth, fps, device):
+            num_frames, lms_cond, smooth, fps, uv_mask_path, device):
     """Drive avatars with a tracked video; writes OUTDIR/FNAME (mp4, 30 fps)."""
     device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
     gw, gh = grid
@@ -54,7 +55,7 @@ def reenact(drive_root, network_pkl, seeds, grid, outdir, fname, truncation_psi,
     frames = read_driving_folder(drive_root)
     if num_frames is not None:
         frames = frames[:num_frames]
-    G = load_generator(network_pkl, device)
+    G = load_generator(network_pkl, device, uv_mask_path)
     if not uses_mesh(G):
         raise click.UsageError(f'{network_pkl}: this generator is not mesh-driven (EG3D) and cannot be reenacted')
     avatars = (gw - 1) * gh

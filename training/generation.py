@@ -17,15 +17,22 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUNDLED_NETWORK = os.path.join('pretrained_models', 'next3d-synthetic-small128.pkl')
 
 
-def load_generator(network_pkl: str, device: torch.device) -> torch.nn.Module:
-    """G_ema of a snapshot or official pickle, in eval mode on `device`."""
+def load_generator(network_pkl: str, device: torch.device, uv_mask_path: str = None) -> torch.nn.Module:
+    """G_ema of a snapshot or official pickle, in eval mode on `device`.
+
+    uv_mask_path: the face/eye UV mask PNG for official Next3D pickles that lack it.
+    """
     path = network_pkl
     if not os.path.isfile(path) and os.path.isfile(os.path.join(ROOT, path)):
         path = os.path.join(ROOT, path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f'{network_pkl}: no such network file')
     print(f'Loading networks from "{path}"...')
-    G = legacy.load_network_pkl(path)['G_ema']
+    data = legacy.load_network_pkl(path, uv_mask_path=uv_mask_path)
+    if data.get('import_report'):
+        from training.official_import import format_report
+        print(format_report(data['import_report']))
+    G = data['G_ema']
     if G is None:
         raise ValueError(f'{path}: holds no generator (G_ema or G)')
     return G.eval().requires_grad_(False).to(device)
