@@ -140,6 +140,7 @@ def main(device_str, quick, repeats, warmup, use_compile, outdir):
         else:
             print('CUDA extensions did not build (see the warning above); timing the references only.')
 
+    load_before = os.getloadavg()[0] if hasattr(os, 'getloadavg') else float('nan')
     rows = []
     started = time.perf_counter()
     for name, in_shape, fn, out_shape in make_cases(device):
@@ -181,6 +182,8 @@ def main(device_str, quick, repeats, warmup, use_compile, outdir):
         f'- torch: {torch.__version__} (CUDA {torch.version.cuda})',
         f'- git commit: {git_commit()}',
         f'- settings: repeats={repeats} (median), warmup={warmup}, quick={quick}; total {elapsed:.0f} s',
+        f'- system load average (1 min) before / after: {load_before:.1f} / {os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan"):.1f} '
+        f'on {os.cpu_count()} CPUs (other processes compete for the CPU when it exceeds the count)',
         '- cells: median time / ideal traffic (every input and output read or written once) per second',
         '',
     ] + table + ['']
