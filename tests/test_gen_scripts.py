@@ -120,9 +120,16 @@ def test_reenact_rows_and_frames(tiny_network, tmp_path):
     for i, frame in enumerate(frames):
         assert abs(frame[8:56, 8:56].astype(float).mean() - 60 * i) < 6
     result = invoke(reenact_avatar.reenact, ['--drive_root', str(drive), '--network', tiny_network, '--num_frames', '1',
-                                             '--fixed_camera', 'true', '--outdir', str(tmp_path), '--fname', 'one.mp4'])
+                                             '--fixed_camera', 'true', '--lms_cond', 'false', '--outdir', str(tmp_path), '--fname', 'one.mp4'])
     assert result.exit_code == 0, result.output + repr(result.exception)
     assert len(read_video_frames(str(tmp_path / 'one.mp4'))) == 1
+
+
+def test_landmarks_from_the_bundled_head_match_the_landmark_file():
+    from training.generation import _bundled_landmarks
+    verts = torch.from_numpy(read_obj_vertices(DEFAULT_OBJ))[None]
+    from training.mesh.obj_io import read_landmarks
+    np.testing.assert_allclose(_bundled_landmarks(verts)[0].numpy(), read_landmarks(DEFAULT_LMS), atol=1e-4)
 
 
 def test_reenact_bad_inputs(tiny_network, tmp_path):

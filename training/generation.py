@@ -70,10 +70,11 @@ def _missing_landmarks(obj_path):
 def _bundled_landmarks(verts: torch.Tensor) -> torch.Tensor:
     from training.mesh.head_model import load_head_model
     head = load_head_model()
-    if verts.shape[1] != head.num_vertices:
-        raise ValueError(f'computing landmarks from a mesh needs the bundled head topology ({head.num_vertices} vertices), '
+    expected = head.v_template.shape[0]
+    if verts.shape[1] != expected:
+        raise ValueError(f'computing landmarks from a mesh needs the bundled head topology ({expected} vertices), '
                          f'got {verts.shape[1]}: pass --lms_path and --lms_cond=True')
-    return head.landmarks_from_vertices(verts)
+    return head.landmarks(verts)
 
 
 def orbit_label(G, yaw: float, pitch: float, focal: float = coords.FOCAL_LENGTH, device=torch.device('cpu')) -> torch.Tensor:
