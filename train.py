@@ -1,7 +1,411 @@
-"""train: filled in by a later issue."""
+"""Train a Next3D (or EG3D) generator on a dataset of images, cameras, meshes and landmarks.
 
+Examples:
+
+    # Next3D at FFHQ-512 on 8 GPUs, initialised from EG3D (the published command)
+    python train.py --outdir=training-runs --cfg=ffhq --data=data/ffhq/images512x512 \\
+        --rdata=data/ffhq/meshes512x512 --gpus=8 --batch=32 --gamma=4 \\
+        --topology_path=data/flame/head_template.obj --gen_pose_cond=True --gen_exp_cond=True \\
+        --disc_c_noise=1 --load_lms=True --model_version=next3d --resume=ffhqrebalanced512-64.pkl
+
+    # A small model on the synthetic dataset, on the CPU
+    python train.py --outdir=training-runs --cfg=small128 --data=synthetic128 --gpus=1 --batch=4 --gamma=1 --metrics=none
+
+    # Many machines: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; --gpus is the total number of processes
+    torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 train.py --gpus=16 ...
+
+`--gpus=N` starts N processes on this machine (on a machine without CUDA they train on
+the CPU with the gloo backend). SIGINT/SIGTERM make the run write a resume snapshot and
+exit with status 0; `--resume` of that snapshot continues at the same kimg.
+"""
+
+import json
+import os
+import re
+import signal
 import sys
+import tempfile
+
+import click
+import torch
+
+import dnnlib
+from training import distributed
+from training.dataset import DatasetError
+
+CFG_PRESETS = {'ffhq': 'ffhq512', 'ffhq512': 'ffhq512', 'tiny64': 'tiny64', 'small128': 'small128'}
+
+
+# ----------------------------------------------------------------------------------------
+# Options -> the training loop's arguments
+
+def preset_name(cfg: str, model_version: str) -> str:
+    from training import configs
+    name = CFG_PRESETS[cfg] + ('-eg3d' if model_version == 'eg3d' else '')
+    if name not in configs.PRESETS:
+        raise click.ClickException(f'--cfg={cfg} has no {model_version} variant (presets: {sorted(configs.PRESETS)})')
+    return name
+
+
+def uv_mask_for(topology_path: str):
+    """The face/eye UV mask next to a template: uv_face_eye_mask.png in the same folder, if present."""
+    if topology_path is None:
+        return None
+    path = os.path.join(os.path.dirname(topology_path), 'uv_face_eye_mask.png')
+    return path if os.path.isfile(path) else None
+
+
+def build_config(opts: dnnlib.EasyDict) -> dnnlib.EasyDict:
+    """Every option mapped onto the training loop's keyword arguments (plain data)."""
+    from training import configs
+    c = dnnlib.EasyDict()
+    preset = preset_name(opts.cfg, opts.model_version)
+    template = opts.topology_path
+    if template is None and configs.PRESETS[preset]['generator'] == 'next3d' and preset != 'ffhq512' and os.path.isfile(configs.BUNDLED_TEMPLATE):
+        template = configs.BUNDLED_TEMPLATE        # what the small presets' generators use
+    c.training_set_kwargs = dnnlib.EasyDict(
+        class_name='training.dataset.MeshImageDataset', path=opts.data, mesh_path=opts.rdata, use_labels=True,
+        xflip=opts.mirror, load_lms=opts.load_lms, mirror_template=template if opts.mirror else None, random_seed=opts.seed)
+    c.data_loader_kwargs = dnnlib.EasyDict(pin_memory=torch.cuda.is_available(), num_workers=opts.workers)
+    if opts.workers > 0:
+        c.data_loader_kwargs.prefetch_factor = 2
+
+    # Validate the dataset now: a bad one stops here with its error, before anything starts.
+    from training.dataset import MeshImageDataset
+    kwargs = {k: v for k, v in c.training_set_kwargs.items() if k != 'class_name'}
+    dataset = MeshImageDataset(**kwargs)
+    c.training_set_kwargs.resolution = dataset.resolution
+    label_dim, exp_dim = dataset.label_dim, dataset.label_dim - 25
+    dataset_name, num_vertices, num_items = dataset.name, dataset.num_vertices, len(dataset)
+    dataset.close()
+    if opts.gen_exp_cond and exp_dim == 0:
+        raise click.ClickException(f'--gen_exp_cond=True needs expression labels ({opts.data} has no dataset_exp.json)')
+
+    preset_G = configs.PRESETS[preset]['G']
+    if preset_G['img_resolution'] != dataset.resolution:
+        raise click.ClickException(f'--cfg={opts.cfg} makes {preset_G["img_resolution"]}x{preset_G["img_resolution"]} images, '
+                                   f'the dataset {opts.data} is {dataset.resolution}x{dataset.resolution}')
+
+    if opts.neural_rendering_resolution_initial is None:
+        opts.neural_rendering_resolution_initial = preset_G['neural_rendering_resolution']
+    from training.superresolution import sr_factor
+    try:
+        sr_factor(dataset.resolution, opts.neural_rendering_resolution_initial)
+    except ValueError as e:
+        raise click.ClickException(f'--neural_rendering_resolution_initial={opts.neural_rendering_resolution_initial}: {e}')
+    rendering_kwargs = dict(
+        c_gen_conditioning_zero=not opts.gen_pose_cond, c_scale=opts.c_scale, gpc_reg_prob=opts.gpc_reg_prob if opts.gen_pose_cond else None,
+        superresolution_noise_mode=opts.sr_noise_mode, density_reg=opts.density_reg, density_reg_p_dist=opts.density_reg_p_dist,
+        reg_type=opts.reg_type, decoder_lr_mul=opts.decoder_lr_mul, image_resolution=dataset.resolution)
+    synthesis_kwargs = dict(num_fp16_res=opts.g_num_fp16_res)
+    if opts.cbase is not None:
+        synthesis_kwargs['channel_base'] = opts.cbase
+    if opts.cmax is not None:
+        synthesis_kwargs['channel_max'] = opts.cmax
+    G_overrides = dict(c_dim=25 + (exp_dim if opts.gen_exp_cond else 0), neural_rendering_resolution=opts.neural_rendering_resolution_initial,
+                       rendering_kwargs=rendering_kwargs, synthesis_kwargs=synthesis_kwargs, sr_kwargs=dict(num_fp16_res=opts.sr_num_fp16_res))
+    if opts.map_depth is not None:
+        G_overrides['mapping_kwargs'] = dict(num_layers=opts.map_depth)
+    c.G_kwargs = dnnlib.EasyDict(class_name='training.configs.make_generator', cfg=preset, **G_overrides)
+    if configs.PRESETS[preset]['generator'] == 'next3d':
+        if opts.topology_path is not None:
+            c.G_kwargs.template_obj = opts.topology_path
+            c.G_kwargs.uv_mask = uv_mask_for(opts.topology_path)
+        if template is None or not os.path.isfile(template):
+            raise click.ClickException(f'--cfg={opts.cfg}: the Next3D generator needs the mesh template: pass --topology_path=<head_template.obj>')
+        sizes = configs.template_sizes(template)
+        if sizes['num_vertices'] != num_vertices:
+            raise click.ClickException(f'{template}: the template has {sizes["num_vertices"]} vertices, the meshes of {opts.data} have {num_vertices}')
+
+    c.D_kwargs = dnnlib.EasyDict(class_name='training.configs.make_discriminator', cfg=preset, c_dim=label_dim if opts.cond else 0,
+                                 disc_c_noise=opts.disc_c_noise, num_fp16_res=opts.d_num_fp16_res, freeze_layers=opts.freezed,
+                                 mbstd_group_size=opts.mbstd_group)
+    if opts.cbase is not None:
+        c.D_kwargs.channel_base = opts.cbase
+    if opts.cmax is not None:
+        c.D_kwargs.channel_max = opts.cmax
+
+    c.G_opt_kwargs = dnnlib.EasyDict(class_name='torch.optim.Adam', lr=opts.glr, betas=[0, 0.99], eps=1e-8)
+    c.D_opt_kwargs = dnnlib.EasyDict(class_name='torch.optim.Adam', lr=opts.dlr, betas=[0, 0.99], eps=1e-8)
+    c.loss_kwargs = dnnlib.EasyDict(
+        r1_gamma=opts.gamma, style_mixing_prob=opts.style_mixing_prob,
+        blur_init_sigma=10, blur_fade_kimg=opts.batch * opts.blur_fade_kimg / 32,
+        gpc_reg_prob=opts.gpc_reg_prob if opts.gen_pose_cond else None, gpc_reg_fade_kimg=opts.gpc_reg_fade_kimg,
+        neural_rendering_resolution_initial=opts.neural_rendering_resolution_initial,
+        neural_rendering_resolution_final=opts.neural_rendering_resolution_final,
+        neural_rendering_resolution_fade_kimg=opts.neural_rendering_resolution_fade_kimg,
+        density_reg=opts.density_reg, density_reg_p_dist=opts.density_reg_p_dist, reg_type=opts.reg_type)
+    c.G_reg_interval = opts.density_reg_every if opts.density_reg > 0 and opts.density_reg_every > 1 else None
+    c.D_reg_interval = 16
+
+    c.augment_kwargs = None
+    c.augment_p = 0.0
+    c.ada_target = None
+    if opts.aug != 'noaug':
+        raise click.ClickException(f'--aug={opts.aug} is not available yet: this version has no augmentation pipeline. '
+                                   'Use --aug=noaug (and leave --p/--target unset).')
+    c.metrics = [] if opts.metrics == ['none'] else opts.metrics
+    c.random_seed = opts.seed
+    c.num_gpus = opts.gpus
+    c.batch_size = opts.batch
+    c.batch_gpu = opts.batch_gpu or opts.batch // opts.gpus
+    c.ema_kimg = opts.batch * 10 / 32
+    c.ema_rampup = 0.05
+    c.total_kimg = opts.kimg
+    c.kimg_per_tick = opts.tick
+    c.image_snapshot_ticks = c.network_snapshot_ticks = opts.snap
+    c.grid_size = opts.grid
+    c.cudnn_benchmark = not opts.nobench
+    c.resume_pkl = opts.resume
+    c.resume_kwargs = dict(resume_blur=opts.resume_blur)
+
+    # Sanity checks of the batch split.
+    if c.batch_size % c.num_gpus != 0:
+        raise click.ClickException('--batch must be a multiple of --gpus')
+    if c.batch_size % (c.num_gpus * c.batch_gpu) != 0:
+        raise click.ClickException('--batch must be a multiple of --gpus times --batch-gpu')
+    group = min(opts.mbstd_group, c.batch_gpu)
+    if c.batch_gpu % group != 0:
+        raise click.ClickException(f'--batch-gpu={c.batch_gpu} must be a multiple of --mbstd-group={opts.mbstd_group}')
+    if c.batch_gpu < opts.mbstd_group:
+        c.D_kwargs.mbstd_group_size = c.batch_gpu
+    for metric in c.metrics:
+        from metrics import metric_main
+        if not metric_main.is_valid_metric(metric):
+            raise click.ClickException(f'--metrics: unknown metric {metric!r}; known: {", ".join(metric_main.list_valid_metrics())}')
+    if c.metrics:
+        from metrics import metric_main
+        try:
+            metric_main.check_requirements(c.metrics)
+        except (FileNotFoundError, ValueError) as e:
+            raise click.ClickException(f'{e} (or train with --metrics=none)')
+
+    c.run_desc = f'{opts.cfg}-{dataset_name}-gpus{c.num_gpus}-batch{c.batch_size}-gamma{c.loss_kwargs.r1_gamma:g}'
+    if opts.desc:
+        c.run_desc += f'-{opts.desc}'
+    c.dataset_summary = dict(items=num_items, resolution=dataset.resolution, label_dim=label_dim, num_vertices=num_vertices)
+    return c
+
+
+def model_sizes(c) -> dict:
+    """Parameter counts of G and D (built on the meta device: no memory, no time)."""
+    sizes = {}
+    for name, kwargs in (('G', c.G_kwargs), ('D', c.D_kwargs)):
+        kwargs = dict(kwargs)
+        if name == 'G':
+            kwargs.pop('uv_mask', None)
+        module = dnnlib.construct_class_by_name(device='meta', **kwargs)
+        sizes[name] = sum(p.numel() for p in module.parameters())
+    return sizes
+
+
+def new_run_dir(outdir: str, desc: str) -> str:
+    """outdir/NNNNN-desc with NNNNN one more than the highest existing run id."""
+    ids = []
+    if os.path.isdir(outdir):
+        for name in os.listdir(outdir):
+            m = re.match(r'^(\d+)', name)
+            if m and os.path.isdir(os.path.join(outdir, name)):
+                ids.append(int(m.group(1)))
+    run_dir = os.path.join(outdir, f'{max(ids, default=-1) + 1:05d}-{desc}')
+    if os.path.exists(run_dir):
+        raise click.ClickException(f'{run_dir} already exists')
+    return run_dir
+
+
+# ----------------------------------------------------------------------------------------
+# Processes
+
+def loop_kwargs(c) -> dict:
+    skip = ('run_desc', 'dataset_summary', 'run_dir')
+    return {k: v for k, v in c.items() if k not in skip}
+
+
+def subprocess_fn(rank: int, c, init_method: str, device_index: int = None):
+    """One training process: join the group, tee the log (rank 0), train."""
+    from training import training_loop
+    if torch.cuda.is_available():
+        device = torch.device('cuda', rank if device_index is None else device_index)
+    else:
+        device = torch.device('cpu')
+    distributed.init(rank, c.num_gpus, device, init_method)
+    logger = dnnlib.Logger(file_name=os.path.join(c.run_dir, 'log.txt'), file_mode='a', should_flush=True) if rank == 0 else None
+    try:
+        training_loop.training_loop(run_dir=c.run_dir, rank=rank, device=str(device), **loop_kwargs(c))
+    finally:
+        distributed.shutdown()
+        if logger is not None:
+            logger.close()
+
+
+def launch_spawn(c):
+    """--gpus=N on this machine: N processes meeting through a file; signals are passed on to them."""
+    import torch.multiprocessing as mp
+    with tempfile.TemporaryDirectory() as tmp:
+        init_method = 'file://' + os.path.abspath(os.path.join(tmp, '.torch_distributed_init'))
+        context = mp.start_processes(subprocess_fn, args=(c, init_method), nprocs=c.num_gpus, join=False, start_method='spawn')
+
+        def forward(signum, _frame):
+            for p in context.processes:
+                if p.is_alive():
+                    os.kill(p.pid, signum)
+        previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            while not context.join():
+                pass
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
+
+
+def launch(c, outdir: str):
+    """Create the run folder and start the processes (this one, spawned ones, or torchrun's)."""
+    env = distributed.env_rank()
+    if env is not None:   # torchrun: every process runs this; rank 0 names the run folder
+        if env['world_size'] != c.num_gpus:
+            raise click.ClickException(f'--gpus={c.num_gpus} but torchrun started WORLD_SIZE={env["world_size"]} processes')
+        device = torch.device('cuda', env['local_rank']) if torch.cuda.is_available() else torch.device('cpu')
+        distributed.init(env['rank'], env['world_size'], device, 'env://')
+        holder = [prepare_run_dir(c, outdir) if env['rank'] == 0 else None]
+        torch.distributed.broadcast_object_list(holder, src=0)
+        c.run_dir = holder[0]
+        from training import training_loop
+        logger = dnnlib.Logger(file_name=os.path.join(c.run_dir, 'log.txt'), file_mode='a') if env['rank'] == 0 else None
+        try:
+            training_loop.training_loop(run_dir=c.run_dir, rank=env['rank'], device=str(device), **loop_kwargs(c))
+        finally:
+            distributed.shutdown()
+            if logger is not None:
+                logger.close()
+        return
+    c.run_dir = prepare_run_dir(c, outdir)
+    if c.num_gpus == 1:
+        subprocess_fn(0, c, init_method=None)
+    else:
+        launch_spawn(c)
+
+
+def prepare_run_dir(c, outdir: str) -> str:
+    run_dir = new_run_dir(outdir, c.run_desc)
+    print(f'Creating output directory {run_dir}')
+    os.makedirs(run_dir)
+    c.run_dir = run_dir
+    with open(os.path.join(run_dir, 'training_options.json'), 'wt') as f:
+        json.dump(c, f, indent=2)
+    return run_dir
+
+
+# ----------------------------------------------------------------------------------------
+
+def parse_comma_list(s):
+    if isinstance(s, list):
+        return s
+    return [x.strip() for x in s.split(',') if x.strip()] or ['none']
+
+
+def parse_grid(s):
+    if s is None or s == 'auto':
+        return None
+    m = re.fullmatch(r'(\d+)x(\d+)', s)
+    if not m:
+        raise click.BadParameter('expected WxH, e.g. 4x2')
+    return [int(m.group(1)), int(m.group(2))]
+
+
+@click.command()
+# Required.
+@click.option('--outdir', help='Where to make the run folder', metavar='DIR', required=True)
+@click.option('--cfg', help='Network preset (ffhq = ffhq512)', type=click.Choice(sorted(CFG_PRESETS)), required=True)
+@click.option('--data', help='Dataset: root, images<R>x<R> folder, or zip', metavar='[ZIP|DIR]', required=True)
+@click.option('--rdata', help='Meshes folder (landmarks: its lms sibling); default: next to the images', metavar='DIR', default=None)
+@click.option('--gpus', help='Number of processes (GPUs; CPU processes without CUDA)', metavar='INT', type=click.IntRange(min=1), required=True)
+@click.option('--batch', help='Total batch size', metavar='INT', type=click.IntRange(min=1), required=True)
+@click.option('--gamma', help='R1 weight', metavar='FLOAT', type=click.FloatRange(min=0), required=True)
+# Optional features.
+@click.option('--cond', help='Condition D on the dataset labels', metavar='BOOL', type=bool, default=True, show_default=True)
+@click.option('--mirror', help='Add mirrored items (image, camera, mesh, landmarks)', metavar='BOOL', type=bool, default=False, show_default=True)
+@click.option('--aug', help='Augmentation mode (only noaug is available)', type=click.Choice(['noaug', 'ada', 'fixed']), default='noaug', show_default=True)
+@click.option('--resume', help='Snapshot to continue, or checkpoint to start from', metavar='[PATH|URL]', type=str)
+@click.option('--freezed', help='Freeze the first N layers of D', metavar='INT', type=click.IntRange(min=0), default=0, show_default=True)
+# Misc hyperparameters.
+@click.option('--p', help='Probability for --aug=fixed', metavar='FLOAT', type=click.FloatRange(min=0, max=1), default=0.2, show_default=True)
+@click.option('--target', help='Target value for --aug=ada', metavar='FLOAT', type=click.FloatRange(min=0, max=1), default=0.6, show_default=True)
+@click.option('--batch-gpu', help='Limit batch size per process and round', metavar='INT', type=click.IntRange(min=1))
+@click.option('--cbase', help='Capacity multiplier (default: the preset\'s, 32768 for ffhq)', metavar='INT', type=click.IntRange(min=1), default=None)
+@click.option('--cmax', help='Max. feature maps (default: the preset\'s, 512 for ffhq)', metavar='INT', type=click.IntRange(min=1), default=None)
+@click.option('--glr', help='G learning rate', metavar='FLOAT', type=click.FloatRange(min=0), default=0.0025, show_default=True)
+@click.option('--dlr', help='D learning rate', metavar='FLOAT', type=click.FloatRange(min=0), default=0.002, show_default=True)
+@click.option('--map-depth', help='Mapping network depth (default: the preset\'s, 2)', metavar='INT', type=click.IntRange(min=1), default=None)
+@click.option('--mbstd-group', help='Minibatch std group size', metavar='INT', type=click.IntRange(min=1), default=4, show_default=True)
+# Misc settings.
+@click.option('--desc', help='String to include in the run folder name', metavar='STR', type=str)
+@click.option('--metrics', help='Metrics at each snapshot, or "none"', type=parse_comma_list, default='fid50k_full', show_default=True)
+@click.option('--kimg', help='Total training duration (kimg)', metavar='KIMG', type=click.FloatRange(min=0, min_open=True), default=25000, show_default=True)
+@click.option('--tick', help='How often to print progress (kimg)', metavar='KIMG', type=click.FloatRange(min=0, min_open=True), default=4, show_default=True)
+@click.option('--snap', help='How often to save snapshots and grids (ticks)', metavar='TICKS', type=click.IntRange(min=1), default=50, show_default=True)
+@click.option('--seed', help='Random seed', metavar='INT', type=click.IntRange(min=0), default=0, show_default=True)
+@click.option('--nobench', help='Disable cuDNN benchmarking', metavar='BOOL', type=bool, default=False, show_default=True)
+@click.option('--workers', help='DataLoader worker processes', metavar='INT', type=click.IntRange(min=0), default=3, show_default=True)
+@click.option('-n', '--dry-run', help='Print the options and model sizes and exit', is_flag=True)
+@click.option('--grid', help='Columns x rows of the image grids, e.g. 4x2 (default: from the resolution)', type=str, default='auto', show_default=True)
+# EG3D / Next3D.
+@click.option('--neural_rendering_resolution_initial', help='Raw rendering resolution at the start (default: the preset\'s, 64 for ffhq)', metavar='INT', type=click.IntRange(min=1), default=None)
+@click.option('--neural_rendering_resolution_final', help='Raw rendering resolution after the fade (default: no fade)', metavar='INT', type=click.IntRange(min=1), default=None)
+@click.option('--neural_rendering_resolution_fade_kimg', help='kimg of the raw resolution fade', metavar='KIMG', type=click.FloatRange(min=0), default=1000, show_default=True)
+@click.option('--blur_fade_kimg', help='Blur fades over batch x this / 32 kimg', metavar='KIMG', type=click.FloatRange(min=0), default=200, show_default=True)
+@click.option('--gen_pose_cond', help='Condition G on the camera', metavar='BOOL', type=bool, default=False, show_default=True)
+@click.option('--gen_exp_cond', help='Condition G\'s mapping on the expression labels too', metavar='BOOL', type=bool, default=False, show_default=True)
+@click.option('--load_lms', help='Load the 68 landmarks (the mouth box); False = zeros', metavar='BOOL', type=bool, default=True, show_default=True)
+@click.option('--c-scale', help='Scale of G\'s conditioning label', metavar='FLOAT', type=click.FloatRange(min=0), default=1, show_default=True)
+@click.option('--gpc_reg_prob', help='Final probability of a swapped conditioning label', metavar='FLOAT', type=click.FloatRange(min=0, max=1), default=0.5, show_default=True)
+@click.option('--gpc_reg_fade_kimg', help='kimg over which the swap probability fades from 1', metavar='KIMG', type=click.FloatRange(min=0), default=1000, show_default=True)
+@click.option('--disc_c_noise', help='Noise on D\'s label, in label standard deviations', metavar='FLOAT', type=click.FloatRange(min=0), default=0, show_default=True)
+@click.option('--resume_blur', help='Keep the blur / swap fade-ins and EMA ramp-up when starting from other weights', metavar='BOOL', type=bool, default=False, show_default=True)
+@click.option('--sr_noise_mode', help='Noise mode of the super-resolution', type=click.Choice(['random', 'none', 'const']), default='none', show_default=True)
+@click.option('--sr_num_fp16_res', help='Super-resolution layers in fp16 (CUDA)', metavar='INT', type=click.IntRange(min=0), default=4, show_default=True)
+@click.option('--g_num_fp16_res', help='Generator resolutions in fp16 (CUDA)', metavar='INT', type=click.IntRange(min=0), default=0, show_default=True)
+@click.option('--d_num_fp16_res', help='Discriminator resolutions in fp16 (CUDA)', metavar='INT', type=click.IntRange(min=0), default=4, show_default=True)
+@click.option('--style_mixing_prob', help='Style-mixing probability', metavar='FLOAT', type=click.FloatRange(min=0, max=1), default=0, show_default=True)
+@click.option('--density_reg', help='Density regularization weight', metavar='FLOAT', type=click.FloatRange(min=0), default=0.25, show_default=True)
+@click.option('--density_reg_every', help='Lazy density regularization interval', metavar='INT', type=click.IntRange(min=1), default=4, show_default=True)
+@click.option('--density_reg_p_dist', help='Density regularization perturbation (world units)', metavar='FLOAT', type=click.FloatRange(min=0), default=0.004, show_default=True)
+@click.option('--reg_type', help='Density regularization type', type=click.Choice(['l1', 'monotonic-detach', 'monotonic-fixed']), default='l1', show_default=True)
+@click.option('--decoder_lr_mul', help='Learning-rate multiplier of the tri-plane decoder', metavar='FLOAT', type=click.FloatRange(min=0), default=1, show_default=True)
+@click.option('--topology_path', help='Mesh template .obj (v, vt, f); its uv_face_eye_mask.png sibling is the UV mask', metavar='PATH', type=str, default=None)
+@click.option('--model_version', help='Generator family', type=click.Choice(['next3d', 'eg3d']), default='next3d', show_default=True)
+def main(**kwargs):
+    """Train a Next3D/EG3D generator (see the module docstring for examples)."""
+    opts = dnnlib.EasyDict(kwargs)
+    opts.grid = parse_grid(opts.grid)
+    if opts.topology_path is not None and not os.path.isfile(opts.topology_path):
+        raise click.ClickException(f'{opts.topology_path}: no such topology file (--topology_path)')
+    if opts.resume is not None and '://' not in opts.resume and not os.path.isfile(opts.resume):
+        raise click.ClickException(f'{opts.resume}: no such checkpoint (--resume)')
+    try:
+        c = build_config(opts)
+    except DatasetError as e:
+        raise click.ClickException(str(e))
+
+    print()
+    print('Training options:')
+    print(json.dumps(c, indent=2))
+    print()
+    print(f'Dataset:                 {opts.data} ({c.dataset_summary["items"]} items, {c.dataset_summary["resolution"]}x'
+          f'{c.dataset_summary["resolution"]}, label dim {c.dataset_summary["label_dim"]}, {c.dataset_summary["num_vertices"]} vertices)')
+    print(f'Number of processes:     {c.num_gpus}')
+    print(f'Batch size:              {c.batch_size} images ({c.batch_gpu} per process and round)')
+    print(f'Training duration:       {c.total_kimg:g} kimg')
+    if opts.dry_run:
+        try:
+            sizes = model_sizes(c)
+        except ValueError as e:
+            raise click.ClickException(str(e))
+        print(f'Generator parameters:    {sizes["G"]:,}')
+        print(f'Discriminator parameters:{sizes["D"]:,}')
+        print('Dry run; exiting.')
+        return
+    launch(c, opts.outdir)
+
 
 if __name__ == '__main__':
-    print('train.py: not implemented yet', file=sys.stderr)
-    sys.exit(2)
+    main()

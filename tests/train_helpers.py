@@ -26,11 +26,16 @@ def symmetric_vertices(rnd: np.random.RandomState) -> np.ndarray:
     return np.concatenate([half, half * np.array([-1, 1, 1], dtype=np.float32)])
 
 
-def make_dataset(root: str, count: int = 8, resolution: int = 32, seed: int = 0, exp_dim: int = 0, num_vertices: int = NUM_VERTICES) -> str:
-    """Write a dataset under `root` (root layout); returns root."""
+def make_dataset(root: str, count: int = 8, resolution: int = 32, seed: int = 0, exp_dim: int = 0, template: str = None) -> str:
+    """Write a dataset under `root` (root layout); returns root.
+
+    Meshes: the 12-vertex symmetric toy mesh, or `template`'s vertices (e.g. the bundled
+    head model), with 2 mm of random jitter per item.
+    """
     rnd = np.random.RandomState(seed)
     res = f'{resolution}x{resolution}'
-    base = symmetric_vertices(np.random.RandomState(1234))
+    base = symmetric_vertices(np.random.RandomState(1234)) if template is None else obj_io.read_obj_vertices(template)
+    num_vertices = len(base)
     labels, exps = [], []
     for i in range(count):
         rel = f'{i // 1000:05d}/img{i:08d}'
@@ -42,7 +47,7 @@ def make_dataset(root: str, count: int = 8, resolution: int = 32, seed: int = 0,
         label = coords.make_label(coords.cam2world_look_at(torch.tensor([yaw]), torch.tensor([pitch])))[0]
         labels.append([rel + '.png', label.tolist()])
         exps.append([rel + '.png', rnd.randn(exp_dim).tolist()])
-        verts = base[:num_vertices] + rnd.normal(0, 0.002, size=(num_vertices, 3)).astype(np.float32)
+        verts = base + rnd.normal(0, 0.002, size=(num_vertices, 3)).astype(np.float32)
         os.makedirs(os.path.join(root, f'meshes{res}', os.path.dirname(rel)), exist_ok=True)
         obj_io.write_obj(os.path.join(root, f'meshes{res}', rel + '.obj'), verts)
         os.makedirs(os.path.join(root, f'lms{res}', os.path.dirname(rel)), exist_ok=True)
@@ -67,3 +72,46 @@ def tiny_G_kwargs(resolution: int = 32) -> dict:
 def tiny_D_kwargs(resolution: int = 32, c_dim: int = 25) -> dict:
     return dict(class_name='training.dual_discriminator.DualDiscriminator', c_dim=c_dim, img_resolution=resolution,
                 channel_base=256, channel_max=16, num_fp16_res=0, mapping_layers=2)
+
+
+def loop_kwargs(run_dir: str, data: str, **overrides) -> dict:
+    """training_loop arguments for the toy networks: batch 2, lazy regularization every 2 steps, no metrics."""
+    kwargs = dict(
+        run_dir=run_dir,
+        training_set_kwargs=dict(class_name='training.dataset.MeshImageDataset', path=data, xflip=False),
+        data_loader_kwargs=dict(num_workers=0),
+        G_kwargs=tiny_G_kwargs(), D_kwargs=tiny_D_kwargs(),
+        G_opt_kwargs=dict(class_name='torch.optim.Adam', lr=0.0025, betas=[0, 0.99], eps=1e-8),
+        D_opt_kwargs=dict(class_name='torch.optim.Adam', lr=0.002, betas=[0, 0.99], eps=1e-8),
+        loss_kwargs=dict(r1_gamma=1.0, blur_init_sigma=10, blur_fade_kimg=0.1, gpc_reg_prob=0.5, gpc_reg_fade_kimg=0.1,
+                         neural_rendering_resolution_initial=16, style_mixing_prob=0.5, density_reg=0.25),
+        metrics=[], random_seed=0, num_gpus=1, rank=0, device='cpu', batch_size=2, batch_gpu=2,
+        ema_kimg=0.01, ema_rampup=0.05, G_reg_interval=2, D_reg_interval=2,
+        total_kimg=0.004, kimg_per_tick=0.002, image_snapshot_ticks=1, network_snapshot_ticks=1, grid_size=(1, 1),
+    )
+    kwargs.update(overrides)
+    return kwargs
+
+
+def run_rank(rank: int, world_size: int, init_file: str, kwargs: dict, out_dir: str):
+    """One process of a CPU data-parallel run (gloo): train, then save the final parameters and the real items drawn."""
+    import os
+    from training import distributed, training_loop
+    consumed = []
+    original_iter = training_loop.SkipSampler.__iter__
+
+    def recording_iter(self):      # records what each loader's sampler hands out (the real stream is created first)
+        log = []
+        consumed.append(log)
+        for idx in original_iter(self):
+            log.append(idx)
+            yield idx
+    training_loop.SkipSampler.__iter__ = recording_iter
+    torch.set_num_threads(1)         # two processes on a small CPU
+    distributed.init(rank, world_size, torch.device('cpu'), 'file://' + init_file)
+    try:
+        result = training_loop.training_loop(**dict(kwargs, rank=rank, num_gpus=world_size))
+    finally:
+        distributed.shutdown()
+    params = {f'{name}.{k}': v.detach().clone() for name in ('G', 'D', 'G_ema') for k, v in result[name].state_dict().items()}
+    torch.save(dict(real_indices=consumed[0], params=params), os.path.join(out_dir, f'rank{rank}.pt'))

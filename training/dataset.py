@@ -197,10 +197,25 @@ def _labels_from_json(files: _Files, name: str, width: int = None) -> dict:
 
 
 def _mirror_permutation(reference: np.ndarray, where: str) -> np.ndarray:
-    """(V,) index of each vertex's mirror partner: nearest neighbour of the x-mirrored reference."""
-    mirrored = reference * np.array([-1, 1, 1], dtype=reference.dtype)
+    """(V,) index of each vertex's mirror partner: nearest neighbour of the x-mirrored reference.
+
+    Coincident vertices (seams: several vertices at one position) form groups; the
+    vertices whose mirrors fall on a group take its members in index order, so the map is
+    a bijection whenever the reference is symmetric.
+    """
     ref = torch.from_numpy(reference.astype(np.float64))
-    perm = torch.cdist(torch.from_numpy(mirrored.astype(np.float64)), ref).argmin(dim=1).numpy()
+    mirrored = ref * torch.tensor([-1.0, 1.0, 1.0], dtype=torch.float64)
+    nearest = torch.cdist(mirrored, ref).argmin(dim=1).numpy()
+    _, group = np.unique(np.round(reference.astype(np.float64) / 1e-7), axis=0, return_inverse=True)
+    group = group.reshape(-1)
+    perm = np.empty(len(reference), dtype=np.int64)
+    for g in np.unique(group[nearest]):
+        sources = np.flatnonzero(group[nearest] == g)
+        members = np.flatnonzero(group == g)
+        if len(sources) != len(members):
+            raise DatasetError(f'{where}: the mesh is not left-right symmetric (no one-to-one vertex mirror map); '
+                               'mirroring (--mirror) needs a symmetric topology (give the symmetric template mesh: --topology_path)')
+        perm[sources] = members
     if len(np.unique(perm)) != len(perm):
         raise DatasetError(f'{where}: the mesh is not left-right symmetric (no one-to-one vertex mirror map); '
                            'mirroring (--mirror) needs a symmetric topology')

@@ -1,0 +1,252 @@
+"""The training loop and train.py: files written, exact resume, signals, two CPU processes, CLI errors.
+
+Loop-level tests use toy-sized EG3D networks (tests/train_helpers.py); train.py runs the
+real `tiny64` presets (Next3D, and EG3D where only the loop mechanics matter).
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+
+import legacy
+from tests import train_helpers as th
+from training import configs
+from training import training_loop as tl
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope='module')
+def toy_data(tmp_path_factory):
+    return th.make_dataset(str(tmp_path_factory.mktemp('toy') / 'data'), count=8, resolution=32)
+
+
+@pytest.fixture(scope='module')
+def head_data(tmp_path_factory):
+    return th.make_dataset(str(tmp_path_factory.mktemp('head') / 'data'), count=4, resolution=64, template=configs.BUNDLED_TEMPLATE)
+
+
+def state_of(result):
+    return {f'{name}.{k}': v for name in ('G', 'D', 'G_ema') for k, v in result[name].state_dict().items()}
+
+
+def test_lazy_regularization_correction():
+    G, D = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    phases = tl.setup_phases(G, D, dict(lr=0.0025, betas=[0, 0.99], eps=1e-8), dict(lr=0.002, betas=[0, 0.99], eps=1e-8), 4, 16)
+    assert [p.name for p in phases] == ['Gmain', 'Greg', 'Dmain', 'Dreg']
+    assert [p.interval for p in phases] == [1, 4, 1, 16]
+    g = phases[0].opt.param_groups[0]
+    assert g['lr'] == pytest.approx(0.0025 * 4 / 5) and g['betas'][1] == pytest.approx(0.99 ** (4 / 5))
+    d = phases[2].opt.param_groups[0]
+    assert d['lr'] == pytest.approx(0.002 * 16 / 17) and d['betas'][1] == pytest.approx(0.99 ** (16 / 17))
+    both = tl.setup_phases(G, D, dict(lr=0.1, betas=[0, 0.99]), dict(lr=0.2, betas=[0, 0.99]), None, None)
+    assert [p.name for p in both] == ['Gboth', 'Dboth'] and both[0].opt.param_groups[0]['lr'] == 0.1
+
+
+def test_ema_half_life_and_rampup():
+    G, G_ema = torch.nn.Linear(1, 1, bias=False), torch.nn.Linear(1, 1, bias=False)
+    G.weight.data.fill_(1.0)
+    G_ema.weight.data.fill_(0.0)
+    tl.update_ema(G, G_ema, cur_nimg=10**9, batch_size=32, ema_kimg=0.032, ema_rampup=None)   # one half-life per step
+    assert float(G_ema.weight.detach()) == pytest.approx(0.5)
+    G_ema.weight.data.fill_(0.0)
+    tl.update_ema(G, G_ema, cur_nimg=320, batch_size=32, ema_kimg=10.0, ema_rampup=0.05)      # ramp-up: half-life 16 images
+    assert float(G_ema.weight.detach()) == pytest.approx(1 - 0.5 ** 2)
+
+
+def test_image_grid_layout(tmp_path):
+    img = np.zeros([6, 1, 2, 3], dtype=np.float32)
+    for i in range(6):
+        img[i] = i
+    path = str(tmp_path / 'g.png')
+    tl.save_image_grid(img, path, drange=[0, 5], grid_size=(3, 2))
+    out = np.asarray(PIL.Image.open(path))
+    assert out.shape == (4, 9)
+    np.testing.assert_array_equal(out[0, ::3], [0, 51, 102])
+    np.testing.assert_array_equal(out[2, ::3], [153, 204, 255])
+
+
+def test_loop_writes_files_and_resume_continues_exactly(toy_data, tmp_path):
+    """4 uninterrupted steps == 2 steps, snapshot, resume, 2 steps (parameters, EMA, buffers, optimizer moments)."""
+    import shutil
+    run_a = str(tmp_path / 'a')
+    mid = str(tmp_path / 'mid.pkl')
+
+    def keep_mid_snapshot(cur_nimg, _total):      # at the tick after kimg 0.004 the file on disk is that tick's snapshot
+        if cur_nimg == 6:
+            shutil.copy(os.path.join(run_a, 'network-snapshot-000000.pkl'), mid)
+    straight = tl.training_loop(**th.loop_kwargs(run_a, toy_data, total_kimg=0.008, progress_fn=keep_mid_snapshot))
+    for name in ('reals.png', 'fakes_init.png', 'fakes_init_raw.png', 'fakes_init_depth.png', 'fakes000000.png',
+                 'fakes000000_raw.png', 'fakes000000_depth.png', 'stats.jsonl', 'network-snapshot-000000.pkl'):
+        assert os.path.isfile(os.path.join(run_a, name)), name
+    assert not any(n.startswith('.') for n in os.listdir(run_a))        # no temporary files left
+    stats = [json.loads(line) for line in open(os.path.join(run_a, 'stats.jsonl'))]
+    assert [round(s['Progress/kimg']['mean'], 3) for s in stats] == [0.002, 0.004, 0.006, 0.008]
+    assert stats[-1]['Loss/G/loss']['num'] > 0 and stats[0]['Loss/r1_penalty']['num'] > 0
+    snap = legacy.load_network_pkl(mid)
+    assert snap.resume_state.cur_nimg == 4 and snap.resume_state.batch_idx == 2 and snap.resume_state.cur_tick == 2
+    assert snap.training_set_kwargs.path == toy_data
+
+    resumed = tl.training_loop(**th.loop_kwargs(str(tmp_path / 'b'), toy_data, total_kimg=0.008, resume_pkl=mid))
+    assert resumed.cur_nimg == straight.cur_nimg == 8
+    a, b = state_of(resumed), state_of(straight)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+    opt_a = legacy.load_network_pkl(resumed.snapshot_pkl).resume_state.optimizers
+    opt_b = legacy.load_network_pkl(straight.snapshot_pkl).resume_state.optimizers
+    for net in ('G', 'D'):
+        for idx, st in opt_b[net]['state'].items():
+            torch.testing.assert_close(opt_a[net]['state'][idx]['exp_avg_sq'], st['exp_avg_sq'], rtol=0, atol=0)
+            assert float(opt_a[net]['state'][idx]['step']) == float(st['step']) == 6     # 4 main + 2 lazy steps (every 2nd)
+
+
+def test_resume_from_other_weights_copies_and_reports(toy_data, tmp_path, capsys):
+    """A checkpoint with a different architecture initialises what fits and says what it did not copy."""
+    first = tl.training_loop(**th.loop_kwargs(str(tmp_path / 'a'), toy_data, total_kimg=0.002))
+    G_kwargs = th.tiny_G_kwargs()
+    G_kwargs['sr_kwargs'] = dict(block_channels=[8, 8], num_fp16_res=0)       # different SR: not copyable
+    result = tl.training_loop(**th.loop_kwargs(str(tmp_path / 'b'), toy_data, total_kimg=0.002, G_kwargs=G_kwargs,
+                                               resume_pkl=first.snapshot_pkl, image_snapshot_ticks=None))
+    out = capsys.readouterr().out
+    assert 'initialising from its weights instead of continuing' in out
+    assert 'shape_mismatch: superresolution' in out
+    src = legacy.load_network_pkl(first.snapshot_pkl)
+    assert result.cur_nimg == 2                         # a new run: the counter starts at 0
+    # The backbone came from the checkpoint: after one step from the same start it is close to the source, not random.
+    for k, v in src.G.backbone.state_dict().items():
+        if v.is_floating_point() and 'w_avg' not in k:
+            assert (result.G.backbone.state_dict()[k] - v).abs().max() < 0.05, k
+
+
+def test_two_processes_gloo(toy_data, tmp_path):
+    """Two CPU processes: disjoint real items, identical parameters afterwards (and consistent at every snapshot)."""
+    import torch.multiprocessing as mp
+    kwargs = th.loop_kwargs(str(tmp_path / 'run'), toy_data, total_kimg=0.008, batch_size=4, batch_gpu=2, kimg_per_tick=0.004)
+    os.makedirs(kwargs['run_dir'])
+    init_file = os.path.join(tempfile.mkdtemp(dir=str(tmp_path)), 'init')
+    mp.start_processes(th.run_rank, args=(2, init_file, kwargs, str(tmp_path)), nprocs=2, start_method='spawn')
+    r0, r1 = (torch.load(str(tmp_path / f'rank{r}.pt')) for r in (0, 1))
+    assert len(r0['real_indices']) == len(r1['real_indices']) == 4     # 2 steps x 2 items per rank
+    assert not set(r0['real_indices']) & set(r1['real_indices'])
+    for k in r0['params']:
+        if k.endswith('w_avg'):     # tracked from each rank's own batch, as in EG3D (rank 0's is saved)
+            continue
+        torch.testing.assert_close(r0['params'][k], r1['params'][k], rtol=0, atol=0, msg=k)
+    snap = legacy.load_network_pkl(os.path.join(kwargs['run_dir'], 'network-snapshot-000000.pkl'))
+    assert snap.resume_state.cur_nimg == 8
+
+
+# --- train.py -----------------------------------------------------------------------------------
+
+def run_train(*args, timeout=600):
+    return subprocess.run([sys.executable, os.path.join(ROOT, 'train.py'), *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_train_py_next3d_end_to_end(head_data, tmp_path):
+    out = str(tmp_path / 'runs')
+    proc = run_train('--outdir', out, '--cfg', 'tiny64', '--data', head_data, '--gpus', '1', '--batch', '2', '--gamma', '1',
+                     '--kimg', '0.002', '--tick', '0.002', '--snap', '1', '--workers', '0', '--grid', '1x1', '--metrics', 'none',
+                     '--mirror', 'True', '--gen_pose_cond', 'True', '--density_reg_every', '1', '--desc', 'e2e')
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    runs = os.listdir(out)
+    assert runs == ['00000-tiny64-data-gpus1-batch2-gamma1-e2e']
+    run = os.path.join(out, runs[0])
+    for name in ('training_options.json', 'log.txt', 'stats.jsonl', 'reals.png', 'fakes_init.png', 'fakes000000.png',
+                 'fakes000000_raw.png', 'fakes000000_depth.png', 'network-snapshot-000000.pkl'):
+        assert os.path.isfile(os.path.join(run, name)), name
+    options = json.load(open(os.path.join(run, 'training_options.json')))
+    assert options['G_kwargs']['cfg'] == 'tiny64' and options['training_set_kwargs']['xflip'] is True
+    assert options['G_kwargs']['rendering_kwargs']['c_gen_conditioning_zero'] is False
+    assert options['loss_kwargs']['gpc_reg_prob'] == 0.5 and options['G_reg_interval'] is None
+    assert 'tick 0' in open(os.path.join(run, 'log.txt')).read()
+    snap = legacy.load_network_pkl(os.path.join(run, 'network-snapshot-000000.pkl'))
+    assert type(snap.G).__name__ == 'Next3DGenerator' and snap.resume_state.cur_nimg == 2
+
+
+def test_train_py_sigterm_writes_resume_snapshot_and_resume_continues(toy_data, head_data, tmp_path):
+    out = str(tmp_path / 'runs')
+    args = ['--cfg', 'tiny64', '--model_version', 'eg3d', '--data', head_data, '--gpus', '1', '--batch', '2', '--gamma', '0',
+            '--density_reg', '0', '--tick', '0.002', '--snap', '1000', '--workers', '0', '--grid', '1x1', '--metrics', 'none']
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, 'train.py'), '--outdir', out, '--kimg', '1000', *args], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    deadline = time.time() + 300
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith('tick 0'):
+            proc.send_signal(signal.SIGTERM)
+            break
+        assert time.time() < deadline, ''.join(lines)
+    rest, _ = proc.communicate(timeout=300)
+    output = ''.join(lines) + rest
+    assert proc.returncode == 0, output[-3000:]
+    assert 'Stop requested by signal 15' in output and 'Stopped cleanly.' in output
+    run = os.path.join(out, os.listdir(out)[0])
+    snap_path = os.path.join(run, 'network-snapshot-000000.pkl')
+    state = legacy.load_network_pkl(snap_path).resume_state
+    assert state.cur_nimg >= 2 and state.cur_nimg % 2 == 0 and set(state.optimizers) == {'G', 'D'}
+
+    proc = run_train('--outdir', out, '--kimg', str((state.cur_nimg + 2) / 1000), '--resume', snap_path, *args)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert f'Continuing at kimg {state.cur_nimg / 1000:.3f}' in proc.stdout
+    second = os.path.join(out, sorted(os.listdir(out))[1], 'network-snapshot-000000.pkl')
+    assert legacy.load_network_pkl(second).resume_state.cur_nimg == state.cur_nimg + 2
+
+
+def invoke_train(args, monkeypatch=None):
+    """train.py's command in this process (click's runner): for option handling that stops before training."""
+    from click.testing import CliRunner
+    import train
+    return CliRunner().invoke(train.main, args)
+
+
+def test_train_py_dry_run(head_data, tmp_path):
+    result = invoke_train(['--outdir', str(tmp_path / 'runs'), '--cfg', 'tiny64', '--data', head_data, '--gpus', '1', '--batch', '4',
+                           '--gamma', '1', '--metrics', 'none', '--dry-run'])
+    assert result.exit_code == 0, result.output
+    G = configs.make_generator('tiny64', device='meta')
+    assert f'Generator parameters:    {sum(p.numel() for p in G.parameters()):,}' in result.output
+    assert '"r1_gamma": 1.0' in result.output and '"neural_rendering_resolution_initial": 32' in result.output
+    assert not os.path.exists(tmp_path / 'runs')
+
+
+@pytest.mark.parametrize('extra, message', [
+    (['--aug', 'ada'], '--aug=ada is not available'),
+    (['--gpus', '2', '--batch', '3'], '--batch must be a multiple of --gpus'),
+    (['--metrics', 'fid50k_full'], 'no Inception detector'),
+    (['--metrics', 'nonsense'], "unknown metric 'nonsense'"),
+    (['--gen_exp_cond', 'True'], 'needs expression labels'),
+    (['--cfg', 'small128'], 'the dataset'),
+    (['--neural_rendering_resolution_initial', '64'], 'no super-resolution module for 64 -> 64'),
+    (['--topology_path', 'missing.obj'], 'missing.obj: no such topology file'),
+])
+def test_train_py_option_errors(head_data, tmp_path, monkeypatch, extra, message):
+    monkeypatch.delenv('NEXT3D_INCEPTION', raising=False)
+    args = {'--outdir': str(tmp_path / 'runs'), '--cfg': 'tiny64', '--data': head_data, '--gpus': '1', '--batch': '2', '--gamma': '1',
+            '--metrics': 'none'}
+    args.update(zip(extra[::2], extra[1::2]))
+    result = invoke_train(sum(([k, v] for k, v in args.items()), []) + ['--dry-run'])
+    assert result.exit_code != 0 and message in result.output, result.output
+
+
+def test_train_py_bad_dataset_stops_before_training(head_data, tmp_path):
+    import shutil
+    bad = str(tmp_path / 'bad')
+    shutil.copytree(head_data, bad)
+    os.remove(os.path.join(bad, 'meshes64x64', '00000', 'img00000001.obj'))
+    result = invoke_train(['--outdir', str(tmp_path / 'runs'), '--cfg', 'tiny64', '--data', bad, '--gpus', '1', '--batch', '2',
+                           '--gamma', '1', '--metrics', 'none'])
+    assert result.exit_code == 1 and 'img00000001.obj: missing mesh' in result.output, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    assert not os.path.exists(tmp_path / 'runs')

@@ -1,0 +1,551 @@
+"""The training loop: phases, EMA, ticks, snapshots, grids, metrics, resume, signals.
+
+One call of `training_loop(...)` per process. Every schedule (blur, pose-conditioning
+swap, neural rendering resolution, EMA ramp-up, lazy regularization) is a function of
+the image counter, and the counter, the step index, the optimizers, G_ema and the
+augmentation probability are saved in every snapshot, so `--resume` of a snapshot
+continues the run where it stopped. The torch random generator is re-seeded at every
+step from (seed, rank, step) and the data streams are replayed from the step index, so a
+resumed run draws the same batches and noise as an uninterrupted one.
+
+Snapshots (`network-snapshot-NNNNNN.pkl`, NNNNNN = kimg) hold G, D, G_ema,
+training_set_kwargs and `resume_state`; SIGINT/SIGTERM make every rank stop after the
+current step, rank 0 writes such a snapshot, and the loop returns normally.
+"""
+
+import copy
+import io
+import itertools
+import json
+import os
+import resource
+import signal
+import time
+
+import numpy as np
+import PIL.Image
+import torch
+
+import dnnlib
+import legacy
+from torch_utils import misc
+from torch_utils import persistence
+from torch_utils import training_stats
+from training import distributed
+from training import resume as resume_lib
+from training.loss import Next3DLoss
+
+SNAPSHOT_PATTERN = 'network-snapshot-{:06d}.pkl'
+
+
+# ----------------------------------------------------------------------------------------
+# Data
+
+class ConditionView(torch.utils.data.Dataset):
+    """The dataset's (label, v) pairs without decoding images: what G is conditioned on."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, idx):
+        return self.dataset.get_label(idx), self.dataset.get_vertices(idx)
+
+
+class SkipSampler(torch.utils.data.Sampler):
+    """An InfiniteSampler whose first `skip` indices are dropped (replays a stream on resume)."""
+
+    def __init__(self, sampler, skip: int):
+        super().__init__()
+        self.sampler, self.skip = sampler, int(skip)
+
+    def __iter__(self):
+        return itertools.islice(iter(self.sampler), self.skip, None)
+
+
+def make_loader(dataset, rank, num_gpus, seed, batch, skip_batches, data_loader_kwargs):
+    """An endless iterator of batches of `dataset` for this rank, resumed after `skip_batches`."""
+    sampler = misc.InfiniteSampler(dataset, rank=rank, num_replicas=num_gpus, seed=seed)
+    sampler = SkipSampler(sampler, skip_batches * batch)
+    return iter(torch.utils.data.DataLoader(dataset, sampler=sampler, batch_size=batch, **data_loader_kwargs))
+
+
+def setup_snapshot_grid(training_set, random_seed: int, grid_size=None):
+    """Grid shape (gw, gh) and the items shown: (images uint8 (N,3,R,R), labels (N,L), v (N,V+68,3))."""
+    if grid_size is None:
+        gw = int(np.clip(7680 // training_set.resolution, 7, 32))
+        gh = int(np.clip(4320 // training_set.resolution, 4, 32))
+    else:
+        gw, gh = grid_size
+    rnd = np.random.RandomState(random_seed)
+    idx = rnd.permutation(len(training_set))
+    idx = np.resize(idx, gw * gh)     # repeats when the dataset is smaller than the grid
+    items = [training_set[int(i)] for i in idx]
+    images, labels, verts = (np.stack(x) for x in zip(*items))
+    return (gw, gh), images, labels, verts
+
+
+def encode_image_grid(img: np.ndarray, drange, grid_size) -> bytes:
+    """(N, C, H, W) array with values in `drange` -> PNG bytes of a gw x gh grid (C = 1 or 3)."""
+    lo, hi = drange
+    img = (np.asarray(img, dtype=np.float32) - lo) * (255 / max(hi - lo, 1e-8))
+    img = np.rint(img).clip(0, 255).astype(np.uint8)
+    gw, gh = grid_size
+    n, c, h, w = img.shape
+    img = img.reshape(gh, gw, c, h, w).transpose(0, 3, 1, 4, 2).reshape(gh * h, gw * w, c)
+    buffer = io.BytesIO()
+    PIL.Image.fromarray(img[:, :, 0] if c == 1 else img, 'L' if c == 1 else 'RGB').save(buffer, format='png')
+    return buffer.getvalue()
+
+
+def save_image_grid(img, path: str, drange, grid_size):
+    persistence.atomic_write_bytes(path, encode_image_grid(img, drange, grid_size))
+
+
+# ----------------------------------------------------------------------------------------
+# Networks and optimizers
+
+def build_networks(G_kwargs: dict, D_kwargs: dict, device: torch.device):
+    """(G, D, G_ema) on `device`, G and D trainable, G_ema a frozen copy of G."""
+    G = dnnlib.construct_class_by_name(**G_kwargs).train().requires_grad_(False).to(device)
+    D = dnnlib.construct_class_by_name(**D_kwargs).train().requires_grad_(False).to(device)
+    G_ema = copy.deepcopy(G).eval()
+    return G, D, G_ema
+
+
+def setup_phases(G, D, G_opt_kwargs: dict, D_opt_kwargs: dict, G_reg_interval, D_reg_interval):
+    """EG3D's phases: (name, module, opt, interval) with the lazy-regularization correction.
+
+    A regularization every I steps is weighted by I (its `gain`); the main phase's Adam
+    gets lr x r and betas^r, r = I / (I + 1), so the pair moves like one step.
+    """
+    phases = []
+    for name, module, opt_kwargs, reg_interval in [('G', G, G_opt_kwargs, G_reg_interval), ('D', D, D_opt_kwargs, D_reg_interval)]:
+        params = [p for p in module.parameters()]
+        opt_kwargs = dict(opt_kwargs)
+        class_name = opt_kwargs.pop('class_name', 'torch.optim.Adam')
+        if 'betas' in opt_kwargs:
+            opt_kwargs['betas'] = tuple(float(beta) for beta in opt_kwargs['betas'])
+        if reg_interval is None:
+            opt = dnnlib.construct_class_by_name(params, class_name=class_name, **opt_kwargs)
+            phases.append(dnnlib.EasyDict(name=name + 'both', module=module, opt=opt, interval=1))
+        else:
+            ratio = reg_interval / (reg_interval + 1)
+            opt_kwargs['lr'] = opt_kwargs['lr'] * ratio
+            opt_kwargs['betas'] = tuple(beta ** ratio for beta in opt_kwargs['betas'])
+            opt = dnnlib.construct_class_by_name(params, class_name=class_name, **opt_kwargs)
+            phases.append(dnnlib.EasyDict(name=name + 'main', module=module, opt=opt, interval=1))
+            phases.append(dnnlib.EasyDict(name=name + 'reg', module=module, opt=opt, interval=reg_interval))
+    return phases
+
+
+def optimizer_states(phases) -> dict:
+    """{'G': state_dict, 'D': state_dict} (the reg phase shares its main phase's optimizer)."""
+    return {phase.name[0]: phase.opt.state_dict() for phase in phases}
+
+
+@torch.no_grad()
+def update_ema(G, G_ema, cur_nimg: int, batch_size: int, ema_kimg: float, ema_rampup):
+    """G_ema <- lerp towards G with half-life ema_kimg (ramped up as cur_nimg x ema_rampup)."""
+    ema_nimg = ema_kimg * 1000
+    if ema_rampup is not None:
+        ema_nimg = min(ema_nimg, cur_nimg * ema_rampup)
+    ema_beta = 0.5 ** (batch_size / max(ema_nimg, 1e-8))
+    for p_ema, p in zip(G_ema.parameters(), G.parameters()):
+        p_ema.copy_(p.lerp(p_ema, ema_beta))
+    for b_ema, b in zip(G_ema.buffers(), G.buffers()):
+        b_ema.copy_(b)
+
+
+def set_rendering_resolution(G, resolution: int):
+    """Set G's neural rendering resolution, also in its stored arguments so snapshots keep it."""
+    G.neural_rendering_resolution = resolution
+    if 'neural_rendering_resolution' in getattr(G, 'init_kwargs', {}):
+        G.init_kwargs['neural_rendering_resolution'] = resolution
+
+
+# ----------------------------------------------------------------------------------------
+# One step
+
+def step_seed(random_seed: int, rank: int, batch_idx: int) -> int:
+    return int(np.random.SeedSequence([random_seed, rank, batch_idx]).generate_state(1)[0])
+
+
+def run_step(loss, phases, real_iter, gen_iter, device, batch_gpu, z_dim, cur_nimg, augment_pipe=None):
+    """One training step: every due phase accumulates its gradients over rounds of batch_gpu and steps."""
+    real_img, real_c, real_v = next(real_iter)
+    real_img = (real_img.to(device).to(torch.float32) / 127.5 - 1).split(batch_gpu)
+    real_c, real_v = real_c.to(device).split(batch_gpu), real_v.to(device).split(batch_gpu)
+    for phase in phases:
+        gen_c, gen_v = next(gen_iter)      # drawn for every phase, due or not: keeps streams aligned
+        gen_c, gen_v = gen_c.to(device).split(batch_gpu), gen_v.to(device).split(batch_gpu)
+        gen_z = torch.randn([sum(len(c) for c in gen_c), z_dim], device=device).split(batch_gpu)
+        if phase.batch_idx % phase.interval != 0:
+            continue
+        phase.opt.zero_grad(set_to_none=True)
+        phase.module.requires_grad_(True)
+        for r_img, r_c, r_v, g_z, g_c, g_v in zip(real_img, real_c, real_v, gen_z, gen_c, gen_v):
+            loss.accumulate_gradients(phase=phase.name, real_img=r_img, real_c=r_c, real_v=r_v, gen_z=g_z, gen_c=g_c, gen_v=g_v,
+                                      gain=phase.interval, cur_nimg=cur_nimg)
+        phase.module.requires_grad_(False)
+        distributed.all_reduce_grads([p for p in phase.module.parameters()])
+        phase.opt.step()
+
+
+# ----------------------------------------------------------------------------------------
+# Reporting and files
+
+def memory_report(device) -> tuple:
+    """(cpu resident GiB, peak gpu GiB or 0)."""
+    rss = None
+    try:
+        with open('/proc/self/status') as f:
+            for line in f:
+                if line.startswith('VmRSS:'):
+                    rss = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    if rss is None:
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    gpu = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == 'cuda' else 0.0
+    return rss / 2**30, gpu
+
+
+def format_status(state, tick_time, tick_nimg, maintenance, device, augment_p) -> str:
+    cpu_gib, gpu_gib = memory_report(device)
+    fields = [
+        f"tick {training_stats.report0('Progress/tick', state.cur_tick):<5d}",
+        f"kimg {training_stats.report0('Progress/kimg', state.cur_nimg / 1e3):<8.3f}",
+        f"time {format_time(training_stats.report0('Timing/total_sec', time.time() - state.start_time)):<12s}",
+        f"sec/tick {training_stats.report0('Timing/sec_per_tick', tick_time):<7.1f}",
+        f"sec/kimg {training_stats.report0('Timing/sec_per_kimg', tick_time / max(tick_nimg, 1) * 1e3):<7.2f}",
+        f"maintenance {training_stats.report0('Timing/maintenance_sec', maintenance):<6.1f}",
+        f"cpumem {training_stats.report0('Resources/cpu_mem_gb', cpu_gib):<6.2f}",
+        f"gpumem {training_stats.report0('Resources/peak_gpu_mem_gb', gpu_gib):<6.2f}",
+    ]
+    if augment_p is not None:
+        fields.append(f"augment {training_stats.report0('Progress/augment', augment_p):.3f}")
+    return ' '.join(fields)
+
+
+def format_time(seconds: float) -> str:
+    s = int(np.rint(seconds))
+    if s < 60:
+        return f'{s}s'
+    if s < 3600:
+        return f'{s // 60}m {s % 60:02d}s'
+    if s < 86400:
+        return f'{s // 3600}h {(s // 60) % 60:02d}m {s % 60:02d}s'
+    return f'{s // 86400}d {(s // 3600) % 24:02d}h {(s // 60) % 60:02d}m'
+
+
+class StatsWriter:
+    """Appends one JSON line per tick to stats.jsonl and, when installed, writes TensorBoard scalars."""
+
+    def __init__(self, run_dir: str):
+        self.jsonl = open(os.path.join(run_dir, 'stats.jsonl'), 'at')
+        self.tensorboard = None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+            self.tensorboard = SummaryWriter(run_dir)
+        except ImportError:
+            pass
+
+    def write(self, stats: dict, cur_nimg: int, timestamp: float):
+        self.jsonl.write(json.dumps(dict(stats, timestamp=timestamp)) + '\n')
+        self.jsonl.flush()
+        if self.tensorboard is not None:
+            for name, value in stats.items():
+                self.tensorboard.add_scalar(name, value['mean'], global_step=int(cur_nimg / 1e3), walltime=timestamp)
+            self.tensorboard.flush()
+
+    def close(self):
+        self.jsonl.close()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+
+
+@torch.no_grad()
+def generate_grid(G_ema, grid_z, grid_c, grid_v, batch_gpu):
+    """(image, image_raw, image_depth) numpy arrays for the grid's latents, labels and meshes."""
+    outs = [G_ema(z=z, c=c[:, :max(int(G_ema.c_dim), 25)], v=v, noise_mode='const')
+            for z, c, v in zip(grid_z.split(batch_gpu), grid_c.split(batch_gpu), grid_v.split(batch_gpu))]
+    return [torch.cat([o[key] for o in outs]).cpu().numpy() for key in ('image', 'image_raw', 'image_depth')]
+
+
+def save_fake_grids(run_dir, G_ema, grid, grid_size, batch_gpu, tag: str):
+    """fakes{tag}.png, fakes{tag}_raw.png (upsampled to the image size), fakes{tag}_depth.png."""
+    image, raw, depth = generate_grid(G_ema, *grid, batch_gpu)
+    size = image.shape[-1]
+    raw = torch.nn.functional.interpolate(torch.from_numpy(raw), size=(size, size), mode='nearest').numpy()
+    save_image_grid(image, os.path.join(run_dir, f'fakes{tag}.png'), drange=[-1, 1], grid_size=grid_size)
+    save_image_grid(raw, os.path.join(run_dir, f'fakes{tag}_raw.png'), drange=[-1, 1], grid_size=grid_size)
+    # Near is bright: show -depth over its range.
+    save_image_grid(-depth, os.path.join(run_dir, f'fakes{tag}_depth.png'), drange=[-depth.max(), -depth.min()], grid_size=grid_size)
+
+
+def save_snapshot(run_dir, G, D, G_ema, training_set_kwargs, state, phases, augment_pipe) -> str:
+    """network-snapshot-NNNNNN.pkl with the networks and everything a resume needs (atomic)."""
+    path = os.path.join(run_dir, SNAPSHOT_PATTERN.format(state.cur_nimg // 1000))
+    resume_state = dict(
+        cur_nimg=int(state.cur_nimg), cur_tick=int(state.cur_tick) + 1, batch_idx=int(state.batch_idx),   # the tick to run next
+        optimizers=optimizer_states(phases),
+        augment_p=None if augment_pipe is None else float(augment_pipe.p.item()),
+        ada_stat=None if state.ada_stat is None else [float(x) for x in state.ada_stat],
+        random_seed=int(state.random_seed), batch_size=int(state.batch_size),
+    )
+    data = dict(G=G, D=D, G_ema=G_ema, training_set_kwargs=dict(training_set_kwargs), resume_state=resume_state)
+    if augment_pipe is not None:
+        data['augment_pipe'] = augment_pipe
+    persistence.save_checkpoint(path, data)
+    return path
+
+
+class StopRequest:
+    """Turns SIGINT/SIGTERM into a flag the loop checks after each step."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.signum = None
+        self._previous = {}
+
+    def __enter__(self):
+        for s in self.SIGNALS:
+            try:
+                self._previous[s] = signal.signal(s, self._handle)
+            except ValueError:      # not the main thread: signals are not ours to handle
+                pass
+        return self
+
+    def _handle(self, signum, _frame):
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+
+# ----------------------------------------------------------------------------------------
+# The loop
+
+def training_loop(
+    run_dir: str = '.',                 # output folder (rank 0 writes)
+    training_set_kwargs: dict = None,   # MeshImageDataset(**kwargs)
+    data_loader_kwargs: dict = None,    # DataLoader kwargs (num_workers, pin_memory, ...)
+    G_kwargs: dict = None,              # generator: class_name + kwargs
+    D_kwargs: dict = None,              # discriminator: class_name + kwargs
+    G_opt_kwargs: dict = None,          # G optimizer: class_name, lr, betas, eps
+    D_opt_kwargs: dict = None,          # D optimizer
+    augment_kwargs: dict = None,        # augmentation pipe: class_name + kwargs, or None
+    loss_kwargs: dict = None,           # Next3DLoss kwargs
+    metrics: list = (),                 # metric names evaluated at each snapshot
+    random_seed: int = 0,               # global seed
+    num_gpus: int = 1,                  # number of processes
+    rank: int = 0,                      # this process
+    device: str = 'cpu',                # this process's device
+    batch_size: int = 4,                # total batch over all processes
+    batch_gpu: int = 4,                 # batch per process and round
+    ema_kimg: float = 10.0,             # EMA half-life (kimg)
+    ema_rampup: float = 0.05,           # EMA ramp-up factor, None = off
+    G_reg_interval: int = 4,            # lazy density regularization interval, None = with the main loss
+    D_reg_interval: int = 16,           # lazy R1 interval, None = with the main loss
+    augment_p: float = 0.0,             # initial augmentation probability
+    ada_target: float = None,           # ADA target of sign(D(real)), None = fixed p
+    ada_interval: int = 4,              # steps between p updates
+    ada_kimg: float = 500.0,            # kimg for p to move from 0 to 1
+    total_kimg: float = 25000,          # length of training
+    kimg_per_tick: float = 4,           # progress interval
+    image_snapshot_ticks: int = 50,     # image grids every N ticks (None = never)
+    network_snapshot_ticks: int = 50,   # snapshots and metrics every N ticks (None = never)
+    grid_size: tuple = None,            # (columns, rows) of the image grids; None = EG3D's choice
+    resume_pkl: str = None,             # snapshot to continue, or weights to start from
+    resume_kwargs: dict = None,         # dict(resume_blur=bool): keep the fade-ins when starting from other weights
+    cudnn_benchmark: bool = True,       # torch.backends.cudnn.benchmark
+    progress_fn=None,                   # callback(cur_nimg, total_nimg)
+):
+    """Train. Returns EasyDict(snapshot_pkl (rank 0's last snapshot or None), G, D, G_ema, cur_nimg, batch_idx, stopped)."""
+    device = torch.device(device)
+    start_time = time.time()
+    torch.manual_seed(step_seed(random_seed, rank, 2**31))     # set-up draws: apart from every step's stream
+    np.random.seed(random_seed * num_gpus + rank)
+    torch.backends.cudnn.benchmark = cudnn_benchmark
+    log = print if rank == 0 else (lambda *a, **k: None)
+    data_loader_kwargs = dict(data_loader_kwargs or {})
+
+    log('Loading training set...')
+    training_set = dnnlib.construct_class_by_name(**training_set_kwargs)
+    log(f'Num images: {len(training_set)}  resolution: {training_set.resolution}  label dim: {training_set.label_dim}'
+        f'  vertices: {training_set.num_vertices} + 68 landmarks')
+
+    log('Constructing networks...')
+    G, D, G_ema = build_networks(G_kwargs, D_kwargs, device)
+    state = dnnlib.EasyDict(cur_nimg=0, cur_tick=0, batch_idx=0, start_time=start_time, ada_stat=None,
+                            random_seed=random_seed, batch_size=batch_size)
+    resume_state = None
+    if resume_pkl is not None:
+        log(f'Resuming from "{resume_pkl}"')
+        resume_data = legacy.load_network_pkl(resume_pkl)
+        mode, resume_state = resume_lib.restore(resume_data, G, D, G_ema, log=log)
+        if mode == 'initialise' and not (resume_kwargs or {}).get('resume_blur', False):
+            # A new run from trained weights: as EG3D, no blur or swap fade-in and no EMA ramp-up.
+            loss_kwargs = dict(loss_kwargs or {}, blur_init_sigma=0, gpc_reg_fade_kimg=0)
+            ema_rampup = None
+            log('Blur and pose-conditioning fade-ins and the EMA ramp-up are off (pass --resume_blur=True to keep them).')
+    distributed.broadcast_module(G)
+    distributed.broadcast_module(D)
+    distributed.broadcast_module(G_ema)
+
+    augment_pipe = None
+    if augment_kwargs is not None:
+        augment_pipe = dnnlib.construct_class_by_name(**augment_kwargs).train().requires_grad_(False).to(device)
+        augment_pipe.p.copy_(torch.as_tensor(augment_p))
+        if ada_target is not None:
+            state.ada_stat = [0.0, 0.0]
+
+    loss = Next3DLoss(device=device, G=G, D=D, augment_pipe=augment_pipe, **(loss_kwargs or {}))
+    phases = setup_phases(G, D, G_opt_kwargs, D_opt_kwargs, G_reg_interval, D_reg_interval)
+    if resume_state is not None:
+        restore_training_state(resume_state, state, phases, augment_pipe, log)
+
+    batch_per_rank = batch_size // num_gpus
+    real_iter = make_loader(training_set, rank, num_gpus, random_seed, batch_per_rank, state.batch_idx, data_loader_kwargs)
+    gen_iter = make_loader(ConditionView(training_set), rank, num_gpus, random_seed + 1, batch_per_rank,
+                           state.batch_idx * len(phases), data_loader_kwargs)
+
+    grid = grid_size_used = None
+    stats_writer = None
+    if rank == 0:
+        grid_size_used, images, labels, verts = setup_snapshot_grid(training_set, random_seed, grid_size)
+        save_image_grid(images, os.path.join(run_dir, 'reals.png'), drange=[0, 255], grid_size=grid_size_used)
+        grid_z = torch.randn([len(labels), G.z_dim], generator=torch.Generator().manual_seed(random_seed)).to(device)
+        grid = (grid_z, torch.from_numpy(labels).to(device), torch.from_numpy(verts).to(device))
+        if state.cur_nimg == 0:
+            save_fake_grids(run_dir, G_ema, grid, grid_size_used, batch_gpu, tag='_init')
+        stats_writer = StatsWriter(run_dir)
+    stats_collector = training_stats.Collector(regex='.*')
+    stats_metrics = {}
+
+    log(f'Training for {total_kimg} kimg from kimg {state.cur_nimg / 1e3:.3f}...')
+    total_nimg = int(total_kimg * 1000)
+    tick_start_nimg, tick_start_time = state.cur_nimg, time.time()
+    maintenance = tick_start_time - start_time
+    last_snapshot = None
+    if progress_fn is not None:
+        progress_fn(state.cur_nimg, total_nimg)
+
+    with StopRequest() as stop:
+        while True:
+            torch.manual_seed(step_seed(random_seed, rank, state.batch_idx))
+            schedule = loss.schedule(state.cur_nimg)
+            set_rendering_resolution(G, schedule['neural_rendering_resolution'])
+            for phase in phases:
+                phase.batch_idx = state.batch_idx
+            run_step(loss, phases, real_iter, gen_iter, device, batch_gpu, G.z_dim, state.cur_nimg, augment_pipe)
+
+            update_ema(G, G_ema, state.cur_nimg, batch_size, ema_kimg, ema_rampup)
+            set_rendering_resolution(G_ema, schedule['neural_rendering_resolution'])
+            state.cur_nimg += batch_size
+            state.batch_idx += 1
+            adjust_augment(augment_pipe, state, ada_target, ada_interval, ada_kimg, batch_size)
+
+            stopping = distributed.any_rank(stop.signum is not None, device)
+            done = state.cur_nimg >= total_nimg or stopping
+            if not done and state.cur_tick != 0 and state.cur_nimg < tick_start_nimg + kimg_per_tick * 1000:
+                continue
+
+            # --- tick ---------------------------------------------------------------------
+            tick_end_time = time.time()
+            status = format_status(state, tick_end_time - tick_start_time, state.cur_nimg - tick_start_nimg, maintenance, device,
+                                   None if augment_pipe is None else float(augment_pipe.p))
+            log(status)
+            if progress_fn is not None:
+                progress_fn(state.cur_nimg, total_nimg)
+            if stopping:
+                log(f'Stop requested by signal {stop.signum if stop.signum is not None else "(on another rank)"}: writing a resume snapshot.')
+
+            if rank == 0 and image_snapshot_ticks is not None and (done or state.cur_tick % image_snapshot_ticks == 0):
+                save_fake_grids(run_dir, G_ema, grid, grid_size_used, batch_gpu, tag=f'{state.cur_nimg // 1000:06d}')
+
+            snapshot_due = network_snapshot_ticks is not None and (done or state.cur_tick % network_snapshot_ticks == 0)
+            if snapshot_due:
+                for module in (G, D, G_ema):
+                    distributed.check_consistency(module, ignore_regex=r'.*\.[^.]+_(avg|ema)')
+                if rank == 0:
+                    last_snapshot = save_snapshot(run_dir, G, D, G_ema, training_set_kwargs, state, phases, augment_pipe)
+                    log(f'Saved {os.path.basename(last_snapshot)}')
+                distributed.barrier()
+                if metrics and not stopping:
+                    stats_metrics = evaluate_metrics(metrics, G_ema, training_set_kwargs, num_gpus, rank, device, run_dir, last_snapshot, log)
+
+            stats_collector.update()
+            if stats_writer is not None:
+                stats = stats_collector.as_dict()
+                stats.update({f'Metrics/{k}': dict(num=1, mean=v, std=0.0) for k, v in stats_metrics.items()})
+                stats_writer.write(stats, state.cur_nimg, time.time())
+            stats_metrics = {}
+
+            state.cur_tick += 1
+            tick_start_nimg, tick_start_time = state.cur_nimg, time.time()
+            maintenance = tick_start_time - tick_end_time
+            if done:
+                break
+
+    if stats_writer is not None:
+        stats_writer.close()
+    training_set.close()
+    stopped = stop.signum is not None or stopping
+    log('Stopped cleanly.' if stopped else 'Exiting...')
+    return dnnlib.EasyDict(snapshot_pkl=last_snapshot, G=G, D=D, G_ema=G_ema, cur_nimg=state.cur_nimg, batch_idx=state.batch_idx,
+                           stopped=stopped)
+
+
+def adjust_augment(augment_pipe, state, ada_target, ada_interval, ada_kimg, batch_size):
+    """ADA heuristic: move p by batch x interval / (ada_kimg x 1000) towards E[sign(D(real))] = target."""
+    if augment_pipe is None or ada_target is None or state.batch_idx % ada_interval != 0:
+        return
+    collector = state.get('ada_collector')
+    if collector is None:
+        collector = state.ada_collector = training_stats.Collector(regex='Loss/signs/real')
+    collector.update()
+    signs = collector.mean('Loss/signs/real')
+    if np.isnan(signs):
+        return
+    adjust = np.sign(signs - ada_target) * (batch_size * ada_interval) / (ada_kimg * 1000)
+    augment_pipe.p.copy_((augment_pipe.p + adjust).clamp(0, 1))
+
+
+def restore_training_state(resume_state, state, phases, augment_pipe, log):
+    """Counters, optimizers and augmentation probability from a snapshot's resume_state."""
+    state.cur_nimg = int(resume_state['cur_nimg'])
+    state.cur_tick = int(resume_state['cur_tick'])
+    state.batch_idx = int(resume_state['batch_idx'])
+    for phase in phases:
+        opt_state = resume_state['optimizers'].get(phase.name[0])
+        if opt_state is not None and phase.name.endswith(('main', 'both')):
+            # Moments and step counts from the snapshot; learning rates and betas from this run's options.
+            hyper = [{k: v for k, v in g.items() if k != 'params'} for g in phase.opt.param_groups]
+            phase.opt.load_state_dict(opt_state)
+            for group, h in zip(phase.opt.param_groups, hyper):
+                group.update(h)
+    if augment_pipe is not None and resume_state.get('augment_p') is not None:
+        augment_pipe.p.copy_(torch.as_tensor(resume_state['augment_p']))
+    if resume_state.get('batch_size') is not None and int(resume_state['batch_size']) != state.batch_size:
+        log(f"Note: the snapshot was trained with batch {resume_state['batch_size']}, this run uses {state.batch_size}")
+    log(f'Continuing at kimg {state.cur_nimg / 1e3:.3f}, tick {state.cur_tick}, step {state.batch_idx}')
+
+
+def evaluate_metrics(metrics, G_ema, training_set_kwargs, num_gpus, rank, device, run_dir, snapshot_pkl, log) -> dict:
+    """Run each metric on G_ema; rank 0 appends metric-<name>.jsonl. Returns {name: value} for the stats."""
+    from metrics import metric_main
+    values = {}
+    for metric in metrics:
+        result = metric_main.calc_metric(metric=metric, G=G_ema, dataset_kwargs=training_set_kwargs,
+                                         num_gpus=num_gpus, rank=rank, device=device)
+        if rank == 0:
+            metric_main.report_metric(result, run_dir=run_dir, snapshot_pkl=snapshot_pkl)
+            log(metric_main.format_result(result))
+        values.update(result.results)
+    return values
