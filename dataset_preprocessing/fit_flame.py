@@ -209,6 +209,7 @@ def fit_head(model: Callable,
              points_2d: np.ndarray,                  # (B, K, 2) landmarks in crop pixels
              size: int,                              # crop size in pixels
              groups: np.ndarray = None,              # (B,) identity index per image: shape shared within a group; None: one per image
+             point_weights: np.ndarray = None,       # (K,) weight of each landmark in the data term; None: all 1
              landmark_matrix: np.ndarray = None,     # (K, 68): detected point k = sum_j M[k, j] landmark j; None: identity (K = 68)
              fixed_angles: np.ndarray = None,        # (B, 3): keep these head angles (e.g. Deep3DFaceRecon's), fit the rest
              fixed_labels: np.ndarray = None,        # (B, 25): keep these cameras (mirrored copies); None: fit the camera
@@ -229,6 +230,10 @@ def fit_head(model: Callable,
     lm_mat = torch.eye(68) if landmark_matrix is None else torch.as_tensor(np.asarray(landmark_matrix, np.float32))
     if lm_mat.shape != (k, 68):
         raise ValueError(f'landmark_matrix must be ({k}, 68), got {tuple(lm_mat.shape)}')
+    weights = torch.ones(k) if point_weights is None else torch.as_tensor(np.asarray(point_weights, np.float32))
+    if weights.shape != (k,):
+        raise ValueError(f'point_weights must be ({k},), got {tuple(weights.shape)}')
+    weights = weights * (k / weights.sum())             # keep the data term's scale: priors mean the same
     groups = np.arange(bsz) if groups is None else np.asarray(groups)
     _, group_idx = np.unique(groups, return_inverse=True)
     group_idx = torch.as_tensor(group_idx.reshape(-1))
@@ -297,7 +302,7 @@ def fit_head(model: Callable,
         shape, exp, jaw = coefficients_now()
         lms = model.landmarks(shape, exp, jaw, bins)
         proj = project_landmarks(lm_mat @ lms, log_scale.exp(), labels, size)
-        loss = (((proj - pts) * px) ** 2).sum(-1).mean()
+        loss = ((((proj - pts) * px) ** 2).sum(-1) * weights).mean()
         loss = loss + scale_prior * (log_scale ** 2).mean()
         if not rigid:
             loss = loss + shape_prior * (shape_var * unit[:model.n_shape]).square().sum(-1).mean() + expression_prior * exp.square().sum(-1).mean()

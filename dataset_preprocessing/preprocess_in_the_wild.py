@@ -24,10 +24,11 @@ time. Photos are fitted one by one, each with its own shape.
 
 import io
 import json
+import math
 import os
 import sys
 import time
-from typing import List, NamedTuple, Optional
+from typing import Iterable, Iterator, List, NamedTuple, Optional, Tuple
 
 import click
 import numpy as np
@@ -65,35 +66,48 @@ class Prepared(NamedTuple):
 # ----------------------------------------------------------------------------------------------
 # Inputs
 
-def list_frames(indir: str, fps: Optional[float]) -> (List[Frame], bool):
-    """Photos of a folder (sorted by name) or the frames of a video -> (frames, is_video)."""
+def list_frames(indir: str, fps: Optional[float]) -> Tuple[Iterable[Frame], int, bool]:
+    """Photos of a folder (sorted by name) or the frames of a video -> (frames, count, is_video).
+
+    A video's frames are decoded one at a time as they are consumed (only their crops are
+    kept), so long videos do not fill the memory.
+    """
     if os.path.isdir(indir):
         names = sorted(n for n in os.listdir(indir) if n.lower().endswith(IMAGE_EXTENSIONS))
         if not names:
             raise click.ClickException(f'{indir}: no images ({", ".join(IMAGE_EXTENSIONS)})')
-        return [Frame(n, os.path.splitext(n)[0], None, os.path.join(indir, n)) for n in names], False
+        return [Frame(n, os.path.splitext(n)[0], None, os.path.join(indir, n)) for n in names], len(names), False
     if os.path.isfile(indir) and indir.lower().endswith(VIDEO_EXTENSIONS):
-        return read_video(indir, fps), True
+        return read_video(indir, fps)
     raise click.ClickException(f'{indir}: not a folder of images nor a video ({", ".join(VIDEO_EXTENSIONS)})')
 
 
-def read_video(path: str, fps: Optional[float]) -> List[Frame]:
-    """Frames of a video through imageio-ffmpeg's bundled ffmpeg, subsampled to about `fps`."""
+def read_video(path: str, fps: Optional[float]) -> Tuple[Iterator[Frame], int, bool]:
+    """Frames of a video through imageio-ffmpeg's bundled ffmpeg, subsampled to about `fps`.
+
+    Frame i of the video is named "<video>#i"; its landmark / .mat files are <i:05d>.txt/.mat.
+    """
     import imageio.v2 as imageio
     try:
         reader = imageio.get_reader(path, 'ffmpeg')
-        src_fps = float(reader.get_meta_data().get('fps', 0) or 0)
-        step = max(1, int(round(src_fps / fps))) if fps and src_fps > 0 else 1
-        frames = []
-        for i, img in enumerate(reader):
-            if i % step == 0:
-                frames.append(Frame(f'{os.path.basename(path)}#{i}', f'{i:05d}', np.asarray(img)[..., :3], None))
-        reader.close()
+        meta = reader.get_meta_data()
     except Exception as e:
         raise click.ClickException(f'{path}: cannot read the video ({e})') from None
-    if not frames:
-        raise click.ClickException(f'{path}: the video has no frames')
-    return frames
+    src_fps = float(meta.get('fps', 0) or 0)
+    step = max(1, int(round(src_fps / fps))) if fps and src_fps > 0 else 1
+    total = meta.get('nframes', float('inf'))
+    count = int(math.ceil(total / step)) if math.isfinite(total) else None
+
+    def frames():
+        try:
+            for i, img in enumerate(reader):
+                if i % step == 0:
+                    yield Frame(f'{os.path.basename(path)}#{i}', f'{i:05d}', np.asarray(img)[..., :3], None)
+        except Exception as e:
+            raise click.ClickException(f'{path}: cannot read the video ({e})') from None
+        finally:
+            reader.close()
+    return frames(), count, True
 
 
 def load_image(frame: Frame) -> np.ndarray:
@@ -130,7 +144,7 @@ def prepare(frame: Frame, detector, landmark_dir: Optional[str], mat_dir: Option
         if path is None:
             raise ValueError(f'no Deep3DFaceRecon result {os.path.join(mat_dir, frame.stem + ".mat")}')
         angles, _ = pose_label.load_deep3d_mat(path)
-    return Prepared(frame, crop, box.to_crop(points), angles)
+    return Prepared(frame._replace(image=None), crop, box.to_crop(points), angles)     # keep the crop only
 
 
 def fit(model: fit_flame.HeadModelAdapter, items: List[Prepared], resolution: int, video: bool, mirrored_of=None):
@@ -227,7 +241,7 @@ def load_model(flame_dir: Optional[str]) -> fit_flame.HeadModelAdapter:
 @click.option('--outdir', required=True, help='Output folder')
 @click.option('--mode', type=click.Choice(['dataset', 'driving']), default='dataset', show_default=True, help='Training dataset or reenactment driving folder')
 @click.option('--flame', 'flame_dir', default=None, help='Folder with FLAME generic_model.pkl + landmark_embedding.npy [default: bundled head model]')
-@click.option('--landmarks', 'landmark_dir', default=None, help='Folder of <stem>.txt landmark files (5 or 68 lines "x y", pixel indices)')
+@click.option('--landmarks', 'landmark_dir', default=None, help='Folder of <stem>.txt landmark files (5 or 68 lines "x y", pixel indices; video frame i: <i:05d>.txt)')
 @click.option('--recon-mat', 'mat_dir', default=None, help="Folder of Deep3DFaceRecon <stem>.mat results: their head angles are used")
 @click.option('--fps', type=float, default=None, help='Video: keep about this many frames per second [default: all]')
 @click.option('--mirror', is_flag=True, help='Also write left-right mirrored copies (dataset mode)')
@@ -243,14 +257,15 @@ def main(indir, outdir, mode, flame_dir, landmark_dir, mat_dir, fps, mirror, res
         detector = landmarks.DlibLandmarkDetector()
     elif landmark_dir is None:
         raise click.ClickException(f'no landmark detector installed and no --landmarks folder given: {landmarks.INSTALL_HINT}')
-    frames, video = list_frames(indir, fps)
+    frames, count, video = list_frames(indir, fps)
     model = load_model(flame_dir)
     faces = model.flame.faces
     os.makedirs(outdir, exist_ok=True)
     start = time.time()
 
-    prepared, skipped = [], []
-    for frame in tqdm(frames, desc='landmarks + crop', disable=None):
+    prepared, skipped, n_inputs = [], [], 0
+    for frame in tqdm(frames, total=count, desc='landmarks + crop', disable=None):
+        n_inputs += 1
         try:
             prepared.append(prepare(frame, detector, landmark_dir, mat_dir, resolution))
         except (ValueError, RuntimeError) as e:
@@ -296,13 +311,13 @@ def main(indir, outdir, mode, flame_dir, landmark_dir, mat_dir, fps, mirror, res
                        ('output\tinput\tmirrored\tlandmark_error_px_at_512\n' + '\n'.join(sources) + '\n').encode())
     atomic_write_bytes(os.path.join(outdir, 'skipped.txt'), ''.join(f'{n}\t{why}\n' for n, why in skipped).encode())
     elapsed = time.time() - start
-    print(f'{len(frames)} inputs: {len(prepared)} processed, {len(skipped)} skipped (see skipped.txt); '
+    print(f'{n_inputs} inputs: {len(prepared)} processed, {len(skipped)} skipped (see skipped.txt); '
           f'{len(labels)} outputs in {outdir}')
     for n, why in skipped:
         print(f'  skipped {n}: {why}')
     if errors:
         print(f'landmark error (pixels at 512): mean {np.mean(errors):.2f}, max {np.max(errors):.2f}; '
-              f'{elapsed / max(1, len(frames)):.2f} s per input')
+              f'{elapsed / max(1, n_inputs):.2f} s per input')
     if not labels:
         raise click.ClickException('no face was processed')
 

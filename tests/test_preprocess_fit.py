@@ -122,6 +122,23 @@ def test_five_points_and_mirror(model):
     assert flipped.angles[0, 1] == pytest.approx(-result.angles[0, 1], abs=1e-5)   # yaw flipped
 
 
+def test_point_weights_ignore_points(model):
+    cam, points = _synthetic(model, 0.2, 0.1, 0.05, 6)
+    box, _, _ = alignment.align_face(alignment.landmarks_68_to_5(points))
+    crop_points = box.to_crop(points)
+    corrupted = crop_points.copy()
+    corrupted[:17] += np.random.RandomState(0).normal(0, 40, size=(17, 2))      # a wrong jaw line
+    weights = np.ones(68)
+    weights[:17] = 0
+    result = fit_flame.fit_head(model, corrupted[None], 512, point_weights=weights)
+    assert np.linalg.norm(result.projected[0, 17:] - crop_points[17:], axis=1).mean() < 1.0
+    err_deg = np.degrees(np.abs(pose_label.cam2world_to_head_angles(result.labels[0, :16].reshape(4, 4))
+                                - pose_label.cam2world_to_head_angles(cam[0].numpy())))
+    assert err_deg.max() < 3.0, err_deg
+    with pytest.raises(ValueError, match='point_weights'):
+        fit_flame.fit_head(model, corrupted[None], 512, point_weights=np.ones(5))
+
+
 def test_fit_rejects_bad_input(model):
     with pytest.raises(ValueError, match=r'\(B, K, 2\)'):
         fit_flame.fit_head(model, np.zeros([68, 2]), 512)
