@@ -1,0 +1,139 @@
+"""The registry of metrics, their evaluation and their report files.
+
+    fid50k_full     FID, 50k generated images against the whole dataset (StyleGAN's protocol)
+    kid50k_full     KID, same protocol (100 subsets of up to 1000)
+    fid1k_full      FID with 1k generated images (quick checks)
+    kid1k_full      KID with 1k generated images
+    fid_tiny        FID with 64 generated images against up to 64 real ones (tests)
+    kid_tiny        KID with 64 generated images against up to 64 real ones (tests)
+    mesh_depth_err  mean |generated depth - driving mesh depth| over the mesh, 1k samples (world units)
+    mesh_depth_err_tiny  the same with 16 samples
+
+Results are appended as JSON lines to `metric-<name>.jsonl` in the run folder.
+"""
+
+import json
+import os
+import time
+
+import torch
+
+import dnnlib
+from metrics import frechet_inception_distance
+from metrics import kernel_inception_distance
+from metrics import mesh_depth_error
+from metrics import metric_utils
+from torch_utils import persistence
+
+_metric_dict = {}
+NEEDS_DETECTOR = set()
+
+
+def register_metric(needs_detector: bool):
+    def decorator(fn):
+        _metric_dict[fn.__name__] = fn
+        if needs_detector:
+            NEEDS_DETECTOR.add(fn.__name__)
+        return fn
+    return decorator
+
+
+def is_valid_metric(metric: str) -> bool:
+    return metric in _metric_dict
+
+
+def list_valid_metrics():
+    return sorted(_metric_dict)
+
+
+def check_requirements(metrics, detector: str = None):
+    """Raise FileNotFoundError/ValueError now (before training) if a metric cannot run."""
+    for metric in metrics:
+        if not is_valid_metric(metric):
+            raise ValueError(f'unknown metric {metric!r}; known: {", ".join(list_valid_metrics())}')
+    if any(m in NEEDS_DETECTOR for m in metrics):
+        metric_utils.detector_path(detector)
+
+
+def calc_metric(metric: str, **kwargs) -> dnnlib.EasyDict:
+    """Evaluate one metric -> EasyDict(results={name: value}, metric, total_time, total_time_str, num_gpus)."""
+    if not is_valid_metric(metric):
+        raise ValueError(f'unknown metric {metric!r}; known: {", ".join(list_valid_metrics())}')
+    opts = metric_utils.MetricOptions(**kwargs)
+    start = time.time()
+    results = _metric_dict[metric](opts)
+    total = time.time() - start
+    for key, value in list(results.items()):
+        if opts.num_gpus > 1:
+            t = torch.as_tensor(value, dtype=torch.float64, device=opts.device)
+            torch.distributed.broadcast(t, src=0)
+            results[key] = float(t.cpu())
+    return dnnlib.EasyDict(results=dnnlib.EasyDict(results), metric=metric, total_time=total,
+                           total_time_str=f'{total:.1f}s', num_gpus=opts.num_gpus)
+
+
+def format_result(result) -> str:
+    values = ', '.join(f'{k} {v:.4g}' for k, v in result.results.items())
+    return f'{result.metric}: {values} ({result.total_time_str})'
+
+
+def report_metric(result, run_dir: str = None, snapshot_pkl: str = None):
+    """Append the result as one JSON line to run_dir/metric-<metric>.jsonl (atomic rewrite)."""
+    line = json.dumps(dict(result, snapshot_pkl=None if snapshot_pkl is None else os.path.basename(snapshot_pkl), timestamp=time.time()))
+    if run_dir is None:
+        print(line)
+        return
+    path = os.path.join(run_dir, f'metric-{result.metric}.jsonl')
+    old = b''
+    if os.path.isfile(path):
+        with open(path, 'rb') as f:
+            old = f.read()
+    persistence.atomic_write_bytes(path, old + line.encode() + b'\n')
+
+
+# ----------------------------------------------------------------------------------------
+
+@register_metric(needs_detector=True)
+def fid50k_full(opts):
+    opts.dataset_kwargs.update(max_size=None, xflip=False)
+    return dict(fid50k_full=frechet_inception_distance.compute_fid(opts, max_real=None, num_gen=50000))
+
+
+@register_metric(needs_detector=True)
+def kid50k_full(opts):
+    opts.dataset_kwargs.update(max_size=None, xflip=False)
+    return dict(kid50k_full=kernel_inception_distance.compute_kid(opts, max_real=1000000, num_gen=50000))
+
+
+@register_metric(needs_detector=True)
+def fid1k_full(opts):
+    opts.dataset_kwargs.update(max_size=None, xflip=False)
+    return dict(fid1k_full=frechet_inception_distance.compute_fid(opts, max_real=None, num_gen=1000))
+
+
+@register_metric(needs_detector=True)
+def kid1k_full(opts):
+    opts.dataset_kwargs.update(max_size=None, xflip=False)
+    return dict(kid1k_full=kernel_inception_distance.compute_kid(opts, max_real=1000000, num_gen=1000))
+
+
+@register_metric(needs_detector=True)
+def fid_tiny(opts):
+    opts.dataset_kwargs.update(max_size=None, xflip=False)
+    return dict(fid_tiny=frechet_inception_distance.compute_fid(opts, max_real=64, num_gen=64))
+
+
+@register_metric(needs_detector=True)
+def kid_tiny(opts):
+    opts.dataset_kwargs.update(max_size=None, xflip=False)
+    return dict(kid_tiny=kernel_inception_distance.compute_kid(opts, max_real=64, num_gen=64, num_subsets=10))
+
+
+@register_metric(needs_detector=False)
+def mesh_depth_err(opts):
+    return dict(mesh_depth_err=mesh_depth_error.compute_mesh_depth_error(opts, num_gen=1000))
+
+
+@register_metric(needs_detector=False)
+def mesh_depth_err_tiny(opts):
+    return dict(mesh_depth_err_tiny=mesh_depth_error.compute_mesh_depth_error(opts, num_gen=16))
