@@ -251,3 +251,24 @@ def test_compile_fullgraph(pretend_kernels):
     assert torch.allclose(y, y_eager, rtol=1e-5, atol=1e-5)
     for g, ge in zip(grads, grads_eager):
         assert torch.allclose(g, ge, rtol=1e-4, atol=1e-4)
+
+
+def test_compile_traces_the_real_dispatch(monkeypatch, fresh_build_state):
+    # want_kernel / force_ref / kernel_available themselves must trace without graph breaks:
+    # first on CPU tensors (reference), then with a GPU pretended and the build failing.
+    f = U.setup_filter([1, 3, 3, 1])
+    b = torch.ones(2)
+    x = torch.randn(1, 2, 4, 4)
+    layer = lambda x: U.upsample2d(B.bias_act(x, b, act='lrelu'), f)
+    expected = U.upsample2d(B.bias_act(x, b, act='lrelu', impl='ref'), f, impl='ref')
+    assert torch.allclose(torch.compile(layer, fullgraph=True, backend='aot_eager')(x), expected)
+
+    def failing_load(name, sources, build_dir):
+        raise RuntimeError('nvcc: simulated compiler failure')
+    monkeypatch.setattr(_build, '_load', failing_load)
+    monkeypatch.setattr(_build, 'want_kernel', lambda op, impl, *tensors: impl != 'ref')
+    torch.compiler.reset()
+    with pytest.warns(RuntimeWarning, match='could not build'):
+        y = torch.compile(layer, fullgraph=True, backend='aot_eager')(x)
+    assert torch.allclose(y, expected)
+    assert _build._extensions == {'bias_act': None, 'upfirdn2d': None}
