@@ -37,7 +37,7 @@ the thread pool's synchronisation makes each step many times slower.
 """
 
 import dataclasses
-from typing import Callable, Optional, Tuple
+from typing import Optional, Tuple
 
 import numpy as np
 import torch
@@ -205,7 +205,7 @@ def initial_angles(points_2d: np.ndarray, model_points: np.ndarray) -> np.ndarra
     return pose_label.matrix_to_deep3d_angles(rot)
 
 
-def fit_head(model: Callable,
+def fit_head(model: HeadModelAdapter,
              points_2d: np.ndarray,                  # (B, K, 2) landmarks in crop pixels
              size: int,                              # crop size in pixels
              groups: np.ndarray = None,              # (B,) identity index per image: shape shared within a group; None: one per image

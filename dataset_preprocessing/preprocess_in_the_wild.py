@@ -41,6 +41,7 @@ if __name__ == '__main__' and __package__ is None:
 
 from dataset_preprocessing import alignment, fit_flame, landmarks, pose_label      # noqa: E402
 from torch_utils.persistence import atomic_write_bytes                              # noqa: E402
+from training import coords                                                         # noqa: E402
 from training.mesh.obj_io import write_landmarks, write_obj                         # noqa: E402
 
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.webp')
@@ -177,7 +178,7 @@ def check_image(item: Prepared, result: fit_flame.FitResult, i: int, faces: torc
     ones = torch.ones(1)
     px = fit_flame.project_landmarks(verts, ones, label, 1.0)                      # [0, 1] image units
     cam2world = label[:, :16].reshape(1, 4, 4)
-    depth = ((fit_flame.coords.mesh_to_world(verts) - cam2world[:, None, :3, 3]) * cam2world[:, None, :3, 2]).sum(-1)
+    depth = ((coords.mesh_to_world(verts) - cam2world[:, None, :3, 3]) * cam2world[:, None, :3, 2]).sum(-1)
     ndc = torch.cat([px * 2 - 1, depth[..., None]], dim=-1)
     frags = rasterize(ndc, faces, size)
     covered = frags.pix_to_face[0] >= 0
@@ -205,16 +206,50 @@ def save_png(path: str, image: Image.Image):
     atomic_write_bytes(path, buf.getvalue())
 
 
-def output_paths(mode: str, outdir: str, index: int, resolution: int):
-    """(image, mesh, landmarks, dataset.json folder, relative name in dataset.json)."""
-    if mode == 'driving':
-        fid = f'{index:05d}'
-        return (os.path.join(outdir, fid + '.png'), os.path.join(outdir, fid + '.obj'),
-                os.path.join(outdir, fid + '_kpt2d.txt'), outdir, fid + '.png')
-    r = f'{resolution}x{resolution}'
-    rel = f'{index // 1000:05d}/img{index:08d}'
-    return (os.path.join(outdir, f'images{r}', rel + '.png'), os.path.join(outdir, f'meshes{r}', rel + '.obj'),
-            os.path.join(outdir, f'lms{r}', rel + '.txt'), os.path.join(outdir, f'images{r}'), rel + '.png')
+class OutputWriter:
+    """Writes results as they come (dataset or driving layout) and the index files at the end."""
+
+    def __init__(self, mode: str, outdir: str, resolution: int, faces: torch.Tensor):
+        self.mode, self.outdir, self.resolution = mode, outdir, resolution
+        self.faces = faces
+        self.labels, self.sources, self.errors = [], [], []
+
+    def _paths(self, index: int):
+        """(image, mesh, landmarks, name in dataset.json) of output `index`."""
+        if self.mode == 'driving':
+            fid = f'{index:05d}'
+            return (os.path.join(self.outdir, fid + '.png'), os.path.join(self.outdir, fid + '.obj'),
+                    os.path.join(self.outdir, fid + '_kpt2d.txt'), fid + '.png')
+        r = f'{self.resolution}x{self.resolution}'
+        rel = f'{index // 1000:05d}/img{index:08d}'
+        return (os.path.join(self.outdir, f'images{r}', rel + '.png'), os.path.join(self.outdir, f'meshes{r}', rel + '.obj'),
+                os.path.join(self.outdir, f'lms{r}', rel + '.txt'), rel + '.png')
+
+    def json_dir(self) -> str:
+        return self.outdir if self.mode == 'driving' else os.path.join(self.outdir, f'images{self.resolution}x{self.resolution}')
+
+    def add(self, items: List[Prepared], result: fit_flame.FitResult, mirrored: bool):
+        for i, item in enumerate(items):
+            index = len(self.labels)
+            img_path, obj_path, lms_path, rel = self._paths(index)
+            check_path = os.path.join(self.outdir, 'checks', f'{index:05d}.png')
+            for path in (img_path, obj_path, lms_path, check_path):
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+            save_png(img_path, item.crop)
+            write_obj(obj_path, result.vertices[i], self.faces.numpy())
+            write_landmarks(lms_path, result.landmarks[i])
+            save_png(check_path, check_image(item, result, i, self.faces))
+            self.labels.append([rel, [float(x) for x in result.labels[i]]])
+            self.sources.append(f'{rel}\t{item.frame.name}\t{int(mirrored)}\t{result.error_px[i]:.3f}')
+            self.errors.append(float(result.error_px[i]))
+
+    def finish(self, skipped):
+        if self.labels:
+            os.makedirs(self.json_dir(), exist_ok=True)
+            atomic_write_bytes(os.path.join(self.json_dir(), 'dataset.json'), json.dumps({'labels': self.labels}, indent=1).encode())
+        header = 'output\tinput\tmirrored\tlandmark_error_px_at_512\n'
+        atomic_write_bytes(os.path.join(self.outdir, 'sources.txt'), (header + ''.join(s + '\n' for s in self.sources)).encode())
+        atomic_write_bytes(os.path.join(self.outdir, 'skipped.txt'), ''.join(f'{n}\t{why}\n' for n, why in skipped).encode())
 
 
 def load_model(flame_dir: Optional[str]) -> fit_flame.HeadModelAdapter:
@@ -259,66 +294,46 @@ def main(indir, outdir, mode, flame_dir, landmark_dir, mat_dir, fps, mirror, res
         raise click.ClickException(f'no landmark detector installed and no --landmarks folder given: {landmarks.INSTALL_HINT}')
     frames, count, video = list_frames(indir, fps)
     model = load_model(flame_dir)
-    faces = model.flame.faces
     os.makedirs(outdir, exist_ok=True)
+    writer = OutputWriter(mode, outdir, resolution, model.flame.faces)
     start = time.time()
 
-    prepared, skipped, n_inputs = [], [], 0
-    for frame in tqdm(frames, total=count, desc='landmarks + crop', disable=None):
-        n_inputs += 1
-        try:
-            prepared.append(prepare(frame, detector, landmark_dir, mat_dir, resolution))
-        except (ValueError, RuntimeError) as e:
-            skipped.append((frame.name, str(e)))
-    if video and len({len(p.points) for p in prepared}) > 1:
-        # A video is one batch, which needs one landmark layout: fall back to the five points for all.
-        prepared = [p._replace(points=p.points if len(p.points) == 5 else alignment.landmarks_68_to_5(p.points)) for p in prepared]
-
-    batches = [prepared] if video and prepared else [[p] for p in prepared]
-    results = []
-    for batch in tqdm(batches, desc='fitting', disable=None):
+    def fit_and_write(batch: List[Prepared]):
         result = fit(model, batch, resolution, video)
-        results.append((batch, result))
+        writer.add(batch, result, mirrored=False)
         if mirror:
             flipped = [mirror_prepared(p) for p in batch]
-            results.append((flipped, fit(model, flipped, resolution, video, mirrored_of=result)))
+            writer.add(flipped, fit(model, flipped, resolution, video, mirrored_of=result), mirrored=True)
 
-    labels, sources, errors = [], [], []
-    index = 0
-    for n_batch, (batch, result) in enumerate(tqdm(results, desc='writing', disable=None)):
-        is_mirror = mirror and n_batch % 2 == 1
-        for i, item in enumerate(batch):
-            img_path, obj_path, lms_path, _, rel = output_paths(mode, outdir, index, resolution)
-            os.makedirs(os.path.dirname(img_path), exist_ok=True)
-            os.makedirs(os.path.dirname(obj_path), exist_ok=True)
-            os.makedirs(os.path.dirname(lms_path), exist_ok=True)
-            save_png(img_path, item.crop)
-            write_obj(obj_path, result.vertices[i], faces.numpy())
-            write_landmarks(lms_path, result.landmarks[i])
-            check = os.path.join(outdir, 'checks', f'{index:05d}.png')
-            os.makedirs(os.path.dirname(check), exist_ok=True)
-            save_png(check, check_image(item, result, i, faces))
-            labels.append([rel, [float(x) for x in result.labels[i]]])
-            sources.append(f'{rel}\t{item.frame.name}\t{int(is_mirror)}\t{result.error_px[i]:.3f}')
-            errors.append(float(result.error_px[i]))
-            index += 1
+    # Photos are processed one by one; a video's frames are fitted together (shared shape).
+    prepared, skipped, n_inputs = [], [], 0
+    for frame in tqdm(frames, total=count, desc='video frames' if video else 'photos', disable=None):
+        n_inputs += 1
+        try:
+            item = prepare(frame, detector, landmark_dir, mat_dir, resolution)
+            if video:
+                prepared.append(item)
+            else:
+                fit_and_write([item])
+        except (ValueError, RuntimeError) as e:
+            skipped.append((frame.name, str(e)))
+    if prepared:
+        if len({len(p.points) for p in prepared}) > 1:
+            # One batch needs one landmark layout: fall back to the five points for all frames.
+            prepared = [p._replace(points=p.points if len(p.points) == 5 else alignment.landmarks_68_to_5(p.points)) for p in prepared]
+        print(f'fitting {len(prepared)} frames together')
+        fit_and_write(prepared)
+    writer.finish(skipped)
 
-    json_dir = output_paths(mode, outdir, 0, resolution)[3]
-    if labels:
-        os.makedirs(json_dir, exist_ok=True)
-        atomic_write_bytes(os.path.join(json_dir, 'dataset.json'), json.dumps({'labels': labels}, indent=1).encode())
-    atomic_write_bytes(os.path.join(outdir, 'sources.txt'),
-                       ('output\tinput\tmirrored\tlandmark_error_px_at_512\n' + '\n'.join(sources) + '\n').encode())
-    atomic_write_bytes(os.path.join(outdir, 'skipped.txt'), ''.join(f'{n}\t{why}\n' for n, why in skipped).encode())
     elapsed = time.time() - start
-    print(f'{n_inputs} inputs: {len(prepared)} processed, {len(skipped)} skipped (see skipped.txt); '
-          f'{len(labels)} outputs in {outdir}')
+    print(f'{n_inputs} inputs: {n_inputs - len(skipped)} processed, {len(skipped)} skipped (see skipped.txt); '
+          f'{len(writer.labels)} outputs in {outdir}')
     for n, why in skipped:
         print(f'  skipped {n}: {why}')
-    if errors:
-        print(f'landmark error (pixels at 512): mean {np.mean(errors):.2f}, max {np.max(errors):.2f}; '
+    if writer.errors:
+        print(f'landmark error (pixels at 512): mean {np.mean(writer.errors):.2f}, max {np.max(writer.errors):.2f}; '
               f'{elapsed / max(1, n_inputs):.2f} s per input')
-    if not labels:
+    if not writer.labels:
         raise click.ClickException('no face was processed')
 
 
