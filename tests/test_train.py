@@ -250,3 +250,26 @@ def test_train_py_bad_dataset_stops_before_training(head_data, tmp_path):
     assert result.exit_code == 1 and 'img00000001.obj: missing mesh' in result.output, result.output
     assert result.exception is None or isinstance(result.exception, SystemExit)
     assert not os.path.exists(tmp_path / 'runs')
+
+
+def test_next3d_initialised_from_eg3d_weights():
+    """SPEC section 6: backbone, SR, decoder, D from EG3D; its synthesis blocks also start the texture generator and StyleUNet decoders."""
+    from training import resume
+    eg3d, next3d = configs.make_generator('tiny64-eg3d'), configs.make_generator('tiny64')
+    D_src, D_dst = configs.make_discriminator('tiny64-eg3d'), configs.make_discriminator('tiny64')
+    lines = []
+    report = resume.initialise(eg3d, next3d, 'G', log=lines.append)
+    src, dst = eg3d.state_dict(), next3d.state_dict()
+    for k in src:
+        if k.split('.')[0] in ('backbone', 'superresolution', 'decoder'):
+            torch.testing.assert_close(dst[k], src[k], rtol=0, atol=0, msg=k)
+    for k_dst, k_src in [('texture_backbone.synthesis.b8.conv0.weight', 'backbone.synthesis.b8.conv0.weight'),
+                         ('texture_backbone.synthesis.b4.const', 'backbone.synthesis.b4.const'),
+                         ('mouth_backbone.b16.conv1.affine.weight', 'backbone.synthesis.b16.conv1.affine.weight')]:
+        torch.testing.assert_close(dst[k_dst], src[k_src], rtol=0, atol=0, msg=k_dst)
+    assert 'texture_backbone.synthesis.b8.torgb.weight' in report['shape_mismatch']     # 32 texture channels vs 96 plane channels
+    assert any(k.startswith('mouth_backbone.encoder') for k in report['missing'])
+    assert not any(k.startswith(('backbone.', 'superresolution.', 'decoder.')) for k in report['missing'] + report['shape_mismatch'])
+    assert lines[0].startswith('  G: copied ')
+    report_d = resume.initialise(D_src, D_dst, 'D', log=lines.append)
+    assert not report_d['missing'] and not report_d['shape_mismatch']

@@ -45,8 +45,10 @@ def initialise(src, dst, name: str, log=print) -> dict:
         rename = stylegan_rename()
         extra = misc.copy_params_and_buffers(src, _Subset(dst, remaining), rename=rename)
         report['copied'] += [f'{n} <- {rename(n)}' for n in extra['copied']]
-        report['missing'] = [n for n in report['missing'] if n in set(extra['missing']) | set(extra['shape_mismatch'])]
-        report['shape_mismatch'] = [n for n in report['shape_mismatch'] if n in set(extra['missing']) | set(extra['shape_mismatch'])]
+        remaining -= set(extra['copied'])
+        mismatched = set(report['shape_mismatch']) | set(extra['shape_mismatch'])
+        report['shape_mismatch'] = sorted(remaining & mismatched)
+        report['missing'] = sorted(remaining - mismatched)
     total = len(list(misc.named_params_and_buffers(dst)))
     log(f'  {name}: copied {len(report["copied"])} of {total} tensors; '
         f'{len(report["shape_mismatch"])} shape mismatches, {len(report["missing"])} not in the source (fresh)')
