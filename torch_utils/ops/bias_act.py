@@ -225,7 +225,8 @@ def _bias_act_backward(ctx, dy):
     x, b = ctx.saved_tensors
     dim = ctx.args[0]
     dz = _bias_act_grad_op(dy, x, b, *ctx.args)
-    return dz, (None if b is None else _reduce_to_bias(dz, dim)), None, None, None, None, None
+    db = _reduce_to_bias(dz, dim) if ctx.needs_input_grad[1] else None
+    return dz, db, None, None, None, None, None
 
 
 def _bias_act_grad_setup(ctx, inputs, output):
@@ -240,13 +241,16 @@ def _bias_act_grad_backward(ctx, g):
     # constant, so it contributes nothing.
     dy, x, b = ctx.saved_tensors
     dim, act, alpha, gain, clamp = ctx.args
-    d_dy = _bias_act_grad_op(g, x, b, *ctx.args)
-    z = _add_bias(x, b, dim)
-    d_z = g * dy * _activate_grad2(z, act, alpha) * gain
-    mask = _clamp_mask(z, act, alpha, gain, clamp)
-    if mask is not None:
-        d_z = d_z * mask
-    d_b = None if b is None else _reduce_to_bias(d_z, dim)
+    d_dy = _bias_act_grad_op(g, x, b, *ctx.args) if ctx.needs_input_grad[0] else None
+    d_z = d_b = None
+    piecewise_linear = act in ('linear', 'relu', 'lrelu')     # act'' = 0: nothing flows to x and b
+    if (ctx.needs_input_grad[1] or ctx.needs_input_grad[2]) and not piecewise_linear:
+        z = _add_bias(x, b, dim)
+        d_z = g * dy * _activate_grad2(z, act, alpha) * gain
+        mask = _clamp_mask(z, act, alpha, gain, clamp)
+        if mask is not None:
+            d_z = d_z * mask
+        d_b = _reduce_to_bias(d_z, dim) if ctx.needs_input_grad[2] else None
     return d_dy, d_z, d_b, None, None, None, None, None
 
 

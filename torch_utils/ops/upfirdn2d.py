@@ -176,6 +176,8 @@ def upfirdn2d(
     """
     _check_args(x, f)
     output_size(x.shape[2:], f, up, down, padding)
+    if f is not None and f.device != x.device:
+        f = f.to(x.device)      # a filter left on the CPU must not silently disable the kernel
     if (f is None or not f.requires_grad) and _build.want_kernel('upfirdn2d', impl, x, f) and _build.kernel_available('upfirdn2d', SOURCES):
         return _upfirdn2d_kernel(x, f, up, down, padding, flip_filter, gain)
     return _upfirdn2d_ref(x, f, up, down, padding, flip_filter, gain)
