@@ -160,7 +160,7 @@ def make_driving_video(outdir: str, num_frames: int, resolution: int, seed: int)
             for c in scene.BLINK_COMPONENTS:
                 exp[c] = 1.6 * float(motion['blink'][f])
             samples.append(scene.Sample(base.shape, exp, float(motion['jaw'][f]), float(motion['yaw'][f]),
-                                        float(motion['pitch'][f]), base.texture_seed, base.hair, base.light,
+                                        float(motion['pitch'][f]), base.texture_seed, base.hair, base.iris, base.light,
                                         base.light_strength, base.ambient, base.background_seed))
         cams = torch.stack([scene.camera_label(s.yaw, s.pitch) for s in samples])
         verts, lms = scene.pose_meshes(topo, samples)

@@ -73,7 +73,7 @@ class Topology:
     uv_corners: torch.Tensor     # (F, 3, 2) per-corner UVs (v up)
     texel_pos: torch.Tensor      # (T*T, 3) neutral position under each texel (0 where no surface)
     texel_valid: torch.Tensor    # (T*T,) bool
-    texel_eye: torch.Tensor      # (T*T,) int64: 0 skin, 1 left eyeball, 2 right eyeball
+    face_eye: torch.Tensor       # (F,) int64: 0 skin, 1 left eyeball, 2 right eyeball
     eye_centres: torch.Tensor    # (2, 3) neutral eyeball centres
     neutral_lms: torch.Tensor    # (68, 3)
     scalp_faces: torch.Tensor    # (Fs, 3) faces of the head surface (no eyeballs)
@@ -103,34 +103,31 @@ def load_topology() -> Topology:
     frag = rasterize(uv_ndc.reshape(1, -1, 3), torch.arange(3 * len(faces)).view(-1, 3), TEXTURE_SIZE, cull_backfaces=False)
     texel_pos = interpolate(verts[faces][None], frag)[0].permute(1, 2, 0).reshape(-1, 3)
     p2f = frag.pix_to_face[0].reshape(-1)
-    texel_eye = torch.where(p2f >= 0, eye_of_face[p2f.clamp(min=0)], torch.zeros_like(p2f))
-    return Topology(flame, faces, uv_corners, texel_pos, p2f >= 0, texel_eye, eye_centres, lms,
-                    faces[eye_of_face == 0], _feature_maps(texel_pos, texel_eye, lms, eye_centres))
+    return Topology(flame, faces, uv_corners, texel_pos, p2f >= 0, eye_of_face, eye_centres, lms,
+                    faces[eye_of_face == 0], _feature_maps(texel_pos, lms))
 
 
-def _feature_maps(p: torch.Tensor, texel_eye: torch.Tensor, lms: torch.Tensor, eye_centres: torch.Tensor) -> dict:
+def _feature_maps(p: torch.Tensor, lms: torch.Tensor) -> dict:
     """Distances (m) of each texel's neutral point to the painted features; they depend
     on the neutral mesh only, so they are computed once."""
     outer = lms[48:60]
     front = p[:, 2] > outer[:, 2].min() - 0.015
     cheeks = torch.stack([(lms[31] + lms[3]) / 2, (lms[35] + lms[13]) / 2])
     lift = torch.tensor([0, 0.003, 0])
-    eye_cos = torch.zeros(len(p))
-    for k in (1, 2):
-        sel = texel_eye == k
-        eye_cos[sel] = F.normalize(p[sel] - eye_centres[k - 1], dim=-1)[:, 2]
     return dict(
         lip_inside=_inside_polygon_xy(p, outer) & front,
         lip=torch.where(front, _distance_to_polyline(p, outer, True), torch.full((len(p),), 1.0)),
         cheek=(p[:, None] - cheeks[None]).norm(dim=-1).min(1).values,
         brow=torch.minimum(_distance_to_polyline(p, lms[17:22] + lift, False), _distance_to_polyline(p, lms[22:27] + lift, False)),
         eye=torch.minimum(_distance_to_polyline(p, lms[36:42], True), _distance_to_polyline(p, lms[42:48], True)),
-        eye_cos=eye_cos,
     )
 
 
 def paint_texture(topo: Topology, g: torch.Generator, hair_colour: torch.Tensor) -> torch.Tensor:
-    """A random albedo texture (3, T, T) in [0, 1] (row 0 = v = 1)."""
+    """A random albedo texture (3, T, T) in [0, 1] (row 0 = v = 1) of the skin.
+
+    The eyeballs are coloured procedurally at render time (`eye_albedo`): the bundled
+    template's eyeball UV islands overlap the eyelids' UVs."""
     p = topo.texel_pos
     t = _uniform(g, 0, 1)
     tone = torch.lerp(SKIN_TONES[int(t * (len(SKIN_TONES) - 1))], SKIN_TONES[min(int(t * (len(SKIN_TONES) - 1)) + 1, len(SKIN_TONES) - 1)],
@@ -150,14 +147,16 @@ def paint_texture(topo: Topology, g: torch.Generator, hair_colour: torch.Tensor)
     colour = torch.lerp(colour, brow_tone[None].expand_as(colour), brow_w[:, None])
     # Eye liner around the eye contours.
     colour = colour * (1 - 0.45 * torch.exp(-(feat['eye'] / 0.0025) ** 2))[:, None]
-    # Eyeballs: sclera, iris, pupil by the angle from the eyeball's forward axis.
-    iris = IRIS_COLOURS[int(torch.randint(len(IRIS_COLOURS), (), generator=g))] * _uniform(g, 0.7, 1.2)
-    eye = topo.texel_eye > 0
-    eye_colour = torch.where((feat['eye_cos'] > 0.87)[:, None], iris[None], torch.tensor([[0.92, 0.9, 0.88]]))
-    eye_colour = torch.where((feat['eye_cos'] > 0.97)[:, None], torch.full_like(eye_colour, 0.03), eye_colour)
-    colour = torch.where(eye[:, None], eye_colour, colour)
     colour = torch.where(topo.texel_valid[:, None], colour, tone[None].expand_as(colour))
     return colour.clamp(0, 1).T.reshape(3, TEXTURE_SIZE, TEXTURE_SIZE)
+
+
+def eye_albedo(topo: Topology, p: torch.Tensor, eye: torch.Tensor, iris: torch.Tensor) -> torch.Tensor:
+    """Sclera, iris and pupil (N, 3) at neutral points p (N, 3) of eyeball `eye` (N,) in {1, 2},
+    by the angle from the eyeball's forward (+z) axis."""
+    cos = F.normalize(p - topo.eye_centres[eye - 1], dim=-1)[:, 2]
+    colour = torch.where((cos > 0.87)[:, None], iris[None], torch.tensor([[0.92, 0.9, 0.88]]))
+    return torch.where((cos > 0.97)[:, None], torch.full_like(colour, 0.03), colour)
 
 
 def vertex_normals(verts: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
@@ -231,6 +230,7 @@ class Sample:
     pitch: float
     texture_seed: int
     hair: HairStyle
+    iris: torch.Tensor           # (3,) iris colour
     light: torch.Tensor          # (3,) unit direction towards the key light (mesh axes)
     light_strength: float
     ambient: float
@@ -245,8 +245,9 @@ def draw_sample(topo: Topology, g: torch.Generator) -> Sample:
     yaw = math.pi / 2 + float(torch.randn((), generator=g).clamp(-3, 3)) * 0.3
     pitch = math.pi / 2 + float(torch.randn((), generator=g).clamp(-3, 3)) * 0.15
     light = F.normalize(torch.tensor([0.0, 0.5, 1.0]) + 0.6 * torch.randn(3, generator=g), dim=0)
+    iris = IRIS_COLOURS[int(torch.randint(len(IRIS_COLOURS), (), generator=g))] * _uniform(g, 0.7, 1.2)
     return Sample(shape, expression, jaw, yaw, pitch, int(torch.randint(2**31 - 1, (), generator=g)), draw_hair(g),
-                  light, float(_uniform(g, 0.5, 0.9)), float(_uniform(g, 0.25, 0.45)),
+                  iris, light, float(_uniform(g, 0.5, 0.9)), float(_uniform(g, 0.25, 0.45)),
                   int(torch.randint(2**31 - 1, (), generator=g)))
 
 
@@ -297,8 +298,11 @@ def render(topo: Topology, samples, verts: torch.Tensor, labels: torch.Tensor, r
         grid = torch.stack([uv[0] * 2 - 1, 1 - uv[1] * 2], -1)[None]
         albedo = F.grid_sample(tex[None], grid, mode='bilinear', align_corners=False)[0]
         neutral = torch.cat([topo.flame.v_template, topo.flame.v_template])[None]
-        pos = interpolate(neutral, frag, all_faces)[0].permute(1, 2, 0)[is_hair]  # (Nh, 3)
-        albedo[:, is_hair] = hair_albedo(pos, s.hair).T
+        pos = interpolate(neutral, frag, all_faces)[0].permute(1, 2, 0)
+        albedo[:, is_hair] = hair_albedo(pos[is_hair], s.hair).T
+        eye = torch.where(covered & ~is_hair, topo.face_eye[p2f_outer.clamp(0, nf - 1)], torch.zeros_like(p2f))
+        is_eye = eye > 0
+        albedo[:, is_eye] = eye_albedo(topo, pos[is_eye], eye[is_eye], s.iris).T
         all_normals = torch.cat([normals[i], normals[i]])[None]
         n = F.normalize(interpolate(all_normals, frag, all_faces)[0], dim=0)
         key = (n * s.light[:, None, None]).sum(0).clamp(min=0)
