@@ -34,14 +34,10 @@ SOURCE_DIR = os.path.dirname(os.path.abspath(__file__))
 _extensions: dict = {}
 
 
-def _force_ref() -> bool:
-    return os.environ.get('NEXT3D_OPS_REF', '0').strip().lower() not in ('', '0', 'false', 'no')
-
-
 @torch.compiler.assume_constant_result
 def force_ref() -> bool:
     """True when NEXT3D_OPS_REF asks for the references everywhere (read at trace time under torch.compile)."""
-    return _force_ref()
+    return os.environ.get('NEXT3D_OPS_REF', '0').strip().lower() not in ('', '0', 'false', 'no')
 
 
 def want_kernel(op: str, impl: Optional[str], *tensors: Optional[torch.Tensor]) -> bool:
