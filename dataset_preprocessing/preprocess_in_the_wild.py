@@ -13,8 +13,9 @@ a bad fit is seen at a glance. Inputs without a usable face are listed in skippe
 
 Outputs, `--mode dataset`:
     images{R}x{R}/00000/img00000000.png, images{R}x{R}/dataset.json, meshes{R}x{R}/...obj,
-    lms{R}x{R}/...txt (68 x 3), sources.txt (output name <tab> input <tab> mirrored),
-    checks/, skipped.txt
+    lms{R}x{R}/...txt (68 x 3), images{R}x{R}/dataset_exp.json (per image the fitted
+    expression coefficients then the jaw axis-angle: n_exp + 3 floats), sources.txt
+    (output name, input, mirrored, landmark error in pixels at 512), checks/, skipped.txt
 `--mode driving`: <id>.png, dataset.json, <id>.obj, <id>_kpt2d.txt (68 x 3), checks/,
 skipped.txt, with <id> = 00000, 00001, ...
 
@@ -212,7 +213,7 @@ class OutputWriter:
     def __init__(self, mode: str, outdir: str, resolution: int, faces: torch.Tensor):
         self.mode, self.outdir, self.resolution = mode, outdir, resolution
         self.faces = faces
-        self.labels, self.sources, self.errors = [], [], []
+        self.labels, self.expressions, self.sources, self.errors = [], [], [], []
 
     def _paths(self, index: int):
         """(image, mesh, landmarks, name in dataset.json) of output `index`."""
@@ -240,6 +241,7 @@ class OutputWriter:
             write_landmarks(lms_path, result.landmarks[i])
             save_png(check_path, check_image(item, result, i, self.faces))
             self.labels.append([rel, [float(x) for x in result.labels[i]]])
+            self.expressions.append([rel, [float(x) for x in np.concatenate([result.expression[i], result.jaw_pose[i]])]])
             self.sources.append(f'{rel}\t{item.frame.name}\t{int(mirrored)}\t{result.error_px[i]:.3f}')
             self.errors.append(float(result.error_px[i]))
 
@@ -247,6 +249,8 @@ class OutputWriter:
         if self.labels:
             os.makedirs(self.json_dir(), exist_ok=True)
             atomic_write_bytes(os.path.join(self.json_dir(), 'dataset.json'), json.dumps({'labels': self.labels}, indent=1).encode())
+            if self.mode == 'dataset':
+                atomic_write_bytes(os.path.join(self.json_dir(), 'dataset_exp.json'), json.dumps({'labels': self.expressions}).encode())
         header = 'output\tinput\tmirrored\tlandmark_error_px_at_512\n'
         atomic_write_bytes(os.path.join(self.outdir, 'sources.txt'), (header + ''.join(s + '\n' for s in self.sources)).encode())
         atomic_write_bytes(os.path.join(self.outdir, 'skipped.txt'), ''.join(f'{n}\t{why}\n' for n, why in skipped).encode())

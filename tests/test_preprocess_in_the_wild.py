@@ -88,6 +88,9 @@ def test_dataset_layout_mirror_and_skips(tmp_path, model):
     torch.testing.assert_close(c[:, [3, 7, 11]].norm(dim=1), torch.full((4,), 2.7))
     # Outputs 0, 1 are a.png and its mirror; the mirror's camera is the yaw-flipped one.
     torch.testing.assert_close(c[1:2], pose_label.mirror_label(c[0:1]))
+    exps = json.loads((out / 'images128x128' / 'dataset_exp.json').read_text())['labels']
+    assert [name for name, _ in exps] == [name for name, _ in labels]
+    assert all(len(e) == model.n_exp + 3 and np.isfinite(e).all() for _, e in exps)
     sources = [line.split('\t') for line in (out / 'sources.txt').read_text().splitlines()[1:]]
     assert [(s[1], s[2]) for s in sources] == [('a.png', '0'), ('a.png', '1'), ('b.png', '0'), ('b.png', '1')]
 
@@ -97,6 +100,10 @@ def test_dataset_layout_mirror_and_skips(tmp_path, model):
         assert Image.open(out / 'images128x128' / rel).size == (128, 128)
         assert read_obj_vertices(str(out / 'meshes128x128' / (stem + '.obj')), expected_count=n_verts).shape == (n_verts, 3)
         assert (out / 'checks' / f'{i:05d}.png').is_file()
+    # The training set reader takes the folder as it is (labels, expressions, meshes, landmarks).
+    from training.dataset import MeshImageDataset
+    dataset = MeshImageDataset(str(out), validate='full')
+    assert len(dataset) == 4 and dataset.num_vertices == n_verts and dataset.resolution == 128
     # The written landmarks, projected with the written label, land on a.png's points in the crop.
     lms = torch.as_tensor(read_landmarks(str(out / 'lms128x128' / '00000' / 'img00000000.txt')))[None]
     ndc = project_perspective(coords.mesh_to_world(lms), c[0:1])
