@@ -1,0 +1,148 @@
+"""Training speed: seconds per kimg and peak memory of full training steps for a preset.
+
+A step is what the training loop runs for one batch: G main phase, D main phase, and the
+lazy density (every 4th) and R1 (every 16th) phases at their amortised rate (each lazy
+phase is timed once and weighted 1/interval), all with the preset's networks, the loss
+of training/loss.py, and Adam. Inputs are synthetic (random images and cameras on EG3D's
+orbit; the bundled head model's mesh for Next3D presets), so no dataset is needed.
+
+Prints a markdown table and writes it to benchmarks/results/train_step-<preset>-<device>-<date>.md.
+
+    python benchmarks/train_step.py --cfg small128 --batch 4 --device cpu
+    python benchmarks/train_step.py --cfg ffhq512 --batch 4 --device cuda --template data/flame/head_template.obj
+"""
+
+import datetime
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+
+import click
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from torch_utils.persistence import atomic_write_bytes   # noqa: E402
+from training import configs, coords                      # noqa: E402
+from training.loss import Next3DLoss                      # noqa: E402
+from training.mesh import obj_io                          # noqa: E402
+from training.training_loop import setup_phases           # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LANDMARKS = os.path.join(ROOT, 'data', 'head_model', 'neutral_lms.txt')
+
+
+def make_inputs(G, batch: int, template: str, device):
+    """Random real images in [-1, 1], orbit cameras, and the template mesh + landmarks for every sample."""
+    rnd = np.random.RandomState(0)
+    yaw = torch.from_numpy(np.pi / 2 + rnd.uniform(-0.4, 0.4, batch)).float()
+    pitch = torch.from_numpy(np.pi / 2 + rnd.uniform(-0.2, 0.2, batch)).float()
+    c = coords.make_label(coords.cam2world_look_at(yaw, pitch)).to(device)
+    real = torch.rand([batch, 3, G.img_resolution, G.img_resolution], device=device) * 2 - 1
+    num_vertices = getattr(G, 'num_vertices', 5023)
+    if template is not None:
+        verts = obj_io.read_obj_vertices(template)
+        lms = obj_io.read_landmarks(LANDMARKS) if os.path.isfile(LANDMARKS) and len(verts) == num_vertices else np.zeros([68, 3], np.float32)
+    else:
+        verts, lms = np.zeros([num_vertices, 3], np.float32), np.zeros([68, 3], np.float32)
+    v = torch.from_numpy(np.concatenate([verts, lms]).astype(np.float32))[None].repeat(batch, 1, 1).to(device)
+    return real, c, v
+
+
+def sync(device):
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+
+
+def time_phase(loss, phase, module, opt, inputs, z_dim, device, repeats):
+    """Median seconds of one phase (zero_grad, accumulate, step)."""
+    real, c, v = inputs
+    times = []
+    for _ in range(repeats):
+        z = torch.randn([len(real), z_dim], device=device)
+        sync(device)
+        start = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        module.requires_grad_(True)
+        loss.accumulate_gradients(phase, real, c, v, z, c, v, gain=1, cur_nimg=10**7)
+        module.requires_grad_(False)
+        opt.step()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def peak_memory_gib(device) -> float:
+    if device.type == 'cuda':
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20     # kB -> GiB (Linux)
+
+
+@click.command()
+@click.option('--cfg', help='Network preset', type=click.Choice(sorted(configs.PRESETS)), default='small128', show_default=True)
+@click.option('--batch', help='Batch size of one step', type=click.IntRange(min=1), default=4, show_default=True)
+@click.option('--device', help='cpu or cuda', default='cuda' if torch.cuda.is_available() else 'cpu', show_default=True)
+@click.option('--repeats', help='Timed repeats per phase (median)', type=click.IntRange(min=1), default=3, show_default=True)
+@click.option('--template', help='Mesh template (default: the bundled head model for the small presets)', metavar='PATH')
+@click.option('--threads', help='CPU threads (default: all)', type=int, default=None)
+@click.option('--outdir', help='Where to write the result', default=os.path.join(ROOT, 'benchmarks', 'results'), show_default=True)
+def main(cfg, batch, device, repeats, template, threads, outdir):
+    """Benchmark training steps of a preset."""
+    device = torch.device(device)
+    if threads is not None:
+        torch.set_num_threads(threads)
+    if template is None and configs.PRESETS[cfg]['generator'] == 'next3d' and cfg != 'ffhq512':
+        template = configs.BUNDLED_TEMPLATE
+    load_before = os.getloadavg()[0]
+    G = configs.make_generator(cfg, template_obj=template).train().requires_grad_(False).to(device)
+    D = configs.make_discriminator(cfg).train().requires_grad_(False).to(device)
+    n_params = (sum(p.numel() for p in G.parameters()), sum(p.numel() for p in D.parameters()))
+    loss = Next3DLoss(device, G, D, r1_gamma=1.0, gpc_reg_prob=0.5, neural_rendering_resolution_initial=G.neural_rendering_resolution)
+    adam = dict(lr=0.0025, betas=[0, 0.99], eps=1e-8)
+    g_main, g_reg, d_main, d_reg = setup_phases(G, D, adam, adam, 4, 16)
+    inputs = make_inputs(G, batch, template, device)
+    if device.type == 'cuda':
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.time()
+    rows = []
+    for phase, interval in ((g_main, 1), (g_reg, 4), (d_main, 1), (d_reg, 16)):
+        time_phase(loss, phase.name, phase.module, phase.opt, inputs, G.z_dim, device, 1)          # warm-up
+        sec = time_phase(loss, phase.name, phase.module, phase.opt, inputs, G.z_dim, device, repeats)
+        rows.append((phase.name, interval, sec))
+    step = sum(sec / interval for _, interval, sec in rows)
+    sec_per_kimg = step / batch * 1000
+    load_after = os.getloadavg()[0]
+    commit = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], cwd=ROOT, capture_output=True, text=True).stdout.strip() or 'unknown'
+    name = torch.cuda.get_device_name(device) if device.type == 'cuda' else f'CPU {platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)'
+    now = datetime.datetime.now(datetime.timezone.utc)
+    lines = [
+        f'# Training step benchmark: {cfg}, batch {batch}, {name}',
+        '',
+        f'- date: {now:%Y-%m-%d %H:%M} UTC',
+        f'- torch: {torch.__version__}; git commit: {commit}',
+        f'- G {n_params[0]:,} parameters, D {n_params[1]:,}; output {G.img_resolution}, raw {G.neural_rendering_resolution}',
+        f'- median of {repeats} timed runs per phase after one warm-up; total {time.time() - start:.0f} s',
+        f'- system load average (1 min) before / after: {load_before:.1f} / {load_after:.1f} on {os.cpu_count()} CPUs',
+        '',
+        '| phase | every N steps | seconds |',
+        '|---|---|---|',
+    ] + [f'| {n} | {i} | {s:.3f} |' for n, i, s in rows] + [
+        '',
+        f'**{step:.3f} s per step, {sec_per_kimg:.1f} s/kimg, peak memory {peak_memory_gib(device):.2f} GiB** '
+        f'({"GPU allocated" if device.type == "cuda" else "process RSS"})',
+        '',
+    ]
+    text = '\n'.join(lines)
+    print(text)
+    os.makedirs(outdir, exist_ok=True)
+    path = os.path.join(outdir, f'train_step-{cfg}-{device.type}-{now:%Y-%m-%d}.md')
+    atomic_write_bytes(path, text.encode())
+    print(f'Wrote {path}')
+
+
+if __name__ == '__main__':
+    main()
