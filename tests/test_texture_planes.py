@@ -314,3 +314,73 @@ def test_from_template(tmp_path):
     obj_io.write_obj(tmp_path / 'nouv.obj', verts.numpy(), faces.numpy())
     with pytest.raises(ValueError, match='nouv.obj'):
         TexturePlaneRasterizer.from_template(tmp_path / 'nouv.obj')
+
+
+# --- the bundled head model -----------------------------------------------------------------
+
+@pytest.fixture(scope='module')
+def head():
+    from training.mesh.head_model import default_head_model_dir, load_head_model, load_template
+    flame = load_head_model()
+    faces, uvcoords, uvfaces = load_template(default_head_model_dir() + '/head_template.obj')
+    jaw = torch.tensor([[0.3, 0.0, 0.0]])
+    verts, lms = flame(jaw_pose=jaw)
+    eyeball = (flame.lbs_weights.argmax(1) >= 3)[faces].any(1)   # eye joints 3 and 4
+    return verts[0], lms[0], faces, uvcoords, uvfaces, eyeball
+
+
+def test_head_open_mouth_hole_gets_alpha_one(head):
+    verts, lms, faces, uvcoords, uvfaces, _ = head
+    mod = TexturePlaneRasterizer(num_faces=len(faces), num_uvs=len(uvcoords), image_size=128)
+    mod.load_topology(faces, uvfaces, uvcoords)                   # mask of ones: alpha = visibility
+    out = mod(verts[None], torch.rand(1, 3, 32, 32))
+    # Centre of the open mouth: midpoint of the inner lips' middle points 62 and 66.
+    px = mod.project_landmarks_front(lms[None])[0]
+    cx, cy = ((px[62] + px[66]) / 2).floor().long().tolist()
+    frag = rasterize(mod.to_view_ndc(verts[None])[0], faces, 128)
+    assert frag.pix_to_face[0, cy, cx] < 0                      # a real hole: no surface there
+    assert out['front_alpha'][0, 0, cy, cx] == 1                # filled
+    assert out['front_alpha'][0, 0, 0, 0] == 0
+
+
+def test_head_visible_points_sample_their_coordinates(head):
+    # Non-convex: visibility from a depth buffer at 4x the plane resolution. A point counts
+    # as seen when the surface around it (+-1 plane pixel) is covered, continuous and is
+    # the point's own surface, with depth varying by less than 2 pixels over that window
+    # (a slope under 1: bilinear plane sampling then errs by under a pixel at creases); there
+    # the feature must match to within a pixel.
+    verts, lms, faces, uvcoords, uvfaces, eyeball = head
+    size = 64
+    mod = TexturePlaneRasterizer(num_faces=len(faces), num_uvs=len(uvcoords), image_size=size)
+    mod.load_topology(faces, uvfaces, uvcoords)
+    skin = ~eyeball                                              # eyeball UVs overlap the lids' in the template
+    tex = position_texture(verts, faces[skin], uvcoords[uvfaces[skin]].reshape(-1, 2), size=1024)
+    views = mod.render_views(verts[None], tex)
+    (front, fa), (left, la), (right, ra), (top, ta) = [(views[n][0][0], views[n][1][0]) for n in VIEW_NAMES]
+    planes = {'front': (mod.to_planes(front[None], left[None], top[None])[0], 0),
+              'left': (mod.to_planes(front[None], left[None], top[None])[0], 2),
+              'right': (mod.to_planes(front[None], mod.mirror_right_view(right)[None], top[None])[0], 2),
+              'top': (mod.to_planes(front[None], left[None], top[None])[0], 1)}
+    pts, _ = surface_samples(verts, faces[skin], per_face=2)
+    hi, pixel = 4 * size, 0.4 / size
+    ndc_all = mod.to_view_ndc(verts[None])
+    ndc_pts = mod.to_view_ndc(pts[None])
+    for v, name in enumerate(VIEW_NAMES):
+        frag = rasterize(ndc_all[v], faces, hi)
+        depth = frag.depth[0]
+        # Eyeball pixels read the lids' texels (shared UVs in the template): stay clear of them.
+        eye_px = (eyeball[frag.pix_to_face[0].clamp(min=0)] & (frag.pix_to_face[0] >= 0)).float()
+        near_eye = F.max_pool2d(eye_px[None, None], 9, 1, 4)[0, 0] > 0
+        # Window of +-1 plane pixel (+-4 fine pixels) around each point.
+        win = F.max_pool2d(depth[None, None], 9, 1, 4)[0, 0], -F.max_pool2d(-depth[None, None], 9, 1, 4)[0, 0]
+        col = ((ndc_pts[v, 0, :, 0] + 1) * hi / 2).long().clamp(0, hi - 1)
+        row = ((ndc_pts[v, 0, :, 1] + 1) * hi / 2).long().clamp(0, hi - 1)
+        d = ndc_pts[v, 0, :, 2]
+        dmax, dmin = win[0][row, col], win[1][row, col]
+        seen = (dmax.isfinite() & (dmax - dmin < 2 * 2 / size) & ((d - depth[row, col]).abs() < 2 / hi)
+                & ~near_eye[row, col])
+        assert seen.sum() > 300, name
+        plane, k = planes[name]
+        feat = sample_plane(plane[k], pts[seen], k)
+        err = (feat - pts[seen]).abs().max(dim=1).values
+        assert err.max() < pixel, f'{name}: max error {err.max() * 1000:.2f} mm at {int(seen.sum())} points'
