@@ -142,8 +142,13 @@ def build_config(opts: dnnlib.EasyDict) -> dnnlib.EasyDict:
     c.augment_p = 0.0
     c.ada_target = None
     if opts.aug != 'noaug':
-        raise click.ClickException(f'--aug={opts.aug} is not available yet: this version has no augmentation pipeline. '
-                                   'Use --aug=noaug (and leave --p/--target unset).')
+        from training.augment import BGC
+        c.augment_kwargs = dnnlib.EasyDict(class_name='training.augment.AugmentPipe', **BGC)
+        if opts.aug == 'ada':
+            c.ada_target = opts.target
+        if opts.aug == 'fixed':
+            c.augment_p = opts.p
+    c.ada_kimg = 100 if opts.resume is not None else 500     # as EG3D: react faster when starting from trained weights
     c.metrics = [] if opts.metrics == ['none'] else opts.metrics
     c.random_seed = opts.seed
     c.num_gpus = opts.gpus
@@ -324,7 +329,7 @@ def parse_grid(s):
 # Optional features.
 @click.option('--cond', help='Condition D on the dataset labels', metavar='BOOL', type=bool, default=True, show_default=True)
 @click.option('--mirror', help='Add mirrored items (image, camera, mesh, landmarks)', metavar='BOOL', type=bool, default=False, show_default=True)
-@click.option('--aug', help='Augmentation mode (only noaug is available)', type=click.Choice(['noaug', 'ada', 'fixed']), default='noaug', show_default=True)
+@click.option('--aug', help='Augmentation mode (ADA\'s bgc subset, training/augment.py)', type=click.Choice(['noaug', 'ada', 'fixed']), default='noaug', show_default=True)
 @click.option('--resume', help='Snapshot to continue, or checkpoint to start from', metavar='[PATH|URL]', type=str)
 @click.option('--freezed', help='Freeze the first N layers of D', metavar='INT', type=click.IntRange(min=0), default=0, show_default=True)
 # Misc hyperparameters.
@@ -373,9 +378,13 @@ def parse_grid(s):
 @click.option('--decoder_lr_mul', help='Learning-rate multiplier of the tri-plane decoder', metavar='FLOAT', type=click.FloatRange(min=0), default=1, show_default=True)
 @click.option('--topology_path', help='Mesh template .obj (v, vt, f); its uv_face_eye_mask.png sibling is the UV mask', metavar='PATH', type=str, default=None)
 @click.option('--model_version', help='Generator family', type=click.Choice(['next3d', 'eg3d']), default='next3d', show_default=True)
-def main(**kwargs):
+@click.pass_context
+def main(ctx, **kwargs):
     """Train a Next3D/EG3D generator (see the module docstring for examples)."""
     opts = dnnlib.EasyDict(kwargs)
+    for name, mode in (('p', 'fixed'), ('target', 'ada')):
+        if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE and opts.aug != mode:
+            raise click.ClickException(f'--{name} applies to --aug={mode} only (this run has --aug={opts.aug})')
     opts.grid = parse_grid(opts.grid)
     if opts.topology_path is not None and not os.path.isfile(opts.topology_path):
         raise click.ClickException(f'{opts.topology_path}: no such topology file (--topology_path)')

@@ -225,3 +225,87 @@ def test_density_regularization_monotonic(reg_type):
 def test_unknown_reg_type_is_refused():
     with pytest.raises(ValueError, match='reg_type'):
         make_loss(reg_type='total-variation')
+
+
+# --- augmentation (ADA subset) on what D sees ----------------------------------------------------
+
+from training.augment import BGC, AugmentPipe   # noqa: E402
+
+
+def augment(x, seed=0, p=1.0, **strengths):
+    pipe = AugmentPipe(**strengths)
+    pipe.p.fill_(p)
+    torch.manual_seed(seed)
+    return pipe(x)
+
+
+def test_augment_p0_is_identity():
+    x = torch.rand(3, 6, 8, 8) * 2 - 1
+    assert torch.equal(augment(x, p=0.0, **BGC), x)
+
+
+def test_augment_xflip_and_rotate90_are_exact_permutations():
+    x = torch.rand(16, 3, 8, 8)
+    out = augment(x, xflip=1)
+    flips = 0
+    for i in range(16):
+        same = torch.allclose(out[i], x[i], atol=1e-5)
+        flipped = torch.allclose(out[i], x[i].flip(-1), atol=1e-5)
+        assert same or flipped
+        flips += flipped
+    assert 0 < flips < 16
+    out = augment(x, seed=1, rotate90=1)
+    for i in range(16):
+        assert any(torch.allclose(out[i], torch.rot90(x[i], k, dims=(1, 2)), atol=1e-5) for k in range(4))
+
+
+def test_augment_integer_translation_shifts_whole_pixels():
+    x = torch.rand(8, 3, 16, 16)
+    out = augment(x, xint=1, xint_max=0.125)
+    for i in range(8):
+        found = False
+        for dy in range(-2, 3):
+            for dx in range(-2, 3):
+                shifted = torch.roll(x[i], (dy, dx), dims=(1, 2))
+                if torch.allclose(out[i, :, 3:-3, 3:-3], shifted[:, 3:-3, 3:-3], atol=1e-5):
+                    found = True
+        assert found, i
+
+
+def test_augment_colour_maps_on_grey_and_offsets():
+    grey = torch.rand(8, 1, 4, 4).repeat(1, 3, 1, 1) * 2 - 1
+    torch.testing.assert_close(augment(grey, saturation=1), grey, atol=1e-5, rtol=0)      # no chroma to scale
+    torch.testing.assert_close(augment(grey, hue=1), grey, atol=1e-5, rtol=0)             # rotation about the grey axis
+    flipped = augment(grey, lumaflip=1)
+    for i in range(8):
+        assert torch.allclose(flipped[i], grey[i], atol=1e-5) or torch.allclose(flipped[i], -grey[i], atol=1e-5)
+    x = torch.rand(8, 3, 4, 4)
+    diff = augment(x, brightness=1) - x
+    assert torch.allclose(diff, diff[:, :1, :1, :1].expand_as(diff), atol=1e-6) and diff.abs().max() > 0
+    ratio = augment(x, contrast=1) / x
+    assert torch.allclose(ratio, ratio[:, :1, :1, :1].expand_as(ratio), atol=1e-4)
+
+
+def test_augment_treats_the_dual_pair_identically_and_is_differentiable():
+    half = torch.rand(4, 3, 8, 8, dtype=torch.float64) * 2 - 1
+    out = augment(torch.cat([half, half], dim=1), **BGC)
+    torch.testing.assert_close(out[:, :3], out[:, 3:])
+    x = torch.rand(2, 3, 5, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: augment(t, seed=3, **BGC), (x,), eps=1e-6, atol=1e-5)
+
+
+def test_ada_heuristic_moves_p_towards_the_target():
+    from training.training_loop import adjust_augment
+    import dnnlib
+    pipe = AugmentPipe(**BGC)
+    state = dnnlib.EasyDict(batch_idx=4, ada_collector=training_stats.Collector(regex='Loss/signs/real'))
+    training_stats.report('Loss/signs/real', torch.ones(8))          # D is sure about the reals: overfitting
+    adjust_augment(pipe, state, ada_target=0.6, ada_interval=4, ada_kimg=500, batch_size=32)
+    assert float(pipe.p) == pytest.approx(32 * 4 / 500_000)
+    training_stats.report('Loss/signs/real', -torch.ones(8))
+    adjust_augment(pipe, state, ada_target=0.6, ada_interval=4, ada_kimg=500, batch_size=32)
+    assert float(pipe.p) == 0
+    state.batch_idx = 5                                              # not an adjustment step
+    training_stats.report('Loss/signs/real', torch.ones(8))
+    adjust_augment(pipe, state, ada_target=0.6, ada_interval=4, ada_kimg=500, batch_size=32)
+    assert float(pipe.p) == 0

@@ -157,7 +157,7 @@ def test_train_py_next3d_end_to_end(head_data, tmp_path):
     out = str(tmp_path / 'runs')
     proc = run_train('--outdir', out, '--cfg', 'tiny64', '--data', head_data, '--gpus', '1', '--batch', '2', '--gamma', '1',
                      '--kimg', '0.002', '--tick', '0.002', '--snap', '1', '--workers', '0', '--grid', '1x1', '--metrics', 'none',
-                     '--mirror', 'True', '--gen_pose_cond', 'True', '--density_reg_every', '1', '--desc', 'e2e')
+                     '--mirror', 'True', '--gen_pose_cond', 'True', '--density_reg_every', '1', '--aug', 'ada', '--desc', 'e2e')
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     runs = os.listdir(out)
     assert runs == ['00000-tiny64-data-gpus1-batch2-gamma1-e2e']
@@ -169,9 +169,12 @@ def test_train_py_next3d_end_to_end(head_data, tmp_path):
     assert options['G_kwargs']['cfg'] == 'tiny64' and options['training_set_kwargs']['xflip'] is True
     assert options['G_kwargs']['rendering_kwargs']['c_gen_conditioning_zero'] is False
     assert options['loss_kwargs']['gpc_reg_prob'] == 0.5 and options['G_reg_interval'] is None
-    assert 'tick 0' in open(os.path.join(run, 'log.txt')).read()
+    assert options['ada_target'] == 0.6 and options['augment_kwargs']['class_name'] == 'training.augment.AugmentPipe'
+    log = open(os.path.join(run, 'log.txt')).read()
+    assert 'tick 0' in log and 'augment 0.000' in log
     snap = legacy.load_network_pkl(os.path.join(run, 'network-snapshot-000000.pkl'))
     assert type(snap.G).__name__ == 'Next3DGenerator' and snap.resume_state.cur_nimg == 2
+    assert type(snap.augment_pipe).__name__ == 'AugmentPipe' and snap.resume_state.augment_p == 0.0
 
 
 def test_train_py_sigterm_writes_resume_snapshot_and_resume_continues(toy_data, head_data, tmp_path):
@@ -222,7 +225,8 @@ def test_train_py_dry_run(head_data, tmp_path):
 
 
 @pytest.mark.parametrize('extra, message', [
-    (['--aug', 'ada'], '--aug=ada is not available'),
+    (['--p', '0.3'], '--p applies to --aug=fixed only'),
+    (['--aug', 'fixed', '--target', '0.5'], '--target applies to --aug=ada only'),
     (['--gpus', '2', '--batch', '3'], '--batch must be a multiple of --gpus'),
     (['--metrics', 'fid50k_full'], 'no Inception detector'),
     (['--metrics', 'nonsense'], "unknown metric 'nonsense'"),

@@ -173,7 +173,7 @@ def step_seed(random_seed: int, rank: int, batch_idx: int) -> int:
     return int(np.random.SeedSequence([random_seed, rank, batch_idx]).generate_state(1)[0])
 
 
-def run_step(loss, phases, real_iter, gen_iter, device, batch_gpu, z_dim, cur_nimg, augment_pipe=None):
+def run_step(loss, phases, real_iter, gen_iter, device, batch_gpu, z_dim, cur_nimg):
     """One training step: every due phase accumulates its gradients over rounds of batch_gpu and steps."""
     real_img, real_c, real_v = next(real_iter)
     real_img = (real_img.to(device).to(torch.float32) / 127.5 - 1).split(batch_gpu)
@@ -293,7 +293,6 @@ def save_snapshot(run_dir, G, D, G_ema, training_set_kwargs, state, phases, augm
         cur_nimg=int(state.cur_nimg), cur_tick=int(state.cur_tick) + 1, batch_idx=int(state.batch_idx),   # the tick to run next
         optimizers=optimizer_states(phases),
         augment_p=None if augment_pipe is None else float(augment_pipe.p.item()),
-        ada_stat=None if state.ada_stat is None else [float(x) for x in state.ada_stat],
         random_seed=int(state.random_seed), batch_size=int(state.batch_size),
     )
     data = dict(G=G, D=D, G_ema=G_ema, training_set_kwargs=dict(training_set_kwargs), resume_state=resume_state)
@@ -382,8 +381,7 @@ def training_loop(
 
     log('Constructing networks...')
     G, D, G_ema = build_networks(G_kwargs, D_kwargs, device)
-    state = dnnlib.EasyDict(cur_nimg=0, cur_tick=0, batch_idx=0, start_time=start_time, ada_stat=None,
-                            random_seed=random_seed, batch_size=batch_size)
+    state = dnnlib.EasyDict(cur_nimg=0, cur_tick=0, batch_idx=0, start_time=start_time, random_seed=random_seed, batch_size=batch_size)
     resume_state = None
     if resume_pkl is not None:
         log(f'Resuming from "{resume_pkl}"')
@@ -402,8 +400,7 @@ def training_loop(
     if augment_kwargs is not None:
         augment_pipe = dnnlib.construct_class_by_name(**augment_kwargs).train().requires_grad_(False).to(device)
         augment_pipe.p.copy_(torch.as_tensor(augment_p))
-        if ada_target is not None:
-            state.ada_stat = [0.0, 0.0]
+        state.ada_collector = training_stats.Collector(regex='Loss/signs/real')
 
     loss = Next3DLoss(device=device, G=G, D=D, augment_pipe=augment_pipe, **(loss_kwargs or {}))
     phases = setup_phases(G, D, G_opt_kwargs, D_opt_kwargs, G_reg_interval, D_reg_interval)
@@ -443,7 +440,7 @@ def training_loop(
             set_rendering_resolution(G, schedule['neural_rendering_resolution'])
             for phase in phases:
                 phase.batch_idx = state.batch_idx
-            run_step(loss, phases, real_iter, gen_iter, device, batch_gpu, G.z_dim, state.cur_nimg, augment_pipe)
+            run_step(loss, phases, real_iter, gen_iter, device, batch_gpu, G.z_dim, state.cur_nimg)
 
             update_ema(G, G_ema, state.cur_nimg, batch_size, ema_kimg, ema_rampup)
             set_rendering_resolution(G_ema, schedule['neural_rendering_resolution'])
@@ -503,12 +500,10 @@ def training_loop(
 
 
 def adjust_augment(augment_pipe, state, ada_target, ada_interval, ada_kimg, batch_size):
-    """ADA heuristic: move p by batch x interval / (ada_kimg x 1000) towards E[sign(D(real))] = target."""
+    """ADA heuristic: every ada_interval steps, p += sign(E[sign(D(real))] - target) x batch x interval / (ada_kimg x 1000), in [0, 1]."""
     if augment_pipe is None or ada_target is None or state.batch_idx % ada_interval != 0:
         return
-    collector = state.get('ada_collector')
-    if collector is None:
-        collector = state.ada_collector = training_stats.Collector(regex='Loss/signs/real')
+    collector = state.ada_collector
     collector.update()
     signs = collector.mean('Loss/signs/real')
     if np.isnan(signs):
