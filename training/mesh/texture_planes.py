@@ -109,24 +109,22 @@ def _spread_along_runs(reach: torch.Tensor, passable: torch.Tensor, dim: int) ->
     """Mark a whole run of passable pixels along `dim` reachable if any pixel of it is.
 
     Pointer doubling: after the step with shift s, a pixel knows whether a reachable pixel
-    lies within the s previous ones with only passable pixels between (`run` = the last s
-    pixels are all passable). log2(size) steps per direction, plain elementwise ops.
+    lies within the 2s - 1 pixels before it with only passable pixels between (`run`: the
+    last 2s pixels are all passable). Both directions at once (the backward one on a
+    flipped copy): log2(size) steps of a few elementwise ops.
     """
     n = passable.shape[dim]
     reach = reach & passable
-    out = reach
-    for forward in (True, False):
-        r, run = reach, passable
-        s = 1
-        while s < n:
-            dst, src = (s, 0) if forward else (0, s)          # pixel dst + i looks at dst + i - s (or + s)
-            r_new, run_new = r.clone(), run.clone()
-            r_new.narrow(dim, dst, n - s).logical_or_(r.narrow(dim, src, n - s) & run.narrow(dim, dst, n - s))
-            run_new.narrow(dim, dst, n - s).logical_and_(run.narrow(dim, src, n - s))
-            r, run = r_new, run_new
-            s *= 2
-        out = out | r
-    return out
+    r = torch.stack([reach, reach.flip(dim)])
+    run = torch.stack([passable, passable.flip(dim)])
+    d = dim + 1 if dim >= 0 else dim
+    s = 1
+    while s < n:
+        # Pixel i looks at pixel i - s; the right-hand sides are computed before writing.
+        r.narrow(d, s, n - s).logical_or_(r.narrow(d, 0, n - s) & run.narrow(d, s, n - s))
+        run.narrow(d, s, n - s).copy_(run.narrow(d, s, n - s) & run.narrow(d, 0, n - s))
+        s *= 2
+    return r[0] | r[1].flip(dim)
 
 
 def mouth_box_from_landmarks(lms_px: torch.Tensor, image_size: int = 256) -> torch.Tensor:
