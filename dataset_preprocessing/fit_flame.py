@@ -308,7 +308,8 @@ def fit_head(model: HeadModelAdapter,
             loss = loss + shape_prior * (shape_var * unit[:model.n_shape]).square().sum(-1).mean() + expression_prior * exp.square().sum(-1).mean()
             loss = loss + jaw_prior * ((jaw * torch.tensor([1.0, 10.0, 10.0])) ** 2).sum(-1).mean()
         if smoothness > 0 and bsz > 1:
-            loss = loss + smoothness * sum(smooth_term(t) for t in (exp_var, jaw_var, angles_var, trans_var))
+            # Camera values, not variables: the variables start from per-frame initial angles.
+            loss = loss + smoothness * sum(smooth_term(t) for t in (exp_var, jaw_var, angles / CAMERA_STEP, trans / CAMERA_STEP))
         return loss
 
     def run(params, rigid, iters):

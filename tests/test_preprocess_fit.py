@@ -139,6 +139,19 @@ def test_point_weights_ignore_points(model):
         fit_flame.fit_head(model, corrupted[None], 512, point_weights=np.ones(5))
 
 
+def test_video_fit_shares_shape_and_smooths(model):
+    """Six frames of one still head with 2 px landmark noise: smoothing steadies the camera."""
+    _, points = _synthetic(model, 0.2, 0.05, 0.0, 8)
+    box, _, _ = alignment.align_face(alignment.landmarks_68_to_5(points))
+    noisy = box.to_crop(points)[None] + np.random.RandomState(0).normal(0, 2.0, size=(6, 68, 2))
+    jitter = {}
+    for smoothness in (0.0, 5.0):
+        result = fit_flame.fit_head(model, noisy, 512, groups=np.zeros(6), smoothness=smoothness, full_iters=60)
+        np.testing.assert_array_equal(result.shape, np.repeat(result.shape[:1], 6, axis=0))     # one identity
+        jitter[smoothness] = np.degrees(np.abs(np.diff(result.angles, axis=0))).mean()
+    assert jitter[5.0] < 0.5 * jitter[0.0], jitter
+
+
 def test_fit_rejects_bad_input(model):
     with pytest.raises(ValueError, match=r'\(B, K, 2\)'):
         fit_flame.fit_head(model, np.zeros([68, 2]), 512)
