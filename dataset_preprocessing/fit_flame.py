@@ -177,9 +177,9 @@ def project_landmarks(lms_mesh: torch.Tensor, scale: torch.Tensor, labels: torch
     """Canonical points (B, N, 3) -> crop pixels (B, N, 2) of a `size` crop with labels (B, 25).
 
     The same pinhole as `rasterize.project_perspective` (the tests compare them), written
-    with broadcasting instead of a batched matmul: on CPU the backward of a (B, N, 3) @
-    (B, 3, 3) product runs through a transposed bmm that takes ~30 ms in PyTorch 2.13
-    (float32, MKL), which made every L-BFGS step 100x slower.
+    with broadcasting instead of a batched matmul: even a (1, 3, 68) @ (1, 68, 3) bmm
+    enters the CPU thread pool, which on a busy machine costs ~30 ms per call with 2
+    threads (vs 5 us with 1), while element-wise ops on tiny tensors stay single-threaded.
     """
     cam2world, intr = coords.split_label(labels.to(lms_mesh.dtype))
     rel = _scaled_world(lms_mesh, scale) - cam2world[:, None, :3, 3]
