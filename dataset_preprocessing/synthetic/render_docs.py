@@ -13,7 +13,6 @@ import os
 import sys
 
 import click
-import numpy as np
 import torch
 from PIL import Image, ImageDraw
 

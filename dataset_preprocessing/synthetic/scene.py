@@ -16,7 +16,6 @@ rendered at twice the output size and box-filtered down (antialiasing).
 import math
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -297,14 +296,14 @@ def render(topo: Topology, samples, verts: torch.Tensor, labels: torch.Tensor, r
         uv = interpolate(uv_corners, frag)[0]                                    # (2, S, S)
         grid = torch.stack([uv[0] * 2 - 1, 1 - uv[1] * 2], -1)[None]
         albedo = F.grid_sample(tex[None], grid, mode='bilinear', align_corners=False)[0]
-        neutral = torch.cat([topo.flame.v_template, topo.flame.v_template])[None]
-        pos = interpolate(neutral, frag, all_faces)[0].permute(1, 2, 0)
+        # Neutral positions (procedural hair and eyes) and normals, hair vertices = head's.
+        per_vertex = torch.cat([topo.flame.v_template, normals[i]], dim=1).repeat(2, 1)[None]
+        pos, n = interpolate(per_vertex, frag, all_faces)[0].split(3)
+        pos, n = pos.permute(1, 2, 0), F.normalize(n, dim=0)
         albedo[:, is_hair] = hair_albedo(pos[is_hair], s.hair).T
         eye = torch.where(covered & ~is_hair, topo.face_eye[p2f_outer.clamp(0, nf - 1)], torch.zeros_like(p2f))
         is_eye = eye > 0
         albedo[:, is_eye] = eye_albedo(topo, pos[is_eye], eye[is_eye], s.iris).T
-        all_normals = torch.cat([normals[i], normals[i]])[None]
-        n = F.normalize(interpolate(all_normals, frag, all_faces)[0], dim=0)
         key = (n * s.light[:, None, None]).sum(0).clamp(min=0)
         fill = (n * torch.tensor([-s.light[0], 0.2, 0.8])[:, None, None]).sum(0).clamp(min=0) * 0.25
         shaded = albedo * (s.ambient + s.light_strength * key + fill)

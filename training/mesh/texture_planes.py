@@ -23,7 +23,13 @@ Layouts
     after it, image row = +5 (y + 0.01) for the front view (the head upside down), the two
     yaw views summed without mirroring, [front, side, top] put on planes 0, 1, 2 as they
     are, and empty pixels holding the texture sampled at the UV centre. Only the front
-    render lands on a plane with matching axes.
+    render lands on a plane with matching axes, and it puts the mesh at world
+    y = 2.5 (y + 0.01), 0.05 world units above `coords.mesh_to_world` (2.5 (y - 0.01)):
+    the y flip comes before the shift in the released code.
+
+Side alpha: 'or' = left alpha OR mirrored right alpha; 'released' = the left view's alpha
+only (the original ORs a view with itself). Either way it is binarised (> 0), as the
+original's boolean OR.
 
 Hole filling: pixels that cannot be reached from the image border through pixels with
 alpha < 1 (the open mouth, enclosed by the lips) get alpha = 1; their render value is
