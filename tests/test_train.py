@@ -277,3 +277,14 @@ def test_next3d_initialised_from_eg3d_weights():
     assert lines[0].startswith('  G: copied ')
     report_d = resume.initialise(D_src, D_dst, 'D', log=lines.append)
     assert not report_d['missing'] and not report_d['shape_mismatch']
+
+
+def test_neural_rendering_resolution_fades_and_is_kept_in_snapshots(toy_data, tmp_path):
+    loss_kwargs = dict(th.loop_kwargs('', '')['loss_kwargs'], neural_rendering_resolution_final=32, neural_rendering_resolution_fade_kimg=0.004)
+    result = tl.training_loop(**th.loop_kwargs(str(tmp_path / 'a'), toy_data, total_kimg=0.006, loss_kwargs=loss_kwargs,
+                                               image_snapshot_ticks=None))
+    stats = [json.loads(line) for line in open(tmp_path / 'a' / 'stats.jsonl')]
+    assert [s['Progress/neural_rendering_resolution']['mean'] for s in stats] == [16, 24, 32]
+    snap = legacy.load_network_pkl(result.snapshot_pkl)
+    assert snap.G_ema.neural_rendering_resolution == 32 and snap.G.neural_rendering_resolution == 32
+    assert snap.G_ema.init_kwargs['neural_rendering_resolution'] == 16          # the SR layout is still the one built

@@ -160,10 +160,11 @@ def update_ema(G, G_ema, cur_nimg: int, batch_size: int, ema_kimg: float, ema_ra
 
 
 def set_rendering_resolution(G, resolution: int):
-    """Set G's neural rendering resolution, also in its stored arguments so snapshots keep it."""
-    G.neural_rendering_resolution = resolution
-    if 'neural_rendering_resolution' in getattr(G, 'init_kwargs', {}):
-        G.init_kwargs['neural_rendering_resolution'] = resolution
+    """Set G's neural rendering resolution (the generator keeps it in its checkpointed extra state).
+
+    Not through the constructor arguments: they also choose the super-resolution layout.
+    """
+    G.neural_rendering_resolution = int(resolution)
 
 
 # ----------------------------------------------------------------------------------------
@@ -384,14 +385,7 @@ def training_loop(
     state = dnnlib.EasyDict(cur_nimg=0, cur_tick=0, batch_idx=0, start_time=start_time, random_seed=random_seed, batch_size=batch_size)
     resume_state = None
     if resume_pkl is not None:
-        log(f'Resuming from "{resume_pkl}"')
-        resume_data = legacy.load_network_pkl(resume_pkl)
-        mode, resume_state = resume_lib.restore(resume_data, G, D, G_ema, log=log)
-        if mode == 'initialise' and not (resume_kwargs or {}).get('resume_blur', False):
-            # A new run from trained weights: as EG3D, no blur or swap fade-in and no EMA ramp-up.
-            loss_kwargs = dict(loss_kwargs or {}, blur_init_sigma=0, gpc_reg_fade_kimg=0)
-            ema_rampup = None
-            log('Blur and pose-conditioning fade-ins and the EMA ramp-up are off (pass --resume_blur=True to keep them).')
+        resume_state, loss_kwargs, ema_rampup = load_resume(resume_pkl, G, D, G_ema, resume_kwargs, loss_kwargs, ema_rampup, log)
     distributed.broadcast_module(G)
     distributed.broadcast_module(D)
     distributed.broadcast_module(G_ema)
@@ -412,15 +406,9 @@ def training_loop(
     gen_iter = make_loader(ConditionView(training_set), rank, num_gpus, random_seed + 1, batch_per_rank,
                            state.batch_idx * len(phases), data_loader_kwargs)
 
-    grid = grid_size_used = None
-    stats_writer = None
+    grid = grid_size_used = stats_writer = None
     if rank == 0:
-        grid_size_used, images, labels, verts = setup_snapshot_grid(training_set, random_seed, grid_size)
-        save_image_grid(images, os.path.join(run_dir, 'reals.png'), drange=[0, 255], grid_size=grid_size_used)
-        grid_z = torch.randn([len(labels), G.z_dim], generator=torch.Generator().manual_seed(random_seed)).to(device)
-        grid = (grid_z, torch.from_numpy(labels).to(device), torch.from_numpy(verts).to(device))
-        if state.cur_nimg == 0:
-            save_fake_grids(run_dir, G_ema, grid, grid_size_used, batch_gpu, tag='_init')
+        grid_size_used, grid = setup_grids(run_dir, training_set, G_ema, random_seed, grid_size, batch_gpu, device, fresh=state.cur_nimg == 0)
         stats_writer = StatsWriter(run_dir)
     stats_collector = training_stats.Collector(regex='.*')
     stats_metrics = {}
@@ -497,6 +485,29 @@ def training_loop(
     log('Stopped cleanly.' if stopped else 'Exiting...')
     return dnnlib.EasyDict(snapshot_pkl=last_snapshot, G=G, D=D, G_ema=G_ema, cur_nimg=state.cur_nimg, batch_idx=state.batch_idx,
                            stopped=stopped)
+
+
+def load_resume(resume_pkl, G, D, G_ema, resume_kwargs, loss_kwargs, ema_rampup, log):
+    """Load --resume into the networks -> (resume_state or None, loss_kwargs, ema_rampup) for this run."""
+    log(f'Resuming from "{resume_pkl}"')
+    mode, resume_state = resume_lib.restore(legacy.load_network_pkl(resume_pkl), G, D, G_ema, log=log)
+    if mode == 'initialise' and not (resume_kwargs or {}).get('resume_blur', False):
+        # A new run from trained weights: as EG3D, no blur or swap fade-in and no EMA ramp-up.
+        loss_kwargs = dict(loss_kwargs or {}, blur_init_sigma=0, gpc_reg_fade_kimg=0)
+        ema_rampup = None
+        log('Blur and pose-conditioning fade-ins and the EMA ramp-up are off (pass --resume_blur=True to keep them).')
+    return resume_state, loss_kwargs, ema_rampup
+
+
+def setup_grids(run_dir, training_set, G_ema, random_seed, grid_size, batch_gpu, device, fresh: bool):
+    """reals.png (and fakes_init*.png for a fresh run) -> (grid size, (z, c, v) of the grid)."""
+    grid_size, images, labels, verts = setup_snapshot_grid(training_set, random_seed, grid_size)
+    save_image_grid(images, os.path.join(run_dir, 'reals.png'), drange=[0, 255], grid_size=grid_size)
+    grid_z = torch.randn([len(labels), G_ema.z_dim], generator=torch.Generator().manual_seed(random_seed)).to(device)
+    grid = (grid_z, torch.from_numpy(labels).to(device), torch.from_numpy(verts).to(device))
+    if fresh:
+        save_fake_grids(run_dir, G_ema, grid, grid_size, batch_gpu, tag='_init')
+    return grid_size, grid
 
 
 def adjust_augment(augment_pipe, state, ada_target, ada_interval, ada_kimg, batch_size):
