@@ -44,7 +44,7 @@ def mesh_ray_depth(v: torch.Tensor, faces: torch.Tensor, c: torch.Tensor, resolu
 
 @torch.no_grad()
 def compute_mesh_depth_error(opts: metric_utils.MetricOptions, num_gen: int) -> float:
-    """Mean |image_depth - mesh depth| (world units) over mesh-covered pixels of `num_gen` samples."""
+    """Mean |image_depth - mesh depth| (world units) over mesh-covered pixels of `num_gen` samples (shared by the ranks)."""
     G = copy.deepcopy(opts.G).eval().requires_grad_(False).to(opts.device)
     rasterizer = getattr(G, 'rasterizer', None)
     if rasterizer is None or not getattr(G, 'topology_loaded', True):
@@ -54,6 +54,7 @@ def compute_mesh_depth_error(opts: metric_utils.MetricOptions, num_gen: int) -> 
     total = torch.zeros([], dtype=torch.float64, device=opts.device)
     count = torch.zeros([], dtype=torch.float64, device=opts.device)
     done = 0
+    num_gen = (num_gen + opts.num_gpus - 1) // opts.num_gpus      # this rank's share
     while done < num_gen:
         z, c, v = next(inputs)
         n = min(opts.batch_size, num_gen - done)

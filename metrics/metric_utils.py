@@ -199,9 +199,9 @@ def iterate_generator_inputs(opts: MetricOptions, batch_size: int, seed: int = 0
     gen = torch.Generator().manual_seed(seed * opts.num_gpus + opts.rank)
     try:
         while True:
-            items = [dataset[int(i)][1:] for i in rnd.randint(len(dataset), size=batch_size)]
-            c = torch.from_numpy(np.stack([x[0] for x in items])).to(opts.device)
-            v = torch.from_numpy(np.stack([x[1] for x in items])).to(opts.device)
+            idx = [int(i) for i in rnd.randint(len(dataset), size=batch_size)]
+            c = torch.from_numpy(np.stack([dataset.get_label(i) for i in idx])).to(opts.device)
+            v = torch.from_numpy(np.stack([dataset.get_vertices(i) for i in idx])).to(opts.device)
             z = torch.randn([batch_size, opts.G.z_dim], generator=gen).to(opts.device)
             yield z, c, v
     finally:
