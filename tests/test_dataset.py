@@ -127,11 +127,15 @@ def test_packed_dataset_matches_and_is_used(data_root, tmp_path):
         names = set(z.namelist())
     assert {'dataset.json', 'dataset_exp.json', 'vertices.npy', 'landmarks.npy'} <= names
     assert not any(n.endswith('.obj') for n in names)
-    ref, packed = MeshImageDataset(data_root, xflip=True), MeshImageDataset(dest, xflip=True)
-    assert len(packed) == len(ref)
-    for i in range(len(ref)):
-        for a, b in zip(ref[i], packed[i]):
-            np.testing.assert_array_equal(a, b)
+    unzipped = str(tmp_path / 'unzipped')
+    with zipfile.ZipFile(dest) as z:
+        z.extractall(unzipped)
+    ref = MeshImageDataset(data_root, xflip=True)
+    for packed in (MeshImageDataset(dest, xflip=True), MeshImageDataset(unzipped, xflip=True)):   # in memory / memory-mapped
+        assert len(packed) == len(ref)
+        for i in range(len(ref)):
+            for a, b in zip(ref[i], packed[i]):
+                np.testing.assert_array_equal(a, b)
 
 
 # --- errors -------------------------------------------------------------------------------
