@@ -330,7 +330,7 @@ def parse_grid(s):
 @click.option('--cond', help='Condition D on the dataset labels', metavar='BOOL', type=bool, default=True, show_default=True)
 @click.option('--mirror', help='Add mirrored items (image, camera, mesh, landmarks)', metavar='BOOL', type=bool, default=False, show_default=True)
 @click.option('--aug', help='Augmentation mode (ADA\'s bgc subset, training/augment.py)', type=click.Choice(['noaug', 'ada', 'fixed']), default='noaug', show_default=True)
-@click.option('--resume', help='Snapshot to continue, or checkpoint to start from', metavar='[PATH|URL]', type=str)
+@click.option('--resume', help='Snapshot to continue, or checkpoint to start from (local file)', metavar='PATH', type=str)
 @click.option('--freezed', help='Freeze the first N layers of D', metavar='INT', type=click.IntRange(min=0), default=0, show_default=True)
 # Misc hyperparameters.
 @click.option('--p', help='Probability for --aug=fixed', metavar='FLOAT', type=click.FloatRange(min=0, max=1), default=0.2, show_default=True)
@@ -388,7 +388,9 @@ def main(ctx, **kwargs):
     opts.grid = parse_grid(opts.grid)
     if opts.topology_path is not None and not os.path.isfile(opts.topology_path):
         raise click.ClickException(f'{opts.topology_path}: no such topology file (--topology_path)')
-    if opts.resume is not None and '://' not in opts.resume and not os.path.isfile(opts.resume):
+    if opts.resume is not None and '://' in opts.resume:
+        raise click.ClickException(f'--resume={opts.resume}: give a local file (this code never downloads; fetch the checkpoint first)')
+    if opts.resume is not None and not os.path.isfile(opts.resume):
         raise click.ClickException(f'{opts.resume}: no such checkpoint (--resume)')
     try:
         c = build_config(opts)

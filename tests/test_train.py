@@ -177,6 +177,27 @@ def test_train_py_next3d_end_to_end(head_data, tmp_path):
     assert type(snap.augment_pipe).__name__ == 'AugmentPipe' and snap.resume_state.augment_p == 0.0
 
 
+def test_train_py_under_torchrun_two_cpu_processes(head_data, tmp_path):
+    """torchrun's env:// rendezvous (RANK / WORLD_SIZE / LOCAL_RANK): one run folder, rank 0 writes, both ranks train."""
+    torchrun = os.path.join(os.path.dirname(sys.executable), 'torchrun')
+    if not os.path.isfile(torchrun):
+        pytest.skip('torchrun is not installed next to this Python')
+    import socket
+    with socket.socket() as sock:       # a free port for the rendezvous
+        sock.bind(('127.0.0.1', 0))
+        port = sock.getsockname()[1]
+    out = str(tmp_path / 'runs')
+    proc = subprocess.run([torchrun, '--nnodes=1', '--nproc_per_node=2', '--master_addr=127.0.0.1', f'--master_port={port}', os.path.join(ROOT, 'train.py'), '--outdir', out,
+                           '--cfg', 'tiny64', '--model_version', 'eg3d', '--data', head_data, '--gpus', '2', '--batch', '4', '--gamma', '1',
+                           '--metrics', 'none', '--kimg', '0.004', '--tick', '0.004', '--snap', '1', '--workers', '0', '--grid', '1x1'],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS='1'))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    runs = os.listdir(out)
+    assert len(runs) == 1 and runs[0].endswith('gpus2-batch4-gamma1')
+    snap = legacy.load_network_pkl(os.path.join(out, runs[0], 'network-snapshot-000000.pkl'))
+    assert snap.resume_state.cur_nimg == 4 and snap.resume_state.batch_idx == 1
+
+
 def test_train_py_sigterm_writes_resume_snapshot_and_resume_continues(toy_data, head_data, tmp_path):
     out = str(tmp_path / 'runs')
     args = ['--cfg', 'tiny64', '--model_version', 'eg3d', '--data', head_data, '--gpus', '1', '--batch', '2', '--gamma', '0',
@@ -234,6 +255,7 @@ def test_train_py_dry_run(head_data, tmp_path):
     (['--cfg', 'small128'], 'the dataset'),
     (['--neural_rendering_resolution_initial', '64'], 'no super-resolution module for 64 -> 64'),
     (['--topology_path', 'missing.obj'], 'missing.obj: no such topology file'),
+    (['--resume', 'https://example.org/x.pkl'], 'never downloads'),
 ])
 def test_train_py_option_errors(head_data, tmp_path, monkeypatch, extra, message):
     monkeypatch.delenv('NEXT3D_INCEPTION', raising=False)
