@@ -105,9 +105,14 @@ def test_loop_writes_files_and_resume_continues_exactly(toy_data, tmp_path):
     opt_a = legacy.load_network_pkl(resumed.snapshot_pkl).resume_state.optimizers
     opt_b = legacy.load_network_pkl(straight.snapshot_pkl).resume_state.optimizers
     for net in ('G', 'D'):
+        steps = set()
         for idx, st in opt_b[net]['state'].items():
             torch.testing.assert_close(opt_a[net]['state'][idx]['exp_avg_sq'], st['exp_avg_sq'], rtol=0, atol=0)
-            assert float(opt_a[net]['state'][idx]['step']) == float(st['step']) == 6     # 4 main + 2 lazy steps (every 2nd)
+            assert float(opt_a[net]['state'][idx]['step']) == float(st['step'])
+            steps.add(float(st['step']))
+        # 4 main steps + 2 lazy ones (every 2nd step) for what the regularizer reaches; the rest (G's super-resolution
+        # for the density term, D's output bias for R1) has no gradient there and its Adam state sees the 4 main steps.
+        assert steps == {4.0, 6.0}, (net, steps)
 
 
 def test_resume_from_other_weights_copies_and_reports(toy_data, tmp_path, capsys):
@@ -310,3 +315,13 @@ def test_neural_rendering_resolution_fades_and_is_kept_in_snapshots(toy_data, tm
     snap = legacy.load_network_pkl(result.snapshot_pkl)
     assert snap.G_ema.neural_rendering_resolution == 32 and snap.G.neural_rendering_resolution == 32
     assert snap.G_ema.init_kwargs['neural_rendering_resolution'] == 16          # the SR layout is still the one built
+
+
+def test_gradient_reduction_cleans_and_keeps_missing_gradients_missing():
+    from training import distributed
+    a, b, c = (torch.nn.Parameter(torch.zeros(3)) for _ in range(3))
+    a.grad = torch.tensor([1.0, float('nan'), float('inf')])
+    c.grad = torch.tensor([-float('inf'), 2.0, 3.0])
+    distributed.all_reduce_grads([a, b, c])
+    assert a.grad.tolist() == [1.0, 0.0, 1e5] and c.grad.tolist() == [-1e5, 2.0, 3.0]
+    assert b.grad is None            # Adam skips it, as EG3D

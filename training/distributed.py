@@ -69,14 +69,22 @@ def broadcast_module(module: torch.nn.Module, src: int = 0):
 def all_reduce_grads(params):
     """Average the gradients of `params` over ranks and replace NaN/inf (in place).
 
-    Every rank must pass the same parameter list; a parameter without a gradient counts
-    as zeros, so ranks that skipped a branch stay in step.
+    Every rank must pass the same parameter list. A parameter with a gradient on some rank
+    counts as zeros on the others, so ranks that skipped a branch stay in step; one with no
+    gradient on any rank keeps `grad = None`, so the optimizer leaves it (and its moments)
+    alone, as EG3D does.
     """
     params = [p for p in params if p.numel() > 0]
     if not params:
         return
-    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params])
     n = world_size()
+    has_grad = torch.tensor([float(p.grad is not None) for p in params], device=params[0].device)
+    if n > 1:
+        torch.distributed.all_reduce(has_grad)
+    params = [p for p, h in zip(params, has_grad.tolist()) if h > 0]
+    if not params:
+        return
+    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params])
     if n > 1:
         torch.distributed.all_reduce(flat)
         flat /= n
