@@ -352,7 +352,7 @@ def parse_grid(s):
 @click.option('--nobench', help='Disable cuDNN benchmarking', metavar='BOOL', type=bool, default=False, show_default=True)
 @click.option('--workers', help='DataLoader worker processes', metavar='INT', type=click.IntRange(min=0), default=3, show_default=True)
 @click.option('-n', '--dry-run', help='Print the options and model sizes and exit', is_flag=True)
-@click.option('--grid', help='Columns x rows of the image grids, e.g. 4x2 (default: from the resolution)', type=str, default='auto', show_default=True)
+@click.option('--grid', help='Columns x rows of the image grids, e.g. 4x2 (default: EG3D\'s from the resolution; at most 8x4 on a CPU)', type=str, default='auto', show_default=True)
 # EG3D / Next3D.
 @click.option('--neural_rendering_resolution_initial', help='Raw rendering resolution at the start (default: the preset\'s, 64 for ffhq)', metavar='INT', type=click.IntRange(min=1), default=None)
 @click.option('--neural_rendering_resolution_final', help='Raw rendering resolution after the fade (default: no fade)', metavar='INT', type=click.IntRange(min=1), default=None)

@@ -325,3 +325,11 @@ def test_gradient_reduction_cleans_and_keeps_missing_gradients_missing():
     distributed.all_reduce_grads([a, b, c])
     assert a.grad.tolist() == [1.0, 0.0, 1e5] and c.grad.tolist() == [-1e5, 2.0, 3.0]
     assert b.grad is None            # Adam skips it, as EG3D
+
+
+def test_auto_grid_size(toy_data):
+    from training.dataset import MeshImageDataset
+    ds = MeshImageDataset(toy_data)
+    assert tl.setup_snapshot_grid(ds, 0)[0] == (32, 32)                   # EG3D: 7680 // 32 and 4320 // 32, clipped to 32
+    size, images, labels, verts = tl.setup_snapshot_grid(ds, 0, on_cpu=True)
+    assert size == (8, 4) and images.shape == (32, 3, 32, 32) and labels.shape == (32, 25) and verts.shape == (32, 80, 3)

@@ -72,11 +72,20 @@ def make_loader(dataset, rank, num_gpus, seed, batch, skip_batches, data_loader_
     return iter(torch.utils.data.DataLoader(dataset, sampler=sampler, batch_size=batch, **data_loader_kwargs))
 
 
-def setup_snapshot_grid(training_set, random_seed: int, grid_size=None):
-    """Grid shape (gw, gh) and the items shown: (images uint8 (N,3,R,R), labels (N,L), v (N,V+68,3))."""
+CPU_GRID_MAX = (8, 4)      # auto grid on a CPU: EG3D's up to 32 x 32 images would take longer than the training ticks
+
+
+def setup_snapshot_grid(training_set, random_seed: int, grid_size=None, on_cpu: bool = False):
+    """Grid shape (gw, gh) and the items shown: (images uint8 (N,3,R,R), labels (N,L), v (N,V+68,3)).
+
+    grid_size None: EG3D's choice (about 7680 x 4320 pixels, 7..32 x 4..32 images), at most
+    CPU_GRID_MAX on a CPU.
+    """
     if grid_size is None:
         gw = int(np.clip(7680 // training_set.resolution, 7, 32))
         gh = int(np.clip(4320 // training_set.resolution, 4, 32))
+        if on_cpu:
+            gw, gh = min(gw, CPU_GRID_MAX[0]), min(gh, CPU_GRID_MAX[1])
     else:
         gw, gh = grid_size
     rnd = np.random.RandomState(random_seed)
@@ -501,7 +510,7 @@ def load_resume(resume_pkl, G, D, G_ema, resume_kwargs, loss_kwargs, ema_rampup,
 
 def setup_grids(run_dir, training_set, G_ema, random_seed, grid_size, batch_gpu, device, fresh: bool):
     """reals.png (and fakes_init*.png for a fresh run) -> (grid size, (z, c, v) of the grid)."""
-    grid_size, images, labels, verts = setup_snapshot_grid(training_set, random_seed, grid_size)
+    grid_size, images, labels, verts = setup_snapshot_grid(training_set, random_seed, grid_size, on_cpu=torch.device(device).type == 'cpu')
     save_image_grid(images, os.path.join(run_dir, 'reals.png'), drange=[0, 255], grid_size=grid_size)
     grid_z = torch.randn([len(labels), G_ema.z_dim], generator=torch.Generator().manual_seed(random_seed)).to(device)
     grid = (grid_z, torch.from_numpy(labels).to(device), torch.from_numpy(verts).to(device))
