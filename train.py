@@ -75,6 +75,7 @@ def build_config(opts: dnnlib.EasyDict) -> dnnlib.EasyDict:
     kwargs = {k: v for k, v in c.training_set_kwargs.items() if k != 'class_name'}
     dataset = MeshImageDataset(**kwargs)
     c.training_set_kwargs.resolution = dataset.resolution
+    c.training_set_kwargs.validate = 'first'       # checked in full just now; the loop and metrics need not repeat it
     label_dim, exp_dim = dataset.label_dim, dataset.label_dim - 25
     dataset_name, num_vertices, num_items = dataset.name, dataset.num_vertices, len(dataset)
     dataset.close()
