@@ -333,3 +333,24 @@ def test_auto_grid_size(toy_data):
     assert tl.setup_snapshot_grid(ds, 0)[0] == (32, 32)                   # EG3D: 7680 // 32 and 4320 // 32, clipped to 32
     size, images, labels, verts = tl.setup_snapshot_grid(ds, 0, on_cpu=True)
     assert size == (8, 4) and images.shape == (32, 3, 32, 32) and labels.shape == (32, 25) and verts.shape == (32, 80, 3)
+
+
+def test_resume_from_an_official_eg3d_pickle_initialises_next3d(tmp_path):
+    """--resume=<official EG3D pickle> for a Next3D run: read without running its code, copied, reported, fade-ins off."""
+    from tests.test_legacy_import import eg3d_pickle, eg3d_source
+    src = eg3d_source()
+    path = tmp_path / 'ffhqrebalanced-like.pkl'
+    path.write_bytes(eg3d_pickle(src))
+    G = configs.make_generator('tiny64')
+    D = configs.make_discriminator('tiny64')
+    G_ema = configs.make_generator('tiny64')
+    lines = []
+    state, loss_kwargs, ema_rampup = tl.load_resume(str(path), G, D, G_ema, dict(resume_blur=False), dict(blur_init_sigma=10), 0.05,
+                                                    log=lines.append)
+    assert state is None and loss_kwargs['blur_init_sigma'] == 0 and loss_kwargs['gpc_reg_fade_kimg'] == 0 and ema_rampup is None
+    text = '\n'.join(lines)
+    assert 'official' in text and 'Initialising from the checkpoint' in text and 'D: not in the checkpoint' in text
+    for k, v in src.state_dict().items():
+        if k.startswith(('backbone.', 'superresolution.', 'decoder.')):
+            torch.testing.assert_close(G_ema.state_dict()[k], v, rtol=0, atol=0, msg=k)
+    torch.testing.assert_close(G.state_dict()['texture_backbone.synthesis.b16.conv0.weight'], src.state_dict()['backbone.synthesis.b16.conv0.weight'])

@@ -499,7 +499,11 @@ def training_loop(
 def load_resume(resume_pkl, G, D, G_ema, resume_kwargs, loss_kwargs, ema_rampup, log):
     """Load --resume into the networks -> (resume_state or None, loss_kwargs, ema_rampup) for this run."""
     log(f'Resuming from "{resume_pkl}"')
-    mode, resume_state = resume_lib.restore(legacy.load_network_pkl(resume_pkl), G, D, G_ema, log=log)
+    resume_data = legacy.load_network_pkl(resume_pkl)
+    if resume_data.get('import_report'):     # an official pickle: how it was mapped onto our classes
+        from training import official_import
+        log(official_import.format_report(resume_data.import_report))
+    mode, resume_state = resume_lib.restore(resume_data, G, D, G_ema, log=log)
     if mode == 'initialise' and not (resume_kwargs or {}).get('resume_blur', False):
         # A new run from trained weights: as EG3D, no blur or swap fade-in and no EMA ramp-up.
         loss_kwargs = dict(loss_kwargs or {}, blur_init_sigma=0, gpc_reg_fade_kimg=0)
