@@ -18,7 +18,7 @@ import time
 import click
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-NETWORK = os.path.join('pretrained_models', 'next3d-synthetic-small128.pkl')
+NETWORK = os.path.join('pretrained_models', 'next3d-synthetic64.pkl')
 DRIVING = os.path.join('data', 'driving')
 
 

@@ -14,7 +14,7 @@ from training import coords
 from training.driving import DEFAULT_LMS, DEFAULT_OBJ, load_condition
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BUNDLED_NETWORK = os.path.join('pretrained_models', 'next3d-synthetic-small128.pkl')
+BUNDLED_NETWORK = os.path.join('pretrained_models', 'next3d-synthetic64.pkl')
 
 
 def load_generator(network_pkl: str, device: torch.device, uv_mask_path: str = None) -> torch.nn.Module:
