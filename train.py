@@ -23,7 +23,6 @@ import json
 import os
 import re
 import signal
-import sys
 import tempfile
 
 import click
