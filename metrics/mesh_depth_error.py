@@ -4,8 +4,10 @@ For each sample, the driving mesh (canonical metres -> world with `coords.mesh_t
 is rasterized from the sample's camera at the neural rendering resolution, with
 perspective-correct depth; its depth is converted from camera z to distance along the
 pixel's ray, which is what the generator's `image_depth` holds (world units). The error
-is the mean absolute difference over the pixels the mesh covers (the head surface the
-mesh defines; hair and background are not constrained by the mesh and are left out).
+is the mean absolute difference over the face region: pixels where the mesh is visible
+and its face/eye UV mask (the generator's topology buffers) is at least 0.5. Hair, the
+back of the head and the background are not constrained by the mesh and are left out.
+A generator without a UV mask uses every pixel the mesh covers.
 """
 
 import copy
@@ -19,17 +21,26 @@ from training.mesh import rasterize as raster
 NUM_LANDMARKS = 68
 
 
-def mesh_ray_depth(v: torch.Tensor, faces: torch.Tensor, c: torch.Tensor, resolution: int):
-    """Mesh depth along each pixel's ray: ((B, 1, r, r) world units, (B, 1, r, r) bool coverage).
+def mesh_ray_depth(v: torch.Tensor, faces: torch.Tensor, c: torch.Tensor, resolution: int, uv: tuple = None):
+    """Mesh depth along each pixel's ray: ((B, 1, r, r) world units, (B, 1, r, r) bool region).
 
-    v: (B, V [+ 68], 3) canonical metres (landmarks, if present, are ignored via `faces`);
-    faces: (F, 3) int64; c: (B, 25+) camera labels.
+    v: (B, V, 3) canonical metres; faces: (F, 3) int64; c: (B, 25+) camera labels.
+    uv: optional (uvcoords (T, 2) v up, uvfaces (F, 3), uv_mask (1, 1, S, S) row 0 = v = 1):
+    the region is then restricted to covered pixels where the mask is >= 0.5.
     """
     world = coords.mesh_to_world(v)
     ndc = raster.project_perspective(world, c)
     frags = raster.rasterize(ndc, faces, resolution, cull_backfaces=True)
     z = raster.interpolate(ndc[..., 2:3], frags, faces, perspective_correct=True, verts=ndc)     # (B, 1, r, r) camera z
-    covered = (frags.pix_to_face >= 0)[:, None]
+    region = (frags.pix_to_face >= 0)[:, None]
+    if uv is not None:
+        uvcoords, uvfaces, uv_mask = uv
+        corner_uv = uvcoords[uvfaces].expand(len(v), -1, -1, -1)                                       # (B, F, 3, 2)
+        texel = raster.interpolate(corner_uv, frags, faces, perspective_correct=True, verts=ndc)     # (B, 2, r, r)
+        grid = torch.stack([texel[:, 0] * 2 - 1, 1 - texel[:, 1] * 2], dim=-1)
+        mask = torch.nn.functional.grid_sample(uv_mask.to(grid.dtype).expand(len(grid), -1, -1, -1), grid, mode='bilinear',
+                                               padding_mode='zeros', align_corners=False)
+        region = region & (mask >= 0.5)
     # Pixel centre direction in camera space: ((u - cx) / fx, (v - cy) / fy, 1), u, v in [0, 1].
     _, intr = coords.split_label(c.to(v.dtype))
     centres = (torch.arange(resolution, device=v.device, dtype=v.dtype) + 0.5) / resolution
@@ -39,17 +50,20 @@ def mesh_ray_depth(v: torch.Tensor, faces: torch.Tensor, c: torch.Tensor, resolu
     y_n = (vv - cy) / fy
     x_n = (uu - cx - skew * y_n) / fx
     norm = torch.sqrt(x_n.square() + y_n.square() + 1)
-    return z * norm[:, None], covered
+    return z * norm[:, None], region
 
 
 @torch.no_grad()
 def compute_mesh_depth_error(opts: metric_utils.MetricOptions, num_gen: int) -> float:
-    """Mean |image_depth - mesh depth| (world units) over mesh-covered pixels of `num_gen` samples (shared by the ranks)."""
+    """Mean |image_depth - mesh depth| (world units) over the face region of `num_gen` samples (shared by the ranks)."""
     G = copy.deepcopy(opts.G).eval().requires_grad_(False).to(opts.device)
     rasterizer = getattr(G, 'rasterizer', None)
     if rasterizer is None or not getattr(G, 'topology_loaded', True):
         raise ValueError('mesh_depth_err needs a mesh-driven (Next3D) generator with its topology loaded')
     faces = rasterizer.faces.to(opts.device)
+    uv = None
+    if all(hasattr(rasterizer, k) for k in ('uvcoords', 'uvfaces', 'uv_mask')):
+        uv = (rasterizer.uvcoords.to(opts.device), rasterizer.uvfaces.to(opts.device), rasterizer.uv_mask.to(opts.device))
     inputs = metric_utils.iterate_generator_inputs(opts, opts.batch_size, seed=1)
     total = torch.zeros([], dtype=torch.float64, device=opts.device)
     count = torch.zeros([], dtype=torch.float64, device=opts.device)
@@ -61,7 +75,7 @@ def compute_mesh_depth_error(opts: metric_utils.MetricOptions, num_gen: int) -> 
         z, c, v = z[:n], c[:n], v[:n]
         out = G(z=z, c=c[:, :max(int(G.c_dim), 25)], v=v, noise_mode='const')
         depth = out['image_depth']
-        mesh_depth, covered = mesh_ray_depth(v[:, :-NUM_LANDMARKS], faces, c[:, :25], depth.shape[-1])
+        mesh_depth, covered = mesh_ray_depth(v[:, :-NUM_LANDMARKS], faces, c[:, :25], depth.shape[-1], uv)
         total += ((depth - mesh_depth).abs() * covered).sum().double()
         count += covered.sum().double()
         done += n
@@ -70,5 +84,5 @@ def compute_mesh_depth_error(opts: metric_utils.MetricOptions, num_gen: int) -> 
         torch.distributed.all_reduce(total)
         torch.distributed.all_reduce(count)
     if count == 0:
-        raise ValueError('mesh_depth_err: the meshes cover no pixel from the dataset cameras')
+        raise ValueError('mesh_depth_err: the meshes\' face region covers no pixel from the dataset cameras')
     return float(total / count)

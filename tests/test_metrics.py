@@ -201,6 +201,17 @@ def test_mesh_ray_depth_of_a_plane_is_distance_along_each_ray():
     np.testing.assert_allclose(depth[0, 0].numpy(), expected, rtol=1e-5)
 
 
+def test_face_region_follows_the_uv_mask():
+    v, faces = plane_mesh(0.09)
+    uvcoords = torch.tensor([[0.0, 0.0], [1.0, 0.0], [1.0, 1.0], [0.0, 1.0]])       # u follows x
+    mask = torch.zeros(1, 1, 8, 8)
+    mask[..., :4] = 1                                                                 # left half of the texture
+    _, region = mesh_depth_error.mesh_ray_depth(v[None], faces, frontal_label(), 16, uv=(uvcoords, faces, mask))
+    # The plane spans +-0.3 m -> +-0.725 world units, wider than the view (+-0.317 at 2.7): only x < 0 is in the region.
+    cols = region[0, 0].all(dim=0)
+    assert cols[:8].all() and not cols[8:].any()
+
+
 def test_mesh_depth_error_averages_over_the_mesh_only(data):
     class DepthG(torch.nn.Module):
         """Test double: renders the driving mesh's depth + 0.1 where covered, 100 elsewhere."""
