@@ -354,3 +354,21 @@ def test_resume_from_an_official_eg3d_pickle_initialises_next3d(tmp_path):
         if k.startswith(('backbone.', 'superresolution.', 'decoder.')):
             torch.testing.assert_close(G_ema.state_dict()[k], v, rtol=0, atol=0, msg=k)
     torch.testing.assert_close(G.state_dict()['texture_backbone.synthesis.b16.conv0.weight'], src.state_dict()['backbone.synthesis.b16.conv0.weight'])
+
+
+def test_train_py_network_options_reach_the_networks(head_data, tmp_path):
+    import re as _re
+
+    def sizes(*extra):
+        result = invoke_train(['--outdir', str(tmp_path / 'runs'), '--cfg', 'tiny64', '--data', head_data, '--gpus', '1', '--batch', '4',
+                               '--gamma', '1', '--metrics', 'none', '--dry-run', *extra])
+        assert result.exit_code == 0, result.output
+        g = int(_re.search(r'Generator parameters:\s*([\d,]+)', result.output).group(1).replace(',', ''))
+        d = int(_re.search(r'Discriminator parameters:\s*([\d,]+)', result.output).group(1).replace(',', ''))
+        return g, d, result.output
+    g0, d0, _ = sizes()
+    _, d1, _ = sizes('--freezed', '2')                   # frozen layers are stored as buffers, not parameters
+    assert d1 < d0
+    g2, d2, out = sizes('--cmax', '16', '--map-depth', '1', '--disc_c_noise', '1', '--c-scale', '2', '--decoder_lr_mul', '0.5')
+    assert g2 < g0 and d2 < d0
+    assert '"disc_c_noise": 1.0' in out and '"c_scale": 2.0' in out and '"decoder_lr_mul": 0.5' in out
