@@ -158,8 +158,11 @@ def test_blur_applies_to_what_d_sees():
     real, c, v, z = batch(res=16)
     D.requires_grad_(True)
     loss.accumulate_gradients('Dmain', real, c, v, z, c, v, gain=1, cur_nimg=500)   # sigma = 1
-    seen_real = D.seen[-1]['image']
-    torch.testing.assert_close(seen_real, loss_lib.gaussian_blur(real, 1.0))
+    seen_fake, seen_real = D.seen[-2], D.seen[-1]
+    torch.testing.assert_close(seen_real['image'], loss_lib.gaussian_blur(real, 1.0))
+    torch.testing.assert_close(seen_real['image_raw'], loss_lib.gaussian_blur(filtered_resizing(real, 4), 1.0))   # EG3D's blur_raw_target
+    torch.testing.assert_close(seen_fake['image_raw'], torch.ones_like(seen_fake['image_raw']))                  # fakes' raw: not blurred
+    torch.testing.assert_close(seen_fake['image'], loss_lib.gaussian_blur(torch.ones_like(seen_fake['image']), 1.0))
 
 
 def test_pose_conditioning_swap_and_zeros():

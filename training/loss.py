@@ -7,6 +7,9 @@ Phases (called by the training loop with `gain` = the phase's interval for lazy 
     Dreg   R1 on reals: gamma/2 x (|dD/d image|^2 + |dD/d image_raw|^2) (every 16 steps)
     Gboth / Dboth  main and regularization together (when the interval is 1)
 
+Blur, as EG3D: run_D blurs `image` of reals and fakes; the reals' raw target is blurred
+too (`blur_raw_target`), the fakes' `image_raw` is not.
+
 Schedules, all functions of the image counter `cur_nimg` so that a resumed run continues
 them exactly: the blur on what D sees (sigma `blur_init_sigma` fading to 0 over
 `blur_fade_kimg`), the generator pose-conditioning swap probability (1 fading to
@@ -85,6 +88,7 @@ class Next3DLoss:
         style_mixing_prob: float = 0.0,                 # probability of mixing two ws at a random cut
         blur_init_sigma: float = 0.0,                   # blur sigma on D's inputs at kimg 0 (pixels)
         blur_fade_kimg: float = 0.0,                    # kimg over which the blur fades to 0
+        blur_raw_target: bool = True,                   # also blur the reals' raw images (EG3D's hard-wired behaviour)
         gpc_reg_prob: float = None,                     # final swap probability of G's conditioning label; None = no swap
         gpc_reg_fade_kimg: float = 1000.0,              # kimg over which the swap probability fades from 1
         neural_rendering_resolution_initial: int = 64,  # raw render size at kimg 0
@@ -100,7 +104,7 @@ class Next3DLoss:
         self.G, self.D, self.augment_pipe = G, D, augment_pipe
         self.r1_gamma = r1_gamma
         self.style_mixing_prob = style_mixing_prob
-        self.blur_init_sigma, self.blur_fade_kimg = blur_init_sigma, blur_fade_kimg
+        self.blur_init_sigma, self.blur_fade_kimg, self.blur_raw_target = blur_init_sigma, blur_fade_kimg, blur_raw_target
         self.gpc_reg_prob, self.gpc_reg_fade_kimg = gpc_reg_prob, gpc_reg_fade_kimg
         self.nrr_initial, self.nrr_final = neural_rendering_resolution_initial, neural_rendering_resolution_final
         self.nrr_fade_kimg = neural_rendering_resolution_fade_kimg
@@ -204,6 +208,8 @@ class Next3DLoss:
         if phase in ('Dmain', 'Dreg', 'Dboth'):
             do_r1 = phase in ('Dreg', 'Dboth')
             real_raw = resize_antialiased(real_img, nrr)
+            if self.blur_raw_target:    # EG3D blurs the real raw target (not the fakes' raw images) by the same sigma
+                real_raw = gaussian_blur(real_raw, s['blur_sigma'])
             image = real_img.detach().requires_grad_(do_r1)
             image_raw = real_raw.detach().requires_grad_(do_r1)
             real_logits = self.run_D(dict(image=image, image_raw=image_raw), real_c, blur_sigma=s['blur_sigma'])
@@ -228,7 +234,8 @@ class Next3DLoss:
         'l1': L1 between sigma at uniform points in [-1, 1]^3 and at the same points moved by
         N(0, density_reg_p_dist). The monotonic types add 10 x mean relu(sigma(p) -
         sigma(p - dz)), dz = box_warp / 256 along -z, i.e. density must not drop as rays go
-        deeper; 'monotonic-detach' stops the gradient through the front sample.
+        deeper; 'monotonic-detach' stops the gradient through the front sample. (The L1 term
+        always uses density_reg_p_dist; EG3D's monotonic variants use box_warp / 256 there.)
         """
         ws = self.mapping(gen_z, self.gen_label(gen_c), swapping_prob)
         b = ws.shape[0]
