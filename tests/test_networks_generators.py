@@ -18,14 +18,6 @@ from training.mesh.head_model import load_head_model
 from training.next3d_generator import load_topology
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope='module')
 def head():
     return load_head_model()

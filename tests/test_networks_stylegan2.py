@@ -17,15 +17,6 @@ from training.superresolution import SuperResolution
 from training.superresolution import sr_factor
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small convolutions on a busy two-core machine are many times faster on one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def count(module):
     return sum(p.numel() for p in module.parameters())
 

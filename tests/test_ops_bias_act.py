@@ -9,16 +9,6 @@ import torch
 from torch_utils.ops import bias_act as B
 
 
-@pytest.fixture(autouse=True, scope='module')
-def _one_thread():
-    # Tiny tensors gain nothing from intra-op threads, and on a loaded machine the idle
-    # threads' spinning makes gradgradcheck many times slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 SELU_SCALE = 1.0507009873554804934193349852946
 SELU_ALPHA = 1.6732632423543772848170429916717
 

@@ -8,16 +8,6 @@ from torch_utils.ops import conv2d_resample as CR
 from torch_utils.ops import upfirdn2d as U
 
 
-@pytest.fixture(autouse=True, scope='module')
-def _one_thread():
-    # Tiny tensors gain nothing from intra-op threads, and on a loaded machine the idle
-    # threads' spinning makes gradgradcheck many times slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _naive(x, w, f, up, down, padding, groups, flip_weight, flip_filter):
     """StyleGAN2's definition: zero-insert + pad + FIR (gain up^2), valid conv, FIR + decimate."""
     fw, fh = U.get_filter_size(f)

@@ -22,16 +22,6 @@ from torch_utils.ops import upfirdn2d as U
 OPS_DIR = os.path.dirname(_build.__file__)
 
 
-@pytest.fixture(autouse=True, scope='module')
-def _one_thread():
-    # Tiny tensors gain nothing from intra-op threads, and on a loaded machine the idle
-    # threads' spinning makes gradgradcheck many times slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _run_all_ops(impl=None):
     """One call of each public op on small CPU tensors (float64)."""
     g = torch.Generator().manual_seed(1)

@@ -10,16 +10,6 @@ from torch_utils.ops import filtered_lrelu as FL
 from torch_utils.ops import upfirdn2d as U
 
 
-@pytest.fixture(autouse=True, scope='module')
-def _one_thread():
-    # Tiny tensors gain nothing from intra-op threads, and on a loaded machine the idle
-    # threads' spinning makes gradgradcheck many times slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _composition(x, fu, fd, b, up, down, padding, gain, slope, clamp, flip_filter):
     x = x + b[None, :, None, None]
     x = U.upfirdn2d(x, fu, up=up, padding=padding, gain=up ** 2, flip_filter=flip_filter, impl='ref')

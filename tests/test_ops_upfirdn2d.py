@@ -7,16 +7,6 @@ import torch
 from torch_utils.ops import upfirdn2d as U
 
 
-@pytest.fixture(autouse=True, scope='module')
-def _one_thread():
-    # Tiny tensors gain nothing from intra-op threads, and on a loaded machine the idle
-    # threads' spinning makes gradgradcheck many times slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _upfirdn2d_loop(x: np.ndarray, f: np.ndarray, up, down, padding, flip_filter, gain) -> np.ndarray:
     """The definition as slow loops: zero-insert, pad/crop, valid true convolution (or
     correlation), decimate. x [N, C, H, W], f 2-D [fh, fw] (already the full 2-D filter)."""
