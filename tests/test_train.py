@@ -372,3 +372,27 @@ def test_train_py_network_options_reach_the_networks(head_data, tmp_path):
     g2, d2, out = sizes('--cmax', '16', '--map-depth', '1', '--disc_c_noise', '1', '--c-scale', '2', '--decoder_lr_mul', '0.5')
     assert g2 < g0 and d2 < d0
     assert '"disc_c_noise": 1.0' in out and '"c_scale": 2.0' in out and '"decoder_lr_mul": 0.5' in out
+
+
+def test_ctrl_c_to_the_process_group_with_workers_writes_resume_snapshot(head_data, tmp_path):
+    # A terminal's Ctrl-C signals every process of the group, DataLoader workers included.
+    out = str(tmp_path / 'runs')
+    args = ['--cfg', 'tiny64', '--model_version', 'eg3d', '--data', head_data, '--gpus', '1', '--batch', '2', '--gamma', '0',
+            '--density_reg', '0', '--tick', '0.002', '--snap', '1000', '--workers', '1', '--grid', '1x1', '--metrics', 'none']
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, 'train.py'), '--outdir', out, '--kimg', '1000', *args], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    lines = []
+    deadline = time.time() + 300
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith('tick 0'):
+            os.killpg(proc.pid, signal.SIGINT)
+            break
+        assert time.time() < deadline, ''.join(lines)
+    rest, _ = proc.communicate(timeout=300)
+    output = ''.join(lines) + rest
+    assert proc.returncode == 0, output[-3000:]
+    assert 'Stop requested by signal 2' in output and 'Stopped cleanly.' in output
+    run = os.path.join(out, os.listdir(out)[0])
+    state = legacy.load_network_pkl(os.path.join(run, 'network-snapshot-000000.pkl')).resume_state
+    assert state.cur_nimg >= 2

@@ -65,11 +65,21 @@ class SkipSampler(torch.utils.data.Sampler):
         return itertools.islice(iter(self.sampler), self.skip, None)
 
 
+def _ignore_stop_signals(_worker_id):
+    # Ctrl-C reaches the whole process group: workers must leave SIGINT/SIGTERM to the
+    # main process, which writes the resume snapshot, instead of dying and crashing it.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def make_loader(dataset, rank, num_gpus, seed, batch, skip_batches, data_loader_kwargs):
     """An endless iterator of batches of `dataset` for this rank, resumed after `skip_batches`."""
     sampler = misc.InfiniteSampler(dataset, rank=rank, num_replicas=num_gpus, seed=seed)
     sampler = SkipSampler(sampler, skip_batches * batch)
-    return iter(torch.utils.data.DataLoader(dataset, sampler=sampler, batch_size=batch, **data_loader_kwargs))
+    kwargs = dict(data_loader_kwargs)
+    if kwargs.get('num_workers', 0) > 0:
+        kwargs.setdefault('worker_init_fn', _ignore_stop_signals)
+    return iter(torch.utils.data.DataLoader(dataset, sampler=sampler, batch_size=batch, **kwargs))
 
 
 CPU_GRID_MAX = (8, 4)      # auto grid on a CPU: EG3D's up to 32 x 32 images would take longer than the training ticks
