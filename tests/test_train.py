@@ -203,23 +203,29 @@ def test_train_py_under_torchrun_two_cpu_processes(head_data, tmp_path):
     assert snap.resume_state.cur_nimg == 4 and snap.resume_state.batch_idx == 1
 
 
-def test_train_py_sigterm_writes_resume_snapshot_and_resume_continues(toy_data, head_data, tmp_path):
-    out = str(tmp_path / 'runs')
-    args = ['--cfg', 'tiny64', '--model_version', 'eg3d', '--data', head_data, '--gpus', '1', '--batch', '2', '--gamma', '0',
-            '--density_reg', '0', '--tick', '0.002', '--snap', '1000', '--workers', '0', '--grid', '1x1', '--metrics', 'none']
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, 'train.py'), '--outdir', out, '--kimg', '1000', *args], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+def run_until_first_tick_then_signal(args, send):
+    """Run train.py in its own process group; call send(proc) at the first tick line -> (returncode, output)."""
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, 'train.py'), *args], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     lines = []
     deadline = time.time() + 300
     for line in proc.stdout:
         lines.append(line)
         if line.startswith('tick 0'):
-            proc.send_signal(signal.SIGTERM)
+            send(proc)
             break
         assert time.time() < deadline, ''.join(lines)
     rest, _ = proc.communicate(timeout=300)
-    output = ''.join(lines) + rest
-    assert proc.returncode == 0, output[-3000:]
+    return proc.returncode, ''.join(lines) + rest
+
+
+def test_train_py_sigterm_writes_resume_snapshot_and_resume_continues(toy_data, head_data, tmp_path):
+    out = str(tmp_path / 'runs')
+    args = ['--cfg', 'tiny64', '--model_version', 'eg3d', '--data', head_data, '--gpus', '1', '--batch', '2', '--gamma', '0',
+            '--density_reg', '0', '--tick', '0.002', '--snap', '1000', '--workers', '0', '--grid', '1x1', '--metrics', 'none']
+    returncode, output = run_until_first_tick_then_signal(['--outdir', out, '--kimg', '1000', *args],
+                                                          lambda proc: proc.send_signal(signal.SIGTERM))
+    assert returncode == 0, output[-3000:]
     assert 'Stop requested by signal 15' in output and 'Stopped cleanly.' in output
     run = os.path.join(out, os.listdir(out)[0])
     snap_path = os.path.join(run, 'network-snapshot-000000.pkl')
@@ -379,19 +385,9 @@ def test_ctrl_c_to_the_process_group_with_workers_writes_resume_snapshot(head_da
     out = str(tmp_path / 'runs')
     args = ['--cfg', 'tiny64', '--model_version', 'eg3d', '--data', head_data, '--gpus', '1', '--batch', '2', '--gamma', '0',
             '--density_reg', '0', '--tick', '0.002', '--snap', '1000', '--workers', '1', '--grid', '1x1', '--metrics', 'none']
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, 'train.py'), '--outdir', out, '--kimg', '1000', *args], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    lines = []
-    deadline = time.time() + 300
-    for line in proc.stdout:
-        lines.append(line)
-        if line.startswith('tick 0'):
-            os.killpg(proc.pid, signal.SIGINT)
-            break
-        assert time.time() < deadline, ''.join(lines)
-    rest, _ = proc.communicate(timeout=300)
-    output = ''.join(lines) + rest
-    assert proc.returncode == 0, output[-3000:]
+    returncode, output = run_until_first_tick_then_signal(['--outdir', out, '--kimg', '1000', *args],
+                                                          lambda proc: os.killpg(proc.pid, signal.SIGINT))
+    assert returncode == 0, output[-3000:]
     assert 'Stop requested by signal 2' in output and 'Stopped cleanly.' in output
     run = os.path.join(out, os.listdir(out)[0])
     state = legacy.load_network_pkl(os.path.join(run, 'network-snapshot-000000.pkl')).resume_state

@@ -47,6 +47,14 @@ PLANE_AXES = {
     'eg3d':   ((0, 1), (0, 2), (2, 0)),  # (x, y), (x, z), (z, x): EG3D's official weights
 }
 
+# --- Landmarks -----------------------------------------------------------------------------
+# iBUG 68-point index of each point's mirror partner (jaw, brows, nose bridge, nostrils,
+# eyes, outer lips, inner lips): point i of a mirrored face is point LANDMARK_MIRROR[i] of
+# the original with x negated.
+LANDMARK_MIRROR = (list(range(16, -1, -1)) + list(range(26, 16, -1)) + [27, 28, 29, 30]
+                   + [35, 34, 33, 32, 31] + [45, 44, 43, 42, 47, 46] + [39, 38, 37, 36, 41, 40]
+                   + [54, 53, 52, 51, 50, 49, 48, 59, 58, 57, 56, 55] + [64, 63, 62, 61, 60, 67, 66, 65])
+
 # --- Orthographic views of the texture rasterization (Euler degrees, R = Rz Ry Rx) --------
 ORTHO_VIEWS_DEG = {
     'front': (0.0, 0.0, 0.0),

@@ -41,6 +41,8 @@ import numpy as np
 import PIL.Image
 import torch
 
+from training.coords import LANDMARK_MIRROR
+
 LABEL_FILES = ('dataset.json', 'dataset_mead.json')   # the second is the original's name
 EXP_FILE = 'dataset_exp.json'
 PACKED_VERTICES = 'vertices.npy'
@@ -50,11 +52,6 @@ CAMERA_LABEL_DIM = 25
 IMAGE_EXTS = ('.png', '.jpg', '.jpeg')
 FULL_VALIDATION_MAX = 2000      # datasets up to this size have every file checked up front
 
-# iBUG 68-point index of each point's mirror partner: jaw, brows, nose bridge, nostrils,
-# eyes, outer lips, inner lips.
-LANDMARK_MIRROR = (list(range(16, -1, -1)) + list(range(26, 16, -1)) + [27, 28, 29, 30]
-                   + [35, 34, 33, 32, 31] + [45, 44, 43, 42, 47, 46] + [39, 38, 37, 36, 41, 40]
-                   + [54, 53, 52, 51, 50, 49, 48, 59, 58, 57, 56, 55] + [64, 63, 62, 61, 60, 67, 66, 65])
 
 
 class DatasetError(ValueError):
