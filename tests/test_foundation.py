@@ -1,9 +1,7 @@
 """dnnlib, torch_utils.misc, training_stats and the safe checkpoint format."""
 
-import io
 import os
 import pickle
-import sys
 
 import numpy as np
 import pytest

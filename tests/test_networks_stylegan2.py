@@ -7,7 +7,6 @@ import torch
 import torch.nn.functional as F
 
 from training import configs
-from training.dual_discriminator import DualDiscriminator
 from training.networks_stylegan2 import Generator
 from training.networks_stylegan2 import MappingNetwork
 from training.networks_stylegan2 import MinibatchStdLayer

@@ -27,7 +27,6 @@ def _run_all_ops(impl=None):
     g = torch.Generator().manual_seed(1)
     x = torch.randn(2, 3, 6, 7, dtype=torch.float64, generator=g)
     b = torch.randn(3, dtype=torch.float64, generator=g)
-    w = torch.randn(4, 3, 3, 3, dtype=torch.float64, generator=g)
     f = U.setup_filter([1, 3, 3, 1])
     return [
         B.bias_act(x, b, act='lrelu', clamp=1.0, impl=impl),

@@ -29,7 +29,6 @@ match; `mouth_backbone.*` / `neural_blending.*` lack the official `synthesis.` l
 import math
 from typing import Optional
 
-import numpy as np
 import torch
 
 from torch_utils import misc
@@ -165,22 +164,15 @@ def load_topology(G: Next3DGenerator, template_obj_path: str, uv_mask_path: Opti
     The OBJ must have G.num_vertices vertices and the face / texture-coordinate counts G was
     built with. Returns G. Needed once per new model; checkpoints carry the buffers.
     """
-    from training.mesh import obj_io
-    mesh = obj_io.read_obj(template_obj_path)
-    if mesh.vt is None or mesh.ft is None:
-        raise ValueError(f'{template_obj_path}: the template needs texture coordinates (vt) and v/vt face indices')
-    found = dict(vertices=len(mesh.v), faces=len(mesh.f), uvs=len(mesh.vt))
+    from training.mesh.head_model import load_template, load_uv_mask
+    from training.mesh.obj_io import read_obj_vertices
+    faces, uvcoords, uvfaces = load_template(template_obj_path)
+    found = dict(vertices=len(read_obj_vertices(template_obj_path)), faces=len(faces), uvs=len(uvcoords))
     expected = dict(vertices=G.num_vertices, faces=G.rasterizer.num_faces, uvs=G.rasterizer.num_uvs)
     if found != expected:
         raise ValueError(f'{template_obj_path}: topology {found} does not match the generator ({expected})')
-    mask = None
-    if uv_mask_path is not None:
-        from PIL import Image
-        try:
-            mask = np.asarray(Image.open(uv_mask_path).convert('L'), dtype=np.float32) / 255
-        except OSError as e:
-            raise ValueError(f'{uv_mask_path}: cannot read the UV mask image ({e})') from e
+    mask = None if uv_mask_path is None else load_uv_mask(uv_mask_path, size=None)
     with torch.no_grad():
-        G.rasterizer.load_topology(mesh.f, mesh.ft, mesh.vt, mask)
+        G.rasterizer.load_topology(faces, uvfaces, uvcoords, mask)
     G.topology_loaded = True
     return G

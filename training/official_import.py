@@ -314,11 +314,11 @@ def _import_topology(G: Next3DGenerator, record: ModuleRecord, tensors: dict, so
         raise OfficialImportError(f'{source}: the official Next3D generator lacks the tensor raw_uvcoords (and uvcoords)')
     mask = None
     if uv_mask_path is not None:
-        from PIL import Image
+        from training.mesh.head_model import load_uv_mask
         try:
-            mask = np.asarray(Image.open(uv_mask_path).convert('L'), dtype=np.float32) / 255
-        except OSError as e:
-            raise OfficialImportError(f'{uv_mask_path}: cannot read the UV mask image ({e})') from e
+            mask = load_uv_mask(uv_mask_path, size=None)
+        except ValueError as e:
+            raise OfficialImportError(str(e)) from e
         report['notes'].append('face/eye UV mask from uv_mask_path')
     elif isinstance(record.state.get('uv_face_mask'), torch.Tensor):
         mask = record.state['uv_face_mask'].float()                    # row 0 = v = 1, as ours

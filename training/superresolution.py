@@ -13,8 +13,6 @@ starts from the raw RGB:
 Parameter names (`block0`, `block1`, ...) are EG3D's.
 """
 
-from typing import Optional
-
 import torch
 
 from torch_utils import misc

@@ -42,16 +42,20 @@ def load_template(path) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return torch.from_numpy(mesh.f), torch.from_numpy(mesh.vt), torch.from_numpy(mesh.ft)
 
 
-def load_uv_mask(path, size: int = 256) -> torch.Tensor:
-    """Face/eye UV mask image -> (size, size) float32 tensor in [0, 1] (1 = face/eye texture).
+def load_uv_mask(path, size: Optional[int] = 256) -> torch.Tensor:
+    """Face/eye UV mask image -> (H, W) float32 tensor in [0, 1] (1 = face/eye texture).
 
-    Row 0 is the top of the texture (v = 1). Colour images use their first channel; a
-    different resolution is an error naming the file.
+    Row 0 is the top of the texture (v = 1). Colour images use their luminance. With `size`
+    set, a different resolution is an error naming the file; size=None accepts any.
+    Unreadable files raise ValueError naming the file.
     """
     from PIL import Image
-    with Image.open(path) as img:
-        arr = np.asarray(img.convert('L') if img.mode not in ('L', 'I', 'F', 'I;16') else img, dtype=np.float32)
-    if arr.shape != (size, size):
+    try:
+        with Image.open(path) as img:
+            arr = np.asarray(img.convert('L') if img.mode not in ('L', 'I', 'F', 'I;16') else img, dtype=np.float32)
+    except OSError as e:
+        raise ValueError(f'{path}: cannot read the UV mask image ({e})') from e
+    if size is not None and arr.shape != (size, size):
         raise ValueError(f'{path}: expected a {size}x{size} mask, got {arr.shape[1]}x{arr.shape[0]}')
     peak = 255.0 if arr.max() > 1 else 1.0
     return torch.from_numpy(arr / peak).clamp(0, 1)

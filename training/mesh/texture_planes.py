@@ -206,20 +206,11 @@ class TexturePlaneRasterizer(torch.nn.Module):
     @classmethod
     def from_template(cls, template_obj_path, uv_mask_path=None, **kwargs):
         """Build from a template OBJ (v, vt, f v/vt) and a face/eye UV mask image (white = 1)."""
-        from training.mesh import obj_io
-        mesh = obj_io.read_obj(template_obj_path)
-        if mesh.vt is None or mesh.ft is None:
-            raise ValueError(f'{template_obj_path}: the template needs texture coordinates (vt) and v/vt face indices')
-        module = cls(num_faces=len(mesh.f), num_uvs=len(mesh.vt), **kwargs)
-        mask = None
-        if uv_mask_path is not None:
-            from PIL import Image
-            try:
-                img = np.asarray(Image.open(uv_mask_path).convert('L'), dtype=np.float32) / 255
-            except OSError as e:
-                raise ValueError(f'{uv_mask_path}: cannot read the UV mask image ({e})') from e
-            mask = img
-        return module.load_topology(mesh.f, mesh.ft, mesh.vt, mask)
+        from training.mesh.head_model import load_template, load_uv_mask
+        faces, uvcoords, uvfaces = load_template(template_obj_path)
+        module = cls(num_faces=len(faces), num_uvs=len(uvcoords), **kwargs)
+        mask = None if uv_mask_path is None else load_uv_mask(uv_mask_path, size=None)
+        return module.load_topology(faces, uvfaces, uvcoords, mask)
 
     # --- rendering -----------------------------------------------------------------------
 
