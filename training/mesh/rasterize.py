@@ -234,17 +234,34 @@ def _visible_faces_pytorch(pverts: torch.Tensor, faces: torch.Tensor, h: int, w:
     return face.reshape(bsz, h, w)
 
 
+def _per_sample(valid: torch.Tensor, h: int, w: int, draw) -> torch.Tensor:
+    """Run an external rasterizer per sample on its uncull'd faces `keep`; map its face ids back.
+
+    draw(b, keep) -> (h, w) int64 index into `keep`, -1 where empty.
+    """
+    out = []
+    for b in range(valid.shape[0]):
+        keep = torch.nonzero(valid[b]).squeeze(1)
+        if keep.numel() == 0:
+            out.append(torch.full((h, w), -1, dtype=torch.int64, device=valid.device))
+            continue
+        tid = draw(b, keep)
+        out.append(torch.where(tid >= 0, keep[tid.clamp(min=0)], torch.full_like(tid, -1)))
+    return torch.stack(out)
+
+
+_NVDIFFRAST_CONTEXTS = {}   # device -> RasterizeCudaContext (creating one per call is slow)
+
+
 def _visible_faces_nvdiffrast(pverts: torch.Tensor, verts: torch.Tensor, faces: torch.Tensor, h: int, w: int, cull_backfaces: bool) -> torch.Tensor:
     """nvdiffrast picks the visible face (CUDA only; unverified in this repository)."""
     import nvdiffrast.torch as dr   # optional dependency
-    _, area, valid = _face_setup(pverts, faces, cull_backfaces)
-    ctx = dr.RasterizeCudaContext(device=verts.device)
-    out = []
-    for b in range(verts.shape[0]):
-        keep = torch.nonzero(valid[b]).squeeze(1)
-        if keep.numel() == 0:
-            out.append(torch.full((h, w), -1, dtype=torch.int64, device=verts.device))
-            continue
+    _, _, valid = _face_setup(pverts, faces, cull_backfaces)
+    ctx = _NVDIFFRAST_CONTEXTS.get(verts.device)
+    if ctx is None:
+        ctx = _NVDIFFRAST_CONTEXTS[verts.device] = dr.RasterizeCudaContext(device=verts.device)
+
+    def draw(b, keep):
         z = verts[b, :, 2]
         zf = z[torch.isfinite(z)]
         zmin, zmax = zf.min(), zf.max()
@@ -252,11 +269,9 @@ def _visible_faces_nvdiffrast(pverts: torch.Tensor, verts: torch.Tensor, faces: 
         # which is our top row, so x and y pass through unchanged.
         zc = (z - zmin) / (zmax - zmin).clamp(min=1e-12) * 1.8 - 0.9
         pos = torch.stack([verts[b, :, 0], verts[b, :, 1], zc, torch.ones_like(zc)], -1)[None].float().contiguous()
-        tri = faces[keep].to(torch.int32).contiguous()
-        rast, _ = dr.rasterize(ctx, pos, tri, resolution=[h, w])
-        tid = rast[0, ..., 3].round().long() - 1                 # 0 = empty
-        out.append(torch.where(tid >= 0, keep[tid.clamp(min=0)], torch.full_like(tid, -1)))
-    return torch.stack(out)
+        rast, _ = dr.rasterize(ctx, pos, faces[keep].to(torch.int32).contiguous(), resolution=[h, w])
+        return rast[0, ..., 3].round().long() - 1                 # 0 = empty
+    return _per_sample(valid, h, w, draw)
 
 
 def _visible_faces_pytorch3d(pverts: torch.Tensor, verts: torch.Tensor, faces: torch.Tensor, h: int, w: int, cull_backfaces: bool) -> torch.Tensor:
@@ -264,24 +279,18 @@ def _visible_faces_pytorch3d(pverts: torch.Tensor, verts: torch.Tensor, faces: t
     from pytorch3d.renderer.mesh.rasterize_meshes import rasterize_meshes   # optional dependency
     from pytorch3d.structures import Meshes
     _, _, valid = _face_setup(pverts, faces, cull_backfaces)
-    out = []
-    for b in range(verts.shape[0]):
-        keep = torch.nonzero(valid[b]).squeeze(1)
-        if keep.numel() == 0:
-            out.append(torch.full((h, w), -1, dtype=torch.int64, device=verts.device))
-            continue
+
+    def draw(b, keep):
         # pytorch3d's NDC has +x left and +y up, the shorter image side spanning [-1, 1],
         # and only draws z > 0.
         v = verts[b].float()
         z = v[:, 2]
         zf = z[torch.isfinite(z)]
         p3 = torch.stack([-v[:, 0] * max(w / h, 1.0), -v[:, 1] * max(h / w, 1.0), z - zf.min() + 1.0], -1)
-        mesh = Meshes(verts=[p3], faces=[faces[keep]])
-        p2f, _, _, _ = rasterize_meshes(mesh, image_size=(h, w), blur_radius=0.0, faces_per_pixel=1,
-                                        perspective_correct=False, cull_backfaces=False)
-        tid = p2f[0, ..., 0]
-        out.append(torch.where(tid >= 0, keep[tid.clamp(min=0)], torch.full_like(tid, -1)))
-    return torch.stack(out)
+        p2f, _, _, _ = rasterize_meshes(Meshes(verts=[p3], faces=[faces[keep]]), image_size=(h, w), blur_radius=0.0,
+                                        faces_per_pixel=1, perspective_correct=False, cull_backfaces=False)
+        return p2f[0, ..., 0]
+    return _per_sample(valid, h, w, draw)
 
 
 def _fragments_from_faces(pverts: torch.Tensor, faces: torch.Tensor, pix_to_face: torch.Tensor) -> Fragments:
