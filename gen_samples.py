@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 import dnnlib
 from training import coords, shapes
-from training.generation import BUNDLED_NETWORK, frontal_label, load_generator, mesh_condition, orbit_label, save_image_grid
+from training.generation import BUNDLED_NETWORK, check_mesh_options, frontal_label, load_generator, mesh_condition, orbit_label, save_image_grid
 
 
 @click.command()
@@ -36,8 +36,13 @@ from training.generation import BUNDLED_NETWORK, frontal_label, load_generator, 
 def generate_images(network_pkl, seeds, truncation_psi, truncation_cutoff, outdir, shapes, shape_res, shape_format,
                     fov_deg, obj_path, lms_path, lms_cond, uv_mask_path, device):
     """Per seed: the views at yaw +0.4, 0, -0.4 (pitch -0.2) conditioned on a frontal camera -> seedNNNN.png."""
+    ctx = click.get_current_context()
+    for name in ('shape_res', 'shape_format'):
+        if not shapes and ctx.get_parameter_source(name) != click.core.ParameterSource.DEFAULT:
+            raise click.UsageError(f'--{name.replace("_", "-")} applies with --shapes=true only')
     device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
     G = load_generator(network_pkl, device, uv_mask_path)
+    check_mesh_options(G, network_pkl, obj_path, lms_path, lms_cond)
     v = mesh_condition(G, obj_path, lms_path, lms_cond, device)
     focal = coords.fov_to_focal(fov_deg)
     c_cond = frontal_label(G, focal, device)

@@ -14,7 +14,7 @@ import torch
 from tqdm import tqdm
 
 import dnnlib
-from training.generation import BUNDLED_NETWORK, depth_to_image, frontal_label, load_generator, make_grid, mesh_condition, orbit_label, to_uint8
+from training.generation import BUNDLED_NETWORK, check_mesh_options, depth_to_image, frontal_label, load_generator, make_grid, mesh_condition, orbit_label, to_uint8
 from training.video import VideoWriter
 
 
@@ -80,7 +80,7 @@ def render_video(G, path, seeds, grid, num_keyframes, w_frames, psi, truncation_
 @click.option('--seeds', type=dnnlib.parse_range, default='0-3', show_default=True, help="Seeds, e.g. '0-3,7'")
 @click.option('--shuffle-seed', type=int, default=None, help='Random seed to shuffle the seeds with')
 @click.option('--grid', type=dnnlib.parse_vec2, default='1x1', show_default=True, help='Grid width x height')
-@click.option('--num-keyframes', type=int, default=None, help='Keyframes (default: seeds / grid cells)')
+@click.option('--num-keyframes', type=click.IntRange(min=1), default=None, help='Keyframes (default: seeds / grid cells)')
 @click.option('--w-frames', type=click.IntRange(min=1), default=120, show_default=True, help='Frames between keyframes')
 @click.option('--trunc', 'truncation_psi', type=float, default=1.0, show_default=True, help='Truncation psi')
 @click.option('--trunc-cutoff', 'truncation_cutoff', type=int, default=14, show_default=True, help='Truncation cutoff')
@@ -88,7 +88,7 @@ def render_video(G, path, seeds, grid, num_keyframes, w_frames, psi, truncation_
 @click.option('--image_mode', type=click.Choice(['image', 'image_depth', 'image_raw']), default='image', show_default=True)
 @click.option('--sample_mult', type=float, default=1.0, show_default=True, help='Multiplier for the depth samples per ray')
 @click.option('--nrr', type=int, default=None, help='Neural rendering resolution override')
-@click.option('--interpolate', type=bool, default=True, show_default=True, help='One interpolation video of the grid; false: one video per seed')
+@click.option('--interpolate', type=bool, default=True, show_default=True, help='One interpolation video of the grid; false: one 1x1 video per seed')
 @click.option('--obj_path', type=str, default=None, help='Driving mesh (.obj); default: the bundled head, neutral')
 @click.option('--lms_path', type=str, default=None, help='68 x 3 landmarks of the mesh')
 @click.option('--lms_cond', type=bool, default=True, show_default=True, help='Condition on the landmark file (else computed from the mesh)')
@@ -98,8 +98,13 @@ def render_video(G, path, seeds, grid, num_keyframes, w_frames, psi, truncation_
 def generate_videos(network_pkl, seeds, shuffle_seed, grid, num_keyframes, w_frames, truncation_psi, truncation_cutoff,
                     outdir, image_mode, sample_mult, nrr, interpolate, obj_path, lms_path, lms_cond, fps, uv_mask_path, device):
     """Orbit videos: mp4, libx264, 10 Mbit/s."""
+    ctx = click.get_current_context()
+    for name in ('grid', 'num_keyframes'):
+        if not interpolate and ctx.get_parameter_source(name) != click.core.ParameterSource.DEFAULT:
+            raise click.UsageError(f'--{name.replace("_", "-")} applies with --interpolate=true only (false: one 1x1 video per seed)')
     device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
     G = load_generator(network_pkl, device, uv_mask_path)
+    check_mesh_options(G, network_pkl, obj_path, lms_path, lms_cond)
     v = mesh_condition(G, obj_path, lms_path, lms_cond, device)
     if shuffle_seed is not None:
         np.random.RandomState(shuffle_seed).shuffle(seeds)

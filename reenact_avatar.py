@@ -50,6 +50,8 @@ def reenact(drive_root, network_pkl, seeds, grid, outdir, fname, truncation_psi,
     """Drive avatars with a tracked video; writes OUTDIR/FNAME (mp4, 30 fps)."""
     device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
     gw, gh = grid
+    if fixed_camera and click.get_current_context().get_parameter_source('smooth') != click.core.ParameterSource.DEFAULT:
+        raise click.UsageError('--smooth smooths the tracked cameras; it does not apply with --fixed_camera=true')
     if gw < 2:
         raise click.BadParameter('the grid needs at least 2 columns: the driving frame and one avatar', param_hint='--grid')
     frames = read_driving_folder(drive_root)

@@ -141,3 +141,35 @@ def test_reenact_bad_inputs(tiny_network, tmp_path):
     write_obj(str(drive2 / '001.obj'), np.zeros((10, 3)))
     result = invoke(reenact_avatar.reenact, ['--drive_root', str(drive2), '--network', tiny_network, '--outdir', str(tmp_path)])
     assert result.exit_code != 0 and '001.obj' in str(result.exception) and 'vertices' in str(result.exception)
+
+
+@pytest.mark.parametrize('command, extra, message', [
+    ('samples', ['--shape-res', '32'], '--shape-res applies with --shapes=true only'),
+    ('samples', ['--shape-format', '.ply'], '--shape-format applies with --shapes=true only'),
+    ('samples', ['--lms_path', DEFAULT_LMS, '--lms_cond', 'false'], '--lms_path is not read with --lms_cond=false'),
+    ('videos', ['--interpolate', 'false', '--grid', '2x1'], '--grid applies with --interpolate=true only'),
+    ('videos', ['--interpolate', 'false', '--num-keyframes', '2'], '--num-keyframes applies with --interpolate=true only'),
+    ('videos', ['--lms_path', DEFAULT_LMS, '--lms_cond', 'false'], '--lms_path is not read with --lms_cond=false'),
+])
+def test_options_that_would_be_ignored_are_refused(tiny_network, tmp_path, command, extra, message):
+    cmd = gen_samples.generate_images if command == 'samples' else gen_videos.generate_videos
+    result = invoke(cmd, ['--network', tiny_network, '--seeds', '0', '--outdir', str(tmp_path / 'out'), *extra])
+    assert result.exit_code == 2 and message in result.output, result.output + repr(result.exception)
+    assert not (tmp_path / 'out').exists()          # refused before anything is written
+
+
+def test_mesh_options_are_refused_for_eg3d(tmp_path):
+    G = make_generator('tiny64-eg3d').eval()
+    path = tmp_path / 'eg3d.pkl'
+    persistence.save_checkpoint(str(path), dict(G=G, G_ema=G, D=None, training_set_kwargs={}))
+    result = invoke(gen_samples.generate_images, ['--network', str(path), '--seeds', '0', '--outdir', str(tmp_path / 'out'),
+                                                  '--obj_path', DEFAULT_OBJ])
+    assert result.exit_code == 2 and 'not mesh-driven' in result.output, result.output + repr(result.exception)
+    assert not (tmp_path / 'out').exists()
+
+
+def test_reenact_refuses_smooth_with_fixed_camera(tiny_network, tmp_path):
+    drive = _driving_folder(tmp_path / 'drive', n=1)
+    result = invoke(reenact_avatar.reenact, ['--drive_root', str(drive), '--network', tiny_network, '--outdir', str(tmp_path),
+                                             '--fixed_camera', 'true', '--smooth', '3'])
+    assert result.exit_code == 2 and '--smooth' in result.output and 'fixed_camera' in result.output, result.output

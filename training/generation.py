@@ -43,6 +43,15 @@ def uses_mesh(G) -> bool:
     return getattr(G, 'num_vertices', None) is not None
 
 
+def check_mesh_options(G, network_pkl: str, obj_path: str = None, lms_path: str = None, lms_cond: bool = True):
+    """Refuse mesh options that would be ignored (click.UsageError): any for EG3D, --lms_path with --lms_cond=false."""
+    import click
+    if not uses_mesh(G) and (obj_path is not None or lms_path is not None):
+        raise click.UsageError(f'{network_pkl}: this generator is not mesh-driven (EG3D); --obj_path/--lms_path do not apply')
+    if lms_path is not None and not lms_cond:
+        raise click.UsageError('--lms_path is not read with --lms_cond=false (the landmarks are computed from the mesh)')
+
+
 def mesh_condition(G, obj_path: str = None, lms_path: str = None, lms_cond: bool = True, device=torch.device('cpu')):
     """The (1, V + 68, 3) condition for G from an .obj and its landmarks (None for EG3D).
 
