@@ -55,6 +55,8 @@ def parse_comma_list(s):
 @click.option('--verbose', help='Print progress', type=bool, default=False, metavar='BOOL', show_default=True)
 def main(network_pkl, metrics, data, rdata, mirror, gpus, detector, verbose):
     """Calculate metrics of a network snapshot."""
+    if rdata is not None and data is None:
+        raise click.UsageError('--rdata applies with --data only (the snapshot\'s dataset keeps its own meshes folder)')
     for metric in metrics:
         if not metric_main.is_valid_metric(metric):
             raise click.ClickException(f'unknown metric {metric!r}; known: {", ".join(metric_main.list_valid_metrics())}')

@@ -131,6 +131,14 @@ def test_missing_detector_is_a_clear_error(monkeypatch, tmp_path):
     metric_main.check_requirements(['mesh_depth_err'])        # needs no detector
 
 
+def test_calc_metrics_refuses_rdata_without_data(tmp_path):
+    from click.testing import CliRunner
+    import calc_metrics
+    result = CliRunner().invoke(calc_metrics.main, ['--network', str(tmp_path / 'snap.pkl'), '--metrics', 'mesh_depth_err',
+                                                    '--rdata', str(tmp_path / 'meshes')])
+    assert result.exit_code == 2 and '--rdata applies with --data only' in result.output, result.output
+
+
 def test_dataset_statistics_are_cached_and_identical_sets_give_zero(data, detector, cache_dir, tmp_path):
     import shutil
     local = str(tmp_path / 'data')
