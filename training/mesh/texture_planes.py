@@ -51,6 +51,7 @@ from training.mesh.rasterize import rasterize
 VIEW_NAMES = ('front', 'left', 'right', 'top')
 LAYOUTS = ('aligned', 'released')
 SIDE_ALPHA_MODES = ('or', 'released')
+_OUTSIDE_GRID = -4.0      # grid_sample coordinate of empty pixels: reads zero padding
 
 
 def view_transform(name: str, layout: str = 'aligned') -> Tuple[torch.Tensor, torch.Tensor]:
@@ -91,21 +92,24 @@ def fill_enclosed(alpha: torch.Tensor, max_rounds: int = 1024) -> torch.Tensor:
     joins it to a passable border pixel (the original seeds at pixel (0, 0) only). One
     round spreads reachability along whole runs of passable pixels, first in rows, then
     in columns, so a path with k turns needs about k / 2 rounds (one or two for a mouth).
-    Convergence is checked on the host after rounds 1, 2, 4, 8, ... only.
+    Reachability only grows, so the first round that changes nothing marks the fixed
+    point. That test needs the host (one sync); it is made after rounds 2, 4, 8, ... only,
+    comparing the last round's input and output, so a mouth costs two rounds and one sync.
+    No fixed round count would do without it: a maze can need of the order of H W rounds.
     """
     passable = (alpha[:, 0] * 255 <= 254)
     border = torch.zeros_like(passable)
     border[:, 0, :] = border[:, -1, :] = True
     border[:, :, 0] = border[:, :, -1] = True
     reach = passable & border
-    rounds, next_check = 0, 1
+    rounds, next_check = 0, min(2, max_rounds)
     while rounds < max_rounds:
-        before = reach
         while rounds < next_check:
+            before = reach
             reach = _spread_along_runs(reach, passable, dim=2)
             reach = _spread_along_runs(reach, passable, dim=1)
             rounds += 1
-        if torch.equal(reach, before):
+        if torch.equal(reach, before):                          # the last round changed nothing
             break
         next_check = min(2 * next_check, max_rounds)
     return torch.where(reach[:, None], alpha, torch.ones_like(alpha))
@@ -233,29 +237,22 @@ class TexturePlaneRasterizer(torch.nn.Module):
         if self.layout == 'released':                            # mirrored views: keep front faces front
             faces, uvfaces = faces[:, [0, 2, 1]], uvfaces[:, [0, 2, 1]]
         frag = rasterize(ndc, faces, res, cull_backfaces=True)
-        # Work on covered pixels only (about a quarter of the image for a head).
-        flat = frag.pix_to_face.reshape(-1)
-        pix = torch.nonzero(flat >= 0).squeeze(1)                # (P,) into (4B, H, W)
-        image = torch.div(pix, res * res, rounding_mode='floor')
-        bary = frag.bary.reshape(-1, 3).index_select(0, pix)
-        corner_uv = self.uvcoords[uvfaces].index_select(0, flat.index_select(0, pix))   # (P, 3, 2)
-        uv = (bary[..., None] * corner_uv).sum(1)
-        grid = torch.stack([uv[:, 0] * 2 - 1, 1 - uv[:, 1] * 2], dim=-1).to(texture.dtype)   # OBJ v is up
-        sample = lambda img, g: F.grid_sample(img, g.view(1, 1, -1, 2), mode='bilinear', padding_mode='zeros',
-                                              align_corners=False)[0, :, 0].T               # (P_i, C)
-        chans = texture.shape[1]
+        # Sample at every pixel of the 4B renders at once: no host sync, no loop over the
+        # batch. Empty pixels get a grid point far outside [-1, 1], which grid_sample's zero
+        # padding reads as 0 (and which passes no gradient).
+        face = frag.pix_to_face.reshape(4, bsz, res * res)
+        covered = (face >= 0)[..., None]                                                  # (4, B, HW, 1)
+        corner_uv = self.uvcoords[uvfaces][face.clamp(min=0)]                             # (4, B, HW, 3, 2)
+        uv = (frag.bary.reshape(4, bsz, res * res, 3)[..., None] * corner_uv).sum(-2)
+        grid = torch.stack([uv[..., 0] * 2 - 1, 1 - uv[..., 1] * 2], dim=-1).to(texture.dtype)   # OBJ v is up
+        grid = torch.where(covered, grid, torch.full_like(grid, _OUTSIDE_GRID))
+        sample = lambda img, g: F.grid_sample(img, g, mode='bilinear', padding_mode='zeros', align_corners=False)
+        render = sample(texture, grid.transpose(0, 1)).permute(2, 0, 1, 3)                # (4, B, C, HW), image b reads texture b
         if self.layout == 'released':                            # empty pixels: texture at the UV centre
             centre = F.grid_sample(texture, texture.new_zeros(bsz, 1, 1, 2), align_corners=False)[:, :, 0, 0]
-            render = centre[None, :, :, None].expand(4, bsz, chans, res * res).clone()
-        else:
-            render = texture.new_zeros(4, bsz, chans, res * res)
-        view, within = torch.div(image, bsz, rounding_mode='floor'), pix % (res * res)
-        for b in range(bsz):                                     # image = view * B + b reads texture b
-            sel = torch.nonzero(image % bsz == b).squeeze(1)
-            render[view[sel], b, :, within[sel]] = sample(texture[b:b + 1], grid.index_select(0, sel))
-        render = render.view(4, bsz, chans, res, res)
-        mask = sample(self.uv_mask.to(texture.dtype), grid)[:, 0]
-        alpha = texture.new_zeros(4 * bsz * res * res).index_put((pix,), mask).view(4 * bsz, 1, res, res)
+            render = torch.where(covered.transpose(2, 3), render, centre[None, :, :, None])
+        render = render.reshape(4, bsz, texture.shape[1], res, res)
+        alpha = sample(self.uv_mask.to(texture.dtype), grid.reshape(1, 1, -1, 2)).view(4 * bsz, 1, res, res)
         alpha = fill_enclosed(alpha)
         alpha = alpha.reshape(4, bsz, *alpha.shape[1:])
         return {name: (render[i], alpha[i]) for i, name in enumerate(VIEW_NAMES)}
