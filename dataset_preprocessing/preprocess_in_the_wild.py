@@ -292,15 +292,17 @@ def load_model(flame_dir: Optional[str]) -> fit_flame.HeadModelAdapter:
 @click.option('--flame', 'flame_dir', default=None, help='Folder with FLAME generic_model.pkl + landmark_embedding.npy [default: bundled head model]')
 @click.option('--landmarks', 'landmark_dir', default=None, help='Folder of <stem>.txt landmark files (5 or 68 lines "x y", pixel indices; video frame i: <i:05d>.txt)')
 @click.option('--recon-mat', 'mat_dir', default=None, help="Folder of Deep3DFaceRecon <stem>.mat results: their head angles are kept")
-@click.option('--fps', type=float, default=None, help='Video: keep about this many frames per second [default: all]')
+@click.option('--fps', type=click.FloatRange(min=0, min_open=True), default=None, help='Video: keep about this many frames per second [default: all]')
 @click.option('--mirror', is_flag=True, help='Also write left-right mirrored copies (dataset mode)')
-@click.option('--resolution', type=int, default=512, show_default=True, help='Output image size')
-@click.option('--threads', type=int, default=1, show_default=True, help='torch CPU threads (small fits are fastest on one)')
+@click.option('--resolution', type=click.IntRange(min=8), default=512, show_default=True, help='Output image size')
+@click.option('--threads', type=click.IntRange(min=1), default=1, show_default=True, help='torch CPU threads (small fits are fastest on one)')
 def main(indir, outdir, mode, flame_dir, landmark_dir, mat_dir, fps, mirror, resolution, threads):
     """Preprocess in-the-wild photos or a video (see the module docstring)."""
     torch.set_num_threads(threads)
     if mirror and mode == 'driving':
         raise click.ClickException('--mirror makes sense for a dataset only')
+    if fps is not None and os.path.isdir(indir):
+        raise click.ClickException(f'--fps applies to a video; {indir} is a folder of photos')
     detector = None
     if landmarks.detector_available():
         detector = landmarks.DlibLandmarkDetector()

@@ -140,6 +140,9 @@ def test_no_detector_no_landmarks_is_a_clear_error(tmp_path, monkeypatch):
     assert res.exit_code != 0 and 'generic_model.pkl: missing' in res.output
     res = _run(['--indir', str(tmp_path / 'nothing'), '--outdir', str(tmp_path / 'o'), '--landmarks', str(tmp_path)])
     assert res.exit_code != 0 and 'not a folder of images nor a video' in res.output
+    res = _run(['--indir', str(tmp_path / 'p'), '--outdir', str(tmp_path / 'o'), '--landmarks', str(tmp_path), '--fps', '5'])
+    assert res.exit_code != 0 and '--fps applies to a video' in res.output
+    assert not (tmp_path / 'o').exists()
 
 
 def test_video_to_driving_folder(tmp_path, model):

@@ -114,6 +114,18 @@ def test_driving_folder(tmp_path):
     assert all(np.isfinite(f.label).all() for f in frames)
 
 
+@pytest.mark.parametrize('args, message', [
+    (['--driving', '--count', '5'], '--count applies to a training set'),
+    (['--driving', '--workers', '1'], '--workers applies to a training set'),
+    (['--num_frames', '5'], '--num_frames applies to --driving only'),
+])
+def test_cli_refuses_options_of_the_other_mode(tmp_path, args, message):
+    from click.testing import CliRunner
+    result = CliRunner().invoke(make_dataset.main, ['--outdir', str(tmp_path / 'o'), '--resolution', '32', *args])
+    assert result.exit_code == 2 and message in result.output, result.output
+    assert not (tmp_path / 'o').exists()
+
+
 def test_driving_motion_is_smooth_and_blinks():
     g = torch.Generator().manual_seed(0)
     m = make_dataset.driving_motion(300, g)

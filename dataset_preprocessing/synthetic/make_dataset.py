@@ -184,6 +184,11 @@ def make_driving_video(outdir: str, num_frames: int, resolution: int, seed: int)
 @click.option('--workers', type=click.IntRange(min=1), default=2, show_default=True, help='Worker processes (training set)')
 def main(outdir, count, resolution, seed, driving, num_frames, workers):
     """Render a synthetic dataset of the bundled head model."""
+    ctx = click.get_current_context()
+    unused = ('count', 'workers') if driving else ('num_frames',)
+    for name in unused:
+        if ctx.get_parameter_source(name) != click.core.ParameterSource.DEFAULT:
+            raise click.UsageError(f'--{name} applies to {"a training set (without --driving)" if driving else "--driving"} only')
     t0 = time.time()
     if driving:
         make_driving_video(outdir, num_frames, resolution, seed)
