@@ -21,9 +21,7 @@ column) and finishes in under a minute on an idle 2-core CPU.
 
 import datetime
 import os
-import platform
 import re
-import subprocess
 import sys
 import time
 
@@ -32,6 +30,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks.common import RESULTS_DIR, device_name, git_commit, load_average, timed   # noqa: E402
 from torch_utils.ops import _build                       # noqa: E402
 from torch_utils.ops import bias_act as bias_act_mod     # noqa: E402
 from torch_utils.ops import filtered_lrelu as filtered_lrelu_mod  # noqa: E402
@@ -73,55 +72,13 @@ def numel(shape) -> int:
     return n
 
 
-def timed(fn, device: torch.device, repeats: int, warmup: int) -> float:
-    """Median time of fn() in seconds, GPU work included."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == 'cuda':
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize(device)
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == 'cuda':
-        return torch.cuda.get_device_name(device)
-    try:
-        with open('/proc/cpuinfo') as f:
-            for line in f:
-                if line.startswith('model name'):
-                    return f'CPU {line.split(":", 1)[1].strip()} ({torch.get_num_threads()} threads)'
-    except OSError:
-        pass
-    return f'CPU {platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)'
-
-
-def git_commit() -> str:
-    try:
-        out = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], cwd=ROOT, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(['git', 'status', '--porcelain', '--', 'torch_utils/ops', 'benchmarks/ops.py'], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-        return out.stdout.strip() + (' (ops modified)' if dirty else '')
-    except (OSError, subprocess.CalledProcessError):
-        return 'unknown'
-
-
 @click.command()
 @click.option('--device', 'device_str', default=None, help='torch device (default: cuda if available, else cpu)')
 @click.option('--quick', is_flag=True, help='few repeats (CPU: one run, no torch.compile column)')
 @click.option('--repeats', default=20, show_default=True, type=click.IntRange(min=1), help='timed repetitions (median reported)')
 @click.option('--warmup', default=3, show_default=True, type=click.IntRange(min=0), help='untimed repetitions first')
 @click.option('--compile/--no-compile', 'use_compile', default=True, show_default=True, help='include the torch.compile(reference) column')
-@click.option('--outdir', default=os.path.join(ROOT, 'benchmarks', 'results'), show_default=True, type=click.Path(file_okay=False), help='where the markdown file goes')
+@click.option('--outdir', default=RESULTS_DIR, show_default='benchmarks/results', type=click.Path(file_okay=False), help='where the markdown file goes')
 def main(device_str, quick, repeats, warmup, use_compile, outdir):
     """Time the ops and write a markdown table."""
     device = torch.device(device_str or ('cuda' if torch.cuda.is_available() else 'cpu'))
@@ -140,7 +97,7 @@ def main(device_str, quick, repeats, warmup, use_compile, outdir):
         else:
             print('CUDA extensions did not build (see the warning above); timing the references only.')
 
-    load_before = os.getloadavg()[0] if hasattr(os, 'getloadavg') else float('nan')
+    load_before = load_average()
     rows = []
     started = time.perf_counter()
     for name, in_shape, fn, out_shape in make_cases(device):
@@ -180,9 +137,9 @@ def main(device_str, quick, repeats, warmup, use_compile, outdir):
         f'- date: {now.strftime("%Y-%m-%d %H:%M UTC")}',
         f'- device: {device_name(device)}',
         f'- torch: {torch.__version__} (CUDA {torch.version.cuda})',
-        f'- git commit: {git_commit()}',
+        f'- git commit: {git_commit("torch_utils/ops", "benchmarks/ops.py")}',
         f'- settings: repeats={repeats} (median), warmup={warmup}, quick={quick}; total {elapsed:.0f} s',
-        f'- system load average (1 min) before / after: {load_before:.1f} / {os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan"):.1f} '
+        f'- system load average (1 min) before / after: {load_before:.1f} / {load_average():.1f} '
         f'on {os.cpu_count()} CPUs (other processes compete for the CPU when it exceeds the count)',
         '- cells: median time / ideal traffic (every input and output read or written once) per second',
         '',

@@ -11,32 +11,16 @@ process CPU time (less sensitive to other load on a shared machine), with the lo
 
 import os
 import sys
-import time
 
 import click
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks.common import load_average, timed                                 # noqa: E402
 from training.mesh.head_model import default_head_model_dir, load_head_model   # noqa: E402
 from training.mesh.rasterize import rasterize                                    # noqa: E402
 from training.mesh.texture_planes import TexturePlaneRasterizer                  # noqa: E402
-
-
-def measure(fn, device: torch.device, repeats: int):
-    """(median wall seconds, median process CPU seconds) of fn() after one warm-up call."""
-    fn()
-    walls, cpus = [], []
-    for _ in range(repeats):
-        if device.type == 'cuda':
-            torch.cuda.synchronize(device)
-        w, c = time.perf_counter(), time.process_time()
-        fn()
-        if device.type == 'cuda':
-            torch.cuda.synchronize(device)
-        walls.append(time.perf_counter() - w)
-        cpus.append(time.process_time() - c)
-    return sorted(walls)[len(walls) // 2], sorted(cpus)[len(cpus) // 2]
 
 
 @click.command()
@@ -61,12 +45,12 @@ def main(device, batch, resolution, channels, repeats, threads):
     verts = verts.to(device)
     ndc = mod.to_view_ndc(verts).reshape(4 * batch, -1, 3)
     texture = torch.randn(batch, channels, 256, 256, generator=g).to(device)
-    load = os.getloadavg()[0] if hasattr(os, 'getloadavg') else float('nan')
+    load = load_average()
     print(f'device {device}, torch threads {torch.get_num_threads()}, load average {load:.2f}, '
           f'{verts.shape[1]} vertices, {len(mod.faces)} faces')
-    wall, cpu = measure(lambda: rasterize(ndc, mod.faces, resolution), device, repeats)
+    wall, cpu = timed(lambda: rasterize(ndc, mod.faces, resolution), device, repeats, cpu_time=True)
     print(f'rasterize {batch} heads x 4 views at {resolution}: wall {wall * 1000:.0f} ms, CPU {cpu * 1000:.0f} ms')
-    wall, cpu = measure(lambda: mod(verts, texture), device, repeats)
+    wall, cpu = timed(lambda: mod(verts, texture), device, repeats, cpu_time=True)
     print(f'TexturePlaneRasterizer forward ({channels} ch): wall {wall * 1000:.0f} ms, CPU {cpu * 1000:.0f} ms')
 
 

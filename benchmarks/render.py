@@ -13,35 +13,19 @@ import json
 import math
 import os
 import sys
-import time
 
 import click
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks.common import device_name, timed                       # noqa: E402
 from torch_utils import persistence                                   # noqa: E402
 from training import coords                                            # noqa: E402
 from training.mouth import crop_mouth, paste_mouth                     # noqa: E402
 from training.triplane_decoder import OSGDecoder                       # noqa: E402
 from training.volumetric_rendering.ray_sampler import RaySampler       # noqa: E402
 from training.volumetric_rendering.renderer import ImportanceRenderer  # noqa: E402
-
-
-def timed(fn, device: torch.device, repeats: int, warmup: int = 1) -> float:
-    """Median wall time of fn() in seconds (CUDA work included)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == 'cuda':
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        fn()
-        if device.type == 'cuda':
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
 
 
 @click.command()
@@ -86,7 +70,7 @@ def main(device, batch, resolution, plane_res, samples, importance, front_res, r
 
     rays = batch * resolution * resolution
     points = rays * (samples + importance)
-    results = dict(device=str(torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'),
+    results = dict(device=device_name(device),
                    threads=torch.get_num_threads(), torch=torch.__version__, batch=batch, resolution=resolution,
                    plane_res=plane_res, samples=samples, importance=importance, front_res=front_res, repeats=repeats)
     with torch.no_grad():

@@ -14,9 +14,6 @@ Prints a markdown table and writes it to benchmarks/results/train_step-<preset>-
 
 import datetime
 import os
-import platform
-import resource
-import subprocess
 import sys
 import time
 
@@ -26,6 +23,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks.common import RESULTS_DIR, device_name, git_commit, load_average, peak_memory_gib, sync   # noqa: E402
 from torch_utils.persistence import atomic_write_bytes   # noqa: E402
 from training import configs, coords                      # noqa: E402
 from training.loss import Next3DLoss                      # noqa: E402
@@ -53,11 +51,6 @@ def make_inputs(G, batch: int, template: str, device):
     return real, c, v
 
 
-def sync(device):
-    if device.type == 'cuda':
-        torch.cuda.synchronize(device)
-
-
 def time_phase(loss, phase, module, opt, inputs, z_dim, device, repeats):
     """Median seconds of one phase (zero_grad, accumulate, step)."""
     real, c, v = inputs
@@ -76,12 +69,6 @@ def time_phase(loss, phase, module, opt, inputs, z_dim, device, repeats):
     return float(np.median(times))
 
 
-def peak_memory_gib(device) -> float:
-    if device.type == 'cuda':
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20     # kB -> GiB (Linux)
-
-
 @click.command()
 @click.option('--cfg', help='Network preset', type=click.Choice(sorted(configs.PRESETS)), default='small128', show_default=True)
 @click.option('--batch', help='Batch size of one step', type=click.IntRange(min=1), default=4, show_default=True)
@@ -89,7 +76,7 @@ def peak_memory_gib(device) -> float:
 @click.option('--repeats', help='Timed repeats per phase (median)', type=click.IntRange(min=1), default=3, show_default=True)
 @click.option('--template', help='Mesh template (default: the bundled head model for the small presets)', metavar='PATH')
 @click.option('--threads', help='CPU threads (default: all)', type=int, default=None)
-@click.option('--outdir', help='Where to write the result', default=os.path.join(ROOT, 'benchmarks', 'results'), show_default=True)
+@click.option('--outdir', help='Where to write the result', default=RESULTS_DIR, show_default='benchmarks/results')
 def main(cfg, batch, device, repeats, template, threads, outdir):
     """Benchmark training steps of a preset."""
     device = torch.device(device)
@@ -97,7 +84,7 @@ def main(cfg, batch, device, repeats, template, threads, outdir):
         torch.set_num_threads(threads)
     if template is None and configs.PRESETS[cfg]['generator'] == 'next3d' and cfg != 'ffhq512':
         template = configs.BUNDLED_TEMPLATE
-    load_before = os.getloadavg()[0]
+    load_before = load_average()
     G = configs.make_generator(cfg, template_obj=template).train().requires_grad_(False).to(device)
     D = configs.make_discriminator(cfg).train().requires_grad_(False).to(device)
     n_params = (sum(p.numel() for p in G.parameters()), sum(p.numel() for p in D.parameters()))
@@ -115,9 +102,9 @@ def main(cfg, batch, device, repeats, template, threads, outdir):
         rows.append((phase.name, interval, sec))
     step = sum(sec / interval for _, interval, sec in rows)
     sec_per_kimg = step / batch * 1000
-    load_after = os.getloadavg()[0]
-    commit = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], cwd=ROOT, capture_output=True, text=True).stdout.strip() or 'unknown'
-    name = torch.cuda.get_device_name(device) if device.type == 'cuda' else f'CPU {platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)'
+    load_after = load_average()
+    commit = git_commit()
+    name = device_name(device)
     now = datetime.datetime.now(datetime.timezone.utc)
     lines = [
         f'# Training step benchmark: {cfg}, batch {batch}, {name}',
