@@ -57,18 +57,13 @@ def render_video(G, path, seeds, grid, num_keyframes, w_frames, psi, truncation_
             for frame_idx in tqdm(range(num_frames), desc=os.path.basename(path)):
                 yaw, pitch = orbit_angles(frame_idx / num_frames)
                 cam = orbit_label(G, yaw, pitch, device=device)
-                tiles = []
-                for y in range(gh):
-                    for x in range(gw):
-                        w = torch.from_numpy(np.asarray(interps[y][x](frame_idx / w_frames))).float().to(device)[None]
-                        with torch.no_grad():
-                            out = G.synthesis(w, cam, v, neural_rendering_resolution=nrr, noise_mode='const')
-                        if image_mode == 'image_depth':
-                            img = depth_to_image(out['image_depth'])
-                        else:
-                            img = out[image_mode]
-                        tiles.append(img)
-                video.append(make_grid(to_uint8(torch.cat(tiles)), (gw, gh)))
+                w = np.stack([interps[y][x](frame_idx / w_frames) for y in range(gh) for x in range(gw)])
+                w = torch.from_numpy(w).float().to(device)                          # every tile in one batch
+                with torch.no_grad():
+                    out = G.synthesis(w, cam.expand(len(w), -1), None if v is None else v.expand(len(w), -1, -1),
+                                      neural_rendering_resolution=nrr, noise_mode='const')
+                tiles = depth_to_image(out['image_depth']) if image_mode == 'image_depth' else out[image_mode]
+                video.append(make_grid(to_uint8(tiles), (gw, gh)))
     finally:
         G.rendering_kwargs.clear()
         G.rendering_kwargs.update(rendering_kwargs)

@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 import dnnlib
 from training.driving import load_condition, read_driving_folder, smooth_labels
-from training.generation import BUNDLED_NETWORK, _bundled_landmarks, frontal_label, load_generator, make_grid, to_uint8, uses_mesh
+from training.generation import BUNDLED_NETWORK, bundled_landmarks, frontal_label, load_generator, make_grid, to_uint8, uses_mesh
 from training.video import VideoWriter
 
 
@@ -74,7 +74,7 @@ def reenact(drive_root, network_pkl, seeds, grid, outdir, fname, truncation_psi,
     with VideoWriter(path, fps=fps) as video:
         for i, frame in enumerate(tqdm(frames, desc='frames')):
             v = load_condition(frame.obj_path, frame.lms_path if lms_cond else None, G.num_vertices,
-                               landmarks_fn=None if lms_cond else _bundled_landmarks).to(device)
+                               landmarks_fn=None if lms_cond else bundled_landmarks).to(device)
             cam = frontal_label(G, device=device) if fixed_camera else torch.from_numpy(cameras[i])[None].to(device)
             with torch.no_grad():
                 images = G.synthesis(ws, cam.expand(len(ws), -1), v.expand(len(ws), -1, -1), noise_mode='const')['image']

@@ -1,6 +1,7 @@
 """Shared pieces of the generation scripts: loading a generator, its mesh condition,
 the cameras they render from, and image grids."""
 
+import functools
 import io
 import os
 
@@ -62,28 +63,30 @@ def mesh_condition(G, obj_path: str = None, lms_path: str = None, lms_cond: bool
     if not uses_mesh(G):
         return None
     obj_path = obj_path or DEFAULT_OBJ
-    if lms_cond:
-        v = load_condition(obj_path, lms_path or (DEFAULT_LMS if obj_path == DEFAULT_OBJ else None), G.num_vertices,
-                           landmarks_fn=None if lms_path or obj_path == DEFAULT_OBJ else _missing_landmarks(obj_path))
-    else:
-        v = load_condition(obj_path, None, G.num_vertices, landmarks_fn=_bundled_landmarks)
-    return v.to(device)
+    if not lms_cond:
+        return load_condition(obj_path, None, G.num_vertices, landmarks_fn=bundled_landmarks).to(device)
+    if lms_path is None:
+        if obj_path != DEFAULT_OBJ:
+            raise ValueError(f'{obj_path}: --lms_cond needs --lms_path (the 68 x 3 landmarks of this mesh)')
+        lms_path = DEFAULT_LMS
+    return load_condition(obj_path, lms_path, G.num_vertices).to(device)
 
 
-def _missing_landmarks(obj_path):
-    def fail(_verts):
-        raise ValueError(f'{obj_path}: --lms_cond needs --lms_path (the 68 x 3 landmarks of this mesh)')
-    return fail
-
-
-def _bundled_landmarks(verts: torch.Tensor) -> torch.Tensor:
+@functools.lru_cache(maxsize=1)
+def _bundled_head():
     from training.mesh.head_model import load_head_model
-    head = load_head_model()
+    return load_head_model()
+
+
+def bundled_landmarks(verts: torch.Tensor) -> torch.Tensor:
+    """(1, V, 3) mesh of the bundled head's topology -> (1, 68, 3) landmarks by its embedding."""
+    head = _bundled_head()
     expected = head.v_template.shape[0]
     if verts.shape[1] != expected:
         raise ValueError(f'computing landmarks from a mesh needs the bundled head topology ({expected} vertices), '
                          f'got {verts.shape[1]}: pass --lms_path and --lms_cond=True')
-    return head.landmarks(verts)
+    with torch.no_grad():
+        return head.landmarks(verts)
 
 
 def orbit_label(G, yaw: float, pitch: float, focal: float = coords.FOCAL_LENGTH, device=torch.device('cpu')) -> torch.Tensor:
