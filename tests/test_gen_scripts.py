@@ -126,10 +126,10 @@ def test_reenact_rows_and_frames(tiny_network, tmp_path):
 
 
 def test_landmarks_from_the_bundled_head_match_the_landmark_file():
-    from training.generation import _bundled_landmarks
+    from training.generation import bundled_landmarks
     verts = torch.from_numpy(read_obj_vertices(DEFAULT_OBJ))[None]
     from training.mesh.obj_io import read_landmarks
-    np.testing.assert_allclose(_bundled_landmarks(verts)[0].numpy(), read_landmarks(DEFAULT_LMS), atol=1e-4)
+    np.testing.assert_allclose(bundled_landmarks(verts)[0].numpy(), read_landmarks(DEFAULT_LMS), atol=1e-4)
 
 
 def test_reenact_bad_inputs(tiny_network, tmp_path):
