@@ -70,8 +70,10 @@ def _check_inputs(verts: torch.Tensor, faces: torch.Tensor):
         raise ValueError(f'faces must be (F, 3), got {tuple(faces.shape)}')
     if faces.dtype not in (torch.int32, torch.int64):
         raise ValueError(f'faces must be an integer tensor, got {faces.dtype}')
-    if faces.numel() > 0 and (int(faces.min()) < 0 or int(faces.max()) >= verts.shape[1]):
-        raise ValueError(f'faces index vertices outside [0, {verts.shape[1]})')
+    if faces.numel() > 0:
+        lo, hi = torch.stack(torch.aminmax(faces)).tolist()     # both bounds in one host sync
+        if lo < 0 or hi >= verts.shape[1]:
+            raise ValueError(f'faces index vertices outside [0, {verts.shape[1]})')
     if faces.shape[0] >= 2**31:
         raise ValueError('at most 2^31 - 1 faces are supported')
 
@@ -200,6 +202,12 @@ def _visible_faces_pytorch(pverts: torch.Tensor, faces: torch.Tensor, h: int, w:
                 bounds.append(c)
     bounds.append(len(live))
     bounds = sorted(set(bounds))
+    # Candidates per chunk, read in one host sync (not one per chunk).
+    if len(bounds) == 2:
+        chunk_pairs = [total]
+    else:
+        at = torch.cat([ends.new_zeros(1), ends])[torch.tensor(bounds, device=device)]
+        chunk_pairs = (at[1:] - at[:-1]).tolist()
 
     # Per-face table, gathered once per candidate: edge data with the winding folded in
     # (w_k >= 0 inside for either winding), fill-rule ownership, corner depths.
@@ -210,12 +218,12 @@ def _visible_faces_pytorch(pverts: torch.Tensor, faces: torch.Tensor, h: int, w:
     table = torch.cat([edges.flatten(-2), owns, z[..., :1], z[..., 1:] - z[..., :1]], dim=-1).reshape(bsz * nf, 18)
 
     boxes = torch.stack([nx, x0, y0], dim=1)                     # (B*F, 3) int64
-    for start, stop in zip(bounds[:-1], bounds[1:]):
+    for start, stop, num_pairs in zip(bounds[:-1], bounds[1:], chunk_pairs):
         ids = live[start:stop]                                   # flat (batch, face) ids
         cnt = counts_live[start:stop]
-        pair_face = torch.repeat_interleave(ids, cnt)
+        pair_face = torch.repeat_interleave(ids, cnt, output_size=num_pairs)   # output_size: no host sync
         first = torch.cumsum(cnt, 0) - cnt
-        local = torch.arange(int(cnt.sum()), device=device) - torch.repeat_interleave(first, cnt)
+        local = torch.arange(num_pairs, device=device) - torch.repeat_interleave(first, cnt, output_size=num_pairs)
         box = boxes.index_select(0, pair_face)                   # (P, 3) row gathers: much
         t = table.index_select(0, pair_face)                     # (P, 18) faster than t[idx]
         row = torch.div(local, box[:, 0], rounding_mode='floor')
