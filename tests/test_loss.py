@@ -218,9 +218,10 @@ def test_density_regularization_monotonic(reg_type):
     value.backward()
     # d/dk_z of 10 mean(sigma_front - sigma_behind) = 10 mean(z_front - z_behind) = 10 / 256 ('fixed');
     # with the front detached only -10 mean(z_behind) remains. (The L1 term is 0 with zero perturbation.)
+    assert len(G.sampled) == 1                  # one query: G's planes are made once
     pts = G.sampled[0]
-    assert pts.shape[1] == 2 * loss_lib.MONOTONIC_POINTS
-    behind_z = pts[:, loss_lib.MONOTONIC_POINTS:, 2]
+    assert pts.shape[1] == 2 * loss_lib.MONOTONIC_POINTS + 2 * loss_lib.DENSITY_REG_POINTS
+    behind_z = pts[:, loss_lib.MONOTONIC_POINTS:2 * loss_lib.MONOTONIC_POINTS, 2]
     expected = 10 / 256 if reg_type == 'monotonic-fixed' else float(-10 * behind_z.mean())
     assert float(G.k.grad[2]) == pytest.approx(expected, rel=1e-3)
 

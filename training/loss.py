@@ -236,26 +236,31 @@ class Next3DLoss:
         sigma(p - dz)), dz = box_warp / 256 along -z, i.e. density must not drop as rays go
         deeper; 'monotonic-detach' stops the gradient through the front sample. (The L1 term
         always uses density_reg_p_dist; EG3D's monotonic variants use box_warp / 256 there.)
+        Both terms read one query of G, i.e. one set of planes (EG3D queried G twice, making
+        the planes twice, with independent synthesis noise).
         """
         ws = self.mapping(gen_z, self.gen_label(gen_c), swapping_prob)
         b = ws.shape[0]
-        loss = torch.zeros([], device=ws.device)
-        if self.reg_type in ('monotonic-detach', 'monotonic-fixed'):
+        # All points in one query, so that the generator's planes are made once.
+        pts = torch.rand((b, DENSITY_REG_POINTS, 3), device=ws.device) * 2 - 1
+        moved = pts + torch.randn_like(pts) * self.density_reg_p_dist
+        groups = [pts, moved]
+        monotonic_types = ('monotonic-detach', 'monotonic-fixed')
+        if self.reg_type in monotonic_types:
             box_warp = float(self.G.rendering_kwargs.get('box_warp', 1.0))
             front = torch.rand((b, MONOTONIC_POINTS, 3), device=ws.device) * 2 - 1
             behind = front + torch.tensor([0.0, 0.0, -1.0], device=ws.device) * (box_warp / 256)
-            pts = torch.cat([front, behind], dim=1)
-            sigma = self.G.sample_mixed(pts, torch.randn_like(pts), ws, gen_v)['sigma']
-            sigma_front, sigma_behind = sigma[:, :MONOTONIC_POINTS], sigma[:, MONOTONIC_POINTS:]
+            groups = [front, behind] + groups
+        both = torch.cat(groups, dim=1)
+        sigma = self.G.sample_mixed(both, torch.randn_like(both), ws, gen_v)['sigma']
+        loss = torch.zeros([], device=ws.device)
+        if self.reg_type in monotonic_types:
+            sigma_front, sigma_behind, sigma = sigma.split([MONOTONIC_POINTS, MONOTONIC_POINTS, 2 * DENSITY_REG_POINTS], dim=1)
             if self.reg_type == 'monotonic-detach':
                 sigma_front = sigma_front.detach()
             monotonic = torch.relu(sigma_front - sigma_behind).mean() * MONOTONIC_WEIGHT
             training_stats.report('Loss/G/monotonic', monotonic)
             loss = loss + monotonic
-        pts = torch.rand((b, DENSITY_REG_POINTS, 3), device=ws.device) * 2 - 1
-        moved = pts + torch.randn_like(pts) * self.density_reg_p_dist
-        both = torch.cat([pts, moved], dim=1)
-        sigma = self.G.sample_mixed(both, torch.randn_like(both), ws, gen_v)['sigma']
         tv = F.l1_loss(sigma[:, :DENSITY_REG_POINTS], sigma[:, DENSITY_REG_POINTS:]) * self.density_reg
         training_stats.report('Loss/G/density_reg', tv)
         return loss + tv
