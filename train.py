@@ -367,7 +367,7 @@ def parse_grid(s):
 @click.option('--disc_c_noise', help='Noise on D\'s label, in label standard deviations', metavar='FLOAT', type=click.FloatRange(min=0), default=0, show_default=True)
 @click.option('--resume_blur', help='Keep the blur / swap fade-ins and EMA ramp-up when starting from other weights', metavar='BOOL', type=bool, default=False, show_default=True)
 @click.option('--sr_noise_mode', help='Noise mode of the super-resolution', type=click.Choice(['random', 'none', 'const']), default='none', show_default=True)
-@click.option('--sr_num_fp16_res', help='Super-resolution layers in fp16 (CUDA)', metavar='INT', type=click.IntRange(min=0), default=4, show_default=True)
+@click.option('--sr_num_fp16_res', help='> 0: the super-resolution blocks in fp16 (CUDA; on/off as in EG3D)', metavar='INT', type=click.IntRange(min=0), default=4, show_default=True)
 @click.option('--g_num_fp16_res', help='Generator resolutions in fp16 (CUDA)', metavar='INT', type=click.IntRange(min=0), default=0, show_default=True)
 @click.option('--d_num_fp16_res', help='Discriminator resolutions in fp16 (CUDA)', metavar='INT', type=click.IntRange(min=0), default=4, show_default=True)
 @click.option('--style_mixing_prob', help='Style-mixing probability', metavar='FLOAT', type=click.FloatRange(min=0, max=1), default=0, show_default=True)
@@ -382,9 +382,23 @@ def parse_grid(s):
 def main(ctx, **kwargs):
     """Train a Next3D/EG3D generator (see the module docstring for examples)."""
     opts = dnnlib.EasyDict(kwargs)
-    for name, mode in (('p', 'fixed'), ('target', 'ada')):
-        if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE and opts.aug != mode:
-            raise click.ClickException(f'--{name} applies to --aug={mode} only (this run has --aug={opts.aug})')
+    # Options that only act together with another: refuse them where they would be ignored.
+    requirements = [
+        ('p', opts.aug == 'fixed', f'--aug=fixed only (this run has --aug={opts.aug})'),
+        ('target', opts.aug == 'ada', f'--aug=ada only (this run has --aug={opts.aug})'),
+        ('gpc_reg_prob', opts.gen_pose_cond, '--gen_pose_cond=True only'),
+        ('gpc_reg_fade_kimg', opts.gen_pose_cond, '--gen_pose_cond=True only'),
+        ('density_reg_every', opts.density_reg > 0, '--density_reg > 0 only'),
+        ('density_reg_p_dist', opts.density_reg > 0, '--density_reg > 0 only'),
+        ('reg_type', opts.density_reg > 0, '--density_reg > 0 only'),
+        ('neural_rendering_resolution_fade_kimg', opts.neural_rendering_resolution_final is not None,
+         '--neural_rendering_resolution_final only'),
+        ('resume_blur', opts.resume is not None, '--resume only'),
+        ('disc_c_noise', opts.cond, '--cond=True only (D sees no label)'),
+    ]
+    for name, applies, requirement in requirements:
+        if not applies and ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE:
+            raise click.ClickException(f'--{name} applies to {requirement}')
     opts.grid = parse_grid(opts.grid)
     if opts.topology_path is not None and not os.path.isfile(opts.topology_path):
         raise click.ClickException(f'{opts.topology_path}: no such topology file (--topology_path)')

@@ -267,6 +267,14 @@ def test_train_py_dry_run(head_data, tmp_path):
     (['--neural_rendering_resolution_initial', '64'], 'no super-resolution module for 64 -> 64'),
     (['--topology_path', 'missing.obj'], 'missing.obj: no such topology file'),
     (['--resume', 'https://example.org/x.pkl'], 'never downloads'),
+    (['--gpc_reg_prob', '0.3'], '--gpc_reg_prob applies to --gen_pose_cond=True only'),
+    (['--gpc_reg_fade_kimg', '10'], '--gpc_reg_fade_kimg applies to --gen_pose_cond=True only'),
+    (['--density_reg', '0', '--density_reg_every', '8'], '--density_reg_every applies to --density_reg > 0 only'),
+    (['--density_reg', '0', '--reg_type', 'monotonic-fixed'], '--reg_type applies to --density_reg > 0 only'),
+    (['--density_reg', '0', '--density_reg_p_dist', '0.01'], '--density_reg_p_dist applies to --density_reg > 0 only'),
+    (['--neural_rendering_resolution_fade_kimg', '10'], '--neural_rendering_resolution_fade_kimg applies to --neural_rendering_resolution_final only'),
+    (['--resume_blur', 'True'], '--resume_blur applies to --resume only'),
+    (['--cond', 'False', '--disc_c_noise', '1'], '--disc_c_noise applies to --cond=True only'),
 ])
 def test_train_py_option_errors(head_data, tmp_path, monkeypatch, extra, message):
     monkeypatch.delenv('NEXT3D_INCEPTION', raising=False)
@@ -392,3 +400,42 @@ def test_ctrl_c_to_the_process_group_with_workers_writes_resume_snapshot(head_da
     run = os.path.join(out, os.listdir(out)[0])
     state = legacy.load_network_pkl(os.path.join(run, 'network-snapshot-000000.pkl')).resume_state
     assert state.cur_nimg >= 2
+
+
+def test_train_py_options_reach_networks_loss_and_loop(tmp_path):
+    """Non-default values of every network / loss / loop option, traced into the constructed G, D and loop arguments."""
+    import dnnlib
+    import train
+    data = th.make_dataset(str(tmp_path / 'data'), count=2, resolution=64, template=configs.BUNDLED_TEMPLATE, exp_dim=5)
+    ctx = train.main.make_context('train.py', [
+        '--outdir', str(tmp_path / 'runs'), '--cfg', 'tiny64', '--data', data, '--gpus', '1', '--batch', '4', '--gamma', '1',
+        '--metrics', 'none', '--nobench', 'True', '--workers', '0', '--cond', 'False', '--freezed', '2', '--sr_noise_mode', 'const',
+        '--sr_num_fp16_res', '1', '--g_num_fp16_res', '2', '--d_num_fp16_res', '3', '--decoder_lr_mul', '0.5', '--c-scale', '2',
+        '--gen_exp_cond', 'True', '--load_lms', 'False', '--mbstd-group', '2', '--map-depth', '3', '--cbase', '1024', '--cmax', '16',
+        '--density_reg_every', '8', '--style_mixing_prob', '0.7', '--gen_pose_cond', 'True', '--gpc_reg_prob', '0.3'])
+    opts = dnnlib.EasyDict(ctx.params)
+    opts.grid = train.parse_grid(opts.grid)
+    c = train.build_config(opts)
+    assert c.cudnn_benchmark is False and c.data_loader_kwargs['num_workers'] == 0 and c.G_reg_interval == 8
+    assert c.training_set_kwargs['load_lms'] is False
+    assert c.loss_kwargs['style_mixing_prob'] == 0.7 and c.loss_kwargs['gpc_reg_prob'] == 0.3
+    G = dnnlib.construct_class_by_name(**c.G_kwargs)
+    D = dnnlib.construct_class_by_name(**c.D_kwargs)
+    rk = G.rendering_kwargs
+    assert G.c_dim == 25 + 5 and rk['c_scale'] == 2 and rk['superresolution_noise_mode'] == 'const'
+    assert rk['c_gen_conditioning_zero'] is False
+    assert G.decoder.net[0].bias_gain == 0.5 and G.decoder.net[2].bias_gain == 0.5      # decoder_lr_mul
+    assert G.backbone.mapping.num_layers == 3
+    fp16_G = sorted(n for n, m in G.named_modules() if getattr(m, 'use_fp16', False))
+    assert 'backbone.synthesis.b64' in fp16_G and 'backbone.synthesis.b32' in fp16_G and 'backbone.synthesis.b16' not in fp16_G
+    assert 'superresolution.block0' in fp16_G
+    assert sorted(n for n, m in D.named_modules() if getattr(m, 'use_fp16', False)) == ['b16', 'b32', 'b64']
+    assert D.c_dim == 0 and D.b4.mbstd.group_size == 2
+    assert len([n for n, _ in D.named_buffers() if n.endswith('weight')]) == 2                  # --freezed 2
+    widths = [p.shape[0] for n, p in D.named_parameters() if p.ndim == 4]
+    assert max(widths) == 16                                                                    # --cmax
+    # --cbase: a larger capacity makes the generator bigger at the same --cmax.
+    base = dict(c.G_kwargs, synthesis_kwargs=dict(c.G_kwargs['synthesis_kwargs'], channel_base=512))
+    base.pop('uv_mask', None)
+    small = dnnlib.construct_class_by_name(device='meta', **base)
+    assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in G.parameters())
