@@ -163,7 +163,7 @@ def test_fit_rejects_bad_input(model):
 
 def test_fit_on_synthetic_dataset_ground_truth(model, tmp_path):
     """The synthetic generator's labels and canonical landmarks are the ground truth."""
-    make_dataset = pytest.importorskip('dataset_preprocessing.synthetic.make_dataset')
+    from dataset_preprocessing.synthetic import make_dataset       # a project module: an import error must fail, not skip
     from training.mesh.obj_io import read_landmarks
     make_dataset.make_training_set(str(tmp_path), count=4, resolution=64, seed=0, workers=1)
     import json
