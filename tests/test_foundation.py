@@ -157,6 +157,7 @@ def test_training_stats_collector_intervals():
     training_stats.report('Loss/a', 4.0)
     training_stats.report('Other/b', 10.0)
     training_stats.report('Loss/a', float('nan'))      # ignored
+    training_stats.report('Loss/a', torch.tensor([float('inf'), float('-inf')]))   # ignored
     collector.update()
     assert collector.num('Loss/a') == 4
     assert collector.mean('Loss/a') == pytest.approx(2.5)

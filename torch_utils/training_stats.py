@@ -14,7 +14,7 @@ import re
 import numpy as np
 import torch
 
-_counters = {}          # name -> float64 tensor [count, sum, sum_sq] on CPU
+_counters = {}          # name -> {device: float64 tensor [count, sum, sum_sq]}
 _sync_device = None     # device for the all-reduce (cuda for NCCL)
 
 
@@ -25,19 +25,30 @@ def init_multiprocessing(sync_device: torch.device = None):
 
 
 def report(name: str, value) -> torch.Tensor:
-    """Record the elements of `value` (scalar, array or tensor; NaN excluded) under `name`.
+    """Record the elements of `value` (scalar, array or tensor; NaN/inf excluded) under `name`.
 
-    Returns `value` unchanged so it can be used inline.
+    Tensors are accumulated on their own device: reporting never waits for the GPU; the
+    collector moves the sums to the CPU once per update. Returns `value` unchanged.
     """
-    elems = torch.as_tensor(value.detach() if isinstance(value, torch.Tensor) else value)
-    elems = elems.reshape(-1).to(torch.float64).cpu()
-    elems = elems[torch.isfinite(elems)] if elems.numel() else elems
-    moments = torch.stack([torch.tensor(float(elems.numel()), dtype=torch.float64), elems.sum(), elems.square().sum()])
-    if name in _counters:
-        _counters[name] += moments
+    elems = value.detach() if isinstance(value, torch.Tensor) else torch.as_tensor(value)
+    elems = elems.reshape(-1).to(torch.float64)
+    finite = torch.isfinite(elems)
+    elems = torch.where(finite, elems, torch.zeros_like(elems))
+    moments = torch.stack([finite.sum().to(torch.float64), elems.sum(), elems.square().sum()])
+    per_device = _counters.setdefault(name, {})
+    if moments.device in per_device:
+        per_device[moments.device].add_(moments)
     else:
-        _counters[name] = moments.clone()
+        per_device[moments.device] = moments
     return value
+
+
+def _total(name: str) -> torch.Tensor:
+    """[count, sum, sum_sq] of `name` over every device, on the CPU (waits for pending work)."""
+    total = torch.zeros(3, dtype=torch.float64)
+    for moments in _counters.get(name, {}).values():
+        total += moments.cpu()
+    return total
 
 
 def report0(name: str, value):
@@ -79,7 +90,7 @@ class Collector:
             names = sorted(set().union(*all_names))
         deltas = []
         for name in names:
-            current = _counters.get(name, torch.zeros(3, dtype=torch.float64))
+            current = _total(name)
             deltas.append(current - self._seen.get(name, torch.zeros(3, dtype=torch.float64)))
             self._seen[name] = current.clone()
         if not deltas:
