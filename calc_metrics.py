@@ -21,6 +21,7 @@ import torch
 import dnnlib
 import legacy
 from metrics import metric_main
+from training import builders
 
 
 def evaluate(rank: int, args):
@@ -65,13 +66,18 @@ def main(network_pkl, metrics, data, rdata, mirror, gpus, detector, verbose):
         snapshot = legacy.load_network_pkl(network_pkl)
     except (FileNotFoundError, ValueError) as e:
         raise click.ClickException(str(e))
-    dataset_kwargs = dnnlib.EasyDict(snapshot.training_set_kwargs or {})
     if data is not None:
-        dataset_kwargs = dnnlib.EasyDict(class_name='training.dataset.MeshImageDataset', path=data, mesh_path=rdata)
-    if not dataset_kwargs.get('path'):
-        raise click.ClickException('the snapshot names no dataset: pass --data')
+        dataset_kwargs = dict(class_name='training.dataset.MeshImageDataset', path=data, mesh_path=rdata)
+    elif not (snapshot.training_set_kwargs or {}).get('path'):
+        raise click.ClickException(f'{network_pkl}: the snapshot names no dataset: pass --data')
+    else:       # read from the file: only our dataset classes, plain data of the expected keys and types
+        dataset_kwargs = snapshot.training_set_kwargs
     if mirror is not None:
-        dataset_kwargs.xflip = mirror
+        dataset_kwargs = dict(dataset_kwargs, xflip=mirror)
+    try:
+        dataset_kwargs = dnnlib.EasyDict(builders.check_dataset_kwargs(dataset_kwargs, source=network_pkl if data is None else '--data'))
+    except builders.ConfigError as e:
+        raise click.ClickException(str(e))
     run_dir = os.path.dirname(os.path.abspath(network_pkl))
     if not os.path.isfile(os.path.join(run_dir, 'training_options.json')):
         run_dir = None

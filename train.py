@@ -29,6 +29,7 @@ import click
 import torch
 
 import dnnlib
+from training import builders
 from training import distributed
 from training.dataset import DatasetError
 
@@ -199,7 +200,7 @@ def model_sizes(c) -> dict:
         kwargs = dict(kwargs)
         if name == 'G':
             kwargs.pop('uv_mask', None)
-        module = dnnlib.construct_class_by_name(device='meta', **kwargs)
+        module = builders.build('network', kwargs, device='meta')
         sizes[name] = sum(p.numel() for p in module.parameters())
     return sizes
 

@@ -19,6 +19,7 @@ import torch
 
 import dnnlib
 from torch_utils import persistence
+from training import builders
 
 DETECTOR_ENV = 'NEXT3D_INCEPTION'
 
@@ -175,7 +176,7 @@ def compute_feature_stats_for_dataset(opts: MetricOptions, max_items: int = None
         if hit:
             return FeatureStats.load(cache_file)
 
-    dataset = dnnlib.construct_class_by_name(**opts.dataset_kwargs)
+    dataset = builders.open_dataset(opts.dataset_kwargs)
     num_items = len(dataset) if max_items is None else min(max_items, len(dataset))
     stats = FeatureStats(max_items=num_items, **stats_kwargs)
     detector = load_detector(det_path, opts.device)
@@ -194,7 +195,7 @@ def compute_feature_stats_for_dataset(opts: MetricOptions, max_items: int = None
 
 def iterate_generator_inputs(opts: MetricOptions, batch_size: int, seed: int = 0):
     """Endless (z, c, v) batches: z ~ N(0, I), labels and meshes of random dataset items."""
-    dataset = dnnlib.construct_class_by_name(**opts.dataset_kwargs)
+    dataset = builders.open_dataset(opts.dataset_kwargs)
     rnd = np.random.RandomState(seed * opts.num_gpus + opts.rank)
     gen = torch.Generator().manual_seed(seed * opts.num_gpus + opts.rank)
     try:

@@ -12,7 +12,6 @@ import pytest
 import scipy.linalg
 import torch
 
-import dnnlib
 from metrics import frechet_inception_distance as fid_lib
 from metrics import kernel_inception_distance as kid_lib
 from metrics import mesh_depth_error
@@ -20,6 +19,7 @@ from metrics import metric_main
 from metrics import metric_utils
 from tests import train_helpers as th
 from torch_utils import persistence
+from training import builders
 from training import coords
 
 # The detector format is TorchScript (as the standard Inception file); PyTorch now warns that TorchScript is deprecated.
@@ -155,7 +155,7 @@ def test_dataset_statistics_are_cached_and_identical_sets_give_zero(data, detect
     assert fid_lib.fid_from_stats(mu, cov, *b.get_mean_cov()) == pytest.approx(0, abs=1e-6)
     assert kid_lib.mmd2_unbiased(a.get_all(), b.get_all()) < 0      # identical sets: unbiased MMD^2 = -(2/m) mean k(x_i, x_i) + ...
     # The detector features equal a direct call of the detector on the images.
-    ds = dnnlib.construct_class_by_name(class_name='training.dataset.MeshImageDataset', path=data)
+    ds = builders.open_dataset(dict(path=data))
     imgs = torch.from_numpy(np.stack([ds.get_image(i) for i in range(12)]))
     direct = torch.jit.load(detector)(imgs, return_features=True).double().numpy()
     np.testing.assert_allclose(a.get_all(), direct, rtol=1e-6)
@@ -164,7 +164,7 @@ def test_dataset_statistics_are_cached_and_identical_sets_give_zero(data, detect
 def test_fid_and_kid_of_a_generator_and_calc_metrics_cli(data, detector, tmp_path):
     from click.testing import CliRunner
     import calc_metrics
-    G = dnnlib.construct_class_by_name(**th.tiny_G_kwargs())
+    G = builders.build('network', th.tiny_G_kwargs())
     run_dir = tmp_path / 'run'
     run_dir.mkdir()
     (run_dir / 'training_options.json').write_text('{}')

@@ -19,6 +19,7 @@ import torch
 
 import legacy
 from tests import train_helpers as th
+from training import builders
 from training import configs
 from training import training_loop as tl
 
@@ -419,8 +420,8 @@ def test_train_py_options_reach_networks_loss_and_loop(tmp_path):
     assert c.cudnn_benchmark is False and c.data_loader_kwargs['num_workers'] == 0 and c.G_reg_interval == 8
     assert c.training_set_kwargs['load_lms'] is False
     assert c.loss_kwargs['style_mixing_prob'] == 0.7 and c.loss_kwargs['gpc_reg_prob'] == 0.3
-    G = dnnlib.construct_class_by_name(**c.G_kwargs)
-    D = dnnlib.construct_class_by_name(**c.D_kwargs)
+    G = builders.build('network', c.G_kwargs)
+    D = builders.build('network', c.D_kwargs)
     rk = G.rendering_kwargs
     assert G.c_dim == 25 + 5 and rk['c_scale'] == 2 and rk['superresolution_noise_mode'] == 'const'
     assert rk['c_gen_conditioning_zero'] is False
@@ -437,5 +438,5 @@ def test_train_py_options_reach_networks_loss_and_loop(tmp_path):
     # --cbase: a larger capacity makes the generator bigger at the same --cmax.
     base = dict(c.G_kwargs, synthesis_kwargs=dict(c.G_kwargs['synthesis_kwargs'], channel_base=512))
     base.pop('uv_mask', None)
-    small = dnnlib.construct_class_by_name(device='meta', **base)
+    small = builders.build('network', base, device='meta')
     assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in G.parameters())

@@ -9,10 +9,10 @@ import numpy as np
 import PIL.Image
 import torch
 
-import legacy
 from torch_utils.persistence import atomic_write_bytes
 from training import coords
 from training.driving import DEFAULT_LMS, DEFAULT_OBJ, load_condition
+from training.network_pickle import load_network_pkl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUNDLED_NETWORK = os.path.join('pretrained_models', 'next3d-synthetic64.pkl')
@@ -29,7 +29,7 @@ def load_generator(network_pkl: str, device: torch.device, uv_mask_path: str = N
     if not os.path.isfile(path):
         raise FileNotFoundError(f'{network_pkl}: no such network file')
     print(f'Loading networks from "{path}"...')
-    data = legacy.load_network_pkl(path, uv_mask_path=uv_mask_path)
+    data = load_network_pkl(path, uv_mask_path=uv_mask_path)
     if data.get('import_report'):
         from training.official_import import format_report
         print(format_report(data['import_report']))

@@ -27,13 +27,14 @@ import PIL.Image
 import torch
 
 import dnnlib
-import legacy
 from torch_utils import misc
 from torch_utils import persistence
 from torch_utils import training_stats
+from training import builders
 from training import distributed
 from training import resume as resume_lib
 from training.loss import Next3DLoss
+from training.network_pickle import load_network_pkl
 
 SNAPSHOT_PATTERN = 'network-snapshot-{:06d}.pkl'
 
@@ -128,8 +129,8 @@ def save_image_grid(img, path: str, drange, grid_size):
 
 def build_networks(G_kwargs: dict, D_kwargs: dict, device: torch.device):
     """(G, D, G_ema) on `device`, G and D trainable, G_ema a frozen copy of G."""
-    G = dnnlib.construct_class_by_name(**G_kwargs).train().requires_grad_(False).to(device)
-    D = dnnlib.construct_class_by_name(**D_kwargs).train().requires_grad_(False).to(device)
+    G = builders.build('network', G_kwargs).train().requires_grad_(False).to(device)
+    D = builders.build('network', D_kwargs).train().requires_grad_(False).to(device)
     G_ema = copy.deepcopy(G).eval()
     return G, D, G_ema
 
@@ -148,13 +149,13 @@ def setup_phases(G, D, G_opt_kwargs: dict, D_opt_kwargs: dict, G_reg_interval, D
         if 'betas' in opt_kwargs:
             opt_kwargs['betas'] = tuple(float(beta) for beta in opt_kwargs['betas'])
         if reg_interval is None:
-            opt = dnnlib.construct_class_by_name(params, class_name=class_name, **opt_kwargs)
+            opt = builders.build('optimizer', dict(opt_kwargs, class_name=class_name), params)
             phases.append(dnnlib.EasyDict(name=name + 'both', module=module, opt=opt, interval=1))
         else:
             ratio = reg_interval / (reg_interval + 1)
             opt_kwargs['lr'] = opt_kwargs['lr'] * ratio
             opt_kwargs['betas'] = tuple(beta ** ratio for beta in opt_kwargs['betas'])
-            opt = dnnlib.construct_class_by_name(params, class_name=class_name, **opt_kwargs)
+            opt = builders.build('optimizer', dict(opt_kwargs, class_name=class_name), params)
             phases.append(dnnlib.EasyDict(name=name + 'main', module=module, opt=opt, interval=1))
             phases.append(dnnlib.EasyDict(name=name + 'reg', module=module, opt=opt, interval=reg_interval))
     return phases
@@ -395,7 +396,7 @@ def training_loop(
     data_loader_kwargs = dict(data_loader_kwargs or {})
 
     log('Loading training set...')
-    training_set = dnnlib.construct_class_by_name(**training_set_kwargs)
+    training_set = builders.open_dataset(training_set_kwargs)
     log(f'Num images: {len(training_set)}  resolution: {training_set.resolution}  label dim: {training_set.label_dim}'
         f'  vertices: {training_set.num_vertices} + 68 landmarks')
 
@@ -411,7 +412,7 @@ def training_loop(
 
     augment_pipe = None
     if augment_kwargs is not None:
-        augment_pipe = dnnlib.construct_class_by_name(**augment_kwargs).train().requires_grad_(False).to(device)
+        augment_pipe = builders.build('augment', augment_kwargs).train().requires_grad_(False).to(device)
         augment_pipe.p.copy_(torch.as_tensor(augment_p))
         state.ada_collector = training_stats.Collector(regex='Loss/signs/real')
 
@@ -509,7 +510,7 @@ def training_loop(
 def load_resume(resume_pkl, G, D, G_ema, resume_kwargs, loss_kwargs, ema_rampup, log):
     """Load --resume into the networks -> (resume_state or None, loss_kwargs, ema_rampup) for this run."""
     log(f'Resuming from "{resume_pkl}"')
-    resume_data = legacy.load_network_pkl(resume_pkl)
+    resume_data = load_network_pkl(resume_pkl)
     if resume_data.get('import_report'):     # an official pickle: how it was mapped onto our classes
         from training import official_import
         log(official_import.format_report(resume_data.import_report))
