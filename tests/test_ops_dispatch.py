@@ -51,7 +51,7 @@ def pretend_kernels(monkeypatch):
     """Route every op through its torch.library op (whose CPU twin then runs)."""
     monkeypatch.delenv('NEXT3D_OPS_REF', raising=False)
     monkeypatch.setattr(_build, 'want_kernel', lambda op, impl, *tensors: impl != 'ref')
-    monkeypatch.setattr(_build, 'kernel_available', lambda name, sources: True)
+    monkeypatch.setattr(_build, 'kernel_available', lambda name, sources, device=None: True)
 
 
 def test_cuda_sources_present():
@@ -261,3 +261,101 @@ def test_compile_traces_the_real_dispatch(monkeypatch, fresh_build_state):
         y = torch.compile(layer, fullgraph=True, backend='aot_eager')(x)
     assert torch.allclose(y, expected)
     assert _build._extensions == {'bias_act': None, 'upfirdn2d': None}
+
+
+# --- first-use self-check: a kernel that builds but is wrong or cannot launch is never used ----
+
+class _FakeBiasAct:
+    """Stands in for the compiled bias_act extension: the kernel's maths from the reference, optionally broken."""
+
+    def __init__(self, error: float = 0.0, raises: str = None):
+        self.error, self.raises, self.calls = error, raises, 0
+
+    def bias_act(self, x, b, dy, dim, act, alpha, gain, clamp):
+        self.calls += 1
+        if self.raises:
+            raise RuntimeError(self.raises)
+        name = [k for k, v in B.ACTIVATIONS.items() if v.index == act][0]
+        out = B._bias_act_op(x, b, dim, name, alpha, gain, clamp) if dy is None else B._bias_act_grad_op(dy, x, b, dim, name, alpha, gain, clamp)
+        return out * (1 + self.error)
+
+
+class _FakeUpfirdn2d:
+    def __init__(self, ignore_flip: bool = False):
+        self.ignore_flip = ignore_flip
+
+    def upfirdn2d(self, x, f, upx, upy, downx, downy, padx0, padx1, pady0, pady1, flip_filter, gain):
+        flip = False if self.ignore_flip else flip_filter
+        return U._upfirdn2d_ref(x, f, (upx, upy), (downx, downy), (padx0, padx1, pady0, pady1), flip, gain)
+
+
+@pytest.fixture
+def fresh_self_checks(monkeypatch, fresh_build_state):
+    monkeypatch.setattr(_build, '_self_check_passed', {})
+
+
+def test_self_check_accepts_a_correct_kernel_once_per_device(fresh_self_checks, monkeypatch):
+    fake = _FakeBiasAct()
+    monkeypatch.setitem(_build._extensions, 'bias_act', fake)
+    monkeypatch.setitem(_build._extensions, 'upfirdn2d', _FakeUpfirdn2d())
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        assert _build.kernel_available('bias_act', B.SOURCES, torch.device('cpu'))
+        calls = fake.calls
+        assert calls == 10                        # 5 activations x (forward, gradient)
+        assert _build.kernel_available('bias_act', B.SOURCES, torch.device('cpu'))
+        assert fake.calls == calls                # checked once per device
+        assert _build.kernel_available('upfirdn2d', U.SOURCES, torch.device('cpu'))     # incl. the adjoint (gradient) call
+
+
+@pytest.mark.parametrize('fake, why', [
+    (_FakeBiasAct(error=1e-3), r'bias_act \w+ forward: relative error'),
+    (_FakeBiasAct(raises='CUDA error: no kernel image is available for execution on the device'), 'no kernel image is available'),
+])
+def test_self_check_rejects_a_wrong_or_unlaunchable_kernel(fresh_self_checks, monkeypatch, fake, why):
+    monkeypatch.setitem(_build._extensions, 'bias_act', fake)
+    with pytest.warns(RuntimeWarning, match=f'the bias_act CUDA kernel failed its self-check on cpu .*{why}.*using the slower PyTorch reference'):
+        assert not _build.kernel_available('bias_act', B.SOURCES, torch.device('cpu'))
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')            # warned once
+        assert not _build.kernel_available('bias_act', B.SOURCES, torch.device('cpu'))
+    # Dispatch that would pick the kernel for these tensors runs the reference instead.
+    monkeypatch.setattr(_build, 'want_kernel', lambda op, impl, *tensors: True)
+    x, b = torch.randn(2, 3, 4, 4), torch.randn(3)
+    fake.calls = 0
+    assert torch.equal(B.bias_act(x, b, act='lrelu'), B.bias_act(x, b, act='lrelu', impl='ref')) and fake.calls == 0
+
+
+def test_self_check_catches_a_wrong_filter_orientation(fresh_self_checks, monkeypatch):
+    monkeypatch.setitem(_build._extensions, 'upfirdn2d', _FakeUpfirdn2d(ignore_flip=True))
+    with pytest.warns(RuntimeWarning, match='upfirdn2d CUDA kernel failed its self-check'):
+        assert not _build.kernel_available('upfirdn2d', U.SOURCES, torch.device('cpu'))
+
+
+def test_stale_build_lock_times_out_and_the_op_falls_back(fresh_build_state, monkeypatch, tmp_path):
+    build_dir = tmp_path / 'build'
+    build_dir.mkdir()
+    lock = build_dir / _build.LOCK_NAME
+    lock.write_text('')
+    os.utime(lock, (0, 0))                        # a lock left by a build killed long ago
+    with pytest.raises(TimeoutError, match=f'{lock}: a build lock .* old .*delete it to rebuild'):
+        _build.wait_for_build_lock(str(build_dir), timeout=60, poll=0.01)
+    os.utime(lock, None)                          # a fresh lock: wait for it to go away
+    import threading
+    threading.Timer(0.1, lock.unlink).start()
+    _build.wait_for_build_lock(str(build_dir), timeout=60, poll=0.01)
+    assert not lock.exists()
+
+    def stuck(name, sources, build_dir):
+        raise TimeoutError(f'{build_dir}/lock: a build lock 700 s old')
+    monkeypatch.setattr(_build, '_load', stuck)
+    with pytest.warns(RuntimeWarning, match='could not build the bias_act CUDA extension \\(TimeoutError: .*lock'):
+        assert _build.get_extension('bias_act', B.SOURCES) is None
+
+
+def test_negative_gain_with_a_separable_filter_stays_real(pretend_kernels):
+    x = torch.randn(1, 2, 6, 6, dtype=torch.float64)
+    f = U.setup_filter([1, 3, 3, 1])
+    got = U.upfirdn2d(x, f, up=2, padding=2, gain=-3.0)
+    assert not got.is_complex()
+    torch.testing.assert_close(got, U.upfirdn2d(x, f, up=2, padding=2, gain=-3.0, impl='ref'))

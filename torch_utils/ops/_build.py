@@ -12,12 +12,21 @@ into the user cache folder (`dnnlib.make_cache_dir_path('torch_extensions', ...)
 folder keyed by a hash of the sources, the PyTorch and CUDA versions and the GPU
 architecture, so a changed source or a different GPU never picks up a stale build. A
 failed build writes its log there (or to the temp folder), warns once naming it, and the
-op uses its reference from then on; it never raises.
+op uses its reference from then on; it never raises. A build lock left behind by a
+process killed mid-build is waited on for at most NEXT3D_OPS_BUILD_TIMEOUT seconds
+(default 600), then the op falls back in the same way.
+
+A kernel that builds can still be wrong or unable to run on this GPU (e.g. compiled for
+another architecture: "no kernel image is available"). So on first use on each device,
+every op runs its self-check (`register_self_check`): kernel against reference on a
+small input, forward and gradient. A kernel that fails it is not used on that device;
+one warning says why.
 """
 
 import hashlib
 import os
 import tempfile
+import time
 import traceback
 import warnings
 from types import ModuleType
@@ -32,6 +41,10 @@ SOURCE_DIR = os.path.dirname(os.path.abspath(__file__))
 
 # Loaded extensions by name; None records a failed build (warned about once).
 _extensions: dict = {}
+# Self-checks by op name, and their verdicts per (op name, device).
+_self_checks: dict = {}
+_self_check_passed: dict = {}
+LOCK_NAME = 'lock'      # torch.utils.cpp_extension's build lock in the build folder
 
 
 @torch.compiler.assume_constant_result
@@ -82,6 +95,7 @@ def _load(name: str, sources: Sequence[str], build_dir: str) -> ModuleType:
     from torch.utils import cpp_extension
     cpp_extension.verify_ninja_availability()
     os.makedirs(build_dir, exist_ok=True)
+    wait_for_build_lock(build_dir)
     return cpp_extension.load(
         name=f'next3d_{name}_{os.path.basename(build_dir).rsplit("-", 1)[-1][:8]}',
         sources=_source_paths(sources),
@@ -90,6 +104,29 @@ def _load(name: str, sources: Sequence[str], build_dir: str) -> ModuleType:
         extra_cuda_cflags=['-O3', '--expt-relaxed-constexpr'],
         verbose=False,
     )
+
+
+def build_timeout() -> float:
+    return float(os.environ.get('NEXT3D_OPS_BUILD_TIMEOUT', '600'))
+
+
+def wait_for_build_lock(build_dir: str, timeout: float = None, poll: float = 1.0):
+    """Wait while another process holds the build lock; TimeoutError once the lock is older than `timeout` s.
+
+    torch's builder waits on its lock forever, so a rank killed mid-build would hang every
+    later run; a lock this old is taken to be such a leftover.
+    """
+    timeout = build_timeout() if timeout is None else timeout
+    lock = os.path.join(build_dir, LOCK_NAME)
+    while True:
+        try:
+            age = time.time() - os.path.getmtime(lock)
+        except OSError:
+            return      # no lock (or it just went away)
+        if age > timeout:
+            raise TimeoutError(f'{lock}: a build lock {age:.0f} s old (a build killed midway leaves it behind; '
+                               f'delete it to rebuild, or raise NEXT3D_OPS_BUILD_TIMEOUT)')
+        time.sleep(poll)
 
 
 def _write_log(build_dir: str, text: str) -> str:
@@ -126,7 +163,45 @@ def get_extension(name: str, sources: Sequence[str]) -> Optional[ModuleType]:
     return module
 
 
+def register_self_check(name: str, check):
+    """`check(ext, device)` compares op `name`'s kernel with its reference and raises on a mismatch."""
+    _self_checks[name] = check
+
+
+def passes_self_check(name: str, ext: ModuleType, device: torch.device) -> bool:
+    """Whether `ext` passed op `name`'s self-check on `device` (run once per device; a failure warns once)."""
+    key = (name, str(device))
+    if key not in _self_check_passed:
+        check = _self_checks.get(name)
+        try:
+            if check is not None:
+                with torch.no_grad():
+                    check(ext, torch.device(device))
+                if torch.device(device).type == 'cuda':
+                    torch.cuda.synchronize(device)
+            _self_check_passed[key] = True
+        except Exception as e:      # a wrong or unlaunchable kernel must never reach training
+            message = str(e).strip().splitlines()[0] if str(e).strip() else 'no message'
+            warnings.warn(f'torch_utils.ops: the {name} CUDA kernel failed its self-check on {device} '
+                          f'({type(e).__name__}: {message}); using the slower PyTorch reference there instead.',
+                          RuntimeWarning, stacklevel=3)
+            _self_check_passed[key] = False
+    return _self_check_passed[key]
+
+
+def assert_close(name: str, what: str, got: torch.Tensor, ref: torch.Tensor, tol: float):
+    """Raise AssertionError naming `what` when |got - ref| exceeds tol x (1 + |ref|) anywhere."""
+    if got.shape != ref.shape:
+        raise AssertionError(f'{name} {what}: shape {tuple(got.shape)}, expected {tuple(ref.shape)}')
+    err = ((got.double() - ref.double()).abs() / (1 + ref.double().abs())).max().item() if ref.numel() else 0.0
+    if not err <= tol:      # also catches NaN
+        raise AssertionError(f'{name} {what}: relative error {err:.3g} > {tol:g}')
+
+
 @torch.compiler.assume_constant_result
-def kernel_available(name: str, sources: tuple) -> bool:
-    """True if the extension builds (builds it on first call; constant under torch.compile)."""
-    return get_extension(name, sources) is not None
+def kernel_available(name: str, sources: tuple, device: torch.device = None) -> bool:
+    """True if the extension builds and (given a device) passes its self-check there; constant under torch.compile."""
+    ext = get_extension(name, sources)
+    if ext is None:
+        return False
+    return device is None or passes_self_check(name, ext, device)

@@ -22,6 +22,7 @@ derivatives of any order run on the kernel. Filter gradients exist only in the
 reference, which is used whenever f requires grad.
 """
 
+import math
 from typing import Optional, Sequence, Union
 
 import torch
@@ -178,7 +179,7 @@ def upfirdn2d(
     output_size(x.shape[2:], f, up, down, padding)
     if f is not None and f.device != x.device:
         f = f.to(x.device)      # a filter left on the CPU must not silently disable the kernel
-    if (f is None or not f.requires_grad) and _build.want_kernel('upfirdn2d', impl, x, f) and _build.kernel_available('upfirdn2d', SOURCES):
+    if (f is None or not f.requires_grad) and _build.want_kernel('upfirdn2d', impl, x, f) and _build.kernel_available('upfirdn2d', SOURCES, x.device):
         return _upfirdn2d_kernel(x, f, up, down, padding, flip_filter, gain)
     return _upfirdn2d_ref(x, f, up, down, padding, flip_filter, gain)
 
@@ -232,8 +233,9 @@ def _upfirdn2d_kernel(x, f, up, down, padding, flip_filter, gain) -> torch.Tenso
         f = torch.ones([1, 1], dtype=torch.float32, device=x.device)
     if f.ndim == 2:
         return _upfirdn2d_op(x, f, upx, upy, downx, downy, padx0, padx1, pady0, pady1, flip_filter, float(gain))
-    x = _upfirdn2d_op(x, f[None, :], upx, 1, downx, 1, padx0, padx1, 0, 0, flip_filter, float(gain) ** 0.5)
-    return _upfirdn2d_op(x, f[:, None], 1, upy, 1, downy, 0, 0, pady0, pady1, flip_filter, float(gain) ** 0.5)
+    gain_x, gain_y = math.copysign(abs(gain) ** 0.5, gain), abs(gain) ** 0.5      # the sign once: sqrt of a negative gain is complex
+    x = _upfirdn2d_op(x, f[None, :], upx, 1, downx, 1, padx0, padx1, 0, 0, flip_filter, gain_x)
+    return _upfirdn2d_op(x, f[:, None], 1, upy, 1, downy, 0, 0, pady0, pady1, flip_filter, gain_y)
 
 
 @torch.library.custom_op('next3d::upfirdn2d', mutates_args=())
@@ -262,20 +264,47 @@ def _upfirdn2d_setup(ctx, inputs, output):
     ctx.args = args
 
 
-def _upfirdn2d_backward(ctx, dy):
-    # The adjoint of zero-insert/pad/filter/decimate: zero-insert by down, filter with the
-    # flipped filter, decimate by up; the padding is mirrored so the result has x's size.
-    f, = ctx.saved_tensors
-    upx, upy, downx, downy, padx0, padx1, pady0, pady1, flip_filter, gain = ctx.args
-    in_h, in_w = ctx.in_size
-    out_h, out_w = dy.shape[2], dy.shape[3]
-    taps_h, taps_w = f.shape
+def _adjoint_args(args: tuple, in_size: tuple, out_size: tuple, f_shape) -> tuple:
+    """The op arguments (after x, f) of the adjoint upfirdn2d, whose output has the input's size.
+
+    The adjoint of zero-insert/pad/filter/decimate: zero-insert by down, filter with the
+    flipped filter, decimate by up; the padding is mirrored.
+    """
+    upx, upy, downx, downy, padx0, padx1, pady0, pady1, flip_filter, gain = args
+    (in_h, in_w), (out_h, out_w), (taps_h, taps_w) = in_size, out_size, f_shape
     gpadx0 = taps_w - padx0 - 1
     gpadx1 = in_w * upx - out_w * downx + padx0 - upx + 1
     gpady0 = taps_h - pady0 - 1
     gpady1 = in_h * upy - out_h * downy + pady0 - upy + 1
-    dx = _upfirdn2d_op(dy, f, downx, downy, upx, upy, gpadx0, gpadx1, gpady0, gpady1, not flip_filter, gain)
+    return downx, downy, upx, upy, gpadx0, gpadx1, gpady0, gpady1, not flip_filter, gain
+
+
+def _upfirdn2d_backward(ctx, dy):
+    f, = ctx.saved_tensors
+    dx = _upfirdn2d_op(dy, f, *_adjoint_args(ctx.args, ctx.in_size, dy.shape[2:], f.shape))
     return dx, None, None, None, None, None, None, None, None, None, None, None
 
 
 _upfirdn2d_op.register_autograd(_upfirdn2d_backward, setup_context=_upfirdn2d_setup)
+
+
+def _self_check(ext, device: torch.device):
+    """The kernel against the reference on a small input: up/down/padding/flip cases and the gradient (the adjoint call)."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn([2, 3, 9, 11], generator=gen).to(device)
+    f = torch.randn([4, 3], generator=gen).to(device)
+    for up, down, pad, flip in (((1, 1), (1, 1), (1, 2, 2, 1), False), ((2, 2), (1, 1), (2, 1, 1, 2), True),
+                                ((1, 1), (2, 2), (0, 1, 1, 0), False), ((2, 1), (1, 2), (-1, 2, 1, -1), False)):
+        got = ext.upfirdn2d(x, f, up[0], up[1], down[0], down[1], *pad, flip, 1.5)
+        _build.assert_close('upfirdn2d', f'forward up={up} down={down} pad={pad}', got, _upfirdn2d_ref(x, f, up, down, pad, flip, 1.5), 1e-5)
+    args = (2, 2, 1, 1, 2, 1, 1, 2, False, 1.5)
+    with torch.enable_grad():
+        xr = x.clone().requires_grad_(True)
+        y = _upfirdn2d_ref(xr, f, args[0:2], args[2:4], args[4:8], args[8], args[9])
+        dy = torch.randn(y.shape, generator=gen).to(device)
+        ref = torch.autograd.grad(y, xr, dy)[0]
+    got = ext.upfirdn2d(dy, f, *_adjoint_args(args, x.shape[2:], dy.shape[2:], f.shape))
+    _build.assert_close('upfirdn2d', 'gradient', got, ref, 1e-5)
+
+
+_build.register_self_check('upfirdn2d', _self_check)
