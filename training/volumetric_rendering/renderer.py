@@ -15,9 +15,15 @@ Rendering options (a plain dict, usually G's `rendering_kwargs`; other keys are 
     clamp_mode                    density activation, default 'softplus' (see ray_marcher).
     white_back                    bool, default False.
     density_noise                 float, default 0: std of Gaussian noise added to sigma.
-    deterministic_sampling        bool, default False: bin centres instead of random jitter,
-                                  and evenly spaced quantiles in the importance pass.
+    deterministic_sampling        bool, default False: u = 0.5 in the stratified pass and
+                                  evenly spaced quantiles in the importance pass.
+
+Sampling follows EG3D exactly (see sample_stratified and sample_importance). Its random
+numbers come from the `generator` passed to ImportanceRenderer.forward (a torch.Generator
+on the rays' device), or from torch's global generator when None (training).
 """
+
+from typing import Optional
 
 import torch
 
@@ -74,79 +80,106 @@ def ray_box_intersection(ray_origins: torch.Tensor, ray_directions: torch.Tensor
     return ray_start, ray_end, ray_end > ray_start
 
 
-def sample_stratified(ray_start: torch.Tensor, ray_end: torch.Tensor, num_samples: int,
-                      disparity_space: bool = False, deterministic: bool = False) -> torch.Tensor:
-    """One depth per equal bin of [ray_start, ray_end] (of [1/start, 1/end] in disparity space).
+def sample_stratified(ray_start: torch.Tensor, ray_end: torch.Tensor, num_samples: int, disparity_space: bool = False,
+                      deterministic: bool = False, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """EG3D's coarse depths: S evenly spaced depths from ray_start to ray_end inclusive, each
+    moved forward by u (end - start) / (S - 1), u uniform in [0, 1) per sample. The last
+    sample thus lies up to one spacing beyond ray_end, as in EG3D.
+
+    disparity_space: the same on s in [0, 1], then depth = 1 / ((1 - s) / start + s / end).
 
     Args:
         ray_start, ray_end: (B, N, 1) depths.
+        deterministic:      u = 0.5 for every sample.
+        generator:          torch.Generator for u (on the depths' device); None = the global one.
     Returns:
-        (B, N, num_samples, 1) increasing depths, uniformly jittered inside their bins
-        (bin centres if deterministic).
+        (B, N, num_samples, 1) increasing depths.
     """
+    if num_samples < 2:
+        raise ValueError(f'sample_stratified: need at least 2 samples per ray, got {num_samples}')
     batch_size, num_rays, _ = ray_start.shape
-    bins = torch.arange(num_samples, device=ray_start.device, dtype=ray_start.dtype).reshape(1, 1, -1)
-    jitter = 0.5 if deterministic else torch.rand(batch_size, num_rays, num_samples, device=ray_start.device, dtype=ray_start.dtype)
-    s = (bins + jitter) / num_samples                                      # (B, N, S) in [0, 1]
-    if disparity_space:
-        depths = 1 / ((1 - s) / ray_start + s / ray_end)
+    device, dtype = ray_start.device, ray_start.dtype
+    steps = torch.arange(num_samples, device=device, dtype=dtype).reshape(1, 1, -1, 1) / (num_samples - 1)
+    if deterministic:
+        u = torch.full((batch_size, num_rays, num_samples, 1), 0.5, device=device, dtype=dtype)
     else:
-        depths = ray_start + s * (ray_end - ray_start)
-    return depths.unsqueeze(-1)
+        u = torch.rand((batch_size, num_rays, num_samples, 1), generator=generator, device=device, dtype=dtype)
+    start, end = ray_start.unsqueeze(-1), ray_end.unsqueeze(-1)
+    if disparity_space:
+        s = steps + u / (num_samples - 1)
+        return 1 / (1 / start * (1 - s) + 1 / end * s)
+    # (EG3D calls torch.linspace for fixed ranges, which rounds 2 of 48 depths 1 ulp apart from this.)
+    return start + steps * (end - start) + u * (end - start) / (num_samples - 1)
 
 
-def sample_pdf(bins: torch.Tensor, weights: torch.Tensor, num_samples: int, deterministic: bool = False) -> torch.Tensor:
-    """Inverse-CDF samples of the piecewise-constant density given by `weights` on `bins`.
+def sample_pdf(bins: torch.Tensor, weights: torch.Tensor, num_samples: int, deterministic: bool = False,
+               generator: Optional[torch.Generator] = None, eps: float = 1e-5) -> torch.Tensor:
+    """Inverse-CDF samples of the piecewise-constant density given by `weights` on `bins`
+    (NeRF's and EG3D's sample_pdf).
+
+    Every bin gets eps more weight, so no bin is empty; a CDF step below eps (a bin the
+    rounding made empty) interpolates as if it were 1 wide, i.e. returns its lower edge.
 
     Args:
         bins:    (M, K + 1) increasing bin edges.
-        weights: (M, K) non-negative weight of each bin (normalised here; need not sum to 1).
+        weights: (M, K) non-negative weight of each bin (normalised here).
+        deterministic: quantiles u = (i + 0.5) / num_samples instead of uniform random ones.
+        generator: torch.Generator for u (on the bins' device); None = the global one.
     Returns:
-        (M, num_samples) samples; uniform quantiles (i + 0.5) / num_samples if deterministic.
-        Not differentiable with respect to bins or weights (detached).
+        (M, num_samples) samples (detached: not differentiable in bins or weights).
     """
     bins, weights = bins.detach(), weights.detach()
     misc.assert_shape(weights, [bins.shape[0], bins.shape[1] - 1], 'weights')
-    total = weights.sum(dim=-1, keepdim=True)
-    pdf = weights / total.clamp(min=1e-12)
+    num_rows, num_bins = weights.shape
+    weights = weights + eps
+    pdf = weights / weights.sum(dim=-1, keepdim=True)
     cdf = torch.cat([torch.zeros_like(pdf[:, :1]), torch.cumsum(pdf, dim=-1)], dim=-1)   # (M, K + 1)
-    cdf[:, -1] = 1                                                     # no rounding gap at the top
     if deterministic:
         u = (torch.arange(num_samples, device=bins.device, dtype=bins.dtype) + 0.5) / num_samples
-        u = u.expand(bins.shape[0], num_samples).contiguous()
+        u = u.expand(num_rows, num_samples).contiguous()
     else:
-        u = torch.rand(bins.shape[0], num_samples, device=bins.device, dtype=bins.dtype)
-    above = torch.searchsorted(cdf.contiguous(), u, right=True).clamp(1, bins.shape[1] - 1)
-    below = above - 1
+        u = torch.rand((num_rows, num_samples), generator=generator, device=bins.device, dtype=bins.dtype)
+    # u at or above the rounded top of the CDF falls into the last edge (above = below = K).
+    index = torch.searchsorted(cdf.contiguous(), u, right=True)
+    below = (index - 1).clamp(min=0)
+    above = index.clamp(max=num_bins)
     cdf_below, cdf_above = cdf.gather(1, below), cdf.gather(1, above)
     bins_below, bins_above = bins.gather(1, below), bins.gather(1, above)
-    span = cdf_above - cdf_below
-    t = (u - cdf_below) / torch.where(span > 1e-12, span, torch.ones_like(span))
-    return bins_below + t.clamp(0, 1) * (bins_above - bins_below)
+    step = cdf_above - cdf_below
+    step = torch.where(step < eps, torch.ones_like(step), step)
+    return bins_below + (u - cdf_below) / step * (bins_above - bins_below)
 
 
-def sample_importance(depths: torch.Tensor, weights: torch.Tensor, num_samples: int, deterministic: bool = False) -> torch.Tensor:
-    """New depths drawn where the coarse pass put its compositing weight.
+def sample_importance(depths: torch.Tensor, weights: torch.Tensor, num_samples: int, deterministic: bool = False,
+                      generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """New depths drawn where the coarse pass put its compositing weight, as EG3D.
 
-    The interval weights are smoothed as EG3D does (max-pool over neighbouring intervals,
-    then average-pool, then + 0.01 so that no interval is starved) and define a
-    piecewise-constant density over the coarse intervals [t_j, t_{j+1}] (where
-    MipRayMarcher2's weight w_j lives).
+    The S - 1 interval weights are smoothed (max-pool over neighbours with padding: S values,
+    then average-pool: S - 1 values, then + 0.01 so that no interval is starved). The pdf
+    lives on the mid-points m_0..m_{S-2} of the coarse depths: bin [m_k, m_{k+1}] (around
+    depth t_{k+1}) takes smoothed weight k + 1, for k = 0..S-4. The last bin [m_{S-3}, m_{S-2}]
+    gets none: EG3D applies NeRF's per-sample recipe (S weights, S - 1 mid-points) to S - 1
+    interval weights, and we keep that for identical renders.
 
     Args:
-        depths:  (B, N, S, 1) increasing coarse depths.
+        depths:  (B, N, S, 1) increasing coarse depths, S >= 4.
         weights: (B, N, S - 1, 1) weights from MipRayMarcher2.
+        generator: torch.Generator for the quantiles; None = the global one.
     Returns:
         (B, N, num_samples, 1) depths (detached).
     """
     batch_size, num_rays, num_coarse, _ = depths.shape
     misc.assert_shape(weights, [batch_size, num_rays, num_coarse - 1, 1], 'weights')
+    if num_coarse < 4:
+        raise ValueError(f'sample_importance: need at least 4 coarse samples per ray, got {num_coarse}')
     w = weights.detach().reshape(batch_size * num_rays, 1, num_coarse - 1)
-    w = torch.nn.functional.max_pool1d(w, kernel_size=2, stride=1, padding=1)     # (M, 1, S): max of neighbours
-    w = torch.nn.functional.avg_pool1d(w, kernel_size=2, stride=1)                 # (M, 1, S - 1)
-    w = w.squeeze(1) + 0.01
-    samples = sample_pdf(depths.reshape(batch_size * num_rays, num_coarse), w, num_samples, deterministic)
-    return samples.reshape(batch_size, num_rays, num_samples, 1)
+    w = torch.nn.functional.max_pool1d(w, kernel_size=2, stride=1, padding=1)     # (M, 1, S)
+    w = torch.nn.functional.avg_pool1d(w, kernel_size=2, stride=1).squeeze(1)     # (M, S - 1)
+    w = w + 0.01
+    t = depths.detach().reshape(batch_size * num_rays, num_coarse)
+    mids = (t[:, :-1] + t[:, 1:]) / 2                                             # (M, S - 1)
+    fine = sample_pdf(mids[:, :-1], w[:, 1:-1], num_samples, deterministic=deterministic, generator=generator)
+    return fine.reshape(batch_size, num_rays, num_samples, 1)
 
 
 @persistence.persistent_class
@@ -166,7 +199,7 @@ class ImportanceRenderer(torch.nn.Module):
         return f'plane_axes={self.plane_axes!r}'
 
     def forward(self, planes: torch.Tensor, decoder: torch.nn.Module, ray_origins: torch.Tensor,
-                ray_directions: torch.Tensor, rendering_options: dict):
+                ray_directions: torch.Tensor, rendering_options: dict, generator: Optional[torch.Generator] = None):
         """Volume-render the tri-plane along each ray.
 
         Args:
@@ -176,6 +209,8 @@ class ImportanceRenderer(torch.nn.Module):
             ray_origins:    (B, N, 3) world units.
             ray_directions: (B, N, 3) unit vectors (depths are then distances).
             rendering_options: see the module docstring.
+            generator:      torch.Generator (on the rays' device) for the depth jitter, the
+                            importance quantiles and density_noise; None = the global one.
         Returns:
             feature_samples: (B, N, C') composited features in [-1, 1] (see MipRayMarcher2).
             depth_samples:   (B, N, 1) expected depth.
@@ -193,15 +228,16 @@ class ImportanceRenderer(torch.nn.Module):
 
         ray_start, ray_end = self._ray_limits(ray_origins, ray_directions, opts)
         depths = sample_stratified(ray_start, ray_end, int(opts['depth_resolution']),
-                                   disparity_space=bool(opts.get('disparity_space_sampling', False)), deterministic=deterministic)
-        colors, densities = self._run_along_rays(planes, decoder, ray_origins, ray_directions, depths, opts)
+                                   disparity_space=bool(opts.get('disparity_space_sampling', False)),
+                                   deterministic=deterministic, generator=generator)
+        colors, densities = self._run_along_rays(planes, decoder, ray_origins, ray_directions, depths, opts, generator)
 
         num_importance = int(opts['depth_resolution_importance'])
         if num_importance > 0:
             with torch.no_grad():   # the importance depths are detached, so their weights need no graph
                 coarse_weights = self.ray_marcher.interval_weights(densities, depths, opts)
-            depths_fine = sample_importance(depths, coarse_weights, num_importance, deterministic=deterministic)
-            colors_fine, densities_fine = self._run_along_rays(planes, decoder, ray_origins, ray_directions, depths_fine, opts)
+            depths_fine = sample_importance(depths, coarse_weights, num_importance, deterministic=deterministic, generator=generator)
+            colors_fine, densities_fine = self._run_along_rays(planes, decoder, ray_origins, ray_directions, depths_fine, opts, generator)
             depths, order = torch.sort(torch.cat([depths, depths_fine], dim=2), dim=2)
             colors = torch.cat([colors, colors_fine], dim=2).gather(2, order.expand(-1, -1, -1, colors.shape[-1]))
             densities = torch.cat([densities, densities_fine], dim=2).gather(2, order)
@@ -209,7 +245,7 @@ class ImportanceRenderer(torch.nn.Module):
         return self.ray_marcher(colors, densities, depths, opts)
 
     def run_model(self, planes: torch.Tensor, decoder: torch.nn.Module, sample_coordinates: torch.Tensor,
-                  sample_directions: torch.Tensor, options: dict) -> dict:
+                  sample_directions: torch.Tensor, options: dict, generator: Optional[torch.Generator] = None) -> dict:
         """Decoder output at arbitrary world points.
 
         Args:
@@ -217,6 +253,7 @@ class ImportanceRenderer(torch.nn.Module):
             sample_coordinates: (B, M, 3) world points.
             sample_directions:  (B, M, 3) view directions (passed to the decoder).
             options:            reads `box_warp` and `density_noise` (default 0).
+            generator:          torch.Generator for the density noise; None = the global one.
         Returns:
             dict(rgb=(B, M, C'), sigma=(B, M, 1)) with sigma the raw density.
         """
@@ -224,7 +261,8 @@ class ImportanceRenderer(torch.nn.Module):
         out = decoder(features, sample_directions)
         noise = float(options.get('density_noise', 0))
         if noise > 0:
-            out['sigma'] = out['sigma'] + torch.randn_like(out['sigma']) * noise
+            sigma = out['sigma']
+            out['sigma'] = sigma + torch.randn(sigma.shape, generator=generator, device=sigma.device, dtype=sigma.dtype) * noise
         return out
 
     def _ray_limits(self, ray_origins, ray_directions, opts):
@@ -247,12 +285,12 @@ class ImportanceRenderer(torch.nn.Module):
         return (torch.full(shape, float(start), device=ray_origins.device, dtype=ray_origins.dtype),
                 torch.full(shape, float(end), device=ray_origins.device, dtype=ray_origins.dtype))
 
-    def _run_along_rays(self, planes, decoder, ray_origins, ray_directions, depths, opts):
+    def _run_along_rays(self, planes, decoder, ray_origins, ray_directions, depths, opts, generator=None):
         """Decoder at the points origin + depth * direction: colours (B, N, S, C'), sigma (B, N, S, 1)."""
         batch_size, num_rays, num_samples, _ = depths.shape
         points = ray_origins.unsqueeze(2) + depths * ray_directions.unsqueeze(2)
         directions = ray_directions.unsqueeze(2).expand(-1, -1, num_samples, -1)
-        out = self.run_model(planes, decoder, points.reshape(batch_size, -1, 3), directions.reshape(batch_size, -1, 3), opts)
+        out = self.run_model(planes, decoder, points.reshape(batch_size, -1, 3), directions.reshape(batch_size, -1, 3), opts, generator)
         colors = out['rgb'].reshape(batch_size, num_rays, num_samples, -1)
         densities = out['sigma'].reshape(batch_size, num_rays, num_samples, 1)
         return colors, densities
