@@ -98,6 +98,14 @@ def test_mirror_label_is_eg3d_flip_yaw():
     np.testing.assert_array_equal(mirror_label(flipped), label)
 
 
+def test_mirror_label_mirrors_the_principal_point():
+    """Normalised intrinsics: an off-centre cx moves to 1 - cx; focal lengths and cy stay, the skew changes sign."""
+    intrinsics = np.array([[4.2647, 0.01, 0.3], [0, 4.2647, 0.45], [0, 0, 1]], dtype=np.float32)
+    label = np.concatenate([np.eye(4, dtype=np.float32).reshape(-1), intrinsics.reshape(-1)])
+    mirrored = mirror_label(label)[16:25].reshape(3, 3)
+    np.testing.assert_allclose(mirrored, [[4.2647, -0.01, 0.7], [0, 4.2647, 0.45], [0, 0, 1]], rtol=0, atol=1e-6)
+
+
 def test_mirrored_item_is_the_mirror_image(data_root):
     """Mirrored landmarks seen by the mirrored camera land at u -> 1 - u of the original's pixels."""
     ds = MeshImageDataset(data_root, xflip=True)
