@@ -121,7 +121,9 @@ def test_jaw_changes_mouth_region_far_more_than_corners(head):
         assert mouth > 1e-3 and mouth >= 10 * corners, (key, mouth, corners)
 
 
-def test_truncation_cutoff_defaults_to_backbone_ws(head):
+def test_truncation_cutoff_none_truncates_every_ws(head):
+    # As the official mapping: no cutoff truncates all ws (the 20 here, 28 at FFHQ); the
+    # scripts' --trunc-cutoff=14 (the official default) truncates the backbone ws only.
     G = tiny_next3d()
     with torch.no_grad():
         G.backbone.mapping.w_avg.copy_(torch.randn(64))
@@ -129,11 +131,15 @@ def test_truncation_cutoff_defaults_to_backbone_ws(head):
     ws = G.mapping(z, c)
     nb = G.num_backbone_ws
     assert ws.shape == (3, G.num_ws, 64) and nb == 10 and G.num_ws == 20
-    trunc = G.mapping(z, c, truncation_psi=0)
-    torch.testing.assert_close(trunc[:, :nb], G.backbone.mapping.w_avg.expand(3, nb, 64), rtol=0, atol=0)
-    torch.testing.assert_close(trunc[:, nb:], ws[:, nb:], rtol=0, atol=0)
-    everything = G.mapping(z, c, truncation_psi=0, truncation_cutoff=G.num_ws)
-    torch.testing.assert_close(everything, G.backbone.mapping.w_avg.expand(3, G.num_ws, 64), rtol=0, atol=0)
+    w_avg = G.backbone.mapping.w_avg
+    half = G.mapping(z, c, truncation_psi=0.5)
+    torch.testing.assert_close(half, w_avg + 0.5 * (ws - w_avg))
+    cut = G.mapping(z, c, truncation_psi=0, truncation_cutoff=nb)
+    torch.testing.assert_close(cut[:, :nb], w_avg.expand(3, nb, 64), rtol=0, atol=0)
+    torch.testing.assert_close(cut[:, nb:], ws[:, nb:], rtol=0, atol=0)
+    eg3d = configs.make_generator('tiny64-eg3d')
+    torch.testing.assert_close(eg3d.mapping(z, c, truncation_psi=0), eg3d.backbone.mapping.w_avg.expand(3, eg3d.num_ws, 64),
+                               rtol=0, atol=0)
 
 
 def test_camera_conditioning_options(head):

@@ -128,15 +128,13 @@ class EG3DGenerator(torch.nn.Module):
         """z [N, z_dim], c [N, >= 25] -> ws [N, num_ws, w_dim] float32.
 
         The mapping sees c[:, :c_dim] * c_scale (zeros with c_gen_conditioning_zero).
-        truncation_cutoff None truncates the backbone's ws only (the first 14 at 256: all of
-        EG3D's, the static/mouth/blending/SR ws of Next3D, not its texture ws).
+        truncation_cutoff: truncate the first ws only; None truncates all of them (as the
+        official code: all 28 of Next3D; the scripts' --trunc-cutoff=14 keeps its texture ws).
         """
         rk = self.rendering_kwargs
         c = c[:, :self.c_dim]
         if rk['c_gen_conditioning_zero']:
             c = torch.zeros_like(c)
-        if truncation_cutoff is None:
-            truncation_cutoff = self.num_backbone_ws
         return self.backbone.mapping(z, c * rk['c_scale'], truncation_psi=truncation_psi,
                                      truncation_cutoff=truncation_cutoff, update_emas=update_emas)
 
