@@ -121,7 +121,7 @@ void launch(at::Tensor& out, const at::Tensor& x, const at::Tensor* b, const at:
         b != nullptr ? b->data_ptr<scalar_t>() : nullptr,
         dy != nullptr ? dy->data_ptr<scalar_t>() : nullptr,
         static_cast<index_t>(numel),
-        static_cast<index_t>(std::max<int64_t>(x.stride(dim), 1)),
+        static_cast<index_t>(std::max<int64_t>(out.stride(dim), 1)),
         static_cast<index_t>(std::max<int64_t>(x.size(dim), 1)),
         act, static_cast<T>(alpha), static_cast<T>(gain), static_cast<T>(clamp));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -147,11 +147,14 @@ at::Tensor bias_act_cuda(
     const c10::cuda::CUDAGuard guard(x.device());
 
     at::Tensor out = at::empty_like(x);
-    if (x.numel() == 0)
-        return out;
-    // empty_like gives a dense layout; bring every operand into exactly that layout.
-    auto like_out = [&](const at::Tensor& t) { return t.strides() == out.strides() ? t : at::empty_like(out).copy_(t); };
-    const at::Tensor xx = like_out(x);
+    // empty_like gives a dense layout; bring every operand into that layout (strides of size-1
+    // dimensions do not matter: no index ever steps along them).
+    auto like_out = [&](const at::Tensor& t) {
+        for (int64_t d = 0; d < t.dim(); ++d)
+            if (t.size(d) > 1 && t.stride(d) != out.stride(d))
+                return at::empty_like(out).copy_(t);
+        return t;
+    };
     at::Tensor bb, dd;
     if (b.has_value()) {
         TORCH_CHECK(b->dim() == 1 && b->size(0) == x.size(dim), "bias_act: b must have shape [x.shape[dim]]");
@@ -163,6 +166,9 @@ at::Tensor bias_act_cuda(
         TORCH_CHECK(dy->device() == x.device() && dy->scalar_type() == x.scalar_type(), "bias_act: dy must match x's device and dtype");
         dd = like_out(*dy);
     }
+    if (x.numel() == 0)
+        return out;
+    const at::Tensor xx = like_out(x);
     const at::Tensor* bp = b.has_value() ? &bb : nullptr;
     const at::Tensor* dp = dy.has_value() ? &dd : nullptr;
     const bool small = x.numel() < (int64_t(1) << 30);     // 32-bit indices: i + grid stride (<= 2^28) stays below 2^31.

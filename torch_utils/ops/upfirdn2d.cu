@@ -4,8 +4,8 @@
 //   out[n, c, oy, ox] = sum_{ky, kx} w[ky, kx] * u[n, c, oy * downy + ky - pady0, ox * downx + kx - padx0]
 //
 // where u is the zero-inserted input (u[j] = x[j / up] when j % up == 0 and j < in * up, else 0)
-// and w the correlation kernel (the filter, flipped for a true convolution, times the gain),
-// prepared on the host. Each thread computes one output sample and visits only the taps
+// and w the correlation kernel: the filter read flipped for a true convolution, the gain applied
+// to the sum (so the filter is used as given, with no per-call preparation). Each thread computes one output sample and visits only the taps
 // that land on a nonzero sample of u (every up-th tap), so upsampling costs no wasted work.
 // Any input strides are read; the output is NCHW-contiguous or channels_last like the input,
 // and the flat thread index walks the output in its memory order so writes are coalesced.
@@ -24,6 +24,8 @@ namespace {
 struct Params {
     int batch, channels, in_h, in_w, out_h, out_w;
     int taps_h, taps_w, upx, upy, downx, downy, padx0, pady0;
+    bool flip_filter;       // false: read the filter flipped (true convolution); true: as is (correlation)
+    double gain;
     int64_t in_stride_n, in_stride_c, in_stride_h, in_stride_w;
     int64_t out_stride_n, out_stride_c, out_stride_h, out_stride_w;
     bool channels_last;     // Output memory order: channel fastest (true) or x fastest (false).
@@ -38,7 +40,7 @@ template <typename scalar_t, typename index_t>
 __global__ void upfirdn2d_kernel(
     scalar_t* __restrict__ out,
     const scalar_t* __restrict__ x,
-    const at::opmath_type<scalar_t>* __restrict__ w,     // [taps_h, taps_w], correlation kernel incl. gain
+    const at::opmath_type<scalar_t>* __restrict__ f,     // [taps_h, taps_w], the filter as given
     Params p,
     index_t numel)
 {
@@ -74,13 +76,13 @@ __global__ void upfirdn2d_kernel(
         for (int ky = ky_begin; ky < ky_end; ky += p.upy) {
             const int iy = (base_y + ky) / p.upy;
             const scalar_t* row = xp + iy * p.in_stride_h;
-            const T* wrow = w + ky * p.taps_w;
+            const T* frow = f + (p.flip_filter ? ky : p.taps_h - 1 - ky) * p.taps_w;
             for (int kx = kx_begin; kx < kx_end; kx += p.upx) {
                 const int ix = (base_x + kx) / p.upx;
-                acc += wrow[kx] * static_cast<T>(row[ix * p.in_stride_w]);
+                acc += frow[p.flip_filter ? kx : p.taps_w - 1 - kx] * static_cast<T>(row[ix * p.in_stride_w]);
             }
         }
-        out[n * p.out_stride_n + c * p.out_stride_c + oy * p.out_stride_h + ox * p.out_stride_w] = static_cast<scalar_t>(acc);
+        out[n * p.out_stride_n + c * p.out_stride_c + oy * p.out_stride_h + ox * p.out_stride_w] = static_cast<scalar_t>(acc * static_cast<T>(p.gain));
     }
 }
 
@@ -108,8 +110,12 @@ at::Tensor upfirdn2d_cuda(
     const int64_t out_h = (in_h * upy + pady0 + pady1 - taps_h) / downy + 1;
     const int64_t out_w = (in_w * upx + padx0 + padx1 - taps_w) / downx + 1;
     TORCH_CHECK(in_h * upy + pady0 + pady1 - taps_h >= 0 && in_w * upx + padx0 + padx1 - taps_w >= 0, "upfirdn2d: empty output");
-    TORCH_CHECK(std::max(in_h, in_w) * std::max(upx, upy) + std::max(std::abs(pady0), std::abs(padx0)) < (int64_t(1) << 30)
-                && batch * channels < (int64_t(1) << 31), "upfirdn2d: sizes too large for 32-bit coordinates");
+    // Every coordinate the kernel forms in 32-bit ints (u-rows, output rows x down, taps, padding) stays below 2^30.
+    const int64_t limit = int64_t(1) << 30;
+    for (const int64_t v : {in_h * upy, in_w * upx, out_h * downy, out_w * downx, taps_h, taps_w, upx, upy, downx, downy,
+                            std::abs(padx0), std::abs(padx1), std::abs(pady0), std::abs(pady1)})
+        TORCH_CHECK(v < limit, "upfirdn2d: sizes, padding, taps or factors too large for 32-bit coordinates");
+    TORCH_CHECK(batch * channels < (int64_t(1) << 31), "upfirdn2d: batch x channels too large for 32-bit coordinates");
 
     const bool channels_last = x.is_contiguous(at::MemoryFormat::ChannelsLast) && !x.is_contiguous();
     at::Tensor out = at::empty({batch, channels, out_h, out_w},
@@ -128,6 +134,8 @@ at::Tensor upfirdn2d_cuda(
     p.in_stride_n = x.stride(0); p.in_stride_c = x.stride(1); p.in_stride_h = x.stride(2); p.in_stride_w = x.stride(3);
     p.out_stride_n = out.stride(0); p.out_stride_c = out.stride(1); p.out_stride_h = out.stride(2); p.out_stride_w = out.stride(3);
     p.channels_last = channels_last;
+    p.flip_filter = flip_filter;
+    p.gain = gain;
 
     const int64_t numel = out.numel();
     const int threads = 256;
@@ -136,11 +144,8 @@ at::Tensor upfirdn2d_cuda(
 
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "upfirdn2d_cuda", [&] {
         using T = at::opmath_type<scalar_t>;
-        // Correlation kernel in the accumulation type: flipped for a true convolution, times the gain.
-        at::Tensor w = f.to(c10::CppTypeToScalarType<T>::value) * gain;
-        if (!flip_filter)
-            w = w.flip({0, 1});
-        w = w.contiguous();
+        // The filter in the accumulation type: no copy for float32 filters with float/half/bfloat16 x.
+        const at::Tensor w = f.to(c10::CppTypeToScalarType<T>::value).contiguous();
         const auto stream = c10::cuda::getCurrentCUDAStream();
         if (small)
             upfirdn2d_kernel<scalar_t, int32_t><<<static_cast<unsigned int>(blocks), threads, 0, stream>>>(
