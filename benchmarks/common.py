@@ -12,6 +12,11 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS_DIR = os.path.join(ROOT, 'benchmarks', 'results')
 
+# Benchmarks time the precision that training and the parity tests use: full float32, TF32 off
+# for both matmuls and cuDNN convolutions (set explicitly: cuDNN's TF32 is on by default).
+torch.backends.cuda.matmul.allow_tf32 = False
+torch.backends.cudnn.allow_tf32 = False
+
 
 def sync(device: torch.device):
     if device.type == 'cuda':

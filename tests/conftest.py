@@ -13,6 +13,9 @@ def pytest_configure(config):
     # Tiny tensors: one thread avoids spin-waiting threads that slow the suite down
     # badly when the machine is busy, and costs little when it is not.
     torch.set_num_threads(1)
+    # The GPU tests' tolerances are for full float32: TF32 convolutions/matmuls are off (cuDNN's are on by default).
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
 
 
 def pytest_collection_modifyitems(config, items):

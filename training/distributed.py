@@ -58,6 +58,25 @@ def shutdown():
         torch.distributed.destroy_process_group()
 
 
+def broadcast_object(obj, src: int = 0):
+    """Rank `src`'s picklable `obj` on every rank (returned as is by a single process, group or not)."""
+    if not is_initialized() or world_size() <= 1:
+        return obj
+    holder = [obj]
+    torch.distributed.broadcast_object_list(holder, src=src)
+    return holder[0]
+
+
+def set_tf32(allow: bool):
+    """TF32 for CUDA matmuls and cuDNN convolutions, both set explicitly (recent PyTorch enables cuDNN's by default).
+
+    Training turns it off, as StyleGAN2-ADA and EG3D do: R1 and the lazy regularizers
+    need full float32 gradients.
+    """
+    torch.backends.cuda.matmul.allow_tf32 = allow
+    torch.backends.cudnn.allow_tf32 = allow
+
+
 def broadcast_module(module: torch.nn.Module, src: int = 0):
     """Copy rank `src`'s parameters and buffers to every rank (in place)."""
     if not is_initialized() or world_size() <= 1:
