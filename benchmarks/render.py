@@ -63,9 +63,9 @@ def main(device, batch, resolution, plane_res, samples, importance, front_res, r
         (rgb.square().mean() + depth.mean()).backward()
 
     front = torch.randn(batch, 32, front_res, front_res, device=device, requires_grad=True)
-    side = front_res * 0.3
-    box = torch.tensor([[front_res * 0.5, front_res * 0.7, side]], device=device).repeat(batch, 1)
-    box[:, 2] += torch.arange(batch, device=device)                       # a different box size per sample
+    side = int(front_res * 0.3) // 2 * 2                                  # whole-pixel box (x0, y0, side)
+    box = torch.tensor([[front_res // 2 - side // 2, int(front_res * 0.7) - side // 2, side]], device=device).repeat(batch, 1)
+    box[:, 2] += 2 * torch.arange(batch, device=device)                   # a different box size per sample
     patch = torch.randn(batch, 32, 64, 64, device=device)
 
     rays = batch * resolution * resolution

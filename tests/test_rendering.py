@@ -526,6 +526,19 @@ def test_renderer_and_mouth_on_cuda_match_cpu():
     for a, b in zip(cpu, gpu):
         torch.testing.assert_close(b.cpu(), a, atol=1e-4, rtol=1e-4)
     front, patch = torch.rand(2, 4, 64, 64), torch.rand(2, 4, 16, 16)
-    box = torch.tensor([[30.0, 40.0, 20.5], [20.0, 25.0, 33.0]])
-    torch.testing.assert_close(crop_mouth(front.cuda(), box.cuda(), 16).cpu(), crop_mouth(front, box, 16), atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(paste_mouth(front.cuda(), patch.cuda(), box.cuda()).cpu(), paste_mouth(front, patch, box), atol=1e-5, rtol=1e-5)
+    box = torch.tensor([[20, 30, 20], [4, 8, 33]])
+    cuda = [t.cuda() for t in (front, patch, box, planes, origins, dirs)]
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode('error')                   # no host sync in the mouth or the seeded renderer
+    try:
+        gpu_crop = crop_mouth(cuda[0], cuda[2], 16)
+        gpu_paste = paste_mouth(cuda[0], cuda[1], cuda[2])
+        opts = dict(opts, deterministic_sampling=False)
+        seeded = [ImportanceRenderer()(cuda[3], decoder, cuda[4], cuda[5], opts, generator=torch.Generator('cuda').manual_seed(3))
+                  for _ in range(2)]
+    finally:
+        torch.cuda.set_sync_debug_mode('default')
+    torch.testing.assert_close(gpu_crop.cpu(), crop_mouth(front, box, 16), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(gpu_paste.cpu(), paste_mouth(front, patch, box), atol=1e-5, rtol=1e-5)
+    for a, b in zip(*seeded):
+        assert torch.equal(a, b)

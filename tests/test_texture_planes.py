@@ -9,8 +9,7 @@ import torch.nn.functional as F
 from torch_utils import persistence
 from training import coords
 from training.mesh.rasterize import interpolate, rasterize
-from training.mesh.texture_planes import (VIEW_NAMES, TexturePlaneRasterizer, fill_enclosed,
-                                          mouth_box_from_landmarks, view_transform)
+from training.mesh.texture_planes import VIEW_NAMES, TexturePlaneRasterizer, fill_enclosed, view_transform
 
 
 # --- test meshes ---------------------------------------------------------------------------
@@ -166,18 +165,6 @@ def test_aligned_front_is_upright_and_landmarks_hand_computed():
     torch.testing.assert_close(px, torch.tensor([[[128.0, 128.0], [140.8, 102.4]]]))
     rel = TexturePlaneRasterizer(num_faces=1, num_uvs=3, image_size=256, layout='released')
     torch.testing.assert_close(rel.project_landmarks_front(lms)[0, 1], torch.tensor([140.8, 166.4]))
-
-
-def test_mouth_box_from_landmarks():
-    lms = torch.zeros(2, 68, 2)
-    lips = torch.tensor([[100, 150], [110, 140], [120, 138], [130, 140], [140, 148], [150, 150],
-                         [160, 151], [150, 160], [140, 165], [130, 166], [120, 164], [110, 158]], dtype=torch.float32)
-    lms[:, 48:60] = lips
-    lms[1, 48:60] += 10
-    box = mouth_box_from_landmarks(lms)
-    # Corners 48 (100, 150) and 54 (160, 151); extents 60 x 28 -> side floor(72.0) = 72.
-    torch.testing.assert_close(box[0], torch.tensor([130.0, 150.5, 72.0]))
-    torch.testing.assert_close(box[1], torch.tensor([140.0, 160.5, 72.0]))
 
 
 # --- holes -----------------------------------------------------------------------------------

@@ -4,8 +4,8 @@
     eg3d_ws, texture_ws = ws[:, :14], ws[:, 14:]
     texture = texture_backbone.synthesis(texture_ws)              [N, 32, 256, 256] UV space
     renders = rasterizer(mesh vertices, texture)                  front / side / top + alphas
-    box = mouth box from the front-projected lip landmarks
-    front = paste(front, mouth_backbone(crop(front, box), eg3d_ws), box)
+    box = whole-pixel mouth box from the front-projected lip landmarks
+    front = paste(front, mouth_backbone(crop(front, box) -> 64 x 64, eg3d_ws), box)   (training/mouth.py)
     front = neural_blending(front, eg3d_ws)
     planes = to_planes(renders) * alpha + static backbone planes * (1 - alpha)
     -> volume rendering + super-resolution (the last eg3d w), as EG3DGenerator
@@ -36,7 +36,6 @@ from torch_utils import persistence
 from training import mouth
 from training.eg3d_generator import EG3DGenerator
 from training.mesh.texture_planes import TexturePlaneRasterizer
-from training.mesh.texture_planes import mouth_box_from_landmarks
 from training.networks_stylegan2 import Generator as StyleGAN2Generator
 from training.style_unet import StyleUNet
 
@@ -128,7 +127,7 @@ class Next3DGenerator(EG3DGenerator):
 
         front [N, C, P, P], landmarks [N, 68, 3] mesh metres, eg3d_ws [N, 14, w_dim] -> [N, C, P, P].
         """
-        box = mouth_box_from_landmarks(self.rasterizer.project_landmarks_front(landmarks), image_size=self.plane_resolution)
+        box = mouth.mouth_box_from_landmarks(self.rasterizer.project_landmarks_front(landmarks), image_size=self.plane_resolution)
         patch = mouth.crop_mouth(front, box, out_size=self.mouth_backbone.in_resolution)
         front = mouth.paste_mouth(front, self.mouth_backbone(patch, eg3d_ws, **kwargs), box)
         return self.neural_blending(front, eg3d_ws, **kwargs)

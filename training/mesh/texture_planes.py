@@ -137,16 +137,6 @@ def _spread_along_runs(reach: torch.Tensor, passable: torch.Tensor, dim: int) ->
     return r[0] | r[1].flip(dim)
 
 
-def mouth_box_from_landmarks(lms_px: torch.Tensor, image_size: int = 256) -> torch.Tensor:
-    """(B, 68, 2) front-render pixel landmarks -> (B, 3) float (cx, cy, side) in pixels.
-
-    Centre = midpoint of points 48 and 54; side = floor(1.2 x max extent of 48-59). See
-    `training.mouth.mouth_box_from_landmarks`, which this forwards to.
-    """
-    from training import mouth
-    return mouth.mouth_box_from_landmarks(lms_px / (image_size / 2) - 1, image_size=image_size)
-
-
 @persistence.persistent_class
 class TexturePlaneRasterizer(torch.nn.Module):
     def __init__(self,
