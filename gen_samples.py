@@ -7,6 +7,7 @@
 
 import math
 import os
+import time
 
 import click
 import numpy as np
@@ -17,6 +18,8 @@ import dnnlib
 from training import coords, shapes
 from training.generation import BUNDLED_NETWORK, check_mesh_options, frontal_label, load_generator, mesh_condition, orbit_label, save_image_grid
 
+PREVIEW_RES = 64    # samples per axis of the preview: one chunk of sample_density_volume
+
 
 @click.command()
 @click.option('--network', 'network_pkl', default=BUNDLED_NETWORK, show_default=True, help='Network snapshot or official pickle')
@@ -24,9 +27,14 @@ from training.generation import BUNDLED_NETWORK, check_mesh_options, frontal_lab
 @click.option('--trunc', 'truncation_psi', type=float, default=1.0, show_default=True, help='Truncation psi')
 @click.option('--trunc-cutoff', 'truncation_cutoff', type=int, default=14, show_default=True, help='Truncation cutoff (number of ws)')
 @click.option('--outdir', type=str, required=True, help='Where to save the output images')
-@click.option('--shapes', type=bool, default=False, show_default=True, help='Also export the density volume of each seed')
-@click.option('--shape-res', type=click.IntRange(min=16), default=512, show_default=True, help='Shape grid resolution per axis')
-@click.option('--shape-format', type=click.Choice(['.mrc', '.ply']), default='.mrc', show_default=True, help='Density volume or marching-cubes surface')
+@click.option('--shapes', type=bool, default=False, show_default=True, help='Also export the density of each seed as seedNNNN<shape-format> (true/false)')
+@click.option('--shape-res', type=click.IntRange(min=16), default=512, show_default=True,
+              help='Density grid samples per axis over the tri-plane box (>= 16); the time grows with its cube (an estimate is printed)')
+@click.option('--shape-format', type=click.Choice(shapes.SHAPE_FORMATS), default='.mrc', show_default=True,
+              help='.mrc: the raw density volume (float32, EG3D layout); .ply / .obj: a closed marching-cubes surface')
+@click.option('--shape-level', type=str, default='auto', show_default=True,
+              help='Raw density (sigma) of the .ply/.obj surface: a number, or auto = min(10, half the maximum): '
+                   "EG3D's 10 unless the density peaks below 20")
 @click.option('--fov-deg', type=float, default=coords.FOV_DEG, show_default=True, help="Field of view in degrees (EG3D's convention)")
 @click.option('--obj_path', type=str, default=None, help='Driving mesh (.obj); default: the bundled head, neutral')
 @click.option('--lms_path', type=str, default=None, help='68 x 3 landmarks of the mesh; default: the bundled head, neutral')
@@ -34,12 +42,14 @@ from training.generation import BUNDLED_NETWORK, check_mesh_options, frontal_lab
 @click.option('--uv_mask_path', type=str, default=None, help='Face/eye UV mask PNG for official Next3D pickles that lack it')
 @click.option('--device', type=str, default=None, help="torch device (default: cuda if available)")
 def generate_images(network_pkl, seeds, truncation_psi, truncation_cutoff, outdir, shapes, shape_res, shape_format,
-                    fov_deg, obj_path, lms_path, lms_cond, uv_mask_path, device):
+                    shape_level, fov_deg, obj_path, lms_path, lms_cond, uv_mask_path, device):
     """Per seed: the views at yaw +0.4, 0, -0.4 (pitch -0.2) conditioned on a frontal camera -> seedNNNN.png."""
     ctx = click.get_current_context()
-    for name in ('shape_res', 'shape_format'):
+    for name in ('shape_res', 'shape_format', 'shape_level'):
         if not shapes and ctx.get_parameter_source(name) != click.core.ParameterSource.DEFAULT:
             raise click.UsageError(f'--{name.replace("_", "-")} applies with --shapes=true only')
+    if shapes:
+        shape_level = check_shape_options(shape_format, shape_level)
     device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
     G = load_generator(network_pkl, device, uv_mask_path)
     check_mesh_options(G, network_pkl, obj_path, lms_path, lms_cond)
@@ -57,7 +67,7 @@ def generate_images(network_pkl, seeds, truncation_psi, truncation_cutoff, outdi
                 images.append(G.synthesis(ws, c, v, noise_mode='const')['image'])
         save_image_grid(torch.cat(images), os.path.join(outdir, f'seed{seed:04d}.png'), grid=(3, 1))
         if shapes:
-            export_shape(G, ws, v, shape_res, shape_format, os.path.join(outdir, f'seed{seed:04d}{shape_format}'), device)
+            export_shape(G, ws, v, shape_res, shape_level, os.path.join(outdir, f'seed{seed:04d}{shape_format}'), device)
 
 
 def density_function(G, ws, v):
@@ -70,17 +80,77 @@ def density_function(G, ws, v):
     return sigma_fn
 
 
-def export_shape(G, ws, v, resolution: int, shape_format: str, path: str, device):
-    """Density on a resolution^3 grid over the tri-plane box -> .mrc (EG3D layout) or .ply (level 10)."""
+def check_shape_options(shape_format: str, shape_level: str):
+    """Before any work: the format's packages are installed and --shape-level is valid -> level (None: auto)."""
+    try:
+        shapes.check_dependencies(shape_format)
+    except ImportError as e:
+        raise click.ClickException(str(e))
+    if shape_level == 'auto':
+        return None
+    if shape_format == '.mrc':
+        raise click.UsageError('--shape-level applies to .ply/.obj surfaces (a .mrc keeps the whole volume; a level is printed for viewing)')
+    try:
+        level = float(shape_level)
+    except ValueError:
+        level = math.nan
+    if not math.isfinite(level):
+        raise click.BadParameter(f'{shape_level!r}: expected a finite number or auto', param_hint='--shape-level')
+    return level
+
+
+def export_shape(G, ws, v, resolution: int, level, path: str, device):
+    """Density on a resolution^3 grid over the tri-plane box -> .mrc (EG3D layout) or a .ply/.obj surface.
+
+    A grid of PREVIEW_RES^3 runs first: it times the device (the estimate is printed) and, for
+    surfaces, fixes the level (None: automatic), so a level the density never reaches fails
+    before the full grid is computed.
+    """
     box = G.rendering_kwargs['box_warp']
     sigma_fn = density_function(G, ws, v)
-    with tqdm(total=resolution ** 3, desc=f'shape {os.path.basename(path)}', unit='pt', unit_scale=True, leave=False) as bar:
-        volume = shapes.sample_density_volume(sigma_fn, resolution, box_warp=box, device=device, progress=bar)
-    if shape_format == '.mrc':
+    name = os.path.basename(path)
+    preview_res = min(resolution, PREVIEW_RES)
+    start = time.perf_counter()
+    volume = shapes.sample_density_volume(sigma_fn, preview_res, box_warp=box, device=device)
+    seconds = time.perf_counter() - start
+    is_mesh = not path.endswith('.mrc')
+    if is_mesh:
+        try:
+            level_used = shapes.surface_level(float(volume.max()), level)
+        except ValueError as e:
+            hint = '; --shape-level=auto picks min(10, half the maximum)' if level is not None else ''
+            raise click.ClickException(f'{path}: {e} on a {preview_res}^3 grid: no surface{hint}')
+        tqdm.write(f'{name}: {describe_level(level_used, float(volume.max()), level)} on a {preview_res}^3 grid')
+    if resolution > preview_res:
+        estimate = seconds * (resolution / preview_res) ** 3
+        duration = f'{estimate:.0f} s' if estimate < 120 else f'{estimate / 60:.0f} min'
+        tqdm.write(f'{name}: {resolution}^3 = {resolution ** 3:,} density samples, '
+                   f'about {duration} (timed on the {preview_res}^3 grid)')
+        with tqdm(total=resolution ** 3, desc=name, unit='pt', unit_scale=True, leave=False) as bar:
+            volume = shapes.sample_density_volume(sigma_fn, resolution, box_warp=box, device=device, progress=bar)
+    if not is_mesh:
         shapes.save_mrc(path, shapes.prepare_mrc_volume(volume))
-    else:
-        verts, faces = shapes.volume_to_mesh(volume, level=10.0, box_warp=box)
-        shapes.save_ply(path, verts, faces)
+        try:
+            view = 'view it at ' + describe_level(shapes.surface_level(float(volume.max())), float(volume.max()), None)
+        except ValueError as e:
+            view = f'{e}: no surface'
+        tqdm.write(f'{name}: density {volume.min():.4g} .. {volume.max():.4g}; {view}')
+        return
+    try:
+        verts, faces = shapes.volume_to_mesh(volume, level=level_used, box_warp=box)
+    except ValueError as e:     # the full grid can miss a level that the preview just reached
+        raise click.ClickException(f'{path}: {e}')
+    shapes.save_mesh(path, verts, faces)
+    tqdm.write(f'{name}: {len(verts):,} vertices, {len(faces):,} faces')
+
+
+def describe_level(level: float, density_max: float, requested) -> str:
+    """'level 3.961 (auto: ...)': says where the level comes from."""
+    if requested is not None:
+        return f'level {level:g} (density maximum {density_max:.4g})'
+    if level == shapes.EG3D_LEVEL:
+        return f"level {level:g} (auto: EG3D's; density maximum {density_max:.4g})"
+    return f"level {level:.4g} (auto: half the density maximum {density_max:.4g}; EG3D's 10 from a maximum of 20)"
 
 
 if __name__ == '__main__':

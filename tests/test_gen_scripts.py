@@ -53,7 +53,8 @@ def test_gen_samples_images_and_mrc(tiny_network, tmp_path):
     assert np.abs(image - np.asarray(PIL.Image.open(tmp_path / 'seed0002.png'))).mean() > 0.5
 
 
-def test_gen_samples_ply(tiny_network, tmp_path, monkeypatch):
+@pytest.mark.parametrize('shape_format', ['.ply', '.obj'])
+def test_gen_samples_surfaces(tiny_network, tmp_path, monkeypatch, shape_format):
     trimesh = pytest.importorskip('trimesh')
 
     def sphere_density(G, ws, v):
@@ -62,10 +63,11 @@ def test_gen_samples_ply(tiny_network, tmp_path, monkeypatch):
 
     monkeypatch.setattr(gen_samples, 'density_function', sphere_density)
     result = invoke(gen_samples.generate_images, ['--network', tiny_network, '--seeds', '1', '--outdir', str(tmp_path),
-                                                  '--shapes', 'true', '--shape-res', '32', '--shape-format', '.ply'])
+                                                  '--shapes', 'true', '--shape-res', '32', '--shape-format', shape_format])
     assert result.exit_code == 0, result.output + repr(result.exception)
-    mesh = trimesh.load(str(tmp_path / 'seed0001.ply'))
-    assert mesh.is_watertight and len(mesh.faces) > 100
+    assert "seed0001" + shape_format + ": level 10 (auto: EG3D's; density maximum" in result.output
+    mesh = trimesh.load(str(tmp_path / f'seed0001{shape_format}'))
+    assert mesh.is_watertight and len(mesh.faces) > 100 and mesh.volume > 0
     assert abs(np.linalg.norm(mesh.vertices, axis=1).mean() - 0.3) < 0.01
 
 
@@ -146,6 +148,7 @@ def test_reenact_bad_inputs(tiny_network, tmp_path):
 @pytest.mark.parametrize('command, extra, message', [
     ('samples', ['--shape-res', '32'], '--shape-res applies with --shapes=true only'),
     ('samples', ['--shape-format', '.ply'], '--shape-format applies with --shapes=true only'),
+    ('samples', ['--shape-level', '5'], '--shape-level applies with --shapes=true only'),
     ('samples', ['--lms_path', DEFAULT_LMS, '--lms_cond', 'false'], '--lms_path is not read with --lms_cond=false'),
     ('videos', ['--interpolate', 'false', '--grid', '2x1'], '--grid applies with --interpolate=true only'),
     ('videos', ['--interpolate', 'false', '--num-keyframes', '2'], '--num-keyframes applies with --interpolate=true only'),

@@ -1,9 +1,45 @@
-"""Density volumes from a generator, saved as .mrc volumes or .ply surfaces."""
+"""Density volumes from a generator, saved as .mrc volumes or .ply / .obj surfaces."""
+
+import importlib
+from typing import Optional
 
 import numpy as np
 import torch
 
 from torch_utils.persistence import atomic_output, atomic_write_bytes
+from training.mesh.obj_io import write_obj
+
+EG3D_LEVEL = 10.0       # raw sigma at which EG3D views its volumes and extracts its surfaces
+SHAPE_FORMATS = ('.mrc', '.ply', '.obj')
+# Modules each format needs -> the pip package that provides them (all in the `shapes` extra or core).
+FORMAT_MODULES = {'.mrc': {'mrcfile': 'mrcfile'}, '.ply': {'skimage.measure': 'scikit-image'},
+                  '.obj': {'skimage.measure': 'scikit-image'}}
+
+
+def check_dependencies(shape_format: str):
+    """Raise ImportError naming the pip packages `shape_format` needs, if any is missing."""
+    missing = []
+    for module, package in FORMAT_MODULES[shape_format].items():
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            missing.append(package)
+    if missing:
+        raise ImportError(f"{shape_format} shapes need {', '.join(missing)}: pip install -e '.[shapes]'")
+
+
+def surface_level(density_max: float, requested: Optional[float] = None) -> float:
+    """The iso-level of a surface: `requested`, or automatically min(10, density_max / 2).
+
+    10 is EG3D's level for its trained models. A model whose raw density peaks below 20 (a soft,
+    barely trained one such as the bundled model) gets its half-maximum surface instead: a level
+    close to the maximum cuts out only specks. Raises ValueError when the level is not below
+    the maximum (no surface).
+    """
+    level = min(EG3D_LEVEL, density_max / 2) if requested is None else requested
+    if not density_max > level:
+        raise ValueError(f'the density never exceeds level {level:.4g} (its maximum is {density_max:.4g})')
+    return level
 
 
 def grid_coordinates(resolution: int, box_warp: float = 1.0) -> torch.Tensor:
@@ -45,7 +81,7 @@ def prepare_mrc_volume(volume: np.ndarray, border_voxels: int = None) -> np.ndar
 
 
 def save_mrc(path: str, volume: np.ndarray, voxel_size: float = 1.0):
-    """Atomically write a float32 .mrc volume (open in ChimeraX at level ~10)."""
+    """Atomically write a float32 .mrc volume (view it at the level that surface_level picks)."""
     import mrcfile
     with atomic_output(path, suffix='.mrc') as tmp:
         with mrcfile.new(tmp, overwrite=True) as mrc:
@@ -53,18 +89,25 @@ def save_mrc(path: str, volume: np.ndarray, voxel_size: float = 1.0):
             mrc.voxel_size = voxel_size
 
 
-def volume_to_mesh(volume: np.ndarray, level: float = 10.0, box_warp: float = 1.0):
-    """Marching cubes at `level` -> (vertices (n, 3) world units in (x, y, z), faces (m, 3))."""
-    try:
-        from skimage import measure
-    except ImportError as e:
-        raise RuntimeError("--shape-format .ply needs scikit-image: pip install -e '.[shapes]'") from e
+def volume_to_mesh(volume: np.ndarray, level: float = EG3D_LEVEL, box_warp: float = 1.0):
+    """Marching cubes at `level` -> (vertices (n, 3) world units in (x, y, z), faces (m, 3)).
+
+    The surface encloses density above `level` (normals point outwards) and is closed: where
+    the dense region meets the box, it is capped on the box faces.
+    """
+    check_dependencies('.ply')
+    from skimage import measure
     if not (volume.min() < level < volume.max()):
-        raise ValueError(f'the density volume never crosses level {level} (range {volume.min():.3g} .. {volume.max():.3g}): no surface')
+        raise ValueError(f'the density volume never crosses level {level:.3g} (range {volume.min():.3g} .. {volume.max():.3g}): no surface')
     n = volume.shape[0]
     spacing = box_warp / (n - 1)
-    verts, faces, _, _ = measure.marching_cubes(volume, level=level, spacing=(spacing,) * 3)
-    verts = verts - box_warp / 2
+    # A layer far below the level around the grid closes every surface, within 1e-4 voxel of the box faces
+    # for densities up to 100 above the level (exact clipping would leave zero-area faces).
+    padded = np.pad(volume, 1, constant_values=min(float(volume.min()), level) - 1e6)
+    # Density grows inwards; 'ascent' winds the faces counter-clockwise seen from outside (the default,
+    # 'descent', turns the normals inwards).
+    verts, faces, _, _ = measure.marching_cubes(padded, level=level, spacing=(spacing,) * 3, gradient_direction='ascent')
+    verts = verts - spacing - box_warp / 2
     return verts.astype(np.float32), faces.astype(np.int32)
 
 
@@ -77,3 +120,13 @@ def save_ply(path: str, vertices: np.ndarray, faces: np.ndarray):
     face_records['n'] = 3
     face_records['idx'] = faces
     atomic_write_bytes(path, header + np.ascontiguousarray(vertices, dtype='<f4').tobytes() + face_records.tobytes())
+
+
+def save_mesh(path: str, vertices: np.ndarray, faces: np.ndarray):
+    """Atomically write a triangle mesh as .ply (binary) or .obj (text), by the suffix of `path`."""
+    if path.endswith('.ply'):
+        save_ply(path, vertices, faces)
+    elif path.endswith('.obj'):
+        write_obj(path, vertices, faces)
+    else:
+        raise ValueError(f'{path}: meshes are saved as .ply or .obj')
