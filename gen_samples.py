@@ -59,12 +59,13 @@ def generate_images(network_pkl, seeds, truncation_psi, truncation_cutoff, outdi
     os.makedirs(outdir, exist_ok=True)
     for seed in tqdm(seeds, desc='seeds', disable=len(seeds) < 2):
         z = torch.from_numpy(np.random.RandomState(seed).randn(1, G.z_dim)).float().to(device)
+        generator = torch.Generator(device).manual_seed(seed)        # the renderer's depth sampling: same seed, same pixels
         with torch.no_grad():
             ws = G.mapping(z, c_cond, truncation_psi=truncation_psi, truncation_cutoff=truncation_cutoff)
             images = []
             for yaw in (0.4, 0.0, -0.4):
                 c = orbit_label(G, math.pi / 2 + yaw, math.pi / 2 - 0.2, focal, device)
-                images.append(G.synthesis(ws, c, v, noise_mode='const')['image'])
+                images.append(G.synthesis(ws, c, v, noise_mode='const', generator=generator)['image'])
         save_image_grid(torch.cat(images), os.path.join(outdir, f'seed{seed:04d}.png'), grid=(3, 1))
         if shapes:
             export_shape(G, ws, v, shape_res, shape_level, os.path.join(outdir, f'seed{seed:04d}{shape_format}'), device)

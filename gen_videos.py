@@ -52,6 +52,7 @@ def render_video(G, path, seeds, grid, num_keyframes, w_frames, psi, truncation_
     G.rendering_kwargs['depth_resolution'] = int(rendering_kwargs['depth_resolution'] * sample_mult)
     G.rendering_kwargs['depth_resolution_importance'] = int(rendering_kwargs['depth_resolution_importance'] * sample_mult)
     num_frames = num_keyframes * w_frames
+    generator = torch.Generator(device).manual_seed(seeds[0])    # the renderer's depth sampling: same seeds, same frames
     try:
         with VideoWriter(path, fps=fps) as video:
             for frame_idx in tqdm(range(num_frames), desc=os.path.basename(path)):
@@ -61,7 +62,7 @@ def render_video(G, path, seeds, grid, num_keyframes, w_frames, psi, truncation_
                 w = torch.from_numpy(w).float().to(device)                          # every tile in one batch
                 with torch.no_grad():
                     out = G.synthesis(w, cam.expand(len(w), -1), None if v is None else v.expand(len(w), -1, -1),
-                                      neural_rendering_resolution=nrr, noise_mode='const')
+                                      neural_rendering_resolution=nrr, noise_mode='const', generator=generator)
                 tiles = depth_to_image(out['image_depth']) if image_mode == 'image_depth' else out[image_mode]
                 video.append(make_grid(to_uint8(tiles), (gw, gh)))
     finally:

@@ -71,13 +71,15 @@ def reenact(drive_root, network_pkl, seeds, grid, outdir, fname, truncation_psi,
     cameras = smooth_labels(labels, smooth) if smooth > 0 else labels
     res = G.img_resolution
     path = os.path.join(outdir, fname)
+    generator = torch.Generator(device).manual_seed(seeds[0])    # the renderer's depth sampling: same seeds, same frames
     with VideoWriter(path, fps=fps) as video:
         for i, frame in enumerate(tqdm(frames, desc='frames')):
             v = load_condition(frame.obj_path, frame.lms_path if lms_cond else None, G.num_vertices,
                                landmarks_fn=None if lms_cond else bundled_landmarks).to(device)
             cam = frontal_label(G, device=device) if fixed_camera else torch.from_numpy(cameras[i])[None].to(device)
             with torch.no_grad():
-                images = G.synthesis(ws, cam.expand(len(ws), -1), v.expand(len(ws), -1, -1), noise_mode='const')['image']
+                images = G.synthesis(ws, cam.expand(len(ws), -1), v.expand(len(ws), -1, -1), noise_mode='const',
+                                     generator=generator)['image']
             tiles = to_uint8(images).reshape(gh, gw - 1, res, res, 3)
             driving = np.broadcast_to(load_frame_image(frame.image_path, res), (gh, 1, res, res, 3))
             rows = np.concatenate([driving, tiles], axis=1).reshape(gh * gw, res, res, 3)

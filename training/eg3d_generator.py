@@ -160,13 +160,16 @@ class EG3DGenerator(torch.nn.Module):
     def synthesis(self, ws: torch.Tensor, c: torch.Tensor, v: Optional[torch.Tensor] = None,
                   neural_rendering_resolution: Optional[int] = None, update_emas: bool = False,
                   cache_backbone: bool = False, use_cached_backbone: bool = False,
-                  noise_mode: str = 'random', force_fp32: bool = False, fused_modconv=None) -> dict:
+                  noise_mode: str = 'random', force_fp32: bool = False, fused_modconv=None,
+                  generator: Optional[torch.Generator] = None) -> dict:
         """ws [N, num_ws, w_dim], camera c [N, >= 25] (OpenCV cam2world + normalised intrinsics),
         v [N, V + 68, 3] mesh condition (Next3D; ignored here) -> dict(
             image       [N, 3, R, R] float32, roughly [-1, 1],
             image_raw   [N, 3, r, r] float32 in [-1, 1],
             image_depth [N, 1, r, r] float32, world units along the ray).
         noise_mode applies to the StyleGAN2 networks; SR uses rendering_kwargs['superresolution_noise_mode'].
+        generator: torch.Generator (on G's device) for the renderer's random depth sampling, so
+        that a seed gives the same image every time; None = torch's global generator.
         """
         misc.assert_shape(ws, [None, self.num_ws, self.w_dim], 'ws')
         misc.assert_shape(c, [ws.shape[0], None], 'c')
@@ -178,7 +181,8 @@ class EG3DGenerator(torch.nn.Module):
 
         cam2world, intrinsics = coords.split_label(c)
         ray_origins, ray_directions = self.ray_sampler(cam2world, intrinsics, nrr)
-        feature_samples, depth_samples, _ = self.renderer(planes, self.decoder, ray_origins, ray_directions, self.rendering_kwargs)
+        feature_samples, depth_samples, _ = self.renderer(planes, self.decoder, ray_origins, ray_directions, self.rendering_kwargs,
+                                                          generator=generator)
         n = ws.shape[0]
         feature_image = feature_samples.permute(0, 2, 1).reshape(n, feature_samples.shape[-1], nrr, nrr).contiguous()
         depth_image = depth_samples.permute(0, 2, 1).reshape(n, 1, nrr, nrr)
@@ -191,12 +195,13 @@ class EG3DGenerator(torch.nn.Module):
     def forward(self, z: torch.Tensor, c: torch.Tensor, v: Optional[torch.Tensor] = None, truncation_psi: float = 1,
                 truncation_cutoff: Optional[int] = None, neural_rendering_resolution: Optional[int] = None,
                 update_emas: bool = False, cache_backbone: bool = False, use_cached_backbone: bool = False,
-                noise_mode: str = 'random', force_fp32: bool = False, fused_modconv=None) -> dict:
+                noise_mode: str = 'random', force_fp32: bool = False, fused_modconv=None,
+                generator: Optional[torch.Generator] = None) -> dict:
         """mapping + synthesis; see those."""
         ws = self.mapping(z, c, truncation_psi=truncation_psi, truncation_cutoff=truncation_cutoff, update_emas=update_emas)
         return self.synthesis(ws, c, v, neural_rendering_resolution=neural_rendering_resolution, update_emas=update_emas,
                               cache_backbone=cache_backbone, use_cached_backbone=use_cached_backbone,
-                              noise_mode=noise_mode, force_fp32=force_fp32, fused_modconv=fused_modconv)
+                              noise_mode=noise_mode, force_fp32=force_fp32, fused_modconv=fused_modconv, generator=generator)
 
     # --- point queries (shapes, density regularisation) --------------------------------------
     def sample(self, coordinates: torch.Tensor, directions: torch.Tensor, z: torch.Tensor, c: torch.Tensor,
