@@ -47,15 +47,6 @@ def test_easydict_attribute_access():
         _ = d.missing
 
 
-def test_get_obj_by_name_and_construct():
-    assert dnnlib.get_obj_by_name('torch_utils.misc.assert_shape') is misc.assert_shape
-    assert dnnlib.get_obj_by_name('os.path.join') is os.path.join
-    layer = dnnlib.construct_class_by_name(3, 4, class_name='torch.nn.Linear')
-    assert isinstance(layer, torch.nn.Linear) and layer.weight.shape == (4, 3)
-    with pytest.raises(AttributeError, match='no attribute'):
-        dnnlib.get_obj_by_name('torch_utils.misc.does_not_exist')
-
-
 def test_open_url_local_and_file_url(tmp_path):
     path = tmp_path / 'x.bin'
     path.write_bytes(b'hello')

@@ -3,8 +3,12 @@
 A module is stored as plain data: its class path, the keyword arguments it was built
 with, and its state dict. Files are written with `torch.save` and read with
 `torch.load(weights_only=True)`, whose unpickler accepts only tensors and plain
-containers, so loading a file cannot execute anything. Only classes of this project's
-packages that are marked `@persistent_class` are constructed.
+containers, so loading a file cannot execute anything. A stored class name is only
+looked up in a registry filled by `@persistent_class`, after importing at most one module
+of the fixed list PERSISTENT_MODULES; nothing else read from a file is imported or called.
+Before a module is built, its stored arguments are checked: built first on the 'meta'
+device (no memory), it must hold exactly the stored tensors' names and shapes, so a file
+cannot make the loader allocate more than the tensors it holds.
 
     @persistence.persistent_class
     class Generator(torch.nn.Module): ...
@@ -16,12 +20,15 @@ packages that are marked `@persistent_class` are constructed.
 import contextlib
 import copy
 import functools
+import importlib
 import inspect
 import io
+import numbers
 import os
 import pickle
 import tempfile
-import zipfile
+import threading
+from typing import Optional
 
 import torch
 
@@ -30,7 +37,30 @@ import dnnlib
 FORMAT = 'next3d-modern-checkpoint'
 FORMAT_VERSION = 1
 ALLOWED_PACKAGES = ('training.', 'torch_utils.', 'metrics.')
+# The modules that define persistent classes: the only modules a checkpoint can cause to be
+# imported (tests/test_loader_hardening.py checks that the list is complete).
+PERSISTENT_MODULES = (
+    'training.augment',
+    'training.dual_discriminator',
+    'training.eg3d_generator',
+    'training.mesh.texture_planes',
+    'training.networks_stylegan2',
+    'training.next3d_generator',
+    'training.style_unet',
+    'training.superresolution',
+    'training.triplane_decoder',
+    'training.volumetric_rendering.renderer',
+)
+# Limits on what a loaded file may hold, checked before anything walks it recursively (an
+# official FFHQ EG3D file nests about 20 levels deep and holds some 10**4 items).
+MAX_NESTING = 100
+MAX_EXPANDED_ITEMS = 10 ** 6        # items counted as a tree: a shared part once per reference
+MAX_INT_ARG = 2 ** 31 - 1           # stored constructor arguments are sizes, counts, seeds
+# Tensors a module may hold beyond its file's (an official file's UV mask comes from an
+# image; non-persistent buffers): 2**24 elements, 64 MB in float32.
+_BUILD_SLACK_NUMEL = 2 ** 24
 _MODULE_TAG = '__persistent_module__'
+_REGISTRY = {}                      # '<module>.<qualname>' -> class, filled by @persistent_class
 
 
 class CheckpointError(ValueError):
@@ -64,6 +94,7 @@ def persistent_class(cls):
 
     cls.__init__ = __init__
     cls._persistent = True
+    _REGISTRY[f'{cls.__module__}.{cls.__qualname__}'] = cls
     return cls
 
 
@@ -91,26 +122,171 @@ def module_to_dict(module: torch.nn.Module) -> dict:
     return {_MODULE_TAG: True, 'class_name': class_name, 'init_kwargs': module.init_kwargs, 'state_dict': state}
 
 
-def module_from_dict(data: dict, source: str = '<memory>') -> torch.nn.Module:
-    """Build the module a `module_to_dict` result describes; only this project's persistent classes."""
-    class_name = data.get('class_name')
+def _registered_class(class_name, source: str) -> type:
+    """The persistent class registered under `class_name`, importing only a module of PERSISTENT_MODULES."""
     if not isinstance(class_name, str) or not class_name.startswith(ALLOWED_PACKAGES):
         raise CheckpointError(f'{source}: refusing to construct {class_name!r}: only classes from {", ".join(p.rstrip(".") for p in ALLOWED_PACKAGES)} are allowed')
+    for module in PERSISTENT_MODULES:
+        if class_name not in _REGISTRY and class_name.startswith(module + '.'):
+            try:
+                importlib.import_module(module)
+            except Exception as e:
+                raise CheckpointError(f'{source}: cannot import {module} for {class_name}: {type(e).__name__}: {error_summary(e)}') from e
+    if class_name not in _REGISTRY:
+        raise CheckpointError(f'{source}: unknown class {class_name!r}: not a persistent network class of this version of the code')
+    return _REGISTRY[class_name]
+
+
+def module_from_dict(data: dict, source: str = '<memory>') -> torch.nn.Module:
+    """Build the module a `module_to_dict` result describes; only registered persistent classes."""
+    cls = _registered_class(data.get('class_name'), source)
+    init_kwargs, state = data.get('init_kwargs'), data.get('state_dict')
+    if not (isinstance(init_kwargs, dict) and isinstance(state, dict) and all(isinstance(v, torch.Tensor) for v in state.values())):
+        raise CheckpointError(f'{source}: {data["class_name"]} is stored without its init_kwargs dict or state_dict of tensors')
+    module = build_module(cls, init_kwargs, source, state)
     try:
-        cls = dnnlib.get_obj_by_name(class_name)
-    except (ImportError, AttributeError) as e:
-        raise CheckpointError(f'{source}: class {class_name} does not exist in this version of the code ({e})') from e
-    if not (isinstance(cls, type) and getattr(cls, '_persistent', False)):
-        raise CheckpointError(f'{source}: {class_name} is not a persistent module class')
-    try:
-        module = cls(**data['init_kwargs'])
-    except TypeError as e:
-        raise CheckpointError(f'{source}: cannot build {class_name} from its stored arguments: {e}') from e
-    try:
-        module.load_state_dict(data['state_dict'], strict=True)
-    except RuntimeError as e:
-        raise CheckpointError(f'{source}: stored tensors do not fit {class_name}: {e}') from e
+        module.load_state_dict(state, strict=True)
+    except Exception as e:
+        raise CheckpointError(f'{source}: stored tensors do not fit {data["class_name"]}: {error_summary(e)}') from e
     return module.eval().requires_grad_(False)
+
+
+def build_module(cls: type, kwargs: dict, source: str, stored: dict, exact: bool = True) -> torch.nn.Module:
+    """`cls(**kwargs)` for arguments read from a file, allocating no more than the file's tensors justify.
+
+    `stored`: the file's tensors for this module ({name: tensor}). Integers anywhere in
+    `kwargs` must fit in 32 bits (no Python arithmetic on numbers of a million digits). The
+    module is first built on the 'meta' device (no memory), where construction may register
+    at most 3 layers or tensors per stored tensor (+ 100), which stops loops over absurd
+    layer counts early. The meta module must then hold no more tensor elements than `stored`
+    (+ 2**24), and with `exact` exactly the names and shapes of `stored`. Only then is it
+    built for real. Raises CheckpointError naming `source`.
+    """
+    name = f'{cls.__module__}.{cls.__qualname__}'
+    problem = _int_out_of_range(kwargs, 'init_kwargs')
+    if problem:
+        raise CheckpointError(f'{source}: {name}: {problem}')
+    tensors = {k: v for k, v in stored.items() if isinstance(v, torch.Tensor)}
+    max_parts = 3 * len(tensors) + 100
+    try:
+        with torch.device('meta'), _registration_limit(max_parts):
+            probe = cls(**copy.deepcopy(kwargs))
+    except _TooManyParts:
+        raise CheckpointError(f'{source}: {name}: the stored arguments make more than {max_parts} layers and tensors '
+                              f'(the file holds {len(tensors)} tensors)') from None
+    except Exception as e:
+        raise CheckpointError(f'{source}: cannot build {name} from its stored arguments: {type(e).__name__}: {error_summary(e)}') from e
+    if exact:
+        ours = {k: tuple(v.shape) for k, v in probe.state_dict().items() if isinstance(v, torch.Tensor)}
+        theirs = {k: tuple(v.shape) for k, v in tensors.items()}
+        problems = ([f'{k} {theirs[k]} in the file, {ours[k]} from the arguments' for k in ours if k in theirs and ours[k] != theirs[k]]
+                    + [f'{k} missing' for k in ours if k not in theirs] + [f'{k} unexpected' for k in theirs if k not in ours])
+        if problems:
+            raise CheckpointError(f'{source}: stored tensors do not fit {name} built from its stored arguments: '
+                                  + '; '.join(problems[:4]) + (f'; ... ({len(problems)} problems)' if len(problems) > 4 else ''))
+    numel, stored_numel = _numel_held(probe), sum(v.numel() for v in tensors.values())
+    if numel > stored_numel + _BUILD_SLACK_NUMEL:
+        raise CheckpointError(f'{source}: {name}: the stored arguments describe {numel:,} tensor elements, '
+                              f'more than the file holds ({stored_numel:,})')
+    del probe
+    try:
+        return cls(**kwargs)
+    except Exception as e:
+        raise CheckpointError(f'{source}: cannot build {name} from its stored arguments: {type(e).__name__}: {error_summary(e)}') from e
+
+
+def _int_out_of_range(value, where: str) -> Optional[str]:
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool) and abs(int(value)) > MAX_INT_ARG:
+        bits = abs(int(value)).bit_length()
+        shown = str(value) if bits <= 64 else f'an integer of {bits} bits'
+        return f'{where} = {shown} is out of range (at most {MAX_INT_ARG})'
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, (list, tuple)) else ()
+    for key, item in items:
+        problem = _int_out_of_range(item, f'{where}.{key}' if isinstance(value, dict) else f'{where}[{key}]')
+        if problem:
+            return problem
+    return None
+
+
+class _TooManyParts(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def _registration_limit(limit: int):
+    """Raise _TooManyParts once this thread registers more than `limit` submodules, parameters and buffers."""
+    from torch.nn.modules import module as torch_module
+    thread, count = threading.get_ident(), [0]
+
+    def hook(*args):
+        if threading.get_ident() == thread:
+            count[0] += 1
+            if count[0] > limit:
+                raise _TooManyParts()
+
+    handles = [torch_module.register_module_module_registration_hook(hook),
+               torch_module.register_module_parameter_registration_hook(hook),
+               torch_module.register_module_buffer_registration_hook(hook)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _numel_held(module: torch.nn.Module) -> int:
+    """Elements of every parameter, buffer and plain tensor attribute in `module` and its children."""
+    tensors = {id(t): t for t in list(module.parameters()) + list(module.buffers())}
+    for m in module.modules():
+        tensors.update({id(v): v for v in vars(m).values() if isinstance(v, torch.Tensor)})
+    return sum(t.numel() for t in tensors.values())
+
+
+_ATOMS = (str, bytes, bytearray, int, float, complex, bool, type(None), torch.Tensor, torch.dtype, torch.device)
+
+
+def _children(obj) -> list:
+    if isinstance(obj, dict):
+        return [*obj.keys(), *obj.values()]
+    if isinstance(obj, (list, tuple, set, frozenset)):
+        return list(obj)
+    attributes = getattr(obj, '__dict__', None)
+    return list(attributes.values()) if type(attributes) is dict else []
+
+
+def structure_problem(value) -> Optional[str]:
+    """Why `value`, just loaded from a file, is unsafe to walk recursively (None if it is not).
+
+    Refused: nesting deeper than MAX_NESTING (Python's recursion limit), a container that
+    contains itself, and more than MAX_EXPANDED_ITEMS items counted as a tree (a small file
+    of shared parts that expands exponentially). Containers are dicts, lists, tuples, sets
+    and objects with instance attributes; the walk itself is iterative.
+    """
+    depth, items, active = {}, {}, set()
+    stack = [(value, None)]
+    while stack:
+        obj, children = stack.pop()
+        key = id(obj)
+        if children is None:                            # first visit
+            if key in depth:
+                continue
+            if key in active:
+                return 'it contains itself (a reference cycle)'
+            if len(active) >= MAX_NESTING:
+                return f'it is nested deeper than {MAX_NESTING} levels'
+            active.add(key)
+            children = _children(obj)
+            stack.append((obj, children))
+            stack.extend((c, None) for c in children if not isinstance(c, _ATOMS))
+        else:                                           # after all children
+            active.discard(key)
+            depth[key] = 1 + max((depth.get(id(c), 0) for c in children), default=0)
+            items[key] = 1 + sum(items.get(id(c), 1) for c in children)
+            if depth[key] > MAX_NESTING:
+                return f'it is nested deeper than {MAX_NESTING} levels'
+            if items[key] > MAX_EXPANDED_ITEMS:
+                return f'it expands to more than {MAX_EXPANDED_ITEMS} items (shared parts counted once per reference)'
+    return None
 
 
 def _encode(value):
@@ -136,27 +312,39 @@ def _decode(value, source):
 
 
 @contextlib.contextmanager
-def atomic_output(path: str, suffix: str = '.tmp'):
+def atomic_output(path: str, suffix: str = '.tmp', fsync: bool = True):
     """Yield a temporary path beside `path`; on success it replaces `path` (fsync'd, mode per umask).
 
-    On any exception the temporary file is removed and `path` keeps its old content.
+    On any exception the temporary file is removed and `path` keeps its old content. An
+    OSError of the writing (a full disk) is re-raised naming `path`, not the temporary file.
+    fsync=False skips the flush to disk (many small files that can be made again).
     """
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix='.' + os.path.basename(path) + '.', suffix=suffix, dir=folder)
-    os.close(fd)
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix='.' + os.path.basename(path) + '.', suffix=suffix, dir=folder)
+        os.close(fd)
+    except OSError as e:
+        raise OSError(e.errno, e.strerror, path) from e
     try:
         yield tmp
-        with open(tmp, 'rb+') as f:
-            os.fsync(f.fileno())
+        if fsync:
+            with open(tmp, 'rb+') as f:
+                os.fsync(f.fileno())
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)      # mkstemp creates 0600; give the usual file mode
         os.replace(tmp, path)
+    except OSError as e:
+        if e.errno is not None and e.filename in (None, tmp):
+            raise OSError(e.errno, e.strerror, path) from e
+        raise
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+    if not fsync:
+        return
     try:
         dir_fd = os.open(folder, os.O_RDONLY)
         try:
@@ -167,9 +355,9 @@ def atomic_output(path: str, suffix: str = '.tmp'):
         pass    # some file systems do not allow fsync on folders
 
 
-def atomic_write_bytes(path: str, data: bytes):
+def atomic_write_bytes(path: str, data: bytes, fsync: bool = True):
     """Write `data` to `path` so that `path` is either the old file or the complete new one."""
-    with atomic_output(path) as tmp:
+    with atomic_output(path, fsync=fsync) as tmp:
         with open(tmp, 'wb') as f:
             f.write(data)
 
@@ -191,17 +379,36 @@ def load_raw(f, source: str = None) -> dict:
         return torch.load(f, map_location='cpu', weights_only=True)
     except pickle.UnpicklingError as e:
         raise CheckpointError(f'{source}: refused to load: the file holds objects other than tensors and plain data, '
-                              f'which could run code on load. Official EG3D/Next3D pickles go through legacy.load_network_pkl. ({e})') from e
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
-        raise CheckpointError(f'{source}: truncated or corrupt checkpoint ({type(e).__name__}: {e})') from e
+                              f'which could run code on load. Official EG3D/Next3D pickles go through legacy.load_network_pkl. '
+                              f'({error_summary(e)})') from e
+    except Exception as e:          # RuntimeError, EOFError, BadZipFile, OSError, ... from a damaged file
+        raise CheckpointError(f'{source}: truncated or corrupt checkpoint ({type(e).__name__}: {error_summary(e)})') from e
+
+
+def error_summary(error: BaseException, limit: int = 300) -> str:
+    """An exception's message as one line of at most `limit` characters, for an error that names a file.
+
+    torch's weights-only refusals are reduced to their reason ('Unsupported operand 139').
+    """
+    text = str(error)
+    if 'WeightsUnpickler error:' in text:
+        text = text.split('WeightsUnpickler error:', 1)[1].strip().split('\n\n', 1)[0]
+    text = ' '.join(text.split())
+    return text if len(text) <= limit else text[:limit - 3] + '...'
 
 
 def load_checkpoint(f, source: str = None) -> dict:
     """Load a file written by save_checkpoint; modules come back built, in eval mode, on the CPU."""
     source = source or (os.fspath(f) if isinstance(f, (str, os.PathLike)) else getattr(f, 'name', '<file object>'))
     payload = load_raw(f, source)
+    problem = structure_problem(payload)
+    if problem:
+        raise CheckpointError(f'{source}: refused to load: {problem}')
     if not isinstance(payload, dict) or payload.get('format') != FORMAT:
         raise CheckpointError(f'{source}: not a checkpoint of this project (no "{FORMAT}" header)')
-    if payload.get('format_version', 0) > FORMAT_VERSION:
-        raise CheckpointError(f'{source}: checkpoint format version {payload["format_version"]} is newer than this code ({FORMAT_VERSION})')
+    version = payload.get('format_version', 0)
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise CheckpointError(f'{source}: checkpoint format version {version!r} is not one this code reads (up to {FORMAT_VERSION})')
+    if not isinstance(payload.get('data'), dict):
+        raise CheckpointError(f'{source}: the checkpoint holds no data dict')
     return _decode(payload['data'], source)

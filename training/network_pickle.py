@@ -75,8 +75,14 @@ def _load_official(fobj, source: str, force_fp16: bool, uv_mask_path: Optional[s
         if not isinstance(record, ModuleRecord):
             continue
         if id(record) not in done:
-            done[id(record)] = official_import.import_network(record, f'{source} [{key}]', uv_mask_path=uv_mask_path,
-                                                              force_fp16=force_fp16)
+            try:
+                done[id(record)] = official_import.import_network(record, f'{source} [{key}]', uv_mask_path=uv_mask_path,
+                                                                  force_fp16=force_fp16)
+            except (persistence.CheckpointError, OSError):       # these name their file already
+                raise
+            except Exception as e:      # a stored value of the wrong type or range (int('x'), dict(5), ...)
+                raise persistence.CheckpointError(f'{source} [{key}]: cannot import the official network: '
+                                                  f'{type(e).__name__}: {persistence.error_summary(e)}') from e
         result[key], result.import_report[key] = done[id(record)]
     return result
 

@@ -239,7 +239,7 @@ def import_eg3d_generator(record: ModuleRecord, source: str, force_fp16: bool = 
     tensors = record.named_tensors()
     report = _new_report('eg3d', record.class_name, dict(plane_axes='eg3d'))
     kwargs = _generator_kwargs(record, tensors, source, report, force_fp16)
-    G = EG3DGenerator(plane_axes='eg3d', **kwargs)
+    G = persistence.build_module(EG3DGenerator, dict(plane_axes='eg3d', **kwargs), source, tensors, exact=False)
 
     def rename(name):
         return name if name.startswith(('backbone.', 'superresolution.', 'decoder.')) else None
@@ -356,12 +356,12 @@ def import_next3d_generator(record: ModuleRecord, source: str, uv_mask_path: Opt
     uv_source = tensors.get('raw_uvcoords', tensors.get('uvcoords'))
     if uv_source is None:
         raise OfficialImportError(f'{source}: the official Next3D generator lacks the tensor raw_uvcoords (and uvcoords)')
-    G = Next3DGenerator(
+    G = persistence.build_module(Next3DGenerator, dict(
         num_vertices=num_vertices, num_faces=num_faces, num_uvs=int(uv_source.reshape(-1, uv_source.shape[-1]).shape[0]),
         texture_resolution=int(texture.get('img_resolution', 256)),
         mouth_kwargs=_style_unet_kwargs(record, 'mouth_backbone', plane_res, source),
         blending_kwargs=_style_unet_kwargs(record, 'neural_blending', plane_res, source),
-        **options, **kwargs)
+        **options, **kwargs), source, tensors, exact=False)
     if 'mapping_ws' in backbone and int(backbone['mapping_ws']) != G.num_ws:
         raise OfficialImportError(f'{source}: the backbone mapping makes {backbone["mapping_ws"]} ws, ours {G.num_ws}')
 
@@ -398,7 +398,7 @@ def import_discriminator(record: ModuleRecord, source: str, force_fp16: bool = F
         mapping_layers=int(mapping.get('num_layers', num_layers or 8)),
         mbstd_group_size=epilogue.get('mbstd_group_size', 4), mbstd_num_channels=int(epilogue.get('mbstd_num_channels', 1)),
         freeze_layers=int(block.get('freeze_layers', 0)))
-    D = DualDiscriminator(**kwargs)
+    D = persistence.build_module(DualDiscriminator, kwargs, source, tensors, exact=False)
 
     def rename(name):
         if name == 'resample_filter':
