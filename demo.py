@@ -2,7 +2,7 @@
 few minutes, write into OUTDIR
 
     samples/seed0000.png ...     a seed grid: three views per seed
-    samples/seed0000.mrc         a density volume (open in ChimeraX at level ~10)
+    samples/seed0000.mrc         a density volume (view it at the level gen_samples.py prints)
     samples/depth.png            depth images of the same seeds
     orbit/interpolation.mp4      an orbit video with latent interpolation
     reenact/reenact.mp4          avatars driven by the bundled synthetic driving folder
@@ -44,8 +44,8 @@ def save_depth_grid(network: str, seeds: list, path: str):
 
 
 @click.command()
-@click.option('--outdir', default='out', show_default=True, help='Where results go.')
-@click.option('--network', default=NETWORK, show_default=True, help='Network to demonstrate.')
+@click.option('--outdir', default='out', show_default=True, help='Output folder (created if missing): samples/, orbit/ and reenact/ go inside')
+@click.option('--network', default=NETWORK, show_default=True, help='Network pickle (path) to demonstrate')
 def main(outdir: str, network: str):
     """Images, a shape and videos from the bundled model."""
     start = time.time()

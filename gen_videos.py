@@ -72,25 +72,27 @@ def render_video(G, path, seeds, grid, num_keyframes, w_frames, psi, truncation_
 
 
 @click.command()
-@click.option('--network', 'network_pkl', default=BUNDLED_NETWORK, show_default=True, help='Network snapshot or official pickle')
-@click.option('--seeds', type=dnnlib.parse_range, default='0-3', show_default=True, help="Seeds, e.g. '0-3,7'")
-@click.option('--shuffle-seed', type=int, default=None, help='Random seed to shuffle the seeds with')
-@click.option('--grid', type=dnnlib.parse_vec2, default='1x1', show_default=True, help='Grid width x height')
-@click.option('--num-keyframes', type=click.IntRange(min=1), default=None, help='Keyframes (default: seeds / grid cells)')
-@click.option('--w-frames', type=click.IntRange(min=1), default=120, show_default=True, help='Frames between keyframes')
-@click.option('--trunc', 'truncation_psi', type=float, default=1.0, show_default=True, help='Truncation psi')
-@click.option('--trunc-cutoff', 'truncation_cutoff', type=int, default=14, show_default=True, help='Truncation cutoff')
-@click.option('--outdir', type=str, required=True, help='Output folder')
-@click.option('--image_mode', type=click.Choice(['image', 'image_depth', 'image_raw']), default='image', show_default=True)
-@click.option('--sample_mult', type=float, default=1.0, show_default=True, help='Multiplier for the depth samples per ray')
-@click.option('--nrr', type=int, default=None, help='Neural rendering resolution override')
+@click.option('--network', 'network_pkl', default=BUNDLED_NETWORK, show_default=True, help='Network pickle (path): our network-snapshot-*.pkl or an official EG3D/Next3D pickle')
+@click.option('--seeds', type=dnnlib.parse_range, default='0-3', show_default=True, help='Latent seeds: integers and ranges, comma-separated, e.g. 0-3,7')
+@click.option('--shuffle-seed', type=int, default=None, help='Shuffle the seeds with this random seed (default: keep their order)')
+@click.option('--grid', type=dnnlib.parse_vec2, default='1x1', show_default=True, metavar='WxH', help='Seeds tiled W x H per video frame, e.g. 2x2 (with --interpolate=true)')
+@click.option('--num-keyframes', type=click.IntRange(min=1), default=None, help='Keyframes of the interpolation (default: number of seeds / grid cells)')
+@click.option('--w-frames', type=click.IntRange(min=1), default=120, show_default=True, help='Frames from one keyframe to the next (at --fps per second)')
+@click.option('--trunc', 'truncation_psi', type=float, default=1.0, show_default=True, help='Truncation psi: 1 = none, 0 = the average w (the EG3D examples use 0.7)')
+@click.option('--trunc-cutoff', 'truncation_cutoff', type=int, default=14, show_default=True, help="Truncate only the first N ws: 14 = the backbone's at full size (Next3D's texture ws after them stay untruncated)")
+@click.option('--outdir', type=str, required=True, help='Output folder (created if missing)')
+@click.option('--image_mode', type=click.Choice(['image', 'image_depth', 'image_raw']), default='image', show_default=True,
+              help='image: the final RGB; image_depth: the depth of the raw rendering, near = bright, scaled per frame; '
+                   'image_raw: the low-resolution neural rendering (its first 3 channels)')
+@click.option('--sample_mult', type=float, default=1.0, show_default=True, help='Multiplier (> 0) of the samples per ray (stratified and importance): more is sharper and slower')
+@click.option('--nrr', type=int, default=None, help="Neural rendering resolution in pixels (default: the network's)")
 @click.option('--interpolate', type=bool, default=True, show_default=True, help='One interpolation video of the grid; false: one 1x1 video per seed')
 @click.option('--obj_path', type=str, default=None, help='Driving mesh (.obj); default: the bundled head, neutral')
-@click.option('--lms_path', type=str, default=None, help='68 x 3 landmarks of the mesh')
+@click.option('--lms_path', type=str, default=None, help="68 landmarks of the mesh, one 'x y z' line each (mesh space, metres); default: the bundled head's")
 @click.option('--lms_cond', type=bool, default=True, show_default=True, help='Condition on the landmark file (else computed from the mesh)')
-@click.option('--fps', type=click.IntRange(min=1), default=60, show_default=True)
+@click.option('--fps', type=click.IntRange(min=1), default=60, show_default=True, help='Frames per second of the mp4 (integer)')
 @click.option('--uv_mask_path', type=str, default=None, help='Face/eye UV mask PNG for official Next3D pickles that lack it')
-@click.option('--device', type=str, default=None, help='torch device (default: cuda if available)')
+@click.option('--device', type=str, default=None, help='torch device: cpu, cuda or cuda:N (default: cuda if available, else cpu)')
 def generate_videos(network_pkl, seeds, shuffle_seed, grid, num_keyframes, w_frames, truncation_psi, truncation_cutoff,
                     outdir, image_mode, sample_mult, nrr, interpolate, obj_path, lms_path, lms_cond, fps, uv_mask_path, device):
     """Orbit videos: mp4, libx264, 10 Mbit/s."""

@@ -28,9 +28,9 @@ from training.mesh.rasterize import project_perspective                 # noqa: 
 
 
 @click.command()
-@click.option('--count', type=int, default=20, show_default=True, help='Synthetic heads')
-@click.option('--seed', type=int, default=0, show_default=True)
-@click.option('--threads', type=int, default=1, show_default=True)
+@click.option('--count', type=int, default=20, show_default=True, help='Synthetic heads to fit')
+@click.option('--seed', type=int, default=0, show_default=True, help='Random seed of the heads')
+@click.option('--threads', type=int, default=1, show_default=True, help='torch CPU threads')
 def main(count, seed, threads):
     torch.set_num_threads(threads)
     model = fit_flame.HeadModelAdapter(load_head_model())

@@ -24,11 +24,11 @@ from training.mesh.texture_planes import TexturePlaneRasterizer                 
 
 
 @click.command()
-@click.option('--device', default='cpu', show_default=True)
+@click.option('--device', default='cpu', show_default=True, help='torch device: cpu, cuda or cuda:N')
 @click.option('--batch', type=int, default=4, show_default=True, help='Heads per batch (x 4 views)')
-@click.option('--resolution', type=int, default=256, show_default=True)
+@click.option('--resolution', type=int, default=256, show_default=True, help='Tri-plane render width and height in pixels')
 @click.option('--channels', type=int, default=32, show_default=True, help='Neural texture channels')
-@click.option('--repeats', type=int, default=5, show_default=True)
+@click.option('--repeats', type=int, default=5, show_default=True, help='Timed repetitions (median reported)')
 @click.option('--threads', type=int, default=None, help='torch.set_num_threads (CPU)')
 def main(device, batch, resolution, channels, repeats, threads):
     device = torch.device(device)

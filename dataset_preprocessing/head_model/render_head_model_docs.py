@@ -108,7 +108,7 @@ def uv_layout_image(uvcoords: np.ndarray, uvfaces: np.ndarray, mask: np.ndarray,
 
 @click.command()
 @click.option('--outdir', default='docs', show_default=True, help='Where to write the PNGs')
-@click.option('--size', default=256, show_default=True, help='Render resolution per view')
+@click.option('--size', default=256, show_default=True, help='Render width and height per view, in pixels')
 def main(outdir, size):
     """Renders the docs pictures of the bundled head model."""
     torch.set_num_threads(2)

@@ -33,13 +33,22 @@ import click
 import numpy as np
 import torch
 from PIL import Image
+from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from dataset_preprocessing.synthetic import scene   # noqa: E402
 
 CHUNK = 8                    # images rendered together; fixed, so batching never changes the output
+MAX_DEFAULT_WORKERS = 8      # the default worker count: the cores available, at most this many
 _topology = None             # per-process cache of scene.load_topology()
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity mask where the OS has one)."""
+    if hasattr(os, 'sched_getaffinity'):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def _replace_write(path: str, data: bytes):
@@ -101,6 +110,7 @@ def _render_chunk(job):
 
 
 def _run_jobs(jobs, workers: int):
+    workers = min(workers, len(jobs))
     if workers <= 1:
         _init_worker()
         for job in jobs:
@@ -111,11 +121,13 @@ def _run_jobs(jobs, workers: int):
         yield from pool.imap_unordered(_render_chunk, jobs)
 
 
-def make_training_set(outdir: str, count: int, resolution: int, seed: int, workers: int = 2):
+def make_training_set(outdir: str, count: int, resolution: int, seed: int, workers: int = 2, progress: bool = False):
     jobs = [(outdir, s, min(s + CHUNK, count), resolution, seed) for s in range(0, count, CHUNK)]
     entries = []
-    for chunk in _run_jobs(jobs, workers):
-        entries.extend(chunk)
+    with tqdm(total=count, desc='images', unit='img', disable=not progress) as bar:
+        for chunk in _run_jobs(jobs, workers):
+            entries.extend(chunk)
+            bar.update(len(chunk))
     entries.sort()
     res = f'{resolution}x{resolution}'
     data = json.dumps({'labels': [[rel, label] for _, rel, label in entries]}, indent=0)
@@ -142,7 +154,7 @@ def driving_motion(num_frames: int, g: torch.Generator, fps: float = 30.0):
     return dict(yaw=yaw, pitch=pitch, jaw=jaw, blink=blink)
 
 
-def make_driving_video(outdir: str, num_frames: int, resolution: int, seed: int):
+def make_driving_video(outdir: str, num_frames: int, resolution: int, seed: int, progress: bool = False):
     torch.set_num_threads(1)
     topo = scene.load_topology()
     g = _generator(seed, 0)
@@ -151,6 +163,7 @@ def make_driving_video(outdir: str, num_frames: int, resolution: int, seed: int)
     # Expression: cosine blend between keyframes every second.
     keys = torch.randn(num_frames // 30 + 2, topo.flame.n_exp, generator=g) * 0.35
     labels = []
+    bar = tqdm(total=num_frames, desc='frames', unit='frame', disable=not progress)
     for start in range(0, num_frames, CHUNK):
         samples = []
         for f in range(start, min(start + CHUNK, num_frames)):
@@ -171,17 +184,22 @@ def make_driving_video(outdir: str, num_frames: int, resolution: int, seed: int)
             _replace_write(os.path.join(outdir, name + '.obj'), _obj_bytes(verts[k]))
             _replace_write(os.path.join(outdir, name + '_kpt2d.txt'), _lms_bytes(lms[k]))
             labels.append([name + '.png', [float(x) for x in cams[k]]])
+        bar.update(len(samples))
+    bar.close()
     _replace_write(os.path.join(outdir, 'dataset.json'), json.dumps({'labels': labels}, indent=0).encode())
 
 
 @click.command()
-@click.option('--outdir', required=True, type=str, help='Output folder')
-@click.option('--count', type=click.IntRange(min=1), default=1000, show_default=True, help='Number of images')
-@click.option('--resolution', type=click.IntRange(min=8), default=128, show_default=True, help='Image size')
-@click.option('--seed', type=click.IntRange(min=0), default=0, show_default=True, help='Random seed')
-@click.option('--driving', is_flag=True, help='Write a driving video folder instead of a training set')
-@click.option('--num_frames', type=click.IntRange(min=1), default=120, show_default=True, help='Frames of the driving video')
-@click.option('--workers', type=click.IntRange(min=1), default=2, show_default=True, help='Worker processes (training set)')
+@click.option('--outdir', required=True, type=str,
+              help='Output folder (created; files of the same names are replaced)')
+@click.option('--count', type=click.IntRange(min=1), default=1000, show_default=True, help='Number of training images')
+@click.option('--resolution', type=click.IntRange(min=8), default=128, show_default=True, help='Image width and height in pixels')
+@click.option('--seed', type=click.IntRange(min=0), default=0, show_default=True,
+              help='Random seed; the output depends only on it and the sizes')
+@click.option('--driving', is_flag=True, help='Write a driving video folder (frames, meshes, landmarks, dataset.json) instead of a training set')
+@click.option('--num_frames', type=click.IntRange(min=1), default=120, show_default=True, help='Frames of the driving video (30 per second)')
+@click.option('--workers', type=click.IntRange(min=1), default=None, show_default=f'the cores available, at most {MAX_DEFAULT_WORKERS}',
+              help='Rendering processes for a training set; more than the cores only slows each down')
 def main(outdir, count, resolution, seed, driving, num_frames, workers):
     """Render a synthetic dataset of the bundled head model."""
     ctx = click.get_current_context()
@@ -189,12 +207,18 @@ def main(outdir, count, resolution, seed, driving, num_frames, workers):
     for name in unused:
         if ctx.get_parameter_source(name) != click.core.ParameterSource.DEFAULT:
             raise click.UsageError(f'--{name} applies to {"a training set (without --driving)" if driving else "--driving"} only')
+    cores = available_cores()
+    if workers is None:
+        workers = min(cores, MAX_DEFAULT_WORKERS)
+    elif workers > cores:
+        click.echo(f'Warning: --workers={workers} exceeds the cores available ({cores}): the workers share them '
+                   '(same output, no faster)', err=True)
     t0 = time.time()
     if driving:
-        make_driving_video(outdir, num_frames, resolution, seed)
+        make_driving_video(outdir, num_frames, resolution, seed, progress=True)
         print(f'{num_frames} driving frames at {resolution}x{resolution} in {time.time() - t0:.1f} s -> {outdir}')
     else:
-        make_training_set(outdir, count, resolution, seed, workers)
+        make_training_set(outdir, count, resolution, seed, workers, progress=True)
         print(f'{count} images at {resolution}x{resolution} in {time.time() - t0:.1f} s -> {outdir}')
 
 

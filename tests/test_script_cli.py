@@ -1,0 +1,120 @@
+"""Command-line help of every script, and the synthetic generator's progress and worker count."""
+
+import glob
+import importlib
+import os
+import re
+
+import click
+import pytest
+from click.testing import CliRunner
+
+from dataset_preprocessing.synthetic import make_dataset
+from metrics import metric_main
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def script_modules():
+    """Every click script of the repository (top level, preprocessing, benchmarks) as a module name."""
+    paths = glob.glob(os.path.join(ROOT, '*.py'))
+    for folder in ('dataset_preprocessing', 'benchmarks'):
+        paths += glob.glob(os.path.join(ROOT, folder, '**', '*.py'), recursive=True)
+    names = []
+    for path in sorted(paths):
+        with open(path, encoding='utf-8') as f:
+            if '@click.command' in f.read():
+                names.append(os.path.splitext(os.path.relpath(path, ROOT))[0].replace(os.sep, '.'))
+    return names
+
+
+def script_command(module_name: str) -> click.Command:
+    module = importlib.import_module(module_name)
+    commands = [v for v in vars(module).values() if isinstance(v, click.Command) and v.callback.__module__ == module_name]
+    assert len(commands) == 1, f'{module_name}: expected one click command, found {len(commands)}'
+    return commands[0]
+
+
+def parse_help(text: str) -> dict:
+    """Options section of click's --help -> {option names as printed: help text without the [...] notes}."""
+    entries, current = {}, None
+    section = text.split('\nOptions:\n', 1)[1]
+    for line in section.splitlines():
+        match = re.match(r'^  (-\S.*?)(?:\s{2,}(.*))?$', line)
+        if match:
+            current = match.group(1)
+            entries[current] = match.group(2) or ''
+        elif line.startswith('    ') and current is not None:
+            entries[current] += ' ' + line.strip()
+        elif line.strip() == '' or not line.startswith(' '):
+            current = None          # the epilog starts after a blank line
+    return {name: re.sub(r'(\s*\[[^\]]*\])+\s*$', '', help_text).strip() for name, help_text in entries.items()}
+
+
+def test_all_scripts_are_found():
+    names = script_modules()
+    for expected in ('gen_samples', 'gen_videos', 'reenact_avatar', 'calc_metrics', 'train', 'dataset_tool', 'demo',
+                     'dataset_preprocessing.preprocess_in_the_wild', 'dataset_preprocessing.synthetic.make_dataset'):
+        assert expected in names
+
+
+@pytest.mark.parametrize('module_name', script_modules())
+def test_every_option_has_help(module_name):
+    command = script_command(module_name)
+    result = CliRunner().invoke(command, ['--help'], prog_name=module_name)
+    assert result.exit_code == 0, result.output
+    entries = parse_help(result.output)
+    options = [p for p in command.params if isinstance(p, click.Option) and not p.hidden]
+    assert len(entries) == len(options) + 1                  # + --help
+    for name, help_text in entries.items():
+        assert help_text, f'{module_name}: {name} has no help text'
+
+
+def test_calc_metrics_lists_every_registered_metric(monkeypatch):
+    import calc_metrics
+
+    def metrics_help():
+        entries = parse_help(CliRunner().invoke(calc_metrics.main, ['--help']).output)
+        return next(text for name, text in entries.items() if name.startswith('--metrics'))
+    for name in metric_main.list_valid_metrics():
+        assert re.search(rf'\b{name}\b', metrics_help()), name
+    # Built from the registry: a newly registered metric shows up.
+    monkeypatch.setitem(metric_main._metric_dict, 'made_up_metric', lambda opts: None)
+    try:
+        importlib.reload(calc_metrics)
+        assert 'made_up_metric' in metrics_help()
+    finally:
+        monkeypatch.undo()
+        importlib.reload(calc_metrics)
+    assert 'made_up_metric' not in metrics_help()
+
+
+def test_make_dataset_progress_and_default_workers(tmp_path, monkeypatch):
+    calls = []
+    real = make_dataset.make_training_set
+    monkeypatch.setattr(make_dataset, 'make_training_set', lambda *args, **kwargs: calls.append(args) or real(*args, **kwargs))
+    monkeypatch.setattr(make_dataset, 'available_cores', lambda: 1)
+    result = CliRunner().invoke(make_dataset.main, ['--outdir', str(tmp_path / 'd'), '--count', '9', '--resolution', '16'])
+    assert result.exit_code == 0, result.output
+    assert calls[0][4] == 1                                  # min(cores, 8) workers
+    assert 'images: 100%' in result.output and '9/9' in result.output
+    assert 'Warning' not in result.output
+    assert len(os.listdir(tmp_path / 'd' / 'images16x16' / '00000')) == 9
+
+
+def test_make_dataset_warns_once_when_workers_exceed_the_cores(tmp_path, monkeypatch):
+    monkeypatch.setattr(make_dataset, 'available_cores', lambda: 1)
+    monkeypatch.setattr(make_dataset, 'make_training_set', lambda *args, **kwargs: None)
+    result = CliRunner().invoke(make_dataset.main, ['--outdir', str(tmp_path / 'd'), '--count', '9', '--workers', '3'])
+    assert result.exit_code == 0, result.output
+    assert result.output.count('Warning') == 1
+    assert 'Warning: --workers=3 exceeds the cores available (1)' in result.output
+
+
+def test_make_dataset_default_workers_are_capped(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(make_dataset, 'available_cores', lambda: 64)
+    monkeypatch.setattr(make_dataset, 'make_training_set', lambda *args, **kwargs: calls.append(args))
+    result = CliRunner().invoke(make_dataset.main, ['--outdir', str(tmp_path / 'd')])
+    assert result.exit_code == 0, result.output
+    assert calls[0][4] == make_dataset.MAX_DEFAULT_WORKERS == 8
