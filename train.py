@@ -205,18 +205,20 @@ def model_sizes(c) -> dict:
     return sizes
 
 
-def new_run_dir(outdir: str, desc: str) -> str:
-    """outdir/NNNNN-desc with NNNNN one more than the highest existing run id."""
-    ids = []
-    if os.path.isdir(outdir):
-        for name in os.listdir(outdir):
-            m = re.match(r'^(\d+)', name)
-            if m and os.path.isdir(os.path.join(outdir, name)):
-                ids.append(int(m.group(1)))
-    run_dir = os.path.join(outdir, f'{max(ids, default=-1) + 1:05d}-{desc}')
-    if os.path.exists(run_dir):
-        raise click.ClickException(f'{run_dir} already exists')
-    return run_dir
+def check_resume(path: str, kimg: float):
+    """Load --resume in full before a run folder exists: a file that cannot be used stops here."""
+    from training.network_pickle import load_network_pkl
+    try:
+        data = load_network_pkl(path)
+    except (OSError, ValueError) as e:      # FileNotFoundError, CheckpointError: messages that name the file
+        text = str(e) if str(e).startswith(path) else f'{path}: {getattr(e, "strerror", None) or e}'
+        raise click.ClickException(f'{text} (--resume)')
+    if all(data.get(k) is None for k in ('G', 'D', 'G_ema')):
+        raise click.ClickException(f'{path}: holds no networks (G, D or G_ema) to start from (--resume)')
+    state = data.get('resume_state')
+    if state is not None and state.get('cur_nimg', 0) >= kimg * 1000:
+        raise click.ClickException(f'--kimg={kimg:g}: {path} is at kimg {state["cur_nimg"] / 1e3:.3f} already; --kimg is the total '
+                                   f'length of training, counting the images trained before the snapshot')
 
 
 # ----------------------------------------------------------------------------------------
@@ -292,12 +294,13 @@ def launch(c, outdir: str):
 
 
 def prepare_run_dir(c, outdir: str) -> str:
-    run_dir = new_run_dir(outdir, c.run_desc)
+    """A new numbered run folder (its own, also when runs start together) with training_options.json."""
+    from torch_utils import persistence
+    from training import run_folder
+    run_dir = run_folder.create_run_dir(outdir, c.run_desc)
     print(f'Creating output directory {run_dir}')
-    os.makedirs(run_dir)
     c.run_dir = run_dir
-    with open(os.path.join(run_dir, 'training_options.json'), 'wt') as f:
-        json.dump(c, f, indent=2)
+    persistence.atomic_write_bytes(os.path.join(run_dir, 'training_options.json'), json.dumps(c, indent=2).encode())
     return run_dir
 
 
@@ -346,7 +349,7 @@ def parse_grid(s):
 # Misc settings.
 @click.option('--desc', help='String to include in the run folder name', metavar='STR', type=str)
 @click.option('--metrics', help='Metrics at each snapshot, or "none"', type=parse_comma_list, default='fid50k_full', show_default=True)
-@click.option('--kimg', help='Total training duration (kimg)', metavar='KIMG', type=click.FloatRange(min=0, min_open=True), default=25000, show_default=True)
+@click.option('--kimg', help='Total training length in kimg, counting the images of a resumed snapshot (not more on top)', metavar='KIMG', type=click.FloatRange(min=0, min_open=True), default=25000, show_default=True)
 @click.option('--tick', help='How often to print progress (kimg)', metavar='KIMG', type=click.FloatRange(min=0, min_open=True), default=4, show_default=True)
 @click.option('--snap', help='How often to save snapshots and grids (ticks)', metavar='TICKS', type=click.IntRange(min=1), default=50, show_default=True)
 @click.option('--seed', help='Random seed', metavar='INT', type=click.IntRange(min=0), default=0, show_default=True)
@@ -407,6 +410,8 @@ def main(ctx, **kwargs):
         raise click.ClickException(f'--resume={opts.resume}: give a local file (this code never downloads; fetch the checkpoint first)')
     if opts.resume is not None and not os.path.isfile(opts.resume):
         raise click.ClickException(f'{opts.resume}: no such checkpoint (--resume)')
+    if opts.resume is not None:
+        check_resume(opts.resume, opts.kimg)
     try:
         c = build_config(opts)
     except DatasetError as e:

@@ -78,16 +78,11 @@ def test_image_grid_layout(tmp_path):
 
 def test_loop_writes_files_and_resume_continues_exactly(toy_data, tmp_path):
     """4 uninterrupted steps == 2 steps, snapshot, resume, 2 steps (parameters, EMA, buffers, optimizer moments)."""
-    import shutil
     run_a = str(tmp_path / 'a')
-    mid = str(tmp_path / 'mid.pkl')
-
-    def keep_mid_snapshot(cur_nimg, _total):      # at the tick after kimg 0.004 the file on disk is that tick's snapshot
-        if cur_nimg == 6:
-            shutil.copy(os.path.join(run_a, 'network-snapshot-000000.pkl'), mid)
-    straight = tl.training_loop(**th.loop_kwargs(run_a, toy_data, total_kimg=0.008, progress_fn=keep_mid_snapshot))
-    for name in ('reals.png', 'fakes_init.png', 'fakes_init_raw.png', 'fakes_init_depth.png', 'fakes000000.png',
-                 'fakes000000_raw.png', 'fakes000000_depth.png', 'stats.jsonl', 'network-snapshot-000000.pkl'):
+    mid = os.path.join(run_a, 'network-snapshot-000000.004.pkl')
+    straight = tl.training_loop(**th.loop_kwargs(run_a, toy_data, total_kimg=0.008))
+    for name in ('reals.png', 'fakes_init.png', 'fakes_init_raw.png', 'fakes_init_depth.png', 'fakes000000.008.png',
+                 'fakes000000.008_raw.png', 'fakes000000.008_depth.png', 'stats.jsonl', 'network-snapshot-000000.008.pkl'):
         assert os.path.isfile(os.path.join(run_a, name)), name
     assert not any(n.startswith('.') for n in os.listdir(run_a))        # no temporary files left
     stats = [json.loads(line) for line in open(os.path.join(run_a, 'stats.jsonl'))]
@@ -148,7 +143,7 @@ def test_two_processes_gloo(toy_data, tmp_path):
         if k.endswith('w_avg'):     # tracked from each rank's own batch, as in EG3D (rank 0's is saved)
             continue
         torch.testing.assert_close(r0['params'][k], r1['params'][k], rtol=0, atol=0, msg=k)
-    snap = legacy.load_network_pkl(os.path.join(kwargs['run_dir'], 'network-snapshot-000000.pkl'))
+    snap = legacy.load_network_pkl(os.path.join(kwargs['run_dir'], 'network-snapshot-000000.008.pkl'))
     assert snap.resume_state.cur_nimg == 8
 
 
@@ -168,8 +163,8 @@ def test_train_py_next3d_end_to_end(head_data, tmp_path):
     runs = os.listdir(out)
     assert runs == ['00000-tiny64-data-gpus1-batch2-gamma1-e2e']
     run = os.path.join(out, runs[0])
-    for name in ('training_options.json', 'log.txt', 'stats.jsonl', 'reals.png', 'fakes_init.png', 'fakes000000.png',
-                 'fakes000000_raw.png', 'fakes000000_depth.png', 'network-snapshot-000000.pkl'):
+    for name in ('training_options.json', 'log.txt', 'stats.jsonl', 'reals.png', 'fakes_init.png', 'fakes000000.002.png',
+                 'fakes000000.002_raw.png', 'fakes000000.002_depth.png', 'network-snapshot-000000.002.pkl'):
         assert os.path.isfile(os.path.join(run, name)), name
     options = json.load(open(os.path.join(run, 'training_options.json')))
     assert options['G_kwargs']['cfg'] == 'tiny64' and options['training_set_kwargs']['xflip'] is True
@@ -178,7 +173,7 @@ def test_train_py_next3d_end_to_end(head_data, tmp_path):
     assert options['ada_target'] == 0.6 and options['augment_kwargs']['class_name'] == 'training.augment.AugmentPipe'
     log = open(os.path.join(run, 'log.txt')).read()
     assert 'tick 0' in log and 'augment 0.000' in log
-    snap = legacy.load_network_pkl(os.path.join(run, 'network-snapshot-000000.pkl'))
+    snap = legacy.load_network_pkl(os.path.join(run, 'network-snapshot-000000.002.pkl'))
     assert type(snap.G).__name__ == 'Next3DGenerator' and snap.resume_state.cur_nimg == 2
     assert type(snap.augment_pipe).__name__ == 'AugmentPipe' and snap.resume_state.augment_p == 0.0
 
@@ -200,7 +195,7 @@ def test_train_py_under_torchrun_two_cpu_processes(head_data, tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     runs = os.listdir(out)
     assert len(runs) == 1 and runs[0].endswith('gpus2-batch4-gamma1')
-    snap = legacy.load_network_pkl(os.path.join(out, runs[0], 'network-snapshot-000000.pkl'))
+    snap = legacy.load_network_pkl(os.path.join(out, runs[0], 'network-snapshot-000000.004.pkl'))
     assert snap.resume_state.cur_nimg == 4 and snap.resume_state.batch_idx == 1
 
 
@@ -229,14 +224,19 @@ def test_train_py_sigterm_writes_resume_snapshot_and_resume_continues(toy_data, 
     assert returncode == 0, output[-3000:]
     assert 'Stop requested by signal 15' in output and 'Stopped cleanly.' in output
     run = os.path.join(out, os.listdir(out)[0])
-    snap_path = os.path.join(run, 'network-snapshot-000000.pkl')
+    snapshots = snapshot_files(run)      # tick 0's, then the stop's: the stop must not replace the first
+    assert snapshots[0] == 'network-snapshot-000000.002.pkl' and len(snapshots) == 2, snapshots
+    snap_path = os.path.join(run, snapshots[-1])
     state = legacy.load_network_pkl(snap_path).resume_state
-    assert state.cur_nimg >= 2 and state.cur_nimg % 2 == 0 and set(state.optimizers) == {'G', 'D'}
+    assert state.cur_nimg >= 4 and state.cur_nimg % 2 == 0 and set(state.optimizers) == {'G', 'D'}
+    assert snapshots[-1] == f'network-snapshot-000000.{state.cur_nimg:03d}.pkl'
 
     proc = run_train('--outdir', out, '--kimg', str((state.cur_nimg + 2) / 1000), '--resume', snap_path, *args)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert f'Continuing at kimg {state.cur_nimg / 1000:.3f}' in proc.stdout
-    second = os.path.join(out, sorted(os.listdir(out))[1], 'network-snapshot-000000.pkl')
+    assert (f'--kimg={(state.cur_nimg + 2) / 1000:g} is the total length of training, counting the {state.cur_nimg / 1000:.3f} kimg '
+            f'before the snapshot: 0.002 kimg to go.') in proc.stdout
+    second = os.path.join(out, sorted(os.listdir(out))[1], f'network-snapshot-000000.{state.cur_nimg + 2:03d}.pkl')
     assert legacy.load_network_pkl(second).resume_state.cur_nimg == state.cur_nimg + 2
 
 
@@ -399,8 +399,8 @@ def test_ctrl_c_to_the_process_group_with_workers_writes_resume_snapshot(head_da
     assert returncode == 0, output[-3000:]
     assert 'Stop requested by signal 2' in output and 'Stopped cleanly.' in output
     run = os.path.join(out, os.listdir(out)[0])
-    state = legacy.load_network_pkl(os.path.join(run, 'network-snapshot-000000.pkl')).resume_state
-    assert state.cur_nimg >= 2
+    state = legacy.load_network_pkl(os.path.join(run, snapshot_files(run)[-1])).resume_state
+    assert state.cur_nimg >= 4
 
 
 def test_train_py_options_reach_networks_loss_and_loop(tmp_path):
@@ -440,3 +440,191 @@ def test_train_py_options_reach_networks_loss_and_loop(tmp_path):
     base.pop('uv_mask', None)
     small = builders.build('network', base, device='meta')
     assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in G.parameters())
+
+
+# --- never lose or overwrite data; resume exactly ---------------------------------------------
+
+def snapshot_files(run_dir):
+    return sorted(n for n in os.listdir(run_dir) if n.startswith('network-snapshot-'))
+
+
+def test_snapshot_names_are_unique_and_sort_in_training_order(toy_data, tmp_path):
+    """Fractional ticks: one snapshot per tick, named by kimg with three decimals (the exact image count)."""
+    run = str(tmp_path / 'a')
+    tl.training_loop(**th.loop_kwargs(run, toy_data, total_kimg=0.006, kimg_per_tick=0.002))
+    names = snapshot_files(run)
+    assert names == ['network-snapshot-000000.002.pkl', 'network-snapshot-000000.004.pkl', 'network-snapshot-000000.006.pkl']
+    assert [legacy.load_network_pkl(os.path.join(run, n)).resume_state.cur_nimg for n in names] == [2, 4, 6]
+    assert {'fakes000000.002.png', 'fakes000000.004.png', 'fakes000000.006.png'} <= set(os.listdir(run))
+    # Whole kimg and beyond: string order is training order.
+    from training import run_folder
+    nimgs = [999, 1000, 1001, 12_345, 999_999_999]
+    assert [run_folder.snapshot_name(n) for n in nimgs] == sorted(run_folder.snapshot_name(n) for n in nimgs)
+    assert run_folder.snapshot_name(4096) == 'network-snapshot-000004.096.pkl'
+
+
+def test_a_different_file_under_the_snapshot_name_is_kept(toy_data, tmp_path, capsys):
+    run = tmp_path / 'a'
+    run.mkdir()
+    (run / 'network-snapshot-000000.002.pkl').write_bytes(b'another run')
+    result = tl.training_loop(**th.loop_kwargs(str(run), toy_data, total_kimg=0.002))
+    assert (run / 'network-snapshot-000000.002.pkl').read_bytes() == b'another run'
+    assert os.path.basename(result.snapshot_pkl) == 'network-snapshot-000000.002-1.pkl'
+    assert legacy.load_network_pkl(result.snapshot_pkl).resume_state.cur_nimg == 2
+    assert 'network-snapshot-000000.002.pkl exists with other content' in capsys.readouterr().out
+
+
+STALE = ['.network-snapshot-000000.004.pkl.k2j4h6g8.tmp', '.fakes000000.002.png.abcdefgh.tmp', '.reals.png.0123_abc.tmp']
+NOT_OURS = ['.notes.txt.abcdefgh.tmp', '.network-snapshot-000000.004.pkl.tmp', 'network-snapshot-x.pkl.abcdefgh.tmp', 'keep.tmp']
+
+
+def test_stale_temporary_files_are_removed_on_start_and_on_resume(toy_data, tmp_path, capsys):
+    """Interrupted atomic writes leave .<name>.<8 chars>.tmp beside the target: removed in the run folder and the resumed one."""
+    run = tmp_path / 'a'
+    run.mkdir()
+    for name in STALE + NOT_OURS:
+        (run / name).write_bytes(b'x' * 100)
+    first = tl.training_loop(**th.loop_kwargs(str(run), toy_data, total_kimg=0.002, image_snapshot_ticks=None))
+    assert sorted(n for n in os.listdir(run) if n.endswith('.tmp')) == sorted(NOT_OURS)
+    assert 'Removed 3 temporary files of interrupted writes' in capsys.readouterr().out
+
+    for name in STALE:          # the first run was killed while writing: resume removes what it left
+        (run / name).write_bytes(b'x' * 100)
+    tl.training_loop(**th.loop_kwargs(str(tmp_path / 'b'), toy_data, total_kimg=0.004, resume_pkl=first.snapshot_pkl,
+                                      image_snapshot_ticks=None))
+    assert sorted(n for n in os.listdir(run) if n.endswith('.tmp')) == sorted(NOT_OURS)
+    assert f'Removed 3 temporary files of interrupted writes in {run}' in capsys.readouterr().out
+
+
+def test_temporary_files_of_a_live_run_are_left_alone(toy_data, tmp_path):
+    """A run still training in the resumed snapshot's folder (it holds the folder's lock) keeps its temporary files."""
+    from training import run_folder
+    first = tl.training_loop(**th.loop_kwargs(str(tmp_path / 'a'), toy_data, total_kimg=0.002, image_snapshot_ticks=None))
+    (tmp_path / 'a' / STALE[0]).write_bytes(b'being written')
+    live = run_folder.RunFolderLock(str(tmp_path / 'a'))
+    try:
+        tl.training_loop(**th.loop_kwargs(str(tmp_path / 'b'), toy_data, total_kimg=0.004, resume_pkl=first.snapshot_pkl,
+                                          image_snapshot_ticks=None))
+        assert (tmp_path / 'a' / STALE[0]).read_bytes() == b'being written'
+        with pytest.raises(RuntimeError, match='another training process writes in this folder'):
+            tl.training_loop(**th.loop_kwargs(str(tmp_path / 'a'), toy_data, total_kimg=0.002))
+    finally:
+        live.release()
+
+
+def test_runs_started_together_get_their_own_folders(tmp_path):
+    """Runs starting at the same moment into one --outdir: each gets a new folder with its own number."""
+    import threading
+    import dnnlib
+    import train
+    out = str(tmp_path / 'runs')
+    count = 8
+    barrier = threading.Barrier(count)
+    results, errors = [], []
+
+    def start():
+        barrier.wait()
+        try:
+            results.append(train.prepare_run_dir(dnnlib.EasyDict(run_desc='same'), out))
+        except Exception as e:          # noqa: BLE001 - the test reports any failure
+            errors.append(repr(e))
+    threads = [threading.Thread(target=start) for _ in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert sorted(os.path.basename(r) for r in results) == [f'{i:05d}-same' for i in range(count)]
+    for r in results:
+        assert json.load(open(os.path.join(r, 'training_options.json')))['run_dir'] == r
+
+
+def test_ada_resume_between_adjustments_is_exact(toy_data, tmp_path):
+    """--aug=ada: a stop between two p updates keeps the signs collected so far; p and weights match a straight run."""
+    from training.augment import BGC
+    ada = dict(augment_kwargs=dict(class_name='training.augment.AugmentPipe', **BGC), augment_p=0.2, ada_interval=4, ada_kimg=0.1,
+               image_snapshot_ticks=None)
+    # 4 steps, one per tick and snapshot; the only p update is after step 4, so the weights do not depend on the target.
+    straight = tl.training_loop(**th.loop_kwargs(str(tmp_path / 'a'), toy_data, total_kimg=0.008, ada_target=0.5, **ada))
+    stats = [json.loads(line)['Loss/signs/real'] for line in open(tmp_path / 'a' / 'stats.jsonl')]
+    sums = [s['mean'] * s['num'] for s in stats]          # signs are -1, 0, 1: exact
+    nums = [s['num'] for s in stats]
+    step = 2 * 4 / (0.1 * 1000)                           # batch x interval / (ada_kimg x 1000)
+    # A stop after step k, and a target between the mean of steps 1-4 (exact) and of steps k+1..4 (signs lost):
+    splits = [k for k in (1, 2, 3) if sum(sums) / sum(nums) != sum(sums[k:]) / sum(nums[k:])]
+    assert splits, f'signs of real images {sums} do not tell an exact resume from a lossy one'
+    k = splits[0]
+    mean_all, mean_late = sum(sums) / sum(nums), sum(sums[k:]) / sum(nums[k:])
+    target = (mean_all + mean_late) / 2
+    snapshot = os.path.join(tmp_path, 'a', f'network-snapshot-000000.{2 * k:03d}.pkl')
+    state = legacy.load_network_pkl(snapshot).resume_state
+    assert state.ada_signs[:2] == [sum(nums[:k]), sum(sums[:k])]     # count and sum of the signs since the last update
+    assert state.augment_p == pytest.approx(0.2)
+
+    # train.py passes p = 0 for --aug=ada: the snapshot's p must win.
+    resumed = tl.training_loop(**th.loop_kwargs(str(tmp_path / 'b'), toy_data, total_kimg=0.008, resume_pkl=snapshot,
+                                                **dict(ada, augment_p=0.0), ada_target=target))
+    expected_p = torch.tensor(0.2) + float(np.sign(mean_all - target) * step)
+    p = legacy.load_network_pkl(resumed.snapshot_pkl).augment_pipe.p
+    assert float(p) == float(expected_p) and float(p) != pytest.approx(0.2)
+    a, b = state_of(resumed), state_of(straight)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+
+
+def test_ema_update_copies_buffers():
+    """G_ema's buffers (w_avg) follow G's exactly; only parameters are averaged."""
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.zeros(2))
+            self.register_buffer('w_avg', torch.zeros(3))
+    G, G_ema = Net(), Net()
+    G.weight.data.fill_(1.0)
+    G.w_avg.copy_(torch.tensor([1.0, 2.0, 3.0]))
+    tl.update_ema(G, G_ema, cur_nimg=10**9, batch_size=32, ema_kimg=0.032, ema_rampup=None)
+    assert G_ema.w_avg.tolist() == [1.0, 2.0, 3.0]
+    assert G_ema.weight.tolist() == [0.5, 0.5]
+
+
+def make_toy_snapshot(tmp_path, toy_data):
+    return tl.training_loop(**th.loop_kwargs(str(tmp_path / 'toy'), toy_data, total_kimg=0.002, image_snapshot_ticks=None)).snapshot_pkl
+
+
+@pytest.mark.parametrize('kind, message', [
+    ('missing', 'no such checkpoint'),
+    ('truncated', 'truncated or corrupt checkpoint'),
+    ('foreign', 'refused to load'),
+    ('empty', 'truncated or corrupt checkpoint'),
+    ('no_networks', 'holds no networks'),
+])
+def test_train_py_bad_resume_stops_before_making_a_run_folder(toy_data, head_data, tmp_path, kind, message):
+    from torch_utils import persistence
+    path = str(tmp_path / f'{kind}.pkl')
+    if kind == 'truncated':
+        data = open(make_toy_snapshot(tmp_path, toy_data), 'rb').read()
+        open(path, 'wb').write(data[:len(data) // 2])
+    elif kind == 'foreign':
+        open(path, 'w').write('not a network\n' * 10)
+    elif kind == 'empty':
+        open(path, 'wb').close()
+    elif kind == 'no_networks':
+        persistence.save_checkpoint(path, dict(training_set_kwargs=dict(path='data')))
+    result = invoke_train(['--outdir', str(tmp_path / 'runs'), '--cfg', 'tiny64', '--data', head_data, '--gpus', '1', '--batch', '2',
+                           '--gamma', '1', '--metrics', 'none', '--kimg', '0.002', '--resume', path])
+    assert result.exit_code == 1, result.output
+    assert f'Error: {path}: ' in result.output and message in result.output, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    assert not os.path.exists(tmp_path / 'runs')
+
+
+def test_train_py_kimg_is_the_total_including_the_resumed_images(toy_data, head_data, tmp_path):
+    result = invoke_train(['--help'])
+    assert 'counting the images of a resumed' in ' '.join(result.output.split())
+    snapshot = make_toy_snapshot(tmp_path, toy_data)          # at kimg 0.002
+    result = invoke_train(['--outdir', str(tmp_path / 'runs'), '--cfg', 'tiny64', '--data', head_data, '--gpus', '1', '--batch', '2',
+                           '--gamma', '1', '--metrics', 'none', '--kimg', '0.002', '--resume', snapshot])
+    assert result.exit_code == 1
+    assert (f'Error: --kimg=0.002: {snapshot} is at kimg 0.002 already; --kimg is the total length of training, '
+            f'counting the images trained before the snapshot') in result.output, result.output
+    assert not os.path.exists(tmp_path / 'runs')

@@ -105,6 +105,11 @@ class Collector:
             if moments[0] > 0 or name not in self._moments:
                 self._moments[name] = moments
 
+    def moments(self, name: str) -> torch.Tensor:
+        """(3,) float64 [count, sum, sum of squares] of the last interval (zeros when nothing was reported)."""
+        m = self._moments.get(name)
+        return torch.zeros(3, dtype=torch.float64) if m is None else m.clone()
+
     def num(self, name: str) -> int:
         m = self._moments.get(name)
         return 0 if m is None else int(m[0])

@@ -8,12 +8,15 @@ continues the run where it stopped. The torch random generator is re-seeded at e
 step from (seed, rank, step) and the data streams are replayed from the step index, so a
 resumed run draws the same batches and noise as an uninterrupted one.
 
-Snapshots (`network-snapshot-NNNNNN.pkl`, NNNNNN = kimg) hold G, D, G_ema,
-training_set_kwargs and `resume_state`; SIGINT/SIGTERM make every rank stop after the
-current step, rank 0 writes such a snapshot, and the loop returns normally.
+Snapshots (`network-snapshot-KKKKKK.KKK.pkl`, kimg with three decimals: unique and in
+training order, see training/run_folder.py) hold G, D, G_ema, training_set_kwargs and
+`resume_state`, which includes ADA's sign statistics since its last update of p;
+SIGINT/SIGTERM make every rank stop after the current step, rank 0 writes such a
+snapshot, and the loop returns normally. Rank 0 locks the run folder while it trains.
 """
 
 import copy
+import filecmp
 import io
 import itertools
 import json
@@ -33,11 +36,9 @@ from torch_utils import training_stats
 from training import builders
 from training import distributed
 from training import resume as resume_lib
+from training import run_folder
 from training.loss import Next3DLoss
 from training.network_pickle import load_network_pkl
-
-SNAPSHOT_PATTERN = 'network-snapshot-{:06d}.pkl'
-
 
 # ----------------------------------------------------------------------------------------
 # Data
@@ -307,19 +308,35 @@ def save_fake_grids(run_dir, G_ema, grid, grid_size, batch_gpu, tag: str):
     save_image_grid(-depth, os.path.join(run_dir, f'fakes{tag}_depth.png'), drange=[-depth.max(), -depth.min()], grid_size=grid_size)
 
 
-def save_snapshot(run_dir, G, D, G_ema, training_set_kwargs, state, phases, augment_pipe) -> str:
-    """network-snapshot-NNNNNN.pkl with the networks and everything a resume needs (atomic)."""
-    path = os.path.join(run_dir, SNAPSHOT_PATTERN.format(state.cur_nimg // 1000))
+def save_snapshot(run_dir, G, D, G_ema, training_set_kwargs, state, phases, augment_pipe, log=print) -> str:
+    """network-snapshot-KKKKKK.KKK.pkl with the networks and everything a resume needs (atomic).
+
+    A different file under that name (not written by this run) is kept: the snapshot then
+    gets the first free name network-snapshot-KKKKKK.KKK-N.pkl.
+    """
     resume_state = dict(
         cur_nimg=int(state.cur_nimg), cur_tick=int(state.cur_tick) + 1, batch_idx=int(state.batch_idx),   # the tick to run next
         optimizers=optimizer_states(phases),
         augment_p=None if augment_pipe is None else float(augment_pipe.p.item()),
+        ada_signs=None if state.get('ada_signs') is None else state.ada_signs.tolist(),
         random_seed=int(state.random_seed), batch_size=int(state.batch_size),
     )
     data = dict(G=G, D=D, G_ema=G_ema, training_set_kwargs=dict(training_set_kwargs), resume_state=resume_state)
     if augment_pipe is not None:
         data['augment_pipe'] = augment_pipe
+    name = run_folder.snapshot_name(state.cur_nimg)
+    path = os.path.join(run_dir, name)
+    taken = 0
+    while os.path.exists(path):
+        taken += 1
+        path = os.path.join(run_dir, name[:-len('.pkl')] + f'-{taken}.pkl')
     persistence.save_checkpoint(path, data)
+    if taken:
+        first = os.path.join(run_dir, name)
+        if filecmp.cmp(first, path, shallow=False):      # this very state was saved already
+            os.remove(path)
+            return first
+        log(f'Note: {name} exists with other content (not written by this run): kept it, saved this snapshot as {os.path.basename(path)}')
     return path
 
 
@@ -394,6 +411,7 @@ def training_loop(
     torch.backends.cudnn.benchmark = cudnn_benchmark
     log = print if rank == 0 else (lambda *a, **k: None)
     data_loader_kwargs = dict(data_loader_kwargs or {})
+    folder_lock = lock_run_folder(run_dir, resume_pkl, log) if rank == 0 else None
 
     log('Loading training set...')
     training_set = builders.open_dataset(training_set_kwargs)
@@ -414,12 +432,16 @@ def training_loop(
     if augment_kwargs is not None:
         augment_pipe = builders.build('augment', augment_kwargs).train().requires_grad_(False).to(device)
         augment_pipe.p.copy_(torch.as_tensor(augment_p))
-        state.ada_collector = training_stats.Collector(regex='Loss/signs/real')
+        if ada_target is not None:
+            state.ada_collector = training_stats.Collector(regex='Loss/signs/real', keep_previous=False)
+            state.ada_signs = torch.zeros(3, dtype=torch.float64)     # [count, sum, sum_sq] since p's last update, all ranks
 
     loss = Next3DLoss(device=device, G=G, D=D, augment_pipe=augment_pipe, **(loss_kwargs or {}))
     phases = setup_phases(G, D, G_opt_kwargs, D_opt_kwargs, G_reg_interval, D_reg_interval)
     if resume_state is not None:
         restore_training_state(resume_state, state, phases, augment_pipe, log)
+        log(f'--kimg={total_kimg:g} is the total length of training, counting the {state.cur_nimg / 1e3:.3f} kimg before the snapshot: '
+            f'{max(total_kimg - state.cur_nimg / 1e3, 0):.3f} kimg to go.')
 
     batch_per_rank = batch_size // num_gpus
     real_iter = make_loader(training_set, rank, num_gpus, random_seed, batch_per_rank, state.batch_idx, data_loader_kwargs)
@@ -472,14 +494,16 @@ def training_loop(
                 log(f'Stop requested by signal {stop.signum if stop.signum is not None else "(on another rank)"}: writing a resume snapshot.')
 
             if rank == 0 and image_snapshot_ticks is not None and (done or state.cur_tick % image_snapshot_ticks == 0):
-                save_fake_grids(run_dir, G_ema, grid, grid_size_used, batch_gpu, tag=f'{state.cur_nimg // 1000:06d}')
+                save_fake_grids(run_dir, G_ema, grid, grid_size_used, batch_gpu, tag=run_folder.kimg_stamp(state.cur_nimg))
 
             snapshot_due = network_snapshot_ticks is not None and (done or state.cur_tick % network_snapshot_ticks == 0)
             if snapshot_due:
                 for module in (G, D, G_ema):
                     distributed.check_consistency(module, ignore_regex=r'.*\.[^.]+_(avg|ema)')
+                if state.get('ada_collector') is not None:
+                    collect_ada_signs(state)        # every rank: the snapshot keeps the signs since p's last update
                 if rank == 0:
-                    last_snapshot = save_snapshot(run_dir, G, D, G_ema, training_set_kwargs, state, phases, augment_pipe)
+                    last_snapshot = save_snapshot(run_dir, G, D, G_ema, training_set_kwargs, state, phases, augment_pipe, log)
                     log(f'Saved {os.path.basename(last_snapshot)}')
                 distributed.barrier()
                 if metrics and not stopping:
@@ -501,6 +525,8 @@ def training_loop(
     if stats_writer is not None:
         stats_writer.close()
     training_set.close()
+    if folder_lock is not None:
+        folder_lock.release()
     stopped = stop.signum is not None or stopping
     log('Stopped cleanly.' if stopped else 'Exiting...')
     return dnnlib.EasyDict(snapshot_pkl=last_snapshot, G=G, D=D, G_ema=G_ema, cur_nimg=state.cur_nimg, batch_idx=state.batch_idx,
@@ -534,17 +560,39 @@ def setup_grids(run_dir, training_set, G_ema, random_seed, grid_size, batch_gpu,
     return grid_size, grid
 
 
+def collect_ada_signs(state):
+    """Add the sign(D(real)) moments reported since the last call, summed over ranks, to state.ada_signs (collective)."""
+    state.ada_collector.update()
+    state.ada_signs += state.ada_collector.moments('Loss/signs/real')
+
+
 def adjust_augment(augment_pipe, state, ada_target, ada_interval, ada_kimg, batch_size):
     """ADA heuristic: every ada_interval steps, p += sign(E[sign(D(real))] - target) x batch x interval / (ada_kimg x 1000), in [0, 1]."""
     if augment_pipe is None or ada_target is None or state.batch_idx % ada_interval != 0:
         return
-    collector = state.ada_collector
-    collector.update()
-    signs = collector.mean('Loss/signs/real')
-    if np.isnan(signs):
+    collect_ada_signs(state)
+    count, total = float(state.ada_signs[0]), float(state.ada_signs[1])
+    state.ada_signs.zero_()
+    if count == 0:
         return
-    adjust = np.sign(signs - ada_target) * (batch_size * ada_interval) / (ada_kimg * 1000)
+    adjust = np.sign(total / count - ada_target) * (batch_size * ada_interval) / (ada_kimg * 1000)
     augment_pipe.p.copy_((augment_pipe.p + adjust).clamp(0, 1))
+
+
+def lock_run_folder(run_dir, resume_pkl, log) -> run_folder.RunFolderLock:
+    """Rank 0: lock the run folder; remove stale temporary files there and in the resumed snapshot's folder."""
+    os.makedirs(run_dir, exist_ok=True)
+    lock = run_folder.RunFolderLock(run_dir)        # refuses a folder another run is writing in
+    cleaned = [(run_dir, run_folder.remove_stale_temp_files(run_dir, lock))]
+    resume_dir = None if resume_pkl is None else os.path.dirname(os.path.abspath(resume_pkl))
+    if resume_dir is not None and os.path.isdir(resume_dir) and not os.path.samefile(resume_dir, run_dir):
+        cleaned.append((resume_dir, run_folder.remove_stale_temp_files(resume_dir)))
+    for folder, removed in cleaned:
+        if removed:
+            size = sum(n for _, n in removed) / 2**20
+            log(f'Removed {len(removed)} temporary files of interrupted writes in {folder} ({size:.1f} MiB): '
+                f'{", ".join(n for n, _ in removed)}')
+    return lock
 
 
 def restore_training_state(resume_state, state, phases, augment_pipe, log):
@@ -562,6 +610,8 @@ def restore_training_state(resume_state, state, phases, augment_pipe, log):
                 group.update(h)
     if augment_pipe is not None and resume_state.get('augment_p') is not None:
         augment_pipe.p.copy_(torch.as_tensor(resume_state['augment_p']))
+    if state.get('ada_signs') is not None and resume_state.get('ada_signs') is not None:
+        state.ada_signs.copy_(torch.as_tensor(resume_state['ada_signs'], dtype=torch.float64))
     if resume_state.get('batch_size') is not None and int(resume_state['batch_size']) != state.batch_size:
         log(f"Note: the snapshot was trained with batch {resume_state['batch_size']}, this run uses {state.batch_size}")
     log(f'Continuing at kimg {state.cur_nimg / 1e3:.3f}, tick {state.cur_tick}, step {state.batch_idx}')
