@@ -2,8 +2,8 @@
 
 Examples:
 
-        --metrics=fid50k_full,kid50k_full --detector=inception-2015-12-05.pt
     python calc_metrics.py --network=training-runs/00000-ffhq/network-snapshot-001000.000.pkl \\
+        --metrics=fid50k_full,kid50k_full --detector=inception-2015-12-05.pt
 
     # Another dataset than the one the network was trained on
     python calc_metrics.py --network=snapshot.pkl --data=data/ffhq/images512x512 --metrics=mesh_depth_err
@@ -46,14 +46,15 @@ def parse_comma_list(s):
 
 
 @click.command()
-@click.option('--network', 'network_pkl', help='Network snapshot', metavar='PATH', required=True)
-@click.option('--metrics', help='Comma-separated metrics', type=parse_comma_list, default='fid50k_full', show_default=True)
+@click.option('--network', 'network_pkl', help='Network pickle: a snapshot of ours or an official EG3D/Next3D pickle', metavar='PATH', required=True)
+@click.option('--metrics', help=f'Comma-separated metric names: {", ".join(metric_main.list_valid_metrics())} (described below)',
+              type=parse_comma_list, metavar='NAMES', default='fid50k_full', show_default=True)
 @click.option('--data', help='Dataset (default: the one in the snapshot)', metavar='[ZIP|DIR]')
 @click.option('--rdata', help='Meshes folder of --data (default: next to the images)', metavar='DIR')
 @click.option('--mirror', help='Mirrored items too (default: as in the snapshot)', type=bool, metavar='BOOL')
-@click.option('--gpus', help='Number of processes', type=click.IntRange(min=1), default=1, show_default=True)
+@click.option('--gpus', help='Number of processes (one per GPU; CPU processes without CUDA)', type=click.IntRange(min=1), default=1, show_default=True)
 @click.option('--detector', help='Inception TorchScript file (default: $NEXT3D_INCEPTION)', metavar='PATH')
-@click.option('--verbose', help='Print progress', type=bool, default=False, metavar='BOOL', show_default=True)
+@click.option('--verbose', help='Print progress (true/false)', type=bool, default=False, metavar='BOOL', show_default=True)
 def main(network_pkl, metrics, data, rdata, mirror, gpus, detector, verbose):
     """Calculate metrics of a network snapshot."""
     if rdata is not None and data is None:
