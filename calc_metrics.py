@@ -20,6 +20,7 @@ import torch
 
 import dnnlib
 import legacy
+from dnnlib import cli
 from metrics import metric_main
 from training import builders
 
@@ -55,6 +56,7 @@ def parse_comma_list(s):
 @click.option('--gpus', help='Number of processes (one per GPU; CPU processes without CUDA)', type=click.IntRange(min=1), default=1, show_default=True)
 @click.option('--detector', help='Inception TorchScript file (default: $NEXT3D_INCEPTION)', metavar='PATH')
 @click.option('--verbose', help='Print progress (true/false)', type=bool, default=False, metavar='BOOL', show_default=True)
+@cli.user_errors
 def main(network_pkl, metrics, data, rdata, mirror, gpus, detector, verbose):
     """Calculate metrics of a network snapshot."""
     if rdata is not None and data is None:

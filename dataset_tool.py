@@ -13,16 +13,15 @@ image and label is validated while packing.
 
 import io
 import json
-import os
-import tempfile
 import time
 import zipfile
 
 import click
 import numpy as np
 
-from training.dataset import (EXP_FILE, LABEL_FILES, PACKED_LANDMARKS, PACKED_VERTICES, DatasetError,
-                              MeshImageDataset)
+from dnnlib import cli
+from torch_utils.persistence import atomic_output
+from training.dataset import EXP_FILE, LABEL_FILES, PACKED_LANDMARKS, PACKED_VERTICES, MeshImageDataset
 
 
 def pack_dataset(source: str, dest: str, mesh_path: str = None, load_lms: bool = True) -> dict:
@@ -30,12 +29,8 @@ def pack_dataset(source: str, dest: str, mesh_path: str = None, load_lms: bool =
     start = time.time()
     dataset = MeshImageDataset(source, mesh_path=mesh_path, load_lms=load_lms, validate='full')
     labels, exps, verts, lms = [], [], [], []
-    folder = os.path.dirname(os.path.abspath(dest))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix='.' + os.path.basename(dest) + '.', suffix='.tmp', dir=folder)
-    os.close(fd)
     try:
-        with zipfile.ZipFile(tmp, 'w', compression=zipfile.ZIP_STORED) as z:
+        with atomic_output(dest) as tmp, zipfile.ZipFile(tmp, 'w', compression=zipfile.ZIP_STORED) as z:
             for rec in dataset.raw_records():
                 z.writestr(rec['relpath'], rec['image_bytes'])
                 labels.append([rec['relpath'], rec['camera'].tolist()])
@@ -50,14 +45,6 @@ def pack_dataset(source: str, dest: str, mesh_path: str = None, load_lms: bool =
                 buffer = io.BytesIO()
                 np.save(buffer, np.stack(arrays).astype(np.float32))
                 z.writestr(name, buffer.getvalue())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)      # mkstemp's 0600 would hide a shared dataset from other users
-        os.replace(tmp, dest)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
     finally:
         dataset.close()
     return dict(items=len(labels), num_vertices=int(verts[0].shape[0]), seconds=time.time() - start)
@@ -78,16 +65,14 @@ def time_loading(path: str, mesh_path: str = None, repeats: int = 1) -> float:
 
 @click.command()
 @click.option('--source', help='Dataset root, images<R>x<R> folder, or zip', metavar='PATH', required=True)
-@click.option('--dest', help='Output zip', metavar='PATH', required=True)
+@click.option('--dest', help='Output zip', metavar='PATH', type=click.Path(dir_okay=False), required=True)
 @click.option('--rdata', help='Meshes folder (default: next to the images)', metavar='DIR')
 @click.option('--load_lms', help='Pack the landmarks (False: zeros)', type=bool, default=True, show_default=True)
 @click.option('--benchmark', help='Also time reading all meshes before and after packing', is_flag=True)
+@cli.user_errors
 def main(source, dest, rdata, load_lms, benchmark):
     """Pack images, labels, meshes and landmarks into one zip."""
-    try:
-        info = pack_dataset(source, dest, mesh_path=rdata, load_lms=load_lms)
-    except DatasetError as e:
-        raise click.ClickException(str(e))
+    info = pack_dataset(source, dest, mesh_path=rdata, load_lms=load_lms)
     print(f'Packed {info["items"]} items ({info["num_vertices"]} vertices each) into {dest} in {info["seconds"]:.1f}s')
     if benchmark:
         before = time_loading(source, rdata, repeats=3)

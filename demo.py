@@ -17,6 +17,8 @@ import time
 
 import click
 
+from dnnlib import cli
+
 ROOT = os.path.dirname(os.path.abspath(__file__))
 NETWORK = os.path.join('pretrained_models', 'next3d-synthetic64.pkl')
 DRIVING = os.path.join('data', 'driving')
@@ -24,16 +26,19 @@ DRIVING = os.path.join('data', 'driving')
 
 def run(args: list):
     print('$ python ' + ' '.join(args), flush=True)
-    subprocess.run([sys.executable] + args, cwd=ROOT, check=True)
+    try:
+        subprocess.run([sys.executable] + args, cwd=ROOT, check=True)
+    except subprocess.CalledProcessError as e:
+        raise click.ClickException(f'python {" ".join(args)} failed with exit status {e.returncode} (its error is above)') from e
 
 
 def save_depth_grid(network: str, seeds: list, path: str):
     """Depth images of `seeds` from a frontal camera (near = bright)."""
     import numpy as np
     import torch
-    from training.generation import depth_to_image, frontal_label, load_generator, mesh_condition, save_image_grid
+    from training.generation import depth_to_image, frontal_label, load_generator, mesh_condition, read_mesh_condition, save_image_grid
     G = load_generator(network, torch.device('cpu'))
-    v = mesh_condition(G)
+    v = mesh_condition(G, read_mesh_condition())
     c = frontal_label(G)
     depths = []
     with torch.no_grad():
@@ -44,14 +49,15 @@ def save_depth_grid(network: str, seeds: list, path: str):
 
 
 @click.command()
-@click.option('--outdir', default='out', show_default=True, help='Output folder (created if missing): samples/, orbit/ and reenact/ go inside')
+@click.option('--outdir', type=click.Path(file_okay=False), default='out', show_default=True, help='Output folder (created if missing): samples/, orbit/ and reenact/ go inside')
 @click.option('--network', default=NETWORK, show_default=True, help='Network pickle (path) to demonstrate')
+@cli.user_errors
 def main(outdir: str, network: str):
     """Images, a shape and videos from the bundled model."""
     start = time.time()
     outdir = os.path.abspath(outdir)
     if not os.path.isfile(os.path.join(ROOT, network)) and not os.path.isfile(network):
-        sys.exit(f'demo: {network} is missing; see pretrained_models/README.md for how it is trained')
+        raise click.ClickException(f'{network}: no such network file (see pretrained_models/README.md for how it is trained)')
     run(['gen_samples.py', f'--network={network}', '--seeds=0-3', '--trunc=0.7', '--shapes=true', '--shape-res=128',
          f'--outdir={os.path.join(outdir, "samples")}'])
     save_depth_grid(network, [0, 1, 2, 3], os.path.join(outdir, 'samples', 'depth.png'))

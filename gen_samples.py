@@ -14,19 +14,20 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-import dnnlib
+from dnnlib import cli
 from training import coords, shapes
-from training.generation import BUNDLED_NETWORK, check_mesh_options, frontal_label, load_generator, mesh_condition, orbit_label, save_image_grid
+from training.generation import (BUNDLED_NETWORK, check_mesh_options, frontal_label, load_generator, mesh_condition, orbit_label,
+                                 read_mesh_condition, save_image_grid)
 
 PREVIEW_RES = 64    # samples per axis of the preview: one chunk of sample_density_volume
 
 
 @click.command()
 @click.option('--network', 'network_pkl', default=BUNDLED_NETWORK, show_default=True, help='Network pickle (path): our network-snapshot-*.pkl or an official EG3D/Next3D pickle')
-@click.option('--seeds', type=dnnlib.parse_range, default='0-3', show_default=True, help='Latent seeds: integers and ranges, comma-separated, e.g. 0-3,7')
-@click.option('--trunc', 'truncation_psi', type=float, default=1.0, show_default=True, help='Truncation psi: 1 = none, 0 = the average w (the EG3D examples use 0.7)')
+@click.option('--seeds', type=cli.Seeds(), default='0-3', show_default=True, help='Latent seeds: integers and ranges, comma-separated, e.g. 0-3,7')
+@click.option('--trunc', 'truncation_psi', type=cli.FiniteFloat(), default=1.0, show_default=True, help='Truncation psi: 1 = none, 0 = the average w (the EG3D examples use 0.7)')
 @click.option('--trunc-cutoff', 'truncation_cutoff', type=int, default=14, show_default=True, help="Truncate only the first N ws: 14 = the backbone's at full size (Next3D's texture ws after them stay untruncated)")
-@click.option('--outdir', type=str, required=True, help='Output folder (created if missing): seedNNNN.png and the shapes')
+@click.option('--outdir', type=click.Path(file_okay=False), required=True, help='Output folder (created if missing): seedNNNN.png and the shapes')
 @click.option('--shapes', type=bool, default=False, show_default=True, help='Also export the density of each seed as seedNNNN<shape-format> (true/false)')
 @click.option('--shape-res', type=click.IntRange(min=16), default=512, show_default=True,
               help='Density grid samples per axis over the tri-plane box; the time grows with its cube (an estimate is printed)')
@@ -35,12 +36,13 @@ PREVIEW_RES = 64    # samples per axis of the preview: one chunk of sample_densi
 @click.option('--shape-level', type=str, default='auto', show_default=True, metavar='FLOAT|auto',
               help='Raw density (sigma) of the .ply/.obj surface: a number, or auto = min(10, half the maximum): '
                    "EG3D's 10 unless the density peaks below 20")
-@click.option('--fov-deg', type=float, default=coords.FOV_DEG, show_default=True, help="Field of view in degrees (EG3D's convention; the default is its focal length 4.2647)")
-@click.option('--obj_path', type=str, default=None, help='Driving mesh (.obj); default: the bundled head, neutral')
-@click.option('--lms_path', type=str, default=None, help="68 landmarks of the mesh, one 'x y z' line each (mesh space, metres); default: the bundled head's")
+@click.option('--fov-deg', type=cli.FiniteFloat(min=0, max=180, min_open=True, max_open=True), default=coords.FOV_DEG, show_default=True, help="Field of view in degrees (EG3D's convention; the default is its focal length 4.2647)")
+@click.option('--obj_path', type=click.Path(exists=True, dir_okay=False), default=None, help='Driving mesh (.obj); default: the bundled head, neutral')
+@click.option('--lms_path', type=click.Path(exists=True, dir_okay=False), default=None, help="68 landmarks of the mesh, one 'x y z' line each (mesh space, metres); default: the bundled head's")
 @click.option('--lms_cond', type=bool, default=True, show_default=True, help='Condition on the landmark file (else landmarks are computed from the mesh with the bundled head model)')
-@click.option('--uv_mask_path', type=str, default=None, help='Face/eye UV mask PNG for official Next3D pickles that lack it')
+@click.option('--uv_mask_path', type=click.Path(exists=True, dir_okay=False), default=None, help='Face/eye UV mask PNG for official Next3D pickles that lack it')
 @click.option('--device', type=str, default=None, help='torch device: cpu, cuda or cuda:N (default: cuda if available, else cpu)')
+@cli.user_errors
 def generate_images(network_pkl, seeds, truncation_psi, truncation_cutoff, outdir, shapes, shape_res, shape_format,
                     shape_level, fov_deg, obj_path, lms_path, lms_cond, uv_mask_path, device):
     """Per seed: the views at yaw +0.4, 0, -0.4 (pitch -0.2) conditioned on a frontal camera -> seedNNNN.png."""
@@ -51,9 +53,10 @@ def generate_images(network_pkl, seeds, truncation_psi, truncation_cutoff, outdi
     if shapes:
         shape_level = check_shape_options(shape_format, shape_level)
     device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
+    condition = read_mesh_condition(obj_path, lms_path, lms_cond)
     G = load_generator(network_pkl, device, uv_mask_path)
     check_mesh_options(G, network_pkl, obj_path, lms_path, lms_cond)
-    v = mesh_condition(G, obj_path, lms_path, lms_cond, device)
+    v = mesh_condition(G, condition, obj_path, device)
     focal = coords.fov_to_focal(fov_deg)
     c_cond = frontal_label(G, focal, device)
     os.makedirs(outdir, exist_ok=True)

@@ -14,7 +14,9 @@ import torch
 from tqdm import tqdm
 
 import dnnlib
-from training.generation import BUNDLED_NETWORK, check_mesh_options, depth_to_image, frontal_label, load_generator, make_grid, mesh_condition, orbit_label, to_uint8
+from dnnlib import cli
+from training.generation import (BUNDLED_NETWORK, check_mesh_options, depth_to_image, frontal_label, load_generator, make_grid, mesh_condition,
+                                 orbit_label, read_mesh_condition, to_uint8)
 from training.video import VideoWriter
 
 
@@ -73,26 +75,27 @@ def render_video(G, path, seeds, grid, num_keyframes, w_frames, psi, truncation_
 
 @click.command()
 @click.option('--network', 'network_pkl', default=BUNDLED_NETWORK, show_default=True, help='Network pickle (path): our network-snapshot-*.pkl or an official EG3D/Next3D pickle')
-@click.option('--seeds', type=dnnlib.parse_range, default='0-3', show_default=True, help='Latent seeds: integers and ranges, comma-separated, e.g. 0-3,7')
-@click.option('--shuffle-seed', type=int, default=None, help='Shuffle the seeds with this random seed (default: keep their order)')
+@click.option('--seeds', type=cli.Seeds(), default='0-3', show_default=True, help='Latent seeds: integers and ranges, comma-separated, e.g. 0-3,7')
+@click.option('--shuffle-seed', type=click.IntRange(0, 2 ** 32 - 1), default=None, help='Shuffle the seeds with this random seed (default: keep their order)')
 @click.option('--grid', type=dnnlib.parse_vec2, default='1x1', show_default=True, metavar='WxH', help='Seeds tiled W x H per video frame, e.g. 2x2 (with --interpolate=true)')
 @click.option('--num-keyframes', type=click.IntRange(min=1), default=None, help='Keyframes of the interpolation (default: number of seeds / grid cells)')
 @click.option('--w-frames', type=click.IntRange(min=1), default=120, show_default=True, help='Frames from one keyframe to the next (at --fps per second)')
-@click.option('--trunc', 'truncation_psi', type=float, default=1.0, show_default=True, help='Truncation psi: 1 = none, 0 = the average w (the EG3D examples use 0.7)')
+@click.option('--trunc', 'truncation_psi', type=cli.FiniteFloat(), default=1.0, show_default=True, help='Truncation psi: 1 = none, 0 = the average w (the EG3D examples use 0.7)')
 @click.option('--trunc-cutoff', 'truncation_cutoff', type=int, default=14, show_default=True, help="Truncate only the first N ws: 14 = the backbone's at full size (Next3D's texture ws after them stay untruncated)")
-@click.option('--outdir', type=str, required=True, help='Output folder (created if missing)')
+@click.option('--outdir', type=click.Path(file_okay=False), required=True, help='Output folder (created if missing)')
 @click.option('--image_mode', type=click.Choice(['image', 'image_depth', 'image_raw']), default='image', show_default=True,
               help='image: the final RGB; image_depth: the depth of the raw rendering, near = bright, scaled per frame; '
                    'image_raw: the low-resolution neural rendering (its first 3 channels)')
-@click.option('--sample_mult', type=float, default=1.0, show_default=True, help='Multiplier (> 0) of the samples per ray (stratified and importance): more is sharper and slower')
+@click.option('--sample_mult', type=cli.FiniteFloat(min=0, min_open=True), default=1.0, show_default=True, help='Multiplier (> 0) of the samples per ray (stratified and importance): more is sharper and slower')
 @click.option('--nrr', type=int, default=None, help="Neural rendering resolution in pixels (default: the network's)")
 @click.option('--interpolate', type=bool, default=True, show_default=True, help='One interpolation video of the grid; false: one 1x1 video per seed')
-@click.option('--obj_path', type=str, default=None, help='Driving mesh (.obj); default: the bundled head, neutral')
-@click.option('--lms_path', type=str, default=None, help="68 landmarks of the mesh, one 'x y z' line each (mesh space, metres); default: the bundled head's")
+@click.option('--obj_path', type=click.Path(exists=True, dir_okay=False), default=None, help='Driving mesh (.obj); default: the bundled head, neutral')
+@click.option('--lms_path', type=click.Path(exists=True, dir_okay=False), default=None, help="68 landmarks of the mesh, one 'x y z' line each (mesh space, metres); default: the bundled head's")
 @click.option('--lms_cond', type=bool, default=True, show_default=True, help='Condition on the landmark file (else computed from the mesh)')
 @click.option('--fps', type=click.IntRange(min=1), default=60, show_default=True, help='Frames per second of the mp4 (integer)')
-@click.option('--uv_mask_path', type=str, default=None, help='Face/eye UV mask PNG for official Next3D pickles that lack it')
+@click.option('--uv_mask_path', type=click.Path(exists=True, dir_okay=False), default=None, help='Face/eye UV mask PNG for official Next3D pickles that lack it')
 @click.option('--device', type=str, default=None, help='torch device: cpu, cuda or cuda:N (default: cuda if available, else cpu)')
+@cli.user_errors
 def generate_videos(network_pkl, seeds, shuffle_seed, grid, num_keyframes, w_frames, truncation_psi, truncation_cutoff,
                     outdir, image_mode, sample_mult, nrr, interpolate, obj_path, lms_path, lms_cond, fps, uv_mask_path, device):
     """Orbit videos: mp4, libx264, 10 Mbit/s."""
@@ -101,9 +104,10 @@ def generate_videos(network_pkl, seeds, shuffle_seed, grid, num_keyframes, w_fra
         if not interpolate and ctx.get_parameter_source(name) != click.core.ParameterSource.DEFAULT:
             raise click.UsageError(f'--{name.replace("_", "-")} applies with --interpolate=true only (false: one 1x1 video per seed)')
     device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
+    condition = read_mesh_condition(obj_path, lms_path, lms_cond)
     G = load_generator(network_pkl, device, uv_mask_path)
     check_mesh_options(G, network_pkl, obj_path, lms_path, lms_cond)
-    v = mesh_condition(G, obj_path, lms_path, lms_cond, device)
+    v = mesh_condition(G, condition, obj_path, device)
     if shuffle_seed is not None:
         np.random.RandomState(shuffle_seed).shuffle(seeds)
     os.makedirs(outdir, exist_ok=True)

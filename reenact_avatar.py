@@ -16,8 +16,9 @@ import torch
 from tqdm import tqdm
 
 import dnnlib
+from dnnlib import cli
 from training.driving import load_condition, read_driving_folder, smooth_labels
-from training.generation import BUNDLED_NETWORK, bundled_landmarks, frontal_label, load_generator, make_grid, to_uint8, uses_mesh
+from training.generation import BUNDLED_NETWORK, bundled_landmarks, frontal_label, load_generator, make_grid, mesh_condition, to_uint8, uses_mesh
 from training.video import VideoWriter
 
 
@@ -32,19 +33,20 @@ def load_frame_image(path: str, size: int) -> np.ndarray:
 @click.command()
 @click.option('--drive_root', type=str, required=True, help='Driving folder (dataset.json, frames, <id>.obj, <id>_kpt2d.txt)')
 @click.option('--network', 'network_pkl', default=BUNDLED_NETWORK, show_default=True, help='Network pickle (path): our network-snapshot-*.pkl or an official EG3D/Next3D pickle')
-@click.option('--seeds', type=dnnlib.parse_range, default='0', show_default=True, help='Latent seeds: integers and ranges, comma-separated, e.g. 0-3,7')
+@click.option('--seeds', type=cli.Seeds(), default='0', show_default=True, help='Latent seeds: integers and ranges, comma-separated, e.g. 0-3,7')
 @click.option('--grid', type=dnnlib.parse_vec2, default='2x1', show_default=True, metavar='WxH', help='Grid WxH: H rows of (driving frame + W-1 avatars)')
-@click.option('--outdir', type=str, required=True, help='Output folder (created if missing)')
+@click.option('--outdir', type=click.Path(file_okay=False), required=True, help='Output folder (created if missing)')
 @click.option('--fname', type=str, default='reenact.mp4', show_default=True, help='Output video file name (.mp4) in --outdir')
-@click.option('--trunc', 'truncation_psi', type=float, default=1.0, show_default=True, help='Truncation psi: 1 = none, 0 = the average w (the EG3D examples use 0.7)')
+@click.option('--trunc', 'truncation_psi', type=cli.FiniteFloat(), default=1.0, show_default=True, help='Truncation psi: 1 = none, 0 = the average w (the EG3D examples use 0.7)')
 @click.option('--trunc-cutoff', 'truncation_cutoff', type=int, default=14, show_default=True, help="Truncate only the first N ws: 14 = the backbone's at full size (Next3D's texture ws after them stay untruncated)")
 @click.option('--fixed_camera', type=bool, default=False, show_default=True, help='Render from a fixed frontal camera instead of the tracked one')
 @click.option('--num_frames', type=click.IntRange(min=1), default=None, help='Use only the first N frames (default: all)')
 @click.option('--lms_cond', type=bool, default=True, show_default=True, help='Use the <id>_kpt2d.txt landmarks (else computed from the mesh)')
 @click.option('--smooth', type=click.IntRange(min=0), default=2, show_default=True, help='Camera smoothing radius in frames (0: none)')
 @click.option('--fps', type=click.IntRange(min=1), default=30, show_default=True, help='Frames per second of the mp4 (integer; one driving frame per video frame)')
-@click.option('--uv_mask_path', type=str, default=None, help='Face/eye UV mask PNG for official Next3D pickles that lack it')
+@click.option('--uv_mask_path', type=click.Path(exists=True, dir_okay=False), default=None, help='Face/eye UV mask PNG for official Next3D pickles that lack it')
 @click.option('--device', type=str, default=None, help='torch device: cpu, cuda or cuda:N (default: cuda if available, else cpu)')
+@cli.user_errors
 def reenact(drive_root, network_pkl, seeds, grid, outdir, fname, truncation_psi, truncation_cutoff, fixed_camera,
             num_frames, lms_cond, smooth, fps, uv_mask_path, device):
     """Drive avatars with a tracked video; writes OUTDIR/FNAME (mp4, 30 fps)."""
@@ -57,9 +59,13 @@ def reenact(drive_root, network_pkl, seeds, grid, outdir, fname, truncation_psi,
     frames = read_driving_folder(drive_root)
     if num_frames is not None:
         frames = frames[:num_frames]
+    # Every mesh is read and checked before the network loads: a bad frame stops the run at once.
+    conditions = [load_condition(frame.obj_path, frame.lms_path if lms_cond else None,
+                                 landmarks_fn=None if lms_cond else bundled_landmarks) for frame in frames]
     G = load_generator(network_pkl, device, uv_mask_path)
     if not uses_mesh(G):
         raise click.UsageError(f'{network_pkl}: this generator is not mesh-driven (EG3D) and cannot be reenacted')
+    conditions = [mesh_condition(G, v, frame.obj_path, device) for v, frame in zip(conditions, frames)]
     avatars = (gw - 1) * gh
     seeds = [seeds[i % len(seeds)] for i in range(avatars)]
 
@@ -74,8 +80,7 @@ def reenact(drive_root, network_pkl, seeds, grid, outdir, fname, truncation_psi,
     generator = torch.Generator(device).manual_seed(seeds[0])    # the renderer's depth sampling: same seeds, same frames
     with VideoWriter(path, fps=fps) as video:
         for i, frame in enumerate(tqdm(frames, desc='frames')):
-            v = load_condition(frame.obj_path, frame.lms_path if lms_cond else None, G.num_vertices,
-                               landmarks_fn=None if lms_cond else bundled_landmarks).to(device)
+            v = conditions[i]
             cam = frontal_label(G, device=device) if fixed_camera else torch.from_numpy(cameras[i])[None].to(device)
             with torch.no_grad():
                 images = G.synthesis(ws, cam.expand(len(ws), -1), v.expand(len(ws), -1, -1), noise_mode='const',

@@ -29,9 +29,9 @@ import click
 import torch
 
 import dnnlib
+from dnnlib import cli
 from training import builders
 from training import distributed
-from training.dataset import DatasetError
 
 CFG_PRESETS = {'ffhq': 'ffhq512', 'ffhq512': 'ffhq512', 'tiny64': 'tiny64', 'small128': 'small128'}
 
@@ -414,8 +414,8 @@ def main(ctx, **kwargs):
         check_resume(opts.resume, opts.kimg)
     try:
         c = build_config(opts)
-    except DatasetError as e:
-        raise click.ClickException(str(e))
+    except cli.USER_ERRORS as e:      # the dataset's or the template's error, naming the file
+        raise click.ClickException(cli.error_message(e)) from e
 
     print()
     print('Training options:')

@@ -51,6 +51,7 @@ if __name__ == '__main__' and __package__ is None:
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from dataset_preprocessing import alignment, fit_flame, landmarks, pose_label      # noqa: E402
+from dnnlib import cli                                                              # noqa: E402
 from torch_utils.persistence import atomic_write_bytes                              # noqa: E402
 from training import coords                                                         # noqa: E402
 from training.mesh.obj_io import write_landmarks, write_obj                         # noqa: E402
@@ -287,7 +288,7 @@ def load_model(flame_dir: Optional[str]) -> fit_flame.HeadModelAdapter:
 
 @click.command()
 @click.option('--indir', required=True, help='Folder of photos, or a video file')
-@click.option('--outdir', required=True, help='Output folder')
+@click.option('--outdir', required=True, type=click.Path(file_okay=False), help='Output folder')
 @click.option('--mode', type=click.Choice(['dataset', 'driving']), default='dataset', show_default=True, help='Training dataset or reenactment driving folder')
 @click.option('--flame', 'flame_dir', default=None, help='Folder with FLAME generic_model.pkl + landmark_embedding.npy [default: bundled head model]')
 @click.option('--landmarks', 'landmark_dir', default=None, help='Folder of <stem>.txt landmark files (5 or 68 lines "x y", pixel indices; video frame i: <i:05d>.txt)')
@@ -296,6 +297,7 @@ def load_model(flame_dir: Optional[str]) -> fit_flame.HeadModelAdapter:
 @click.option('--mirror', is_flag=True, help='Also write left-right mirrored copies (dataset mode)')
 @click.option('--resolution', type=click.IntRange(min=8), default=512, show_default=True, help='Output image size')
 @click.option('--threads', type=click.IntRange(min=1), default=1, show_default=True, help='torch CPU threads (small fits are fastest on one)')
+@cli.user_errors
 def main(indir, outdir, mode, flame_dir, landmark_dir, mat_dir, fps, mirror, resolution, threads):
     """Preprocess in-the-wild photos or a video (see the module docstring)."""
     torch.set_num_threads(threads)

@@ -65,8 +65,10 @@ def test_ragged_vertex_records(tmp_path):
 
 @pytest.mark.parametrize('text, message', [
     (HEADER + 'f 1/1 2/2 3\n', 'mix index forms'),
-    (HEADER + 'f 1 2 9\n', 'refers to vertex 9'),
-    (HEADER + 'f 1/1 2/2 3/9\n', 'texture coordinate 9'),
+    (HEADER + 'f 1 2 9\n', 'face 1 uses vertex 9 but the file has 4 vertices'),
+    (HEADER + 'f 1 2 3\nf 1 2 9\n', 'face 2 uses vertex 9 but the file has 4 vertices'),
+    (HEADER + 'f 1 2 3 9\n', 'face 1 uses vertex 9 but the file has 4 vertices'),
+    (HEADER + 'f 1/1 2/2 3/9\n', 'face 1 uses texture coordinate 9 but the file has 4 texture coordinates'),
     (HEADER + 'f -1 -2 -3\n', 'positive'),
     (HEADER + 'f 1 2\n', 'fewer than three'),
     ('v 0 0 zero\n', 'malformed'),
@@ -79,6 +81,14 @@ def test_errors_name_the_file(tmp_path, text, message):
     with pytest.raises(ValueError, match=message) as e:
         read_obj(path)
     assert 'bad.obj' in str(e.value)
+
+
+def test_vertex_reader_checks_faces_when_asked(tmp_path):
+    path = tmp_path / 'm.obj'
+    path.write_text(HEADER + 'f 1 2 3\nf 1 2 9\n')
+    assert read_obj_vertices(path).shape == (4, 3)        # datasets: faces are never used, not parsed
+    with pytest.raises(ValueError, match=r'm\.obj: face 2 uses vertex 9 but the file has 4 vertices'):
+        read_obj_vertices(path, check_faces=True)
 
 
 def test_vertex_count_check(tmp_path):

@@ -36,6 +36,7 @@ import os
 import re
 import tempfile
 import zipfile
+import zlib
 
 import numpy as np
 import PIL.Image
@@ -75,8 +76,13 @@ class _Files:
                     names.append(os.path.relpath(os.path.join(root, f), self.path).replace(os.sep, '/'))
         elif os.path.isfile(self.path) and zipfile.is_zipfile(self.path):
             self.is_zip = True
-            with zipfile.ZipFile(self.path) as z:
-                names = [n for n in z.namelist() if not n.endswith('/')]
+            try:
+                with zipfile.ZipFile(self.path) as z:
+                    names = [n for n in z.namelist() if not n.endswith('/')]
+            except (zipfile.BadZipFile, OSError) as e:
+                raise DatasetError(f'{self.path}: damaged zip file ({e})') from e
+        elif os.path.isfile(self.path) and _starts_like_a_zip(self.path):
+            raise DatasetError(f'{self.path}: damaged zip file (no central directory: truncated?)')
         elif os.path.exists(self.path):
             raise DatasetError(f'{self.path}: not a folder or a zip file')
         else:
@@ -90,9 +96,12 @@ class _Files:
         if name not in self.names:
             raise DatasetError(f'{self.where(name)}: missing')
         if self.is_zip:
-            if self._zip is None:   # opened lazily: each DataLoader worker gets its own handle
-                self._zip = zipfile.ZipFile(self.path)
-            return self._zip.read(name)
+            try:
+                if self._zip is None:   # opened lazily: each DataLoader worker gets its own handle
+                    self._zip = zipfile.ZipFile(self.path)
+                return self._zip.read(name)
+            except (zipfile.BadZipFile, zlib.error, EOFError) as e:
+                raise DatasetError(f'{self.where(name)}: damaged zip member ({e})') from e
         with open(os.path.join(self.path, name), 'rb') as f:
             return f.read()
 
@@ -113,6 +122,12 @@ class _Files:
 
     def __getstate__(self):
         return dict(self.__dict__, _zip=None)
+
+
+def _starts_like_a_zip(path: str) -> bool:
+    """The first bytes are a zip member header (a zip whose end, the central directory, is missing)."""
+    with open(path, 'rb') as f:
+        return f.read(4) == b'PK\x03\x04'
 
 
 def _read_vertices(files: _Files, name: str, expected_count: int = None) -> np.ndarray:
@@ -153,8 +168,9 @@ def _read_landmarks(files: _Files, name: str) -> np.ndarray:
 def _decode_image(files: _Files, name: str) -> np.ndarray:
     """(3, H, W) uint8 RGB."""
     import io
+    data = files.read(name)
     try:
-        with PIL.Image.open(io.BytesIO(files.read(name))) as img:
+        with PIL.Image.open(io.BytesIO(data)) as img:
             img = np.asarray(img.convert('RGB'))
     except (OSError, SyntaxError, ValueError) as e:
         raise DatasetError(f'{files.where(name)}: unreadable image ({e})') from e

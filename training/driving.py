@@ -32,7 +32,7 @@ def load_condition(obj_path: str, lms_path: str = None, num_vertices: int = None
     """
     if not os.path.isfile(obj_path):
         raise FileNotFoundError(f'{obj_path}: no such mesh file')
-    verts = torch.from_numpy(read_obj_vertices(obj_path, expected_count=num_vertices))[None]
+    verts = torch.from_numpy(read_obj_vertices(obj_path, expected_count=num_vertices, check_faces=True))[None]
     if lms_path is not None:
         if not os.path.isfile(lms_path):
             raise FileNotFoundError(f'{lms_path}: no such landmark file')
@@ -62,15 +62,26 @@ def read_driving_folder(root: str) -> List[DrivingFrame]:
     try:
         with open(json_path) as f:
             labels = json.load(f)['labels']
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
         raise ValueError(f'{json_path}: expected {{"labels": [[frame, [25 floats]], ...]}} ({e})') from e
-    if not labels:
-        raise ValueError(f'{json_path}: no frames listed')
+    if not isinstance(labels, list) or not labels:
+        raise ValueError(f'{json_path}: no frames listed (expected {{"labels": [[frame, [25 floats]], ...]}})')
+    entries = []
+    for i, entry in enumerate(labels):
+        if not (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], str)):
+            raise ValueError(f'{json_path}: entry {i + 1} is not [frame file, [25 numbers]]')
+        name = entry[0]
+        if os.path.isabs(name) or '..' in name.replace('\\', '/').split('/'):
+            raise ValueError(f'{json_path}: frame {name} is not a path inside the driving folder')
+        try:
+            label = np.asarray(entry[1], dtype=np.float32)
+        except (TypeError, ValueError):
+            label = None
+        if label is None or label.shape != (25,) or not np.isfinite(label).all():
+            raise ValueError(f'{json_path}: label of {name} is not 25 finite numbers')
+        entries.append((name, label))
     frames = []
-    for entry in sorted(labels, key=lambda e: e[0]):
-        name, label = entry[0], np.asarray(entry[1], dtype=np.float32)
-        if label.shape != (25,) or not np.isfinite(label).all():
-            raise ValueError(f'{json_path}: label of {name} is not 25 finite floats')
+    for name, label in sorted(entries, key=lambda e: e[0]):
         frame_id = os.path.splitext(os.path.basename(name))[0]
         frame = DrivingFrame(frame_id, os.path.join(root, name), label,
                              os.path.join(root, f'{frame_id}.obj'), os.path.join(root, f'{frame_id}_kpt2d.txt'))

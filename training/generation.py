@@ -12,6 +12,7 @@ import torch
 from torch_utils.persistence import atomic_write_bytes
 from training import coords
 from training.driving import DEFAULT_LMS, DEFAULT_OBJ, load_condition
+from training.next3d_generator import NUM_LANDMARKS
 from training.network_pickle import load_network_pkl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -53,23 +54,31 @@ def check_mesh_options(G, network_pkl: str, obj_path: str = None, lms_path: str 
         raise click.UsageError('--lms_path is not read with --lms_cond=false (the landmarks are computed from the mesh)')
 
 
-def mesh_condition(G, obj_path: str = None, lms_path: str = None, lms_cond: bool = True, device=torch.device('cpu')):
-    """The (1, V + 68, 3) condition for G from an .obj and its landmarks (None for EG3D).
+def read_mesh_condition(obj_path: str = None, lms_path: str = None, lms_cond: bool = True) -> torch.Tensor:
+    """The (1, V + 68, 3) condition from an .obj and its landmarks, read and checked before any network is loaded.
 
     Defaults to the bundled head's neutral mesh. With lms_cond False the landmarks are
     computed from the mesh with the bundled head model's landmark embedding, which needs
     the mesh to have the bundled head's topology.
     """
-    if not uses_mesh(G):
-        return None
     obj_path = obj_path or DEFAULT_OBJ
     if not lms_cond:
-        return load_condition(obj_path, None, G.num_vertices, landmarks_fn=bundled_landmarks).to(device)
+        return load_condition(obj_path, None, landmarks_fn=bundled_landmarks)
     if lms_path is None:
         if obj_path != DEFAULT_OBJ:
             raise ValueError(f'{obj_path}: --lms_cond needs --lms_path (the 68 x 3 landmarks of this mesh)')
         lms_path = DEFAULT_LMS
-    return load_condition(obj_path, lms_path, G.num_vertices).to(device)
+    return load_condition(obj_path, lms_path)
+
+
+def mesh_condition(G, v: torch.Tensor, obj_path: str = None, device=torch.device('cpu')):
+    """A `read_mesh_condition` result for G, on `device`; None for EG3D. Another vertex count is an error naming obj_path."""
+    if not uses_mesh(G):
+        return None
+    if v.shape[1] != G.num_vertices + NUM_LANDMARKS:
+        raise ValueError(f'{obj_path or DEFAULT_OBJ}: expected {G.num_vertices} vertices (the generator\'s mesh), '
+                         f'found {v.shape[1] - NUM_LANDMARKS}')
+    return v.to(device)
 
 
 @functools.lru_cache(maxsize=1)

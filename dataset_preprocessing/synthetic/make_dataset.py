@@ -37,7 +37,9 @@ from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from dataset_preprocessing.synthetic import scene   # noqa: E402
+from dataset_preprocessing.synthetic import scene        # noqa: E402
+from dnnlib import cli                                    # noqa: E402
+from torch_utils.persistence import atomic_write_bytes    # noqa: E402
 
 CHUNK = 8                    # images rendered together; fixed, so batching never changes the output
 MAX_DEFAULT_WORKERS = 8      # the default worker count: the cores available, at most this many
@@ -54,11 +56,7 @@ def available_cores() -> int:
 def _replace_write(path: str, data: bytes):
     """Write through a temporary file and os.replace, so a file is never seen half-written.
     (No fsync per file: a dataset is rewritten from its seed if the machine crashes.)"""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f'{path}.tmp{os.getpid()}'
-    with open(tmp, 'wb') as f:
-        f.write(data)
-    os.replace(tmp, path)
+    atomic_write_bytes(path, data, fsync=False)
 
 
 def _png_bytes(image: torch.Tensor) -> bytes:
@@ -190,7 +188,7 @@ def make_driving_video(outdir: str, num_frames: int, resolution: int, seed: int,
 
 
 @click.command()
-@click.option('--outdir', required=True, type=str,
+@click.option('--outdir', required=True, type=click.Path(file_okay=False),
               help='Output folder (created; files of the same names are replaced)')
 @click.option('--count', type=click.IntRange(min=1), default=1000, show_default=True, help='Number of training images')
 @click.option('--resolution', type=click.IntRange(min=8), default=128, show_default=True, help='Image width and height in pixels')
@@ -200,6 +198,7 @@ def make_driving_video(outdir: str, num_frames: int, resolution: int, seed: int,
 @click.option('--num_frames', type=click.IntRange(min=1), default=120, show_default=True, help='Frames of the driving video (30 per second)')
 @click.option('--workers', type=click.IntRange(min=1), default=None, show_default=f'the cores available, at most {MAX_DEFAULT_WORKERS}',
               help='Rendering processes for a training set; more than the cores only slows each down')
+@cli.user_errors
 def main(outdir, count, resolution, seed, driving, num_frames, workers):
     """Render a synthetic dataset of the bundled head model."""
     ctx = click.get_current_context()

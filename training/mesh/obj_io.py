@@ -112,8 +112,12 @@ def _parse_floats(path, blocks, n: int, tag: str, width: int) -> np.ndarray:
     return values.astype(np.float32)
 
 
-def _parse_faces(path, blocks, n: int):
-    """`n` face records in `blocks` -> (F, 3) vertex indices, (F, 3) uv indices or None."""
+def _parse_faces(path, blocks, n: int, num_v: int, num_vt: int):
+    """`n` face records in `blocks` -> (F, 3) vertex indices, (F, 3) uv indices or None.
+
+    Every index is checked against the file's `num_v` vertices and `num_vt` texture
+    coordinates; the error names the face record (1-based, in file order).
+    """
     if n == 0:
         return np.zeros([0, 3], dtype=np.int64), None
     first = blocks[0][:blocks[0].find(b'\n')].split()[0]
@@ -133,9 +137,17 @@ def _parse_faces(path, blocks, n: int):
     numbers = numbers.reshape(n_tokens, per_corner)
     if (numbers[:, :1 + int(has_uv)] <= 0).any():
         raise ValueError(f'{path}: face indices must be positive (relative indices are not supported)')
-    vidx, uvidx = numbers[:, 0] - 1, (numbers[:, 1] - 1 if has_uv else None)
     if (corners < 3).any():
         raise ValueError(f'{path}: a face record has fewer than three corners')
+    if has_uv and num_vt == 0:
+        raise ValueError(f'{path}: faces have texture indices but the file has no "vt" records')
+    checks = [(0, num_v, 'vertex', 'vertices')] + ([(1, num_vt, 'texture coordinate', 'texture coordinates')] if has_uv else [])
+    for column, count, what, plural in checks:
+        bad = np.flatnonzero(numbers[:, column] > count)
+        if len(bad):
+            face = int(np.searchsorted(np.cumsum(corners), bad[0], side='right')) + 1
+            raise ValueError(f'{path}: face {face} uses {what} {numbers[bad[0], column]} but the file has {count} {plural}')
+    vidx, uvidx = numbers[:, 0] - 1, (numbers[:, 1] - 1 if has_uv else None)
     if (corners == 3).all():
         f = vidx.reshape(-1, 3)
         ft = uvidx.reshape(-1, 3) if has_uv else None
@@ -153,29 +165,29 @@ def read_obj(path) -> ObjMesh:
     """Reads positions, texture coordinates and triangles of an OBJ file.
 
     Raises ValueError naming the file for malformed records, mixed face index forms,
-    indices out of range, and uv indices without `vt` records.
+    indices out of range (`<file>: face N uses vertex K but the file has V vertices`), and
+    uv indices without `vt` records.
     """
     data = _read_bytes(path)
     v = _parse_floats(path, *_records(data, b'v'), 'v', 3)
     vt_blocks, n_vt = _records(data, b'vt')
     vt = _parse_floats(path, vt_blocks, n_vt, 'vt', 2) if n_vt else None
-    f, ft = _parse_faces(path, *_records(data, b'f'))
-    if len(f) and f.max() >= len(v):
-        raise ValueError(f'{path}: face refers to vertex {f.max() + 1} but the file has {len(v)} vertices')
-    if ft is not None:
-        if vt is None:
-            raise ValueError(f'{path}: faces have texture indices but the file has no "vt" records')
-        if ft.max() >= len(vt):
-            raise ValueError(f'{path}: face refers to texture coordinate {ft.max() + 1} but the file has {len(vt)}')
+    f, ft = _parse_faces(path, *_records(data, b'f'), num_v=len(v), num_vt=n_vt)
     return ObjMesh(v=v, f=f, vt=vt, ft=ft)
 
 
-def read_obj_vertices(path, expected_count: Optional[int] = None) -> np.ndarray:
+def read_obj_vertices(path, expected_count: Optional[int] = None, check_faces: bool = False) -> np.ndarray:
     """Only the `v` records of an OBJ file: (V, 3) float32. The fast path for datasets.
 
     expected_count: if given, a different vertex count raises ValueError naming the file.
+    check_faces: also parse the `f` records and refuse indices of missing vertices or texture
+    coordinates, as `read_obj` does (a damaged file; for meshes a user names - dataset
+    meshes skip it, their faces are never used).
     """
-    v = _parse_floats(path, *_records(_read_bytes(path), b'v'), 'v', 3)
+    data = _read_bytes(path)
+    v = _parse_floats(path, *_records(data, b'v'), 'v', 3)
+    if check_faces:
+        _parse_faces(path, *_records(data, b'f'), num_v=len(v), num_vt=_records(data, b'vt')[1])
     if expected_count is not None and len(v) != expected_count:
         raise ValueError(f'{path}: expected {expected_count} vertices, found {len(v)}')
     return v
