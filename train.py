@@ -274,9 +274,7 @@ def launch(c, outdir: str):
             raise click.ClickException(f'--gpus={c.num_gpus} but torchrun started WORLD_SIZE={env["world_size"]} processes')
         device = torch.device('cuda', env['local_rank']) if torch.cuda.is_available() else torch.device('cpu')
         distributed.init(env['rank'], env['world_size'], device, 'env://')
-        holder = [prepare_run_dir(c, outdir) if env['rank'] == 0 else None]
-        torch.distributed.broadcast_object_list(holder, src=0)
-        c.run_dir = holder[0]
+        c.run_dir = distributed.broadcast_object(prepare_run_dir(c, outdir) if env['rank'] == 0 else None)
         from training import training_loop
         logger = dnnlib.Logger(file_name=os.path.join(c.run_dir, 'log.txt'), file_mode='a') if env['rank'] == 0 else None
         try:

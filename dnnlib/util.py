@@ -1,7 +1,6 @@
-"""EasyDict, construction of objects by dotted name, `open_url`, and a stdout/stderr tee."""
+"""EasyDict, `open_url`, and a stdout/stderr tee. (No lookup of objects by dotted name: see training/builders.py.)"""
 
 import hashlib
-import importlib
 import io
 import os
 import sys
@@ -23,33 +22,6 @@ class EasyDict(dict):
 
     def __delattr__(self, name):
         del self[name]
-
-
-def get_obj_by_name(name: str):
-    """Return the object named by a dotted path, e.g. 'training.coords.intrinsics'."""
-    parts = name.split('.')
-    for split in range(len(parts) - 1, 0, -1):
-        module_name = '.'.join(parts[:split])
-        try:
-            obj = importlib.import_module(module_name)
-        except ModuleNotFoundError as e:
-            if e.name is not None and module_name.startswith(e.name):
-                continue        # this prefix is not a module; try a shorter one
-            raise               # the module exists but one of its imports failed
-        for attr in parts[split:]:
-            if not hasattr(obj, attr):
-                raise AttributeError(f"'{module_name}' has no attribute '{'.'.join(parts[split:])}' (looking up '{name}')")
-            obj = getattr(obj, attr)
-        return obj
-    raise ImportError(f"cannot find a module for '{name}'")
-
-
-def construct_class_by_name(*args, class_name: str, **kwargs):
-    """Look up `class_name` and call it with the remaining arguments."""
-    cls = get_obj_by_name(class_name)
-    if not callable(cls):
-        raise TypeError(f"'{class_name}' is not callable")
-    return cls(*args, **kwargs)
 
 
 def make_cache_dir_path(*paths: str) -> str:

@@ -178,8 +178,10 @@ def test_train_py_next3d_end_to_end(head_data, tmp_path):
     assert type(snap.augment_pipe).__name__ == 'AugmentPipe' and snap.resume_state.augment_p == 0.0
 
 
-def test_train_py_under_torchrun_two_cpu_processes(head_data, tmp_path):
-    """torchrun's env:// rendezvous (RANK / WORLD_SIZE / LOCAL_RANK): one run folder, rank 0 writes, both ranks train."""
+@pytest.mark.parametrize('nproc', [1, 2])
+def test_train_py_under_torchrun(head_data, tmp_path, nproc):
+    """torchrun's env:// rendezvous (RANK / WORLD_SIZE / LOCAL_RANK): one run folder, rank 0 writes, every rank trains.
+    One process crashed before: no process group at world size 1, but the run folder was broadcast."""
     torchrun = os.path.join(os.path.dirname(sys.executable), 'torchrun')
     if not os.path.isfile(torchrun):
         pytest.skip('torchrun is not installed next to this Python')
@@ -188,13 +190,13 @@ def test_train_py_under_torchrun_two_cpu_processes(head_data, tmp_path):
         sock.bind(('127.0.0.1', 0))
         port = sock.getsockname()[1]
     out = str(tmp_path / 'runs')
-    proc = subprocess.run([torchrun, '--nnodes=1', '--nproc_per_node=2', '--master_addr=127.0.0.1', f'--master_port={port}', os.path.join(ROOT, 'train.py'), '--outdir', out,
-                           '--cfg', 'tiny64', '--model_version', 'eg3d', '--data', head_data, '--gpus', '2', '--batch', '4', '--gamma', '1',
+    proc = subprocess.run([torchrun, '--nnodes=1', f'--nproc_per_node={nproc}', '--master_addr=127.0.0.1', f'--master_port={port}', os.path.join(ROOT, 'train.py'), '--outdir', out,
+                           '--cfg', 'tiny64', '--model_version', 'eg3d', '--data', head_data, '--gpus', str(nproc), '--batch', '4', '--gamma', '1',
                            '--metrics', 'none', '--kimg', '0.004', '--tick', '0.004', '--snap', '1', '--workers', '0', '--grid', '1x1'],
                           cwd=ROOT, capture_output=True, text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS='1'))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     runs = os.listdir(out)
-    assert len(runs) == 1 and runs[0].endswith('gpus2-batch4-gamma1')
+    assert len(runs) == 1 and runs[0].endswith(f'gpus{nproc}-batch4-gamma1')
     snap = legacy.load_network_pkl(os.path.join(out, runs[0], 'network-snapshot-000000.004.pkl'))
     assert snap.resume_state.cur_nimg == 4 and snap.resume_state.batch_idx == 1
 
@@ -628,3 +630,13 @@ def test_train_py_kimg_is_the_total_including_the_resumed_images(toy_data, head_
     assert (f'Error: --kimg=0.002: {snapshot} is at kimg 0.002 already; --kimg is the total length of training, '
             f'counting the images trained before the snapshot') in result.output, result.output
     assert not os.path.exists(tmp_path / 'runs')
+
+
+def test_tf32_is_off_in_training_and_broadcast_object_works_without_a_group(toy_data, tmp_path):
+    from training import distributed
+    torch.backends.cudnn.allow_tf32 = True              # this torch's default for cuDNN
+    torch.backends.cuda.matmul.allow_tf32 = True
+    tl.training_loop(**th.loop_kwargs(str(tmp_path / 'run'), toy_data, total_kimg=0.002))
+    assert torch.backends.cudnn.allow_tf32 is False and torch.backends.cuda.matmul.allow_tf32 is False
+    assert not distributed.is_initialized()
+    assert distributed.broadcast_object({'run_dir': 'x'}) == {'run_dir': 'x'}

@@ -409,6 +409,7 @@ def training_loop(
     torch.manual_seed(step_seed(random_seed, rank, 2**31))     # set-up draws: apart from every step's stream
     np.random.seed(random_seed * num_gpus + rank)
     torch.backends.cudnn.benchmark = cudnn_benchmark
+    distributed.set_tf32(False)                                  # full float32, as EG3D (R1 needs exact gradients)
     log = print if rank == 0 else (lambda *a, **k: None)
     data_loader_kwargs = dict(data_loader_kwargs or {})
     folder_lock = lock_run_folder(run_dir, resume_pkl, log) if rank == 0 else None
