@@ -7,6 +7,7 @@ would allocate more than the file holds, class names outside the fixed registry,
 writes that fail half way.
 """
 
+import contextlib
 import errno
 import io
 import os
@@ -25,6 +26,27 @@ from training import official_pickle
 from training.official_pickle import OfficialPickleError, load_official_pickle
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@contextlib.contextmanager
+def memory_cap(headroom_gib: float = 2.0):
+    """Limit this process's address space to its current size + `headroom_gib` (Linux), so that a
+    loader that did try to allocate what a file asks for fails at once instead of exhausting
+    the machine's memory."""
+    try:
+        import resource
+        with open('/proc/self/status') as f:
+            size = int(next(line for line in f if line.startswith('VmSize:')).split()[1]) * 1024
+    except (ImportError, OSError, StopIteration):
+        yield
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    cap = size + int(headroom_gib * 2 ** 30)
+    resource.setrlimit(resource.RLIMIT_AS, (cap if hard == resource.RLIM_INFINITY else min(cap, hard), hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
 
 
 # ---------------------------------------------------------------------------------------
@@ -133,10 +155,10 @@ def test_official_huge_constructor_argument_refused(tmp_path):
     # refused before anything of that size is allocated.
     from tests.test_legacy_import import eg3d_pickle, eg3d_source
     src = eg3d_source()
-    src.z_dim = src.w_dim = 2 ** 26
+    src.w_dim = 2 ** 30                         # every layer that uses it: >= 32 GiB
     path = tmp_path / 'huge-official.pkl'
     path.write_bytes(eg3d_pickle(src))
-    with pytest.raises(persistence.CheckpointError, match=r'^' + re.escape(str(path)) + r' \[G\]: .*more than the file'):
+    with memory_cap(), pytest.raises(persistence.CheckpointError, match=r'^' + re.escape(str(path)) + r' \[G\]: .*more than the file'):
         legacy.load_network_pkl(str(path))
 
 
@@ -192,7 +214,7 @@ def test_huge_constructor_argument_refused_before_allocating(tmp_path, allow_tes
     stored = persistence.module_to_dict(WideNet(3, 4))
     stored['init_kwargs'] = dict(in_dim=2 ** 30, out_dim=2 ** 30)
     _save_module_dict(path, stored)
-    with pytest.raises(persistence.CheckpointError, match=r'^' + re.escape(str(path)) + r': stored tensors do not fit .*WideNet.*fc\.weight'):
+    with memory_cap(), pytest.raises(persistence.CheckpointError, match=r'^' + re.escape(str(path)) + r': stored tensors do not fit .*WideNet.*fc\.weight'):
         legacy.load_network_pkl(str(path))
 
 
@@ -201,7 +223,7 @@ def test_out_of_range_integer_argument_refused(tmp_path, allow_test_classes):
     stored = persistence.module_to_dict(WideNet(3, 4))
     stored['init_kwargs'] = dict(in_dim=10 ** 12, out_dim=4)
     _save_module_dict(path, stored)
-    with pytest.raises(persistence.CheckpointError, match=r'^' + re.escape(str(path)) + r': .*WideNet.*in_dim = 1000000000000 is out of range'):
+    with memory_cap(), pytest.raises(persistence.CheckpointError, match=r'^' + re.escape(str(path)) + r': .*WideNet.*in_dim = 1000000000000 is out of range'):
         legacy.load_network_pkl(str(path))
 
 
@@ -272,7 +294,8 @@ def test_class_outside_the_fixed_registry_is_not_imported(tmp_path, monkeypatch)
         "pathlib.Path(os.environ['NEXT3D_PWNED']).write_text('imported')\n"
         '@persistence.persistent_class\n'
         'class Evil(torch.nn.Module):\n'
-        '    pass\n')
+        '    def __init__(self):\n'
+        '        super().__init__()\n')
     monkeypatch.setattr(training, '__path__', list(training.__path__) + [str(tmp_path)])
     monkeypatch.delitem(sys.modules, 'training.evil_persist', raising=False)
     monkeypatch.setattr(persistence, '_REGISTRY', dict(persistence._REGISTRY))
