@@ -1,6 +1,7 @@
 """Rasterizer tests against a brute-force reference written here (every pixel x every face)."""
 
 import math
+import os
 
 import numpy as np
 import pytest
@@ -273,3 +274,57 @@ def test_external_backend_face_ids_map_back_to_the_full_face_list():
     out = _per_sample(valid, 2, 2, draw)
     assert seen == [[1, 3]]
     assert out.tolist() == [[[1, 3], [-1, 3]], [[-1, -1], [-1, -1]]]
+
+
+# ---------------------------------------------------------------------------------------
+# pytorch3d's own pure-Python reference (`rasterize_meshes_python`, the semantics of its
+# kernels), recorded by tests/fixtures/make_official_fixtures.py on 82 triangles of every
+# size (down to slivers), overlapping, both windings, 16 x 32 pixels.
+
+PYTORCH3D_FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'fixtures', 'official', 'rasterizer_pytorch3d.npz')
+
+
+def _pytorch3d_case():
+    data = np.load(PYTORCH3D_FIXTURE)
+    h, w = (int(s) for s in data['image_size'])
+    v = torch.from_numpy(data['verts'])
+    # pytorch3d's NDC: +x left, +y up, the shorter side spans [-1, 1] (square pixels);
+    # ours: +x right, +y down, each side spans [-1, 1]. A 180 degree turn keeps the winding.
+    # (16 x 32: the rescale is by a power of two, so the float32 bits carry over.)
+    ours = torch.stack([-v[:, 0] * min(h, w) / w, -v[:, 1] * min(h, w) / h, v[:, 2]], dim=1)
+    return data, ours[None], torch.from_numpy(data['faces']).long(), (h, w)
+
+
+@pytest.mark.parametrize('cull', [True, False])
+def test_matches_pytorch3d_python_reference(cull):
+    data, verts, faces, size = _pytorch3d_case()
+    tag = 'cull' if cull else 'nocull'
+    ref_face = torch.from_numpy(data[f'pix_to_face_{tag}'])
+    ref_bary = torch.from_numpy(data[f'bary_{tag}'])
+    ref_z = torch.from_numpy(data[f'zbuf_{tag}'])
+    frag = rasterize(verts, faces, size, cull_backfaces=cull, pytorch3d_bary=True)
+    assert torch.equal(frag.pix_to_face[0], ref_face)
+    hit = ref_face >= 0
+    assert hit.sum() > 40
+    # pytorch3d divides by (twice the area + 1e-8) in its NDC units, in float32: its
+    # barycentrics sum to a little less than 1 on small faces. Ours are its bits.
+    assert (ref_bary[hit].sum(-1) < 1 - 1e-3).any()
+    assert torch.equal(frag.bary[0][hit], ref_bary[hit])
+    # Exact barycentrics (the default) differ by up to 1e-2 on these tiny faces.
+    exact = rasterize(verts, faces, size, cull_backfaces=cull)
+    assert torch.equal(exact.pix_to_face, frag.pix_to_face) and torch.equal(exact.depth, frag.depth)
+    assert (exact.bary[0][hit] - ref_bary[hit]).abs().max() > 1e-3
+    # Our depth stays the exact interpolation; pytorch3d's zbuf is its weights times z.
+    biased = ref_bary[hit].sum(-1) * frag.depth[0][hit]
+    assert (biased - ref_z[hit]).abs().max() < 1e-5
+
+
+def test_default_barycentrics_are_exact():
+    data, verts, faces, size = _pytorch3d_case()
+    frag = rasterize(verts, faces, size, cull_backfaces=False)
+    hit = frag.pix_to_face[0] >= 0
+    exact = rasterize(verts.double(), faces, size, cull_backfaces=False)
+    assert torch.equal(exact.pix_to_face, frag.pix_to_face)
+    assert torch.allclose(exact.bary[0][hit].sum(-1), torch.ones((), dtype=torch.float64), atol=1e-12)
+    # float32 vertices: computed in float64, rounded once at the end.
+    assert (frag.bary[0][hit].double() - exact.bary[0][hit]).abs().max() < 1e-7

@@ -25,7 +25,8 @@ Layouts
     are, and empty pixels holding the texture sampled at the UV centre. Only the front
     render lands on a plane with matching axes, and it puts the mesh at world
     y = 2.5 (y + 0.01), 0.05 world units above `coords.mesh_to_world` (2.5 (y - 0.01)):
-    the y flip comes before the shift in the released code.
+    the y flip comes before the shift in the released code. Barycentrics as pytorch3d
+    computes them (`rasterize(..., pytorch3d_bary=True)`).
 
 Side alpha: 'or' = left alpha OR mirrored right alpha; 'released' = the left view's alpha
 only (the original ORs a view with itself). Either way it is binarised (> 0), as the
@@ -168,6 +169,8 @@ class TexturePlaneRasterizer(torch.nn.Module):
         lins, offs = zip(*[view_transform(v, layout) for v in VIEW_NAMES])
         self.register_buffer('view_lin', torch.stack(lins), persistent=False)   # (4, 3, 3)
         self.register_buffer('view_off', torch.stack(offs), persistent=False)   # (4, 3)
+        rots = [coords.euler_to_matrix(torch.tensor(coords.ORTHO_VIEWS_DEG[v])) for v in VIEW_NAMES]
+        self.register_buffer('view_rot', torch.stack(rots), persistent=False)   # (4, 3, 3), 'released'
 
     def extra_repr(self) -> str:
         return (f'num_faces={self.num_faces}, num_uvs={self.num_uvs}, image_size={self.image_size}, '
@@ -210,6 +213,17 @@ class TexturePlaneRasterizer(torch.nn.Module):
 
     def to_view_ndc(self, points: torch.Tensor) -> torch.Tensor:
         """Mesh metres (B, N, 3) -> NDC of the four views (4, B, N, 3), order VIEW_NAMES."""
+        if self.layout == 'released':
+            # view_transform's map as the released code's own float operations (flip y,
+            # v @ R, + shift, x 5): its NDC bit for bit, so that the barycentrics of faces a
+            # fraction of a pixel wide agree too.
+            flipped = points * points.new_tensor([1.0, -1.0, 1.0])
+            shift = points.new_tensor(coords.MESH_SHIFT)
+            views = []
+            for rot in self.view_rot.to(points.dtype):
+                a = (torch.bmm(flipped, rot.expand(len(points), 3, 3)) + shift) * coords.ORTHO_SCALE
+                views.append(torch.stack([a[..., 0], -a[..., 1], -a[..., 2]], dim=-1))
+            return torch.stack(views)
         lin, off = self.view_lin.to(points.dtype), self.view_off.to(points.dtype)
         return torch.einsum('vij,bnj->vbni', lin, points) + off[:, None, None, :]
 
@@ -226,15 +240,18 @@ class TexturePlaneRasterizer(torch.nn.Module):
         faces, uvfaces = self.faces, self.uvfaces
         if self.layout == 'released':                            # mirrored views: keep front faces front
             faces, uvfaces = faces[:, [0, 2, 1]], uvfaces[:, [0, 2, 1]]
-        frag = rasterize(ndc, faces, res, cull_backfaces=True)
+        frag = rasterize(ndc, faces, res, cull_backfaces=True, pytorch3d_bary=self.layout == 'released')
         # Sample at every pixel of the 4B renders at once: no host sync, no loop over the
         # batch. Empty pixels get a grid point far outside [-1, 1], which grid_sample's zero
         # padding reads as 0 (and which passes no gradient).
         face = frag.pix_to_face.reshape(4, bsz, res * res)
         covered = (face >= 0)[..., None]                                                  # (4, B, HW, 1)
-        corner_uv = self.uvcoords[uvfaces][face.clamp(min=0)]                             # (4, B, HW, 3, 2)
-        uv = (frag.bary.reshape(4, bsz, res * res, 3)[..., None] * corner_uv).sum(-2)
-        grid = torch.stack([uv[..., 0] * 2 - 1, 1 - uv[..., 1] * 2], dim=-1).to(texture.dtype)   # OBJ v is up
+        # Interpolate the corners' grid_sample coordinates (OBJ v is up), not their UVs: the
+        # same when the barycentrics sum to 1, and what the released code does when they
+        # do not (pytorch3d_bary).
+        corner_grid = torch.stack([self.uvcoords[:, 0] * 2 - 1, 1 - self.uvcoords[:, 1] * 2], dim=-1)
+        corner_grid = corner_grid[uvfaces][face.clamp(min=0)]                              # (4, B, HW, 3, 2)
+        grid = (frag.bary.reshape(4, bsz, res * res, 3)[..., None] * corner_grid).sum(-2).to(texture.dtype)
         grid = torch.where(covered, grid, torch.full_like(grid, _OUTSIDE_GRID))
         sample = lambda img, g: F.grid_sample(img, g, mode='bilinear', padding_mode='zeros', align_corners=False)
         render = sample(texture, grid.transpose(0, 1)).permute(2, 0, 1, 3)                # (4, B, C, HW), image b reads texture b
@@ -298,6 +315,6 @@ class TexturePlaneRasterizer(torch.nn.Module):
         """(B, 68, 3) mesh metres -> (B, 68, 2) pixel coordinates in the front render
         (x = column, y = row; pixel = ndc * size/2 + size/2, so centres are at i + 0.5)."""
         misc.assert_shape(lms, [None, None, 3], 'lms')
-        ndc = lms @ self.view_lin[0].to(lms.dtype).T + self.view_off[0].to(lms.dtype)
+        ndc = self.to_view_ndc(lms)[0]
         half = self.image_size / 2
         return ndc[..., :2] * half + half
