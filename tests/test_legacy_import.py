@@ -9,13 +9,18 @@ tensor back in place (equal state dicts, equal images) without executing anythin
 """
 
 import io
+import lzma
 import math
+import os
+
+import numpy as np
 
 import pytest
 import torch
 
 import legacy
 from tests.official_pickles import PersistentStandIn, dumps_official
+from torch_utils.ops import upfirdn2d
 from training import configs
 from training import coords
 from training.mesh.head_model import load_head_model
@@ -365,7 +370,7 @@ def test_discriminator_import_exact(tmp_path):
     torch.manual_seed(0)
     src = randomise(configs.make_discriminator('tiny64'), 4)
     flat = dict(src.state_dict())
-    flat['resample_filter'] = torch.ones(4, 4) / 16        # the official D's own filter buffer
+    flat['resample_filter'] = upfirdn2d.setup_filter([1, 3, 3, 1])     # the official D's own filter buffer
     init = {'': ((), dict(c_dim=25, img_resolution=64, img_channels=3, architecture='resnet', channel_base=512, channel_max=32,
                           num_fp16_res=0, conv_clamp=None, cmap_dim=None, disc_c_noise=0.0,
                           block_kwargs=dict(freeze_layers=0), mapping_kwargs=dict(num_layers=2),
@@ -377,7 +382,7 @@ def test_discriminator_import_exact(tmp_path):
     out = legacy.load_network_pkl(io.BytesIO(dumps_official(build)))
     D = out.D
     assert out.G is None and type(D).__name__ == 'DualDiscriminator'
-    assert set(out.import_report['D']['skipped']) == {'resample_filter'}
+    assert not out.import_report['D']['skipped'] and set(out.import_report['D']['fixed']) == {'resample_filter'}
     ref, got = src.state_dict(), D.state_dict()
     assert ref.keys() == got.keys() and all(torch.equal(ref[k], got[k]) for k in ref)
     img = dict(image=torch.randn(4, 3, 64, 64), image_raw=torch.randn(4, 3, 32, 32))
@@ -394,3 +399,90 @@ def test_own_snapshots_still_load(tmp_path):
     out = legacy.load_network_pkl(str(path))
     assert 'import_report' not in out and out.training_set_kwargs.resolution == 64
     assert all(torch.equal(a, b) for a, b in zip(D.state_dict().values(), out.D.state_dict().values()))
+
+
+# --- the official fixtures (tests/fixtures/make_official_fixtures.py: pickled by the official code)
+
+OFFICIAL_FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'fixtures', 'official')
+
+
+def official_records(name):
+    """The records of an official fixture pickle, as the importer sees them."""
+    from training.official_pickle import load_official_pickle
+    with lzma.open(os.path.join(OFFICIAL_FIXTURES, f'{name}.pkl.xz')) as f:
+        return load_official_pickle(io.BytesIO(f.read()), f'{name}.pkl')
+
+
+def official_inputs(name):
+    inputs = {k: torch.from_numpy(v) for k, v in np.load(os.path.join(OFFICIAL_FIXTURES, 'inputs.npz')).items()}
+    ref = {k: torch.from_numpy(v) for k, v in np.load(os.path.join(OFFICIAL_FIXTURES, f'{name}.npz')).items()}
+    return inputs, ref
+
+
+@pytest.mark.parametrize('name', ['eg3d', 'next3d'])
+def test_official_fixed_filters_reported_as_fixed(name):
+    """The official D keeps a [1, 3, 3, 1] filter buffer at the top and in every block, the
+    super-resolution one more; none is read by the official forward (resnet D, antialiased
+    resize). They are fixed, equal to the filter ours use: reported so, never as unmapped."""
+    from training.official_import import import_network
+    records = official_records(name)
+    expected = {'D': {'resample_filter', 'b64.resample_filter', 'b32.resample_filter', 'b16.resample_filter', 'b8.resample_filter'},
+                'G_ema': {'superresolution.resample_filter'}}
+    for key, names in expected.items():
+        _, report = import_network(records[key], f'{name}.pkl [{key}]')
+        assert set(report['fixed']) == names
+        assert report['not_in_ours'] == []
+        assert all('equal to ours' in why for why in report['fixed'].values())
+
+
+def test_official_fixed_filter_that_differs_is_reported():
+    from training.official_import import format_report, import_network
+    record = official_records('eg3d')['D']
+    block = record.children()['b32']
+    block.state['_buffers']['resample_filter'] = block.state['_buffers']['resample_filter'] * 2
+    _, report = import_network(record, 'eg3d.pkl [D]')
+    assert 'b32.resample_filter' not in report['fixed']
+    assert any('b32.resample_filter' in note and 'differs' in note for note in report['notes'])
+    assert 'b32.resample_filter' in format_report({'D': report})
+
+
+@pytest.mark.parametrize('name', ['eg3d', 'next3d'])
+def test_official_missing_c_scale_means_zero(name):
+    """The official mapping multiplies c by rendering_kwargs.get('c_scale', 0): a pickle without
+    c_scale maps with the camera zeroed. Reference: the official mapping with the key removed."""
+    from training.official_import import import_network
+    record = official_records(name)['G_ema']
+    for rk in (record.state['rendering_kwargs'], record.state['_init_kwargs']['rendering_kwargs']):
+        del rk['c_scale']
+    G, report = import_network(record, f'{name}.pkl [G_ema]')
+    inputs, ref = official_inputs(name)
+    assert G.rendering_kwargs['c_scale'] == 0
+    assert any('c_scale' in note for note in report['notes'])
+    with torch.no_grad():
+        ws = G.mapping(inputs['z'], inputs['c'], truncation_psi=0.7)
+    assert (ws - ref['ws_no_c_scale']).abs().max() < 1e-6
+    assert (ws - ref['ws']).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize('stored', [32, np.int64(32), torch.tensor(32)])
+def test_official_stored_neural_rendering_resolution_is_used(stored):
+    """EG3D's second stage renders at 128 with an 8x super-resolution of a 512 image (the
+    "-128" pickles): the stored resolution, not img_resolution // 8, is what the official G
+    renders at. The fixture: SR x4 from 32 to 64 with the raw at 32, not 64 // 4 = 16."""
+    from training.official_import import import_network
+    record = official_records('eg3d')['G_ema']
+    record.state['neural_rendering_resolution'] = stored
+    G, report = import_network(record, 'eg3d.pkl [G_ema]')
+    assert G.neural_rendering_resolution == 32 and G.img_resolution // 4 == 16
+    assert any('neural_rendering_resolution 32' in note for note in report['notes'])
+
+
+@pytest.mark.parametrize('stored', [0, 'auto', 33.5, None])
+def test_official_unusable_neural_rendering_resolution(stored):
+    from training.official_import import import_network
+    record = official_records('eg3d')['G_ema']
+    record.state['neural_rendering_resolution'] = stored
+    G, report = import_network(record, 'eg3d.pkl [G_ema]')
+    assert G.neural_rendering_resolution == G.img_resolution // 4
+    if stored is not None:
+        assert any('neural_rendering_resolution' in note and 'not used' in note for note in report['notes'])

@@ -28,12 +28,20 @@ Tensor names (official -> ours), applied explicitly per part:
 Skipped by design (reported, never an error): the three mapping networks that never run
 (`texture_backbone.mapping`, `mouth_backbone.mapping`, `neural_blending.mapping`), the
 StyleUNet blocks and fusion layers the official forward never reaches (mouth b4 and its
-last fusion layer, blending b4-b32 and its last fusion layer), D's top-level
-`resample_filter` (ours resizes image_raw with antialiased bilinear interpolation, which is
-what the official code does with it), and the Next3D buffers derived from the others or
-unused: `uvcoords` (DECA-style (2u - 1, 1 - 2v, 1); checked against raw_uvcoords, or used
-to derive them when raw_uvcoords is absent), `face_uvcoords`, `dense_faces`,
-`dataset_label_std`.
+last fusion layer, blending b4-b32 and its last fusion layer), and the Next3D buffers
+derived from the others or unused: `uvcoords` (DECA-style (2u - 1, 1 - 2v, 1); checked
+against raw_uvcoords, or used to derive them when raw_uvcoords is absent), `face_uvcoords`,
+`dense_faces`, `dataset_label_std`.
+
+Fixed filters (reported as `fixed`): `resample_filter` buffers without a place here - D's
+top-level and per-block ones, super-resolution's - hold the [1, 3, 3, 1] low-pass filter
+that ours use as constants, and the official forward does not read them (resnet D;
+image_raw is resized with antialiased interpolation). Each is checked against that
+filter; one that differs is named in a note.
+
+`neural_rendering_resolution` is the stored one (EG3D's second stage stores 128, the SR
+input of a 512 model, not 512 // 8), else img_resolution // SR factor; an unusable stored
+value is named in a note.
 
 The face/eye UV mask: the published Next3D source keeps it as a plain tensor attribute
 (`uv_face_mask`, not a registered buffer), so a pickle may or may not hold it. It is taken
@@ -41,6 +49,7 @@ from `uv_mask_path` when given, else from that attribute; without either, the im
 Next3D generator keeps `topology_loaded = False` and refuses to render.
 """
 
+import numbers
 import re
 import warnings
 from typing import Optional, Tuple
@@ -49,6 +58,7 @@ import numpy as np
 import torch
 
 from torch_utils import persistence
+from torch_utils.ops import upfirdn2d
 from training.dual_discriminator import DualDiscriminator
 from training.eg3d_generator import DEFAULT_RENDERING_KWARGS
 from training.eg3d_generator import EG3DGenerator
@@ -72,6 +82,9 @@ _RENDERING_KEYS = tuple(DEFAULT_RENDERING_KWARGS) + ('deterministic_sampling', '
 _NEXT3D_UNUSED_MAPPINGS = ('texture_backbone.mapping.', 'mouth_backbone.mapping.', 'neural_blending.mapping.')
 _NEXT3D_DERIVED_BUFFERS = ('uvcoords', 'face_uvcoords', 'dense_faces', 'dataset_label_std')
 _STYLE_UNETS = ('mouth_backbone', 'neural_blending')
+
+
+_FIXED_FILTER = upfirdn2d.setup_filter([1, 3, 3, 1])      # the low-pass filter of every official resample_filter
 
 
 class OfficialImportError(persistence.CheckpointError):
@@ -105,7 +118,7 @@ def _short(cls_name: str) -> str:
 
 
 def _new_report(kind: str, class_name: str, options: dict) -> dict:
-    return dict(kind=kind, class_name=class_name, options=options, copied={}, skipped={}, not_in_ours=[],
+    return dict(kind=kind, class_name=class_name, options=options, copied={}, skipped={}, fixed={}, not_in_ours=[],
                 shape_mismatch=[], uninitialised=[], notes=[])
 
 
@@ -193,6 +206,8 @@ def _copy_tensors(module: torch.nn.Module, tensors: dict, rename, report: dict):
             target = rename(name)
             if isinstance(target, tuple):
                 report['skipped'][name] = target[1]
+            elif (target is None or target not in ours) and name.rsplit('.', 1)[-1] == 'resample_filter':
+                _check_fixed_filter(name, value, report)
             elif target is None or target not in ours:
                 report['not_in_ours'].append(name)
             elif tuple(ours[target].shape) != tuple(value.shape):
@@ -201,6 +216,14 @@ def _copy_tensors(module: torch.nn.Module, tensors: dict, rename, report: dict):
                 ours[target].copy_(value.to(ours[target].dtype))
                 report['copied'][target] = name
     return ours
+
+
+def _check_fixed_filter(name: str, value: torch.Tensor, report: dict):
+    if tuple(value.shape) == tuple(_FIXED_FILTER.shape) and torch.equal(value.float(), _FIXED_FILTER):
+        report['fixed'][name] = 'the [1, 3, 3, 1] resampling filter, equal to ours (not read by the official forward)'
+    else:
+        report['notes'].append(f'{name} differs from the [1, 3, 3, 1] resampling filter ours use '
+                               f'(not read by the official forward: no effect on the outputs)')
 
 
 def _finish(report: dict, ours: dict, source: str, net_name: str, exempt=()):
@@ -228,10 +251,19 @@ def network_kind(record: ModuleRecord) -> str:
     raise ValueError(f'unsupported official network class {name}')
 
 
-def _set_nrr(G, record: ModuleRecord):
-    nrr = record.state.get('neural_rendering_resolution')
-    if isinstance(nrr, int) and nrr > 0:
-        G.neural_rendering_resolution = nrr      # e.g. 128 after EG3D's second stage
+def _set_nrr(G, record: ModuleRecord, report: dict):
+    """The stored neural rendering resolution (e.g. 128 after EG3D's second stage)."""
+    if 'neural_rendering_resolution' not in record.state:
+        return
+    nrr = record.state['neural_rendering_resolution']
+    if isinstance(nrr, torch.Tensor) and nrr.numel() == 1 and not nrr.is_floating_point():
+        nrr = nrr.item()
+    if isinstance(nrr, numbers.Integral) and not isinstance(nrr, bool) and 0 < int(nrr) <= G.img_resolution:
+        G.neural_rendering_resolution = int(nrr)
+        report['notes'].append(f'neural_rendering_resolution {int(nrr)}, as stored')
+    else:
+        report['notes'].append(f'stored neural_rendering_resolution {nrr!r} not used: '
+                               f'{G.neural_rendering_resolution} (img_resolution / SR factor)')
 
 
 def import_eg3d_generator(record: ModuleRecord, source: str, force_fp16: bool = False) -> Tuple[EG3DGenerator, dict]:
@@ -246,7 +278,7 @@ def import_eg3d_generator(record: ModuleRecord, source: str, force_fp16: bool = 
 
     ours = _copy_tensors(G, tensors, rename, report)
     _finish(report, ours, source, 'G')
-    _set_nrr(G, record)
+    _set_nrr(G, record, report)
     return G.eval().requires_grad_(False), report
 
 
@@ -374,7 +406,7 @@ def import_next3d_generator(record: ModuleRecord, source: str, uv_mask_path: Opt
     if not has_mask:
         warnings.warn(f'{source}: no face/eye UV mask in the official Next3D pickle: pass uv_mask_path '
                       f'(FLAME\'s uv_face_eye_mask.png) to render with the imported generator', stacklevel=3)
-    _set_nrr(G, record)
+    _set_nrr(G, record, report)
     return G.eval().requires_grad_(False), report
 
 
@@ -401,8 +433,6 @@ def import_discriminator(record: ModuleRecord, source: str, force_fp16: bool = F
     D = persistence.build_module(DualDiscriminator, kwargs, source, tensors, exact=False)
 
     def rename(name):
-        if name == 'resample_filter':
-            return ('skip', 'image_raw is resized with antialiased interpolation, as the official code does')
         return name if re.match(r'(b\d+|mapping)\.', name) else None
 
     ours = _copy_tensors(D, tensors, rename, report)
@@ -431,6 +461,7 @@ def format_report(reports: dict) -> str:
         lines.append(f'{net}: official {r["class_name"]} -> {r["kind"]}'
                      + (f' ({", ".join(f"{k}={v!r}" for k, v in r["options"].items())})' if r['options'] else ''))
         lines.append(f'  copied {len(r["copied"])} tensors; skipped {len(r["skipped"])} unused official tensors; '
+                     f'{len(r["fixed"])} fixed filters equal to ours; '
                      f'{len(r["not_in_ours"])} official tensors without a place here; '
                      f'{len(r["shape_mismatch"])} shape mismatches; {len(r["uninitialised"])} left uninitialised')
         groups = {}
@@ -441,6 +472,8 @@ def format_report(reports: dict) -> str:
             groups[(key, why)] += 1
         for (key, why), n in sorted(groups.items()):
             lines.append(f'    skipped {key}{".*" if n > 1 else ""} ({n}): {why}')
+        for name, why in r['fixed'].items():
+            lines.append(f'    fixed {name}: {why}')
         for name in r['not_in_ours']:
             lines.append(f'    not in ours: {name}')
         for name in r['uninitialised']:
