@@ -134,3 +134,24 @@ def test_driving_motion_is_smooth_and_blinks():
     assert (m['jaw'] > 0.1).any() and (m['jaw'] < 0.01).any()    # talking: opens and closes
     assert (m['blink'] > 0.9).sum() >= 2 and (m['blink'] < 0.1).float().mean() > 0.8
     assert abs(float(m['yaw'].mean()) - math.pi / 2) < 0.3
+
+
+@pytest.mark.parametrize('seed', range(6))
+def test_a_one_second_driving_clip_opens_the_mouth_wide(seed):
+    # The demo's driving folder is short: its jaw must open wide (speech-like) within it.
+    jaw = make_dataset.driving_motion(24, torch.Generator().manual_seed(seed))['jaw']
+    assert 0.95 * make_dataset.JAW_MAX <= jaw.max() <= make_dataset.JAW_MAX
+    assert jaw.diff().abs().max() < 0.14                         # radians per frame at 30 fps
+    between = jaw[1:-1][(jaw[1:-1] < jaw[:-2]) & (jaw[1:-1] <= jaw[2:])]
+    assert len(between) >= 1 and between.min() < 0.03           # it closes between syllables
+
+
+def test_bundled_driving_folder_talks():
+    # Inner-lip opening (landmarks 62 and 66) of data/driving: closed in some frames, wide
+    # open (jaw ~0.3 rad: ~29 mm with the bundled head model) in others.
+    from training.driving import read_driving_folder
+    root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'data', 'driving')
+    frames = read_driving_folder(root)
+    opening = [np.linalg.norm(np.diff(obj_io.read_landmarks(f.lms_path)[[62, 66]], axis=0)) for f in frames]
+    assert 24 <= len(frames) <= 48
+    assert max(opening) > 0.025 and min(opening) < 0.005

@@ -43,6 +43,7 @@ from torch_utils.persistence import atomic_write_bytes    # noqa: E402
 
 CHUNK = 8                    # images rendered together; fixed, so batching never changes the output
 MAX_DEFAULT_WORKERS = 8      # the default worker count: the cores available, at most this many
+JAW_MAX = 0.3                # radians: the widest opening of a driving video's talking jaw
 _topology = None             # per-process cache of scene.load_topology()
 
 
@@ -132,17 +133,37 @@ def make_training_set(outdir: str, count: int, resolution: int, seed: int, worke
     _replace_write(os.path.join(outdir, f'images{res}', 'dataset.json'), data.encode())
 
 
+def talking_jaw(t: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Speech-like jaw opening (T,) in radians at times t (T,) in seconds, from t = 0.
+
+    Phrases of 3-6 syllables separated by 0.3-0.6 s pauses; a syllable lasts 0.24-0.34 s
+    and opens the jaw by a sin^2 bump of height 0.1-0.25 rad, except the second syllable
+    of each phrase (stressed), which opens it to JAW_MAX. The clip starts with a phrase,
+    so even a one-second clip opens the mouth wide. The steepest change is
+    JAW_MAX * pi / 0.24 s, 0.13 rad per frame at 30 fps.
+    """
+    jaw = torch.zeros_like(t)
+    start = 0.0
+    while start < float(t[-1]):
+        for k in range(int(torch.randint(3, 7, (), generator=g))):
+            length = 0.24 + 0.1 * float(torch.rand((), generator=g))
+            height = 0.1 + 0.15 * float(torch.rand((), generator=g))
+            if k == 1:
+                height = JAW_MAX
+            u = ((t - start) / length).clamp(0, 1)
+            jaw = torch.maximum(jaw, height * torch.sin(math.pi * u) ** 2)
+            start += length
+        start += 0.3 + 0.3 * float(torch.rand((), generator=g))
+    return jaw
+
+
 def driving_motion(num_frames: int, g: torch.Generator, fps: float = 30.0):
-    """Smooth per-frame yaw, pitch (radians), jaw opening and blink weight, and the
-    indices of expression keyframes: dict of (T,) tensors."""
+    """Smooth per-frame yaw, pitch, jaw opening (radians) and blink weight: dict of (T,) tensors."""
     t = torch.arange(num_frames, dtype=torch.float64) / fps
-    ph = torch.rand(6, generator=g, dtype=torch.float64) * 2 * math.pi
+    ph = torch.rand(3, generator=g, dtype=torch.float64) * 2 * math.pi
     yaw = math.pi / 2 + 0.25 * torch.sin(2 * math.pi * 0.17 * t + ph[0]) + 0.05 * torch.sin(2 * math.pi * 0.5 * t + ph[1])
     pitch = math.pi / 2 + 0.07 * torch.sin(2 * math.pi * 0.23 * t + ph[2])
-    # Talking: syllables at ~3 Hz under a slower phrase envelope.
-    syllable = torch.sin(2 * math.pi * 3.0 * t + ph[3]).clamp(min=0) ** 2
-    phrase = torch.sigmoid((torch.sin(2 * math.pi * 0.4 * t + ph[4]) + 0.3) / 0.1)
-    jaw = 0.22 * syllable * phrase
+    jaw = talking_jaw(t, g)
     # Blinks: ~0.15 s closures every 2-4 s.
     blink = torch.zeros(num_frames, dtype=torch.float64)
     next_blink = float(torch.rand((), generator=g)) * 2
