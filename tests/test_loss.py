@@ -302,7 +302,8 @@ def test_ada_heuristic_moves_p_towards_the_target():
     from training.training_loop import adjust_augment
     import dnnlib
     pipe = AugmentPipe(**BGC)
-    state = dnnlib.EasyDict(batch_idx=4, ada_collector=training_stats.Collector(regex='Loss/signs/real'))
+    state = dnnlib.EasyDict(batch_idx=4, ada_collector=training_stats.Collector(regex='Loss/signs/real'),
+                            ada_signs=torch.zeros(3, dtype=torch.float64))     # as the loop sets them up
     training_stats.report('Loss/signs/real', torch.ones(8))          # D is sure about the reals: overfitting
     adjust_augment(pipe, state, ada_target=0.6, ada_interval=4, ada_kimg=500, batch_size=32)
     assert float(pipe.p) == pytest.approx(32 * 4 / 500_000)
