@@ -71,10 +71,14 @@ def test_projection_matches_perspective_and_numerical_jacobian():
 
 @pytest.mark.parametrize('size', [(40, 37), (16, 16), (33, 64)])
 @pytest.mark.parametrize('scale', [1, 4])
-def test_tiles_equal_bruteforce(size, scale):
+@pytest.mark.parametrize('tile, chunk', [(8, 32), (16, 3)])
+def test_tiles_equal_bruteforce(monkeypatch, size, scale, tile, chunk):
+    """Any tile size, and tile lists taken `chunk` Gaussians at a time (the shorter lists
+    dropping out of later chunks), give the brute-force result."""
+    monkeypatch.setattr(gr, '_GAUSSIANS_PER_CHUNK', chunk)
     s = _scene()
     s['scales'] = s['scales'] * scale           # footprints from under a pixel to several tiles
-    _assert_same(_render(gr.rasterize_gaussians, s, size, backend='pytorch'),
+    _assert_same(_render(gr.rasterize_gaussians, s, size, backend='pytorch', tile_size=tile),
                  _render(gr.render_gaussians_bruteforce, s, size), atol=2e-6)
 
 
@@ -90,7 +94,7 @@ def test_compositing_stops_for_good_at_transmittance_threshold(monkeypatch, chun
     leave T = 0.0035) must not resume it, also when the tile lists are processed one Gaussian
     at a time (the stop carried from chunk to chunk)."""
     if chunk is not None:
-        monkeypatch.setattr(gr, '_PAIRS_PER_CHUNK', chunk * 4 * 256)    # 4 tiles x 256 pixels x chunk
+        monkeypatch.setattr(gr, '_GAUSSIANS_PER_CHUNK', chunk)
     means = torch.tensor([[[0.0, 0.0, 0.5], [0.0, 0.0, 0.4], [0.0, 0.0, 0.3]]])
     cov = torch.eye(3).expand(1, 3, 3, 3) * 0.2 ** 2
     opac = torch.tensor([[0.995, 0.995, 0.3]])

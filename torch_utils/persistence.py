@@ -43,6 +43,7 @@ PERSISTENT_MODULES = (
     'training.augment',
     'training.dual_discriminator',
     'training.eg3d_generator',
+    'training.gaussian_generator',
     'training.mesh.texture_planes',
     'training.networks_stylegan2',
     'training.next3d_generator',

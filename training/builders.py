@@ -23,12 +23,14 @@ def _network_classes() -> dict:
     from training import configs
     from training.dual_discriminator import DualDiscriminator
     from training.eg3d_generator import EG3DGenerator
+    from training.gaussian_generator import GaussianGenerator
     from training.next3d_generator import Next3DGenerator
     return {
         'training.configs.make_generator': configs.make_generator,
         'training.configs.make_discriminator': configs.make_discriminator,
         'training.eg3d_generator.EG3DGenerator': EG3DGenerator,
         'training.next3d_generator.Next3DGenerator': Next3DGenerator,
+        'training.gaussian_generator.GaussianGenerator': GaussianGenerator,
         'training.dual_discriminator.DualDiscriminator': DualDiscriminator,
     }
 
