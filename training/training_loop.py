@@ -379,6 +379,7 @@ def training_loop(
     augment_kwargs: dict = None,        # augmentation pipe: class_name + kwargs, or None
     loss_kwargs: dict = None,           # Next3DLoss kwargs
     metrics: list = (),                 # metric names evaluated at each snapshot
+    metrics_detector: str = None,       # Inception detector file of the metrics (None = metrics/detector.py's default)
     random_seed: int = 0,               # global seed
     num_gpus: int = 1,                  # number of processes
     rank: int = 0,                      # this process
@@ -508,7 +509,8 @@ def training_loop(
                     log(f'Saved {os.path.basename(last_snapshot)}')
                 distributed.barrier()
                 if metrics and not stopping:
-                    stats_metrics = evaluate_metrics(metrics, G_ema, training_set_kwargs, num_gpus, rank, device, run_dir, last_snapshot, log)
+                    stats_metrics = evaluate_metrics(metrics, G_ema, training_set_kwargs, num_gpus, rank, device, run_dir, last_snapshot, log,
+                                                     detector=metrics_detector)
 
             stats_collector.update()
             if stats_writer is not None:
@@ -618,13 +620,13 @@ def restore_training_state(resume_state, state, phases, augment_pipe, log):
     log(f'Continuing at kimg {state.cur_nimg / 1e3:.3f}, tick {state.cur_tick}, step {state.batch_idx}')
 
 
-def evaluate_metrics(metrics, G_ema, training_set_kwargs, num_gpus, rank, device, run_dir, snapshot_pkl, log) -> dict:
+def evaluate_metrics(metrics, G_ema, training_set_kwargs, num_gpus, rank, device, run_dir, snapshot_pkl, log, detector=None) -> dict:
     """Run each metric on G_ema; rank 0 appends metric-<name>.jsonl. Returns {name: value} for the stats."""
     from metrics import metric_main
     values = {}
     for metric in metrics:
         result = metric_main.calc_metric(metric=metric, G=G_ema, dataset_kwargs=training_set_kwargs,
-                                         num_gpus=num_gpus, rank=rank, device=device)
+                                         num_gpus=num_gpus, rank=rank, device=device, detector=detector)
         if rank == 0:
             metric_main.report_metric(result, run_dir=run_dir, snapshot_pkl=snapshot_pkl)
             log(metric_main.format_result(result))
