@@ -32,7 +32,8 @@ PREVIEW_RES = 64    # samples per axis of the preview: one chunk of sample_densi
 @click.option('--shape-res', type=click.IntRange(min=16), default=512, show_default=True,
               help='Density grid samples per axis over the tri-plane box; the time grows with its cube (an estimate is printed)')
 @click.option('--shape-format', type=click.Choice(shapes.SHAPE_FORMATS), default='.mrc', show_default=True,
-              help='.mrc: the raw density volume (float32, EG3D layout); .ply / .obj: a closed marching-cubes surface')
+              help='.mrc: the raw density volume (float32, EG3D layout); .ply / .obj: a closed marching-cubes surface '
+                   "(a Gaussian generator's .ply: its Gaussians' centres, a coloured point cloud)")
 @click.option('--shape-level', type=str, default='auto', show_default=True, metavar='FLOAT|auto',
               help='Raw density (sigma) of the .ply/.obj surface: a number, or auto = min(10, half the maximum): '
                    "EG3D's 10 unless the density peaks below 20")
@@ -75,7 +76,10 @@ def generate_images(network_pkl, seeds, truncation_psi, truncation_cutoff, outdi
 
 
 def density_function(G, ws, v):
-    """points (1, n, 3) world -> raw density (1, n, 1) of the tri-plane of ws (computed once)."""
+    """points (1, n, 3) world -> raw density (1, n, 1) of the tri-plane of ws (computed once), or
+    of a Gaussian generator's Gaussians (their own density_function)."""
+    if hasattr(G, 'density_function'):
+        return G.density_function(ws, v)
     with torch.no_grad():
         planes = G.make_planes(ws, v, noise_mode='const')
 
@@ -110,9 +114,16 @@ def export_shape(G, ws, v, resolution: int, level, path: str, device):
     surfaces, fixes the level (None: automatic), so a level the density never reaches fails
     before the full grid is computed.
     """
+    name = os.path.basename(path)
+    if path.endswith('.ply') and hasattr(G, 'point_cloud'):       # a Gaussian generator: its centres
+        if level is not None:
+            raise click.UsageError('--shape-level does not apply to a Gaussian generator\'s .ply (the Gaussians\' centres)')
+        cloud = G.point_cloud(ws, v)
+        shapes.save_point_cloud(path, cloud['points'].cpu().numpy(), cloud['rgb'].cpu().numpy())
+        tqdm.write(f'{name}: {len(cloud["points"]):,} Gaussian centres (a coloured point cloud)')
+        return
     box = G.rendering_kwargs['box_warp']
     sigma_fn = density_function(G, ws, v)
-    name = os.path.basename(path)
     preview_res = min(resolution, PREVIEW_RES)
     start = time.perf_counter()
     volume = shapes.sample_density_volume(sigma_fn, preview_res, box_warp=box, device=device)

@@ -34,7 +34,8 @@ from metrics import metric_main
 from training import builders
 from training import distributed
 
-CFG_PRESETS = {'ffhq': 'ffhq512', 'ffhq512': 'ffhq512', 'tiny64': 'tiny64', 'small128': 'small128'}
+CFG_PRESETS = {'ffhq': 'ffhq512', 'ffhq512': 'ffhq512', 'tiny64': 'tiny64', 'small128': 'small128',
+               'ffhq512-gaussian': 'ffhq512-gaussian', 'small128-gaussian': 'small128-gaussian', 'tiny64-gaussian': 'tiny64-gaussian'}
 
 
 # ----------------------------------------------------------------------------------------
@@ -62,8 +63,8 @@ def build_config(opts: dnnlib.EasyDict) -> dnnlib.EasyDict:
     c = dnnlib.EasyDict()
     preset = preset_name(opts.cfg, opts.model_version)
     template = opts.topology_path
-    if template is None and configs.PRESETS[preset]['generator'] == 'next3d' and preset != 'ffhq512' and os.path.isfile(configs.BUNDLED_TEMPLATE):
-        template = configs.BUNDLED_TEMPLATE        # what the small presets' generators use
+    if template is None:
+        template = configs.default_template(preset)    # what the small presets' generators use
     c.training_set_kwargs = dnnlib.EasyDict(
         class_name='training.dataset.MeshImageDataset', path=opts.data, mesh_path=opts.rdata, use_labels=True,
         xflip=opts.mirror, load_lms=opts.load_lms, mirror_template=template if opts.mirror else None, random_seed=opts.seed)
@@ -90,9 +91,8 @@ def build_config(opts: dnnlib.EasyDict) -> dnnlib.EasyDict:
 
     if opts.neural_rendering_resolution_initial is None:
         opts.neural_rendering_resolution_initial = preset_G['neural_rendering_resolution']
-    from training.superresolution import sr_factor
     try:
-        sr_factor(dataset.resolution, opts.neural_rendering_resolution_initial)
+        configs.check_rendering_resolution(preset, dataset.resolution, opts.neural_rendering_resolution_initial)
     except ValueError as e:
         raise click.ClickException(f'--neural_rendering_resolution_initial={opts.neural_rendering_resolution_initial}: {e}')
     rendering_kwargs = dict(
@@ -109,12 +109,12 @@ def build_config(opts: dnnlib.EasyDict) -> dnnlib.EasyDict:
     if opts.map_depth is not None:
         G_overrides['mapping_kwargs'] = dict(num_layers=opts.map_depth)
     c.G_kwargs = dnnlib.EasyDict(class_name='training.configs.make_generator', cfg=preset, **G_overrides)
-    if configs.PRESETS[preset]['generator'] == 'next3d':
+    if configs.PRESETS[preset]['generator'] in configs.TOPOLOGY_LOADERS:
         if opts.topology_path is not None:
             c.G_kwargs.template_obj = opts.topology_path
             c.G_kwargs.uv_mask = uv_mask_for(opts.topology_path)
         if template is None or not os.path.isfile(template):
-            raise click.ClickException(f'--cfg={opts.cfg}: the Next3D generator needs the mesh template: pass --topology_path=<head_template.obj>')
+            raise click.ClickException(f'--cfg={opts.cfg}: the mesh-driven generator needs the mesh template: pass --topology_path=<head_template.obj>')
         sizes = configs.template_sizes(template)
         if sizes['num_vertices'] != num_vertices:
             raise click.ClickException(f'{template}: the template has {sizes["num_vertices"]} vertices, the meshes of {opts.data} have {num_vertices}')

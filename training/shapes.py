@@ -1,4 +1,5 @@
-"""Density volumes from a generator, saved as .mrc volumes or .ply / .obj surfaces."""
+"""Density volumes from a generator, saved as .mrc volumes or .ply / .obj surfaces; point clouds
+(a Gaussian generator's centres) as .ply."""
 
 import importlib
 from typing import Optional
@@ -120,6 +121,22 @@ def save_ply(path: str, vertices: np.ndarray, faces: np.ndarray):
     face_records['n'] = 3
     face_records['idx'] = faces
     atomic_write_bytes(path, header + np.ascontiguousarray(vertices, dtype='<f4').tobytes() + face_records.tobytes())
+
+
+def save_point_cloud(path: str, points: np.ndarray, rgb: Optional[np.ndarray] = None):
+    """Atomically write a binary little-endian PLY of points (n, 3) float, optionally coloured by
+    rgb (n, 3) in [0, 1] (stored as uchar red, green, blue), and no faces."""
+    points = np.ascontiguousarray(points, dtype='<f4').reshape(-1, 3)
+    fields = [('xyz', '<f4', (3,))] + ([('rgb', 'u1', (3,))] if rgb is not None else [])
+    records = np.empty(len(points), dtype=fields)
+    records['xyz'] = points
+    colour_header = ''
+    if rgb is not None:
+        records['rgb'] = np.clip(np.round(np.asarray(rgb, dtype=np.float64) * 255), 0, 255).astype(np.uint8)
+        colour_header = 'property uchar red\nproperty uchar green\nproperty uchar blue\n'
+    header = (f'ply\nformat binary_little_endian 1.0\nelement vertex {len(points)}\n'
+              f'property float x\nproperty float y\nproperty float z\n{colour_header}end_header\n').encode()
+    atomic_write_bytes(path, header + records.tobytes())
 
 
 def save_mesh(path: str, vertices: np.ndarray, faces: np.ndarray):
