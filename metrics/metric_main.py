@@ -12,6 +12,22 @@
     mesh_depth_err  mean |generated depth - driving mesh depth| over the mesh, 1k samples (world units)
     mesh_depth_err_tiny  the same with 16 samples
 
+Control metrics (metrics/expression_pose_accuracy.py, metrics/identity_consistency.py): dlib
+finds the faces (`pip install dlib-bin face-recognition-models`), so they need images of at
+least face_analysis.MIN_RESOLUTION (64) px; each also reports `<name>_faces`, the fraction of
+images in which a face was found.
+    lmk1k           mean distance of dlib's 51 inner landmarks on 1k generated images to the driving
+                    mesh's, projected with the camera label (pixels at 512); lmk1k_68: all 68 points
+    apd1k           head pose error: the camera fitted to the detected landmarks and the driving
+                    mesh's vs the conditioning camera, 1k images (degrees; EG3D's pose accuracy)
+    aed1k           expression error: the bundled head model fitted to the landmarks of 1k generated
+                    images and of the dataset images of their driving meshes; mean |expression
+                    coefficient difference| (model units; Next3D's AED); aed1k_jaw: jaw angle (degrees)
+    id1k            identity consistency: mean cosine similarity of dlib's face descriptors between
+                    renders of one seed from yaw +-17 degrees and with two driving meshes, 250 seeds
+                    (1k images); id1k_views / id1k_meshes: pairs that differ in view / mesh only
+    lmk_tiny, apd_tiny, aed_tiny  the same with 16 images; id_tiny with 4 seeds (16 images) (tests)
+
 FID, KID and precision/recall need the Inception detector (metrics/detector.py). Results
 are appended as JSON lines to `metric-<name>.jsonl` in the run folder.
 """
@@ -25,6 +41,9 @@ import torch
 import dnnlib
 from metrics import frechet_inception_distance
 from metrics import detector as detector_lib
+from metrics import expression_pose_accuracy
+from metrics import face_analysis
+from metrics import identity_consistency
 from metrics import kernel_inception_distance
 from metrics import mesh_depth_error
 from metrics import metric_utils
@@ -33,13 +52,16 @@ from torch_utils import persistence
 
 _metric_dict = {}
 NEEDS_DETECTOR = set()
+NEEDS_FACES = set()         # metrics that find faces with dlib (face_analysis)
 
 
-def register_metric(needs_detector: bool):
+def register_metric(needs_detector: bool, needs_faces: bool = False):
     def decorator(fn):
         _metric_dict[fn.__name__] = fn
         if needs_detector:
             NEEDS_DETECTOR.add(fn.__name__)
+        if needs_faces:
+            NEEDS_FACES.add(fn.__name__)
         return fn
     return decorator
 
@@ -69,9 +91,18 @@ def check_requirements(metrics, detector: str = None):
     for metric in metrics:
         if not is_valid_metric(metric):
             raise ValueError(f'unknown metric {metric!r}; known: {", ".join(list_valid_metrics())}')
+        if metric in NEEDS_FACES:
+            face_analysis.check_requirements(metric)
     if any(m in NEEDS_DETECTOR for m in metrics):
         return detector_lib.check_detector(detector)
     return None
+
+
+def check_resolution(metrics, resolution: int):
+    """Raise ValueError if a metric cannot run on the generator's `resolution` px images (the face metrics' minimum)."""
+    for metric in metrics:
+        if metric in NEEDS_FACES:
+            face_analysis.check_requirements(metric, resolution)
 
 
 def calc_metric(metric: str, **kwargs) -> dnnlib.EasyDict:
@@ -180,3 +211,59 @@ def mesh_depth_err(opts):
 def mesh_depth_err_tiny(opts):
     """mesh_depth_err with 16 samples (tests)."""
     return dict(mesh_depth_err_tiny=mesh_depth_error.compute_mesh_depth_error(opts, num_gen=16))
+
+
+@register_metric(needs_detector=False, needs_faces=True)
+def lmk1k(opts):
+    """Distance of dlib's 51 inner landmarks to the driving mesh's, 1k images (pixels at 512; lmk1k_68: all 68)."""
+    opts.dataset_kwargs.update(max_size=None, xflip=False)
+    return expression_pose_accuracy.compute_control_errors(opts, 'lmk', 'lmk1k', num_gen=1000)
+
+
+@register_metric(needs_detector=False, needs_faces=True)
+def lmk_tiny(opts):
+    """lmk1k with 16 images (tests)."""
+    opts.dataset_kwargs.update(max_size=None, xflip=False)
+    return expression_pose_accuracy.compute_control_errors(opts, 'lmk', 'lmk_tiny', num_gen=16)
+
+
+@register_metric(needs_detector=False, needs_faces=True)
+def apd1k(opts):
+    """Head pose error vs the conditioning camera, pose fitted to dlib's landmarks and the driving mesh, 1k images (degrees)."""
+    opts.dataset_kwargs.update(max_size=None, xflip=False)
+    return expression_pose_accuracy.compute_control_errors(opts, 'apd', 'apd1k', num_gen=1000)
+
+
+@register_metric(needs_detector=False, needs_faces=True)
+def apd_tiny(opts):
+    """apd1k with 16 images (tests)."""
+    opts.dataset_kwargs.update(max_size=None, xflip=False)
+    return expression_pose_accuracy.compute_control_errors(opts, 'apd', 'apd_tiny', num_gen=16)
+
+
+@register_metric(needs_detector=False, needs_faces=True)
+def aed1k(opts):
+    """Expression error, head model fitted to generated vs dataset images, 1k images (model units; aed1k_jaw: degrees)."""
+    opts.dataset_kwargs.update(max_size=None, xflip=False)
+    return expression_pose_accuracy.compute_control_errors(opts, 'aed', 'aed1k', num_gen=1000)
+
+
+@register_metric(needs_detector=False, needs_faces=True)
+def aed_tiny(opts):
+    """aed1k with 16 images (tests)."""
+    opts.dataset_kwargs.update(max_size=None, xflip=False)
+    return expression_pose_accuracy.compute_control_errors(opts, 'aed', 'aed_tiny', num_gen=16)
+
+
+@register_metric(needs_detector=False, needs_faces=True)
+def id1k(opts):
+    """Identity consistency: cosine similarity of dlib face descriptors across views and meshes, 250 seeds x 4 images."""
+    opts.dataset_kwargs.update(max_size=None, xflip=False)
+    return identity_consistency.compute_identity_consistency(opts, 'id1k', num_seeds=250)
+
+
+@register_metric(needs_detector=False, needs_faces=True)
+def id_tiny(opts):
+    """id1k with 4 seeds x 4 images (tests)."""
+    opts.dataset_kwargs.update(max_size=None, xflip=False)
+    return identity_consistency.compute_identity_consistency(opts, 'id_tiny', num_seeds=4)

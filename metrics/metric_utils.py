@@ -155,8 +155,9 @@ def compute_feature_stats_for_dataset(opts: MetricOptions, max_items: int = None
     return stats
 
 
-def iterate_generator_inputs(opts: MetricOptions, batch_size: int, seed: int = 0):
-    """Endless (z, c, v) batches: z ~ N(0, I), labels and meshes of random dataset items."""
+def iterate_generator_inputs(opts: MetricOptions, batch_size: int, seed: int = 0, images: bool = False):
+    """Endless (z, c, v) batches: z ~ N(0, I), labels and meshes of random dataset items;
+    with `images`, (z, c, v, the items' images as uint8 (N, C, H, W) on the CPU)."""
     dataset = builders.open_dataset(opts.dataset_kwargs)
     rnd = np.random.RandomState(seed * opts.num_gpus + opts.rank)
     gen = torch.Generator().manual_seed(seed * opts.num_gpus + opts.rank)
@@ -166,7 +167,10 @@ def iterate_generator_inputs(opts: MetricOptions, batch_size: int, seed: int = 0
             c = torch.from_numpy(np.stack([dataset.get_label(i) for i in idx])).to(opts.device)
             v = torch.from_numpy(np.stack([dataset.get_vertices(i) for i in idx])).to(opts.device)
             z = torch.randn([batch_size, opts.G.z_dim], generator=gen).to(opts.device)
-            yield z, c, v
+            if images:
+                yield z, c, v, torch.from_numpy(np.stack([dataset.get_image(i) for i in idx]))
+            else:
+                yield z, c, v
     finally:
         dataset.close()
 
