@@ -173,8 +173,9 @@ def compute_control_errors(opts: metric_utils.MetricOptions, metric: str, name: 
             use = np.isfinite(reference).all(axis=(1, 2))
             if not use.any():
                 continue
+        z, c, v = (x[torch.from_numpy(use).to(x.device)] for x in (z, c, v))
         with torch.no_grad():
-            images = metric_utils.generate_images(G, z[use], c[use], v[use])
+            images = metric_utils.generate_images(G, z, c, v)
         size = images.shape[-1]
         detected = analyzer.landmarks(images)
         found = np.isfinite(detected).all(axis=(1, 2))
@@ -183,8 +184,8 @@ def compute_control_errors(opts: metric_utils.MetricOptions, metric: str, name: 
         if not found.any():
             continue
         detected = detected[found]
-        labels = c[use][found][:, :25].cpu().float()
-        driving = v[use][found][:, -68:].cpu().float()
+        labels = c.cpu()[found][:, :25].float()
+        driving = v.cpu()[found][:, -68:].float()
         if metric == 'lmk':
             proj = project(driving, labels, size)
             values = [landmark_distance(detected[:, face_analysis.INNER], proj[:, face_analysis.INNER], size),
