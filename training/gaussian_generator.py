@@ -15,7 +15,7 @@ barycentric coordinates in its UV face, computed once from the template
 Gaussians by construction. The network's attributes per texel (channels in this order):
     offset (3)    along the posed face's (tangent, bitangent, normal), x offset_gain world units;
                   the tangent follows the texture's u axis, the normal points out of the head
-    log-scale (3) relative to base_scale x the texel spacing on the posed surface
+    log-scale (3) x scale_gain, relative to base_scale x the texel spacing on the posed surface
     rotation (4)  quaternion (w, x, y, z) relative to that face frame (identity at 0)
     opacity (1)   sigmoid(x + opacity_bias)
     features (C)  sigmoid(x) x 1.002 - 0.001 (EG3D's activation); the first 3 are RGB
@@ -62,10 +62,11 @@ from training.volumetric_rendering.ray_sampler import RaySampler
 NUM_LANDMARKS = 68
 GEOMETRY_CHANNELS = 11              # offset 3 + log-scale 3 + rotation 4 + opacity 1
 DEFAULT_GAUSSIAN_KWARGS = dict(
-    offset_gain=0.02,               # world units of offset per unit of network output
-    base_scale=0.5,                 # initial standard deviation / texel spacing on the posed surface
-    log_scale_range=(-4.0, 1.5),    # clamp of the network's log-scale (relative to the base scale)
-    rotation_gain=0.5,              # quaternion units per unit of network output
+    offset_gain=0.01,               # world units of offset per unit of network output (outputs start at ~1)
+    base_scale=0.5,                 # standard deviation at log-scale 0 / texel spacing on the posed surface
+    scale_gain=0.5,                 # log-scale per unit of network output
+    log_scale_range=(-4.0, 1.5),    # clamp of that log-scale
+    rotation_gain=0.3,              # quaternion units per unit of network output
     opacity_bias=2.0,               # initial opacity about sigmoid(2) = 0.88
     mouth_depth=0.03,               # metres: depth of the mouth pocket behind the lips
     backend='auto',                 # Gaussian rasterizer backend: 'auto' | 'pytorch' | 'gsplat'
@@ -230,7 +231,7 @@ class GaussianMeshRasterizer(torch.nn.Module):
 
         means = anchor + (frame @ (offset * opts['offset_gain']).unsqueeze(-1)).squeeze(-1)
         lo, hi = opts['log_scale_range']
-        scales = opts['base_scale'] * spacing.unsqueeze(-1) * torch.exp(log_scale.clamp(lo, hi))
+        scales = opts['base_scale'] * spacing.unsqueeze(-1) * torch.exp((log_scale * opts['scale_gain']).clamp(lo, hi))
         quat = rot * opts['rotation_gain'] + rot.new_tensor([1.0, 0.0, 0.0, 0.0])
         covariances = gr.covariance_from_scale_rotation(scales, frame @ gr.quaternion_to_matrix(quat))
         opacities = torch.sigmoid(opacity.squeeze(-1) + opts['opacity_bias']) * valid
