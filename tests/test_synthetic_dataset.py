@@ -102,6 +102,32 @@ def test_dataset_loader_reads_it(tiny):
     assert img.shape == (3, 32, 32) and label.shape == (25,) and v.shape == (scene.load_topology().num_vertices + 68, 3)
 
 
+def test_expression_labels_describe_each_image(tmp_path):
+    # --expression_labels: dataset_exp.json holds each image's expression coefficients and
+    # jaw axis-angle; the loader appends them to the camera label (D's label). The jaw
+    # value is that of the written mesh: its inner-lip opening (landmarks 62, 66) is
+    # ~96 mm per radian with the bundled head model, plus a few mm from the expression.
+    from training.dataset import MeshImageDataset
+    root = str(tmp_path / 'exp')
+    make_dataset.make_training_set(root, count=8, resolution=16, seed=3, workers=1, expression_labels=True)
+    with open(os.path.join(root, 'images16x16', 'dataset_exp.json')) as f:
+        exp = json.load(f)['labels']
+    with open(os.path.join(root, 'images16x16', 'dataset.json')) as f:
+        assert [name for name, _ in exp] == [name for name, _ in json.load(f)['labels']]
+    n_exp = scene.load_topology().flame.n_exp
+    jaws = []
+    for name, values in exp:
+        assert len(values) == n_exp + 3 and values[-2:] == [0.0, 0.0]
+        lms = obj_io.read_landmarks(os.path.join(root, 'lms16x16', name.replace('.png', '.txt')))
+        opening = np.linalg.norm(lms[62] - lms[66])
+        assert abs(opening - 0.0963 * values[n_exp]) < 0.005, (name, opening, values[n_exp])
+        jaws.append(values[n_exp])
+    assert max(jaws) > 0.2 and min(jaws) == 0
+    ds = MeshImageDataset(root)
+    assert ds.label_dim == 25 + n_exp + 3
+    np.testing.assert_allclose(ds.get_label(6)[25:], np.float32(exp[6][1]))
+
+
 def test_driving_folder(tmp_path):
     from training.driving import read_driving_folder
     root = str(tmp_path / 'drive')
@@ -118,6 +144,7 @@ def test_driving_folder(tmp_path):
     (['--driving', '--count', '5'], '--count applies to a training set'),
     (['--driving', '--workers', '1'], '--workers applies to a training set'),
     (['--num_frames', '5'], '--num_frames applies to --driving only'),
+    (['--driving', '--expression_labels'], '--expression_labels applies to a training set'),
 ])
 def test_cli_refuses_options_of_the_other_mode(tmp_path, args, message):
     from click.testing import CliRunner

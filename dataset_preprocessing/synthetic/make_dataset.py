@@ -7,6 +7,11 @@ Training set (spec section 8 layout, R = --resolution):
     <outdir>/meshes{R}x{R}/00000/img00000000.obj        canonical mesh (v lines only; faces in
                                                         data/head_model/head_template.obj)
     <outdir>/lms{R}x{R}/00000/img00000000.txt           68 x 3 canonical landmarks
+    <outdir>/images{R}x{R}/dataset_exp.json            with --expression_labels: per image the head
+                                                        model's expression coefficients then the jaw
+                                                        axis-angle (n_exp + 3 floats, radians), as
+                                                        preprocess_in_the_wild.py writes them; the
+                                                        dataset appends them to D's label
 
 Meshes are canonical (no head rotation): the random head pose is in the camera, drawn
 like FFHQ's (yaw sd 0.3 rad, pitch sd 0.15 rad around frontal, radius 2.7, pivot
@@ -90,7 +95,7 @@ def _init_worker():
 
 
 def _render_chunk(job):
-    """Render and write images [start, stop); returns [(index, relpath, label list)]."""
+    """Render and write images [start, stop); returns [(index, relpath, label list, expression list)]."""
     outdir, start, stop, resolution, seed = job
     topo = _topology
     samples = [scene.draw_sample(topo, _generator(seed, i)) for i in range(start, stop)]
@@ -104,7 +109,8 @@ def _render_chunk(job):
         _replace_write(os.path.join(outdir, f'images{res}', rel + '.png'), _png_bytes(images[k]))
         _replace_write(os.path.join(outdir, f'meshes{res}', rel + '.obj'), _obj_bytes(verts[k]))
         _replace_write(os.path.join(outdir, f'lms{res}', rel + '.txt'), _lms_bytes(lms[k]))
-        out.append((i, rel + '.png', [float(x) for x in labels[k]]))
+        s = samples[k]
+        out.append((i, rel + '.png', [float(x) for x in labels[k]], [float(x) for x in s.expression] + [s.jaw, 0.0, 0.0]))
     return out
 
 
@@ -120,7 +126,8 @@ def _run_jobs(jobs, workers: int):
         yield from pool.imap_unordered(_render_chunk, jobs)
 
 
-def make_training_set(outdir: str, count: int, resolution: int, seed: int, workers: int = 2, progress: bool = False):
+def make_training_set(outdir: str, count: int, resolution: int, seed: int, workers: int = 2, progress: bool = False,
+                      expression_labels: bool = False):
     jobs = [(outdir, s, min(s + CHUNK, count), resolution, seed) for s in range(0, count, CHUNK)]
     entries = []
     with tqdm(total=count, desc='images', unit='img', disable=not progress) as bar:
@@ -129,8 +136,11 @@ def make_training_set(outdir: str, count: int, resolution: int, seed: int, worke
             bar.update(len(chunk))
     entries.sort()
     res = f'{resolution}x{resolution}'
-    data = json.dumps({'labels': [[rel, label] for _, rel, label in entries]}, indent=0)
+    data = json.dumps({'labels': [[rel, label] for _, rel, label, _ in entries]}, indent=0)
     _replace_write(os.path.join(outdir, f'images{res}', 'dataset.json'), data.encode())
+    if expression_labels:
+        data = json.dumps({'labels': [[rel, exp] for _, rel, _, exp in entries]}, indent=0)
+        _replace_write(os.path.join(outdir, f'images{res}', 'dataset_exp.json'), data.encode())
 
 
 def talking_jaw(t: torch.Tensor, g: torch.Generator) -> torch.Tensor:
@@ -219,11 +229,13 @@ def make_driving_video(outdir: str, num_frames: int, resolution: int, seed: int,
 @click.option('--num_frames', type=click.IntRange(min=1), default=120, show_default=True, help='Frames of the driving video (30 per second)')
 @click.option('--workers', type=click.IntRange(min=1), default=None, show_default=f'the cores available, at most {MAX_DEFAULT_WORKERS}',
               help='Rendering processes for a training set; more than the cores only slows each down')
+@click.option('--expression_labels', is_flag=True,
+              help="Also write dataset_exp.json (each image's expression coefficients and jaw axis-angle), which D then sees")
 @cli.user_errors
-def main(outdir, count, resolution, seed, driving, num_frames, workers):
+def main(outdir, count, resolution, seed, driving, num_frames, workers, expression_labels):
     """Render a synthetic dataset of the bundled head model."""
     ctx = click.get_current_context()
-    unused = ('count', 'workers') if driving else ('num_frames',)
+    unused = ('count', 'workers', 'expression_labels') if driving else ('num_frames',)
     for name in unused:
         if ctx.get_parameter_source(name) != click.core.ParameterSource.DEFAULT:
             raise click.UsageError(f'--{name} applies to {"a training set (without --driving)" if driving else "--driving"} only')
@@ -238,7 +250,7 @@ def main(outdir, count, resolution, seed, driving, num_frames, workers):
         make_driving_video(outdir, num_frames, resolution, seed, progress=True)
         print(f'{num_frames} driving frames at {resolution}x{resolution} in {time.time() - t0:.1f} s -> {outdir}')
     else:
-        make_training_set(outdir, count, resolution, seed, workers, progress=True)
+        make_training_set(outdir, count, resolution, seed, workers, progress=True, expression_labels=expression_labels)
         print(f'{count} images at {resolution}x{resolution} in {time.time() - t0:.1f} s -> {outdir}')
 
 
