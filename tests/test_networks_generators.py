@@ -121,6 +121,57 @@ def test_jaw_changes_mouth_region_far_more_than_corners(head):
         assert mouth > 1e-3 and mouth >= 10 * corners, (key, mouth, corners)
 
 
+def test_generator_planes_put_the_mesh_features_where_the_renderer_samples_them(head, monkeypatch):
+    # G's whole plane path (texture -> rasterizer -> to_planes -> alpha blend with the static
+    # planes -> the renderer's plane sampling) keeps the geometric consistency that
+    # tests/test_texture_planes.py checks for the rasterizer alone: with a texture holding
+    # each texel's 3D point, the mouth/blending nets bypassed and static planes of -1, the
+    # renderer reads a surface point's own coordinates from the front plane where the front
+    # view sees it, and the static -1 from the side and top planes in front of the face. (The
+    # side plane holds the sum of the two yaw views, and the top view sees little of the face
+    # mask: those are checked view by view there.)
+    from tests.test_texture_planes import position_texture, surface_samples
+    from training.mesh.rasterize import rasterize
+    from training.volumetric_rendering.renderer import sample_from_planes
+    G = tiny_next3d().eval()
+    v = condition(head, jaw=0.2)
+    verts = v[0, :G.num_vertices]
+    rast = G.rasterizer
+    faces = rast.faces
+    skin = ~(head.lbs_weights.argmax(1) >= 3)[faces].any(1)      # eyeball UVs overlap the lids' in the template
+    tex = position_texture(verts, faces[skin], rast.uvcoords[rast.uvfaces[skin]].reshape(-1, 2), size=512)
+    tex = torch.cat([tex, torch.zeros(1, G.plane_channels - 3, *tex.shape[-2:])], 1)
+    static = -torch.ones(1, 3 * G.plane_channels, G.plane_resolution, G.plane_resolution)
+    monkeypatch.setattr(G.texture_backbone.synthesis, 'forward', lambda ws, **kwargs: tex)
+    monkeypatch.setattr(G.backbone.synthesis, 'forward', lambda ws, **kwargs: static)
+    monkeypatch.setattr(G, 'refine_front', lambda front, landmarks, eg3d_ws, **kwargs: front)
+    with torch.no_grad():
+        planes = G.make_planes(G.mapping(torch.randn(1, 64), frontal_label()), v)
+        r = rast(verts[None], tex)
+        alpha = rast.to_planes(r['front_alpha'], r['side_alpha'], r['top_alpha'])
+    pts, normals = surface_samples(verts, faces[skin], per_face=2)
+    sample = lambda p, planes: sample_from_planes(planes, coords.mesh_to_world(p)[None], plane_axes=G.plane_axes)[0]
+    feat, a = sample(pts, planes)[..., :3], sample(pts, alpha)[..., 0]        # (3, N, 3), (3, N)
+    hi, pixel = 4 * G.plane_resolution, 0.4 / G.plane_resolution
+    ndc_all, ndc_pts = rast.to_view_ndc(verts[None]), rast.to_view_ndc(pts[None])
+    depth = rasterize(ndc_all[0], faces, hi).depth[0]               # front view (plane 0: (x, y))
+    # Seen: on the nearest surface, where depth is continuous over +-1 plane pixel.
+    win_max = torch.nn.functional.max_pool2d(depth[None, None], 9, 1, 4)[0, 0]
+    win_min = -torch.nn.functional.max_pool2d(-depth[None, None], 9, 1, 4)[0, 0]
+    col = ((ndc_pts[0, 0, :, 0] + 1) * hi / 2).long().clamp(0, hi - 1)
+    row = ((ndc_pts[0, 0, :, 1] + 1) * hi / 2).long().clamp(0, hi - 1)
+    seen = (win_max[row, col].isfinite() & (win_max[row, col] - win_min[row, col] < 4 / G.plane_resolution)
+            & ((ndc_pts[0, 0, :, 2] - depth[row, col]).abs() < 2 / hi) & (a[0] > 0.999))
+    assert seen.sum() > 500
+    err = (feat[0][seen] - pts[seen]).abs().max(1).values
+    assert err.quantile(0.98) < pixel, f'98th percentile error {float(err.quantile(0.98)) * 1000:.2f} mm'
+    # Air 10 cm in front of the face: the front plane still holds the face (its features are
+    # constant along z), the side and top planes hold the static planes.
+    air = sample(pts[normals[:, 2] > 0.8] + torch.tensor([0.0, 0.0, 0.1]), planes)[..., :3]
+    assert (air[0] != -1).all(-1).float().mean() > 0.9
+    assert (air[1] == -1).all(-1).float().mean() > 0.95 and (air[2] == -1).all(-1).float().mean() > 0.95
+
+
 def test_truncation_cutoff_none_truncates_every_ws(head):
     # As the official mapping: no cutoff truncates all ws (the 20 here, 28 at FFHQ); the
     # scripts' --trunc-cutoff=14 (the official default) truncates the backbone ws only.
