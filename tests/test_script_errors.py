@@ -293,3 +293,17 @@ def test_no_space_while_writing_an_image(tiny_network, tmp_path, monkeypatch):
     line = refuse(gen_samples.generate_images, ['--network', tiny_network, '--seeds', '0', '--outdir', out])
     assert line == f'Error: {out / "seed0000.png"}: No space left on device'
     assert os.listdir(out) == []
+
+
+@pytest.mark.parametrize('option', ['--gamma', '--glr', '--kimg', '--density_reg', '--c-scale'])
+@pytest.mark.parametrize('value', ['nan', 'inf'])
+def test_train_py_float_options_are_finite(tmp_path, option, value):
+    import train
+    args = ['--outdir', str(tmp_path / 'runs'), '--cfg', 'tiny64', '--data', str(tmp_path / 'no-data'), '--gpus', '1',
+            '--batch', '2', '--gamma', '1']
+    args += [option, value] if option != '--gamma' else []
+    if option == '--gamma':
+        args[args.index('--gamma') + 1] = value
+    result = CliRunner().invoke(train.main, args)
+    assert result.exit_code == 2 and f'{value} is not a finite number' in result.output, result.output
+    assert not (tmp_path / 'runs').exists()
