@@ -82,8 +82,8 @@ def main(cfg, batch, device, repeats, template, threads, outdir):
     device = torch.device(device)
     if threads is not None:
         torch.set_num_threads(threads)
-    if template is None and configs.PRESETS[cfg]['generator'] == 'next3d' and cfg != 'ffhq512':
-        template = configs.BUNDLED_TEMPLATE
+    if template is None:
+        template = configs.default_template(cfg)
     load_before = load_average()
     G = configs.make_generator(cfg, template_obj=template).train().requires_grad_(False).to(device)
     D = configs.make_discriminator(cfg).train().requires_grad_(False).to(device)

@@ -3,7 +3,6 @@ interface shared with Next3DGenerator (outputs, ws, sample), checkpoints and err
 
 import math
 
-import numpy as np
 import pytest
 import torch
 
@@ -275,6 +274,17 @@ def test_sample_density(G, head):
     assert cloud['points'].shape[1] == 3 and len(cloud['points']) == int((g['opacities'][0] >= gr.ALPHA_MIN).sum())
 
 
+def test_degenerate_mesh_gives_finite_outputs(G):
+    """A collapsed mesh (every vertex at the origin: zero-area faces) must not break rendering or
+    the density queries of the density regularisation."""
+    v = torch.zeros(2, G.num_vertices + 68, 3)
+    z, c = torch.randn(2, G.z_dim), _frontal(2)
+    with torch.no_grad():
+        out = G(z, c, v, noise_mode='const')
+        sigma = G.sample_mixed(torch.rand(2, 100, 3) * 2 - 1, torch.zeros(2, 100, 3), G.mapping(z, c), v)['sigma']
+    assert all(torch.isfinite(x).all() for x in out.values()) and torch.isfinite(sigma).all()
+
+
 def test_checkpoint_round_trip(G, head, tmp_path):
     path = str(tmp_path / 'net.pkl')
     persistence.save_checkpoint(path, dict(G_ema=G))
@@ -306,9 +316,15 @@ def test_errors(G, head):
 
 def test_presets_sizes():
     for cfg, res, uv in (('tiny64-gaussian', 64, 32), ('small128-gaussian', 128, 64), ('ffhq512-gaussian', 512, 256)):
-        kwargs = configs.generator_kwargs(cfg, **({} if cfg != 'ffhq512-gaussian' else {}))
+        kwargs = configs.generator_kwargs(cfg)
         assert kwargs['img_resolution'] == res and kwargs['uv_resolution'] == uv
-        configs.check_rendering_resolution(cfg, res, res)
-    meta = configs.make_generator('ffhq512-gaussian', device='meta')
+        configs.check_rendering_resolution(cfg, res, res)                  # no super-resolution needed
+    with pytest.raises(ValueError, match='no super-resolution module for 48 -> 64'):
+        configs.check_rendering_resolution('tiny64-gaussian', 64, 48)
+    meta = configs.make_generator('ffhq512-gaussian', device='meta')      # FLAME's sizes, no template given
     assert meta.num_vertices == 5023 and meta.superresolution is None and not meta.topology_loaded
-    np.testing.assert_equal(meta.rasterizer.num_gaussians, 256 ** 2 + 32 ** 2)
+    assert meta.rasterizer.num_gaussians == 256 ** 2 + 32 ** 2
+    with_sr = configs.make_generator('tiny64-gaussian', neural_rendering_resolution=32, feature_channels=8)
+    assert with_sr.superresolution is not None
+    out = with_sr(torch.randn(1, with_sr.z_dim), _frontal(), _condition(load_head_model()))
+    assert out['image'].shape == (1, 3, 64, 64) and out['image_raw'].shape == (1, 3, 32, 32)

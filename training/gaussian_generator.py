@@ -61,6 +61,7 @@ from training.volumetric_rendering.ray_sampler import RaySampler
 
 NUM_LANDMARKS = 68
 GEOMETRY_CHANNELS = 11              # offset 3 + log-scale 3 + rotation 4 + opacity 1
+MIN_SCALE = 1e-5                    # world units: the smallest standard deviation of a Gaussian
 DEFAULT_GAUSSIAN_KWARGS = dict(
     offset_gain=0.01,               # world units of offset per unit of network output (outputs start at ~1)
     base_scale=0.5,                 # standard deviation at log-scale 0 / texel spacing on the posed surface
@@ -224,6 +225,9 @@ class GaussianMeshRasterizer(torch.nn.Module):
 
         anchor = torch.cat([anchor, pocket], dim=1)
         frame = torch.cat([frame, pocket_frame], dim=1)
+        with torch.no_grad():
+            proper = torch.linalg.det(frame) > 0.5                              # degenerate faces: no frame
+        frame = torch.where(proper[..., None, None], frame, torch.eye(3, device=frame.device, dtype=frame.dtype))
         spacing = torch.cat([spacing, pocket_spacing], dim=1)
         valid = torch.cat([uv_valid, torch.ones_like(uv_valid[:, :1]).expand(bsz, m * m)], dim=1)
         attrs = torch.cat([uv_attrs.flatten(2), mouth_attrs.flatten(2)], dim=2).transpose(1, 2).float()   # (B, N, 11 + C)
@@ -232,6 +236,7 @@ class GaussianMeshRasterizer(torch.nn.Module):
         means = anchor + (frame @ (offset * opts['offset_gain']).unsqueeze(-1)).squeeze(-1)
         lo, hi = opts['log_scale_range']
         scales = opts['base_scale'] * spacing.unsqueeze(-1) * torch.exp((log_scale * opts['scale_gain']).clamp(lo, hi))
+        scales = scales.clamp(min=MIN_SCALE)                # zero-area faces of a collapsed mesh: no singular Gaussians
         quat = rot * opts['rotation_gain'] + rot.new_tensor([1.0, 0.0, 0.0, 0.0])
         covariances = gr.covariance_from_scale_rotation(scales, frame @ gr.quaternion_to_matrix(quat))
         opacities = torch.sigmoid(opacity.squeeze(-1) + opts['opacity_bias']) * valid

@@ -382,7 +382,7 @@ def gaussian_density(points: torch.Tensor, means: torch.Tensor, covariances: tor
     """
     bsz, m = points.shape[:2]
     n = means.shape[1]
-    precision = torch.linalg.inv(covariances)
+    precision = torch.linalg.inv(covariances.double()).to(covariances.dtype)    # thin Gaussians: ill-conditioned in float32
     with torch.no_grad():
         reach = 2 * torch.log((opacities / DENSITY_CUTOFF).clamp(min=1))       # d^T P d bound
         half = torch.sqrt(reach[..., None] * torch.diagonal(covariances, dim1=-2, dim2=-1).clamp(min=0))   # (B, N, 3) box
