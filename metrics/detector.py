@@ -103,7 +103,7 @@ def load_detector(path: str, device) -> torch.nn.Module:
         try:
             module = torch.jit.load(path, map_location=device)
         except (RuntimeError, ValueError) as e:
-            raise ValueError(f'{path}: not a TorchScript detector ({str(e).splitlines()[0]})') from e
+            raise ValueError(f'{path}: not a TorchScript detector ({str(e).splitlines()[0].split(". ")[0]})') from e     # torch's first sentence
         try:
             kind = detector_kind(module)
         except ValueError as e:
