@@ -181,7 +181,9 @@ def test_gaussian_density_matches_dense_sum():
     cov = gr.covariance_from_scale_rotation(s['scales'], s['quats'])
     axis = torch.linspace(-0.3, 0.3, 12)
     grid = torch.stack(torch.meshgrid(axis, axis, axis + 0.2, indexing='ij'), -1).reshape(1, -1, 3).expand(2, -1, -1)
-    dens, feat = gr.gaussian_density(grid, s['means'], cov, s['opacities'], s['features'], block=100)
+    scattered = torch.rand(2, 1500, 3, generator=torch.Generator().manual_seed(1)) - torch.tensor([0.5, 0.5, 0.3])
+    grid = torch.cat([grid, scattered], dim=1)                            # 3228 points: 13 blocks, sorted and back
+    dens, feat = gr.gaussian_density(grid, s['means'], cov, s['opacities'], s['features'])
     d = grid[:, :, None] - s['means'][:, None]
     q = torch.einsum('bmni,bnij,bmnj->bmn', d, torch.linalg.inv(cov), d)
     contrib = s['opacities'][:, None] * torch.exp(-0.5 * q)                # every Gaussian at every point

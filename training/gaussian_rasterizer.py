@@ -370,30 +370,34 @@ DENSITY_CUTOFF = 1e-3          # a Gaussian's contribution is dropped where it i
 
 
 def gaussian_density(points: torch.Tensor, means: torch.Tensor, covariances: torch.Tensor, opacities: torch.Tensor,
-                     features: Optional[torch.Tensor] = None, block: int = 4096):
+                     features: Optional[torch.Tensor] = None):
     """Density sum_i o_i exp(-(x - mu_i)^T Sigma_i^-1 (x - mu_i) / 2) at points (unitless: an
     opaque Gaussian's centre counts 1), and optionally the density-weighted mean feature.
 
     points (B, M, 3), means (B, N, 3), covariances (B, N, 3, 3), opacities (B, N),
     features (B, N, C) or None. Returns density (B, M) [and features (B, M, C)].
-    Points are taken in blocks of `block` consecutive points; a block evaluates only the
-    Gaussians whose 3D box (where the contribution exceeds DENSITY_CUTOFF) meets the
-    block's bounding box, so coherent points (grid rows) cost little. Differentiable.
+    The points are sorted into cells of a coarse grid and taken in blocks (of at least 32
+    points, at most 256 blocks per call); a block evaluates only the Gaussians whose 3D box (where the
+    contribution exceeds DENSITY_CUTOFF) meets the block's bounding box. Differentiable.
     """
     bsz, m = points.shape[:2]
-    n = means.shape[1]
     precision = torch.linalg.inv(covariances.double()).to(covariances.dtype)    # thin Gaussians: ill-conditioned in float32
+    block = max(32, -(-m // 256))
+    nblocks = -(-m // block)
     with torch.no_grad():
         reach = 2 * torch.log((opacities / DENSITY_CUTOFF).clamp(min=1))       # d^T P d bound
         half = torch.sqrt(reach[..., None] * torch.diagonal(covariances, dim1=-2, dim2=-1).clamp(min=0))   # (B, N, 3) box
-    nblocks = -(-m // block)
-    pad = nblocks * block - m
-    pts = torch.cat([points, points[:, -1:].expand(bsz, pad, 3)], dim=1) if pad else points
-    pts = pts.reshape(bsz, nblocks, block, 3)
+        # Spatially coherent blocks: sort the points by the cell of a grid with ~ one cell per block.
+        cells = max(1, round(nblocks ** (1 / 3)))
+        lo, hi = points.amin(1, keepdim=True), points.amax(1, keepdim=True)
+        cell = ((points - lo) / (hi - lo).clamp(min=1e-12) * cells).long().clamp(0, cells - 1)
+        order = torch.argsort((cell[..., 0] * cells + cell[..., 1]) * cells + cell[..., 2], dim=1, stable=True)
+        order = torch.cat([order, order[:, -1:].expand(bsz, nblocks * block - m)], dim=1)     # pad with repeats
+    pts = torch.gather(points, 1, order[..., None].expand(-1, -1, 3)).reshape(bsz, nblocks, block, 3)
     with torch.no_grad():
-        lo, hi = pts.amin(2), pts.amax(2)                                       # (B, nb, 3)
-        meets = ((means.detach()[:, None] + half[:, None] >= lo[:, :, None]) &
-                 (means.detach()[:, None] - half[:, None] <= hi[:, :, None])).all(-1) & (reach > 0)[:, None]
+        box_lo, box_hi = pts.amin(2), pts.amax(2)                               # (B, nb, 3)
+        meets = ((means.detach()[:, None] + half[:, None] >= box_lo[:, :, None]) &
+                 (means.detach()[:, None] - half[:, None] <= box_hi[:, :, None])).all(-1) & (reach > 0)[:, None]
         b_idx, blk, g_idx = torch.nonzero(meets, as_tuple=True)                # (b, block, Gaussian) triples
     density = points.new_zeros(bsz * nblocks * block)
     acc = None if features is None else points.new_zeros(bsz * nblocks * block, features.shape[-1])
@@ -409,8 +413,10 @@ def gaussian_density(points: torch.Tensor, means: torch.Tensor, covariances: tor
         density = density.index_add(0, target, contrib.reshape(-1))
         if acc is not None:
             acc = acc.index_add(0, target, (contrib[..., None] * features[b, g][:, None]).reshape(-1, features.shape[-1]))
-    density = density.reshape(bsz, nblocks * block)[:, :m]
+    # Back to the callers' order (the padding repeats are dropped).
+    back = torch.argsort(order[:, :m], dim=1)
+    density = torch.gather(density.reshape(bsz, -1), 1, back)
     if features is None:
         return density
-    acc = acc.reshape(bsz, nblocks * block, -1)[:, :m]
+    acc = torch.gather(acc.reshape(bsz, nblocks * block, -1), 1, back[..., None].expand(-1, -1, acc.shape[-1]))
     return density, acc / density.clamp(min=1e-8).unsqueeze(-1)
