@@ -3,6 +3,7 @@
     python gen_samples.py --outdir=out --trunc=0.7 --seeds=0-3 --shapes=true
     python gen_samples.py --outdir=out --seeds=166 --network=next3d_ffhq_512.pkl \
         --obj_path=demo.obj --lms_path=demo_kpt2d.txt --shapes=true --shape-format=.ply
+    python gen_samples.py --outdir=out --network=out/me/avatar.pkl     # invert.py's avatar: out/projected.png
 """
 
 import math
@@ -16,8 +17,8 @@ from tqdm import tqdm
 
 from dnnlib import cli
 from training import coords, shapes
-from training.generation import (BUNDLED_NETWORK, check_mesh_options, frontal_label, load_generator, mesh_condition, orbit_label,
-                                 read_mesh_condition, save_image_grid)
+from training.generation import (BUNDLED_NETWORK, SEED_OPTIONS, avatar_latents, check_mesh_options, frontal_label, load_network,
+                                 mesh_condition, options_given, orbit_label, read_mesh_condition, save_image_grid)
 
 PREVIEW_RES = 64    # samples per axis of the preview: one chunk of sample_density_volume
 
@@ -25,6 +26,9 @@ PREVIEW_RES = 64    # samples per axis of the preview: one chunk of sample_densi
 @click.command()
 @click.option('--network', 'network_pkl', default=BUNDLED_NETWORK, show_default=True, help='Network pickle (path): our network-snapshot-*.pkl or an official EG3D/Next3D pickle')
 @click.option('--seeds', type=cli.Seeds(), default='0-3', show_default=True, help='Latent seeds: integers and ranges, comma-separated, e.g. 0-3,7')
+@click.option('--projected-w', 'projected_w', type=click.Path(exists=True, dir_okay=False), default=None,
+              help="An inverted avatar's latent (projected_w.npz of invert.py) instead of seeds -> projected.png; "
+                   "default: the projected_w an avatar snapshot holds")
 @click.option('--trunc', 'truncation_psi', type=cli.FiniteFloat(), default=1.0, show_default=True, help='Truncation psi: 1 = none, 0 = the average w (the EG3D examples use 0.7)')
 @click.option('--trunc-cutoff', 'truncation_cutoff', type=int, default=14, show_default=True, help="Truncate only the first N ws: 14 = the backbone's at full size (Next3D's texture ws after them stay untruncated)")
 @click.option('--outdir', type=click.Path(file_okay=False), required=True, help='Output folder (created if missing): seedNNNN.png and the shapes')
@@ -44,9 +48,10 @@ PREVIEW_RES = 64    # samples per axis of the preview: one chunk of sample_densi
 @click.option('--uv_mask_path', type=click.Path(exists=True, dir_okay=False), default=None, help='Face/eye UV mask PNG for official Next3D pickles that lack it')
 @click.option('--device', type=str, default=None, help='torch device: cpu, cuda or cuda:N (default: cuda if available, else cpu)')
 @cli.user_errors
-def generate_images(network_pkl, seeds, truncation_psi, truncation_cutoff, outdir, shapes, shape_res, shape_format,
+def generate_images(network_pkl, seeds, projected_w, truncation_psi, truncation_cutoff, outdir, shapes, shape_res, shape_format,
                     shape_level, fov_deg, obj_path, lms_path, lms_cond, uv_mask_path, device):
-    """Per seed: the views at yaw +0.4, 0, -0.4 (pitch -0.2) conditioned on a frontal camera -> seedNNNN.png."""
+    """Per seed: the views at yaw +0.4, 0, -0.4 (pitch -0.2) conditioned on a frontal camera -> seedNNNN.png
+    (an inverted avatar: projected.png)."""
     ctx = click.get_current_context()
     for name in ('shape_res', 'shape_format', 'shape_level'):
         if not shapes and ctx.get_parameter_source(name) != click.core.ParameterSource.DEFAULT:
@@ -55,24 +60,31 @@ def generate_images(network_pkl, seeds, truncation_psi, truncation_cutoff, outdi
         shape_level = check_shape_options(shape_format, shape_level)
     device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
     condition = read_mesh_condition(obj_path, lms_path, lms_cond)
-    G = load_generator(network_pkl, device, uv_mask_path)
+    data = load_network(network_pkl, device, uv_mask_path)
+    G = data.G_ema
     check_mesh_options(G, network_pkl, obj_path, lms_path, lms_cond)
     v = mesh_condition(G, condition, obj_path, device)
     focal = coords.fov_to_focal(fov_deg)
     c_cond = frontal_label(G, focal, device)
+    avatar = avatar_latents(G, data, network_pkl, projected_w, options_given(ctx, SEED_OPTIONS))
+    if avatar is None:      # (output name, seed, ws): seeds, or the ws of an inverted avatar
+        jobs = [(f'seed{seed:04d}', seed, None) for seed in seeds]
+    else:
+        jobs = [('projected' if len(avatar) == 1 else f'projected{k:02d}', 0, w[None]) for k, w in enumerate(avatar)]
     os.makedirs(outdir, exist_ok=True)
-    for seed in tqdm(seeds, desc='seeds', disable=len(seeds) < 2):
-        z = torch.from_numpy(np.random.RandomState(seed).randn(1, G.z_dim)).float().to(device)
+    for name, seed, ws in tqdm(jobs, desc='seeds', disable=len(jobs) < 2):
         generator = torch.Generator(device).manual_seed(seed)        # the renderer's depth sampling: same seed, same pixels
         with torch.no_grad():
-            ws = G.mapping(z, c_cond, truncation_psi=truncation_psi, truncation_cutoff=truncation_cutoff)
+            if ws is None:
+                z = torch.from_numpy(np.random.RandomState(seed).randn(1, G.z_dim)).float().to(device)
+                ws = G.mapping(z, c_cond, truncation_psi=truncation_psi, truncation_cutoff=truncation_cutoff)
             images = []
             for yaw in (0.4, 0.0, -0.4):
                 c = orbit_label(G, math.pi / 2 + yaw, math.pi / 2 - 0.2, focal, device)
                 images.append(G.synthesis(ws, c, v, noise_mode='const', generator=generator)['image'])
-        save_image_grid(torch.cat(images), os.path.join(outdir, f'seed{seed:04d}.png'), grid=(3, 1))
+        save_image_grid(torch.cat(images), os.path.join(outdir, f'{name}.png'), grid=(3, 1))
         if shapes:
-            export_shape(G, ws, v, shape_res, shape_level, os.path.join(outdir, f'seed{seed:04d}{shape_format}'), device)
+            export_shape(G, ws, v, shape_res, shape_level, os.path.join(outdir, f'{name}{shape_format}'), device)
 
 
 def density_function(G, ws, v):

@@ -2,6 +2,7 @@
 
     python gen_videos.py --outdir=out --trunc=0.7 --seeds=0-3 --grid=2x2
     python gen_videos.py --outdir=out --seeds=0-1 --grid=1x1 --image_mode=image_depth --interpolate=false
+    python gen_videos.py --outdir=out --network=out/me/avatar.pkl     # orbit invert.py's avatar: out/projected.mp4
 """
 
 import math
@@ -15,8 +16,8 @@ from tqdm import tqdm
 
 import dnnlib
 from dnnlib import cli
-from training.generation import (BUNDLED_NETWORK, check_mesh_options, depth_to_image, frontal_label, load_generator, make_grid, mesh_condition,
-                                 orbit_label, read_mesh_condition, to_uint8)
+from training.generation import (BUNDLED_NETWORK, SEED_OPTIONS, avatar_latents, check_mesh_options, depth_to_image, frontal_label, load_network,
+                                 make_grid, mesh_condition, options_given, orbit_label, read_mesh_condition, to_uint8)
 from training.video import VideoWriter
 
 
@@ -36,17 +37,21 @@ def interpolate_ws(ws: np.ndarray, num_keyframes: int, wraps: int = 2):
 
 
 def render_video(G, path, seeds, grid, num_keyframes, w_frames, psi, truncation_cutoff, image_mode, v, device,
-                 sample_mult=1.0, nrr=None, fps=60):
+                 sample_mult=1.0, nrr=None, fps=60, ws=None):
+    """ws: keyframe latents (K, num_ws, w_dim) of a 1x1 grid (an inverted avatar) instead of the seeds'."""
     gw, gh = grid
-    if num_keyframes is None:
-        if len(seeds) % (gw * gh) != 0:
-            raise click.BadParameter(f'{len(seeds)} seeds do not divide into a {gw}x{gh} grid', param_hint='--seeds')
-        num_keyframes = len(seeds) // (gw * gh)
-    all_seeds = [seeds[i % len(seeds)] for i in range(num_keyframes * gw * gh)]
-    c = frontal_label(G, device=device)
-    zs = torch.from_numpy(np.stack([np.random.RandomState(s).randn(G.z_dim) for s in all_seeds])).float().to(device)
-    with torch.no_grad():
-        ws = G.mapping(zs, c.expand(len(zs), -1), truncation_psi=psi, truncation_cutoff=truncation_cutoff)
+    if ws is not None:
+        num_keyframes = len(ws)
+    else:
+        if num_keyframes is None:
+            if len(seeds) % (gw * gh) != 0:
+                raise click.BadParameter(f'{len(seeds)} seeds do not divide into a {gw}x{gh} grid', param_hint='--seeds')
+            num_keyframes = len(seeds) // (gw * gh)
+        all_seeds = [seeds[i % len(seeds)] for i in range(num_keyframes * gw * gh)]
+        c = frontal_label(G, device=device)
+        zs = torch.from_numpy(np.stack([np.random.RandomState(s).randn(G.z_dim) for s in all_seeds])).float().to(device)
+        with torch.no_grad():
+            ws = G.mapping(zs, c.expand(len(zs), -1), truncation_psi=psi, truncation_cutoff=truncation_cutoff)
     ws = ws.reshape(gh, gw, num_keyframes, *ws.shape[1:]).cpu().numpy()
     interps = [[interpolate_ws(ws[y, x], num_keyframes) for x in range(gw)] for y in range(gh)]
 
@@ -76,6 +81,9 @@ def render_video(G, path, seeds, grid, num_keyframes, w_frames, psi, truncation_
 @click.command()
 @click.option('--network', 'network_pkl', default=BUNDLED_NETWORK, show_default=True, help='Network pickle (path): our network-snapshot-*.pkl or an official EG3D/Next3D pickle')
 @click.option('--seeds', type=cli.Seeds(), default='0-3', show_default=True, help='Latent seeds: integers and ranges, comma-separated, e.g. 0-3,7')
+@click.option('--projected-w', 'projected_w', type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Orbit an inverted avatar's latent (projected_w.npz of invert.py) instead of seeds -> projected.mp4; "
+                   "default: the projected_w an avatar snapshot holds")
 @click.option('--shuffle-seed', type=click.IntRange(0, 2 ** 32 - 1), default=None, help='Shuffle the seeds with this random seed (default: keep their order)')
 @click.option('--grid', type=dnnlib.parse_vec2, default='1x1', show_default=True, metavar='WxH', help='Seeds tiled W x H per video frame, e.g. 2x2 (with --interpolate=true)')
 @click.option('--num-keyframes', type=click.IntRange(min=1), default=None, help='Keyframes of the interpolation (default: number of seeds / grid cells)')
@@ -96,7 +104,7 @@ def render_video(G, path, seeds, grid, num_keyframes, w_frames, psi, truncation_
 @click.option('--uv_mask_path', type=click.Path(exists=True, dir_okay=False), default=None, help='Face/eye UV mask PNG for official Next3D pickles that lack it')
 @click.option('--device', type=str, default=None, help='torch device: cpu, cuda or cuda:N (default: cuda if available, else cpu)')
 @cli.user_errors
-def generate_videos(network_pkl, seeds, shuffle_seed, grid, num_keyframes, w_frames, truncation_psi, truncation_cutoff,
+def generate_videos(network_pkl, seeds, projected_w, shuffle_seed, grid, num_keyframes, w_frames, truncation_psi, truncation_cutoff,
                     outdir, image_mode, sample_mult, nrr, interpolate, obj_path, lms_path, lms_cond, fps, uv_mask_path, device):
     """Orbit videos: mp4, libx264, 10 Mbit/s."""
     ctx = click.get_current_context()
@@ -105,9 +113,18 @@ def generate_videos(network_pkl, seeds, shuffle_seed, grid, num_keyframes, w_fra
             raise click.UsageError(f'--{name.replace("_", "-")} applies with --interpolate=true only (false: one 1x1 video per seed)')
     device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
     condition = read_mesh_condition(obj_path, lms_path, lms_cond)
-    G = load_generator(network_pkl, device, uv_mask_path)
+    data = load_network(network_pkl, device, uv_mask_path)
+    G = data.G_ema
     check_mesh_options(G, network_pkl, obj_path, lms_path, lms_cond)
     v = mesh_condition(G, condition, obj_path, device)
+    seed_options = {**SEED_OPTIONS, 'shuffle_seed': '--shuffle-seed', 'grid': '--grid', 'num_keyframes': '--num-keyframes',
+                    'interpolate': '--interpolate'}
+    ws = avatar_latents(G, data, network_pkl, projected_w, options_given(ctx, seed_options))
+    if ws is not None:      # an inverted avatar: one orbit video (several ws of an .npz are its keyframes)
+        os.makedirs(outdir, exist_ok=True)
+        path = os.path.join(outdir, 'projected.mp4' if image_mode == 'image' else f'projected_{image_mode}.mp4')
+        render_video(G, path, [0], (1, 1), None, w_frames, 1, None, image_mode, v, device, sample_mult, nrr, fps, ws=ws)
+        return
     if shuffle_seed is not None:
         np.random.RandomState(shuffle_seed).shuffle(seeds)
     os.makedirs(outdir, exist_ok=True)

@@ -1,6 +1,7 @@
 """Reenact generated avatars with a tracked video (a driving folder).
 
     python reenact_avatar.py --drive_root=data/driving --grid=2x1 --seeds=166 --outdir=out --fname=reenact.mp4 --trunc=0.7
+    python reenact_avatar.py --drive_root=data/driving --network=out/me/avatar.pkl --outdir=out   # invert.py's avatar
 
 A driving folder holds dataset.json (a camera per frame), the frames, and per frame
 <id>.obj + <id>_kpt2d.txt (see training/driving.py). Each output row shows the driving
@@ -18,7 +19,8 @@ from tqdm import tqdm
 import dnnlib
 from dnnlib import cli
 from training.driving import load_condition, read_driving_folder, smooth_labels
-from training.generation import BUNDLED_NETWORK, bundled_landmarks, frontal_label, load_generator, make_grid, mesh_condition, to_uint8, uses_mesh
+from training.generation import (BUNDLED_NETWORK, SEED_OPTIONS, avatar_latents, bundled_landmarks, frontal_label, load_network, make_grid,
+                                 mesh_condition, options_given, to_uint8, uses_mesh)
 from training.video import VideoWriter
 
 
@@ -34,6 +36,8 @@ def load_frame_image(path: str, size: int) -> np.ndarray:
 @click.option('--drive_root', type=str, required=True, help='Driving folder (dataset.json, frames, <id>.obj, <id>_kpt2d.txt)')
 @click.option('--network', 'network_pkl', default=BUNDLED_NETWORK, show_default=True, help='Network pickle (path): our network-snapshot-*.pkl or an official EG3D/Next3D pickle')
 @click.option('--seeds', type=cli.Seeds(), default='0', show_default=True, help='Latent seeds: integers and ranges, comma-separated, e.g. 0-3,7')
+@click.option('--projected-w', 'projected_w', type=click.Path(exists=True, dir_okay=False), default=None,
+              help="An inverted avatar's latent (projected_w.npz of invert.py) instead of seeds; default: the projected_w an avatar snapshot holds")
 @click.option('--grid', type=dnnlib.parse_vec2, default='2x1', show_default=True, metavar='WxH', help='Grid WxH: H rows of (driving frame + W-1 avatars)')
 @click.option('--outdir', type=click.Path(file_okay=False), required=True, help='Output folder (created if missing)')
 @click.option('--fname', type=str, default='reenact.mp4', show_default=True, help='Output video file name (.mp4) in --outdir')
@@ -47,7 +51,7 @@ def load_frame_image(path: str, size: int) -> np.ndarray:
 @click.option('--uv_mask_path', type=click.Path(exists=True, dir_okay=False), default=None, help='Face/eye UV mask PNG for official Next3D pickles that lack it')
 @click.option('--device', type=str, default=None, help='torch device: cpu, cuda or cuda:N (default: cuda if available, else cpu)')
 @cli.user_errors
-def reenact(drive_root, network_pkl, seeds, grid, outdir, fname, truncation_psi, truncation_cutoff, fixed_camera,
+def reenact(drive_root, network_pkl, seeds, projected_w, grid, outdir, fname, truncation_psi, truncation_cutoff, fixed_camera,
             num_frames, lms_cond, smooth, fps, uv_mask_path, device):
     """Drive avatars with a tracked video; writes OUTDIR/FNAME (mp4, 30 fps)."""
     device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
@@ -62,17 +66,21 @@ def reenact(drive_root, network_pkl, seeds, grid, outdir, fname, truncation_psi,
     # Every mesh is read and checked before the network loads: a bad frame stops the run at once.
     conditions = [load_condition(frame.obj_path, frame.lms_path if lms_cond else None,
                                  landmarks_fn=None if lms_cond else bundled_landmarks) for frame in frames]
-    G = load_generator(network_pkl, device, uv_mask_path)
+    data = load_network(network_pkl, device, uv_mask_path)
+    G = data.G_ema
     if not uses_mesh(G):
         raise click.UsageError(f'{network_pkl}: this generator is not mesh-driven (EG3D) and cannot be reenacted')
     conditions = [mesh_condition(G, v, frame.obj_path, device) for v, frame in zip(conditions, frames)]
     avatars = (gw - 1) * gh
-    seeds = [seeds[i % len(seeds)] for i in range(avatars)]
-
-    c_cond = frontal_label(G, device=device)
-    z = torch.from_numpy(np.stack([np.random.RandomState(s).randn(G.z_dim) for s in seeds])).float().to(device)
-    with torch.no_grad():
-        ws = G.mapping(z, c_cond.expand(len(z), -1), truncation_psi=truncation_psi, truncation_cutoff=truncation_cutoff)
+    ws = avatar_latents(G, data, network_pkl, projected_w, options_given(click.get_current_context(), SEED_OPTIONS))
+    if ws is not None:      # an inverted avatar: its ws take the seeds' places
+        ws, seeds = ws[torch.arange(avatars) % len(ws)], [0]
+    else:
+        seeds = [seeds[i % len(seeds)] for i in range(avatars)]
+        c_cond = frontal_label(G, device=device)
+        z = torch.from_numpy(np.stack([np.random.RandomState(s).randn(G.z_dim) for s in seeds])).float().to(device)
+        with torch.no_grad():
+            ws = G.mapping(z, c_cond.expand(len(z), -1), truncation_psi=truncation_psi, truncation_cutoff=truncation_cutoff)
     labels = np.stack([f.label for f in frames])
     cameras = smooth_labels(labels, smooth) if smooth > 0 else labels
     res = G.img_resolution

@@ -24,6 +24,14 @@ def load_generator(network_pkl: str, device: torch.device, uv_mask_path: str = N
 
     uv_mask_path: the face/eye UV mask PNG for official Next3D pickles that lack it.
     """
+    return load_network(network_pkl, device, uv_mask_path).G_ema
+
+
+def load_network(network_pkl: str, device: torch.device, uv_mask_path: str = None):
+    """The whole network file (EasyDict of load_network_pkl) with its G_ema in eval mode on `device`.
+
+    Besides G_ema: training_set_kwargs, and for an avatar of invert.py its `projected_w`.
+    """
     path = network_pkl
     if not os.path.isfile(path) and os.path.isfile(os.path.join(ROOT, path)):
         path = os.path.join(ROOT, path)
@@ -37,7 +45,69 @@ def load_generator(network_pkl: str, device: torch.device, uv_mask_path: str = N
     G = data['G_ema']
     if G is None:
         raise ValueError(f'{path}: holds no generator (G_ema or G)')
-    return G.eval().requires_grad_(False).to(device)
+    data['G_ema'] = G.eval().requires_grad_(False).to(device)
+    return data
+
+
+def check_projected_w(w, G, source: str) -> torch.Tensor:
+    """An avatar's ws as (K, num_ws, w_dim) float32: accepts (num_ws, w_dim) or (K, num_ws, w_dim); else ValueError naming `source`."""
+    w = torch.as_tensor(np.asarray(w, dtype=np.float32) if not torch.is_tensor(w) else w.detach().float().cpu())
+    if w.ndim == 2:
+        w = w[None]
+    if w.ndim != 3 or w.shape[0] < 1 or tuple(w.shape[1:]) != (G.num_ws, G.w_dim):
+        raise ValueError(f'{source}: w of shape {tuple(w.shape)}; this generator takes ({G.num_ws}, {G.w_dim}) or '
+                         f'(K, {G.num_ws}, {G.w_dim}): {G.num_ws} ws of {G.w_dim} values (a latent of another network?)')
+    if not torch.isfinite(w).all():
+        raise ValueError(f'{source}: w holds non-finite values')
+    return w
+
+
+def load_projected_w(path: str, G) -> torch.Tensor:
+    """The 'w' array of an .npz written by invert.py (or EG3D's projector) -> (K, num_ws, w_dim) float32, checked against G."""
+    import zipfile
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            if 'w' not in data.files:
+                raise ValueError(f'{path}: no array named w (it holds {", ".join(data.files) or "nothing"})')
+            w = data['w']
+    except (OSError, zipfile.BadZipFile) as e:
+        raise ValueError(f'{path}: not an .npz file with a w array ({e})') from None
+    except ValueError as e:
+        if str(e).startswith(path):
+            raise
+        raise ValueError(f'{path}: not an .npz file with a w array ({e})') from None
+    return check_projected_w(w, G, path)
+
+
+SEED_OPTIONS = {'seeds': '--seeds', 'truncation_psi': '--trunc', 'truncation_cutoff': '--trunc-cutoff'}   # parameter -> option
+
+
+def options_given(ctx, names: dict) -> list:
+    """The options of `names` (click parameter name -> option) that the user gave on the command line of `ctx`."""
+    import click
+    return [flag for name, flag in names.items() if ctx.get_parameter_source(name) != click.core.ParameterSource.DEFAULT]
+
+
+def avatar_latents(G, data, network_pkl: str, projected_w_path: str = None, explicit=()) -> torch.Tensor:
+    """The ws (K, num_ws, w_dim) of an inverted avatar on G's device, or None to render seeds.
+
+    From --projected-w when given, else the snapshot's `projected_w` (invert.py stores it)
+    unless --seeds was given. `explicit`: the seed options the user gave (e.g. '--seeds',
+    '--trunc'): with an avatar they would be ignored, so they are refused (click.UsageError).
+    """
+    import click
+    device = next(G.parameters()).device
+    stored = data.get('projected_w')
+    if projected_w_path is None and (stored is None or '--seeds' in explicit):
+        return None
+    if explicit:
+        what = ('the --projected-w avatar' if projected_w_path is not None else
+                f'the inverted avatar stored in {network_pkl} (add --seeds to render seeds instead)')
+        raise click.UsageError(f'{", ".join(explicit)} do{"es" if len(explicit) == 1 else ""} not apply to {what}')
+    if projected_w_path is not None:
+        return load_projected_w(projected_w_path, G).to(device)
+    print(f'Rendering the inverted avatar stored in {network_pkl} (projected_w; --seeds renders seeds instead)')
+    return check_projected_w(stored, G, f'{network_pkl} [projected_w]').to(device)
 
 
 def uses_mesh(G) -> bool:
