@@ -56,6 +56,15 @@ def test_hand_values():
     assert torch.equal(B.bias_act(x), x)        # linear, no bias, gain 1: identity
 
 
+def test_input_left_unchanged():
+    # relu and lrelu run in place on a temporary: never on the caller's tensor.
+    x = torch.randn(2, 3, 4)
+    saved = x.clone()
+    for act, gain, b in (('lrelu', 1, None), ('relu', 1, None), ('lrelu', 2.0, None), ('lrelu', None, torch.randn(3))):
+        y = B.bias_act(x, b, act=act, gain=gain)
+        assert torch.equal(x, saved) and y.data_ptr() != x.data_ptr()
+
+
 def test_dtypes_and_memory_format():
     x = torch.randn(2, 4, 3, 3).to(memory_format=torch.channels_last)
     b = torch.randn(4)

@@ -149,7 +149,7 @@ class Next3DGenerator(EG3DGenerator):
         static = super().make_planes(ws, None, update_emas=update_emas, **kwargs)
         rendered = self.rasterizer.to_planes(front, r['side'], r['top'])
         alpha = self.rasterizer.to_planes(r['front_alpha'], r['side_alpha'], r['top_alpha'])
-        return rendered * alpha + static * (1 - alpha)
+        return torch.lerp(static, rendered, alpha)         # rendered * alpha + static * (1 - alpha), one pass
 
     def extra_repr(self):
         return (super().extra_repr() + f', num_vertices={self.num_vertices}, texture_resolution={self.texture_resolution}, '

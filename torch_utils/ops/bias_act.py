@@ -87,12 +87,32 @@ def activate(z: torch.Tensor, act: str, alpha: float) -> torch.Tensor:
 
 
 def _bias_act_ref(x: torch.Tensor, b: Optional[torch.Tensor], dim: int, act: str, alpha: float, gain: float, clamp: float) -> torch.Tensor:
-    """Reference: plain PyTorch, differentiable to any order. clamp < 0 means no clamp."""
-    if b is not None:
-        x = x + b.to(x.dtype).reshape([-1 if i == dim else 1 for i in range(x.ndim)])
-    x = activate(x, act, alpha)
-    if gain != 1:
-        x = x * gain
+    """Reference: plain PyTorch, differentiable to any order. clamp < 0 means no clamp.
+
+    linear, relu and lrelu commute with a positive scale: act(x + b) * gain = act(gain * x
+    + gain * b), computed as one fused add and the activation in place (whose backward
+    needs only its output), i.e. two passes over x instead of four (on the CPU, where
+    this is what runs, a memory-bound op should cost little more than reading and
+    writing x once).
+    """
+    shape = [-1 if i == dim else 1 for i in range(x.ndim)]
+    if act in ('linear', 'relu', 'lrelu') and gain > 0:
+        if b is not None:
+            x = torch.add((b.to(x.dtype) * gain).reshape(shape), x, alpha=gain)
+        elif gain != 1:
+            x = x * gain
+        elif act != 'linear':
+            x = x.clone()                       # the activation below works in place
+        if act == 'lrelu':
+            x = F.leaky_relu_(x, alpha)
+        elif act == 'relu':
+            x = F.relu_(x)
+    else:
+        if b is not None:
+            x = x + b.to(x.dtype).reshape(shape)
+        x = activate(x, act, alpha)
+        if gain != 1:
+            x = x * gain
     if clamp >= 0:
         x = x.clamp(-clamp, clamp)
     return x

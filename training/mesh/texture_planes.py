@@ -262,7 +262,8 @@ class TexturePlaneRasterizer(torch.nn.Module):
         alpha = sample(self.uv_mask.to(texture.dtype), grid.reshape(1, 1, -1, 2)).view(4 * bsz, 1, res, res)
         alpha = fill_enclosed(alpha)
         alpha = alpha.reshape(4, bsz, *alpha.shape[1:])
-        return {name: (render[i], alpha[i]) for i, name in enumerate(VIEW_NAMES)}
+        # unbind, not render[i]: the backward of four selects would zero-fill four copies of all renders.
+        return dict(zip(VIEW_NAMES, zip(render.unbind(0), alpha.unbind(0))))
 
     def mirror_right_view(self, right: torch.Tensor) -> torch.Tensor:
         """The right view's render or alpha in the side orientation: mirrored into the left

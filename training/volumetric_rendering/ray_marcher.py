@@ -37,12 +37,27 @@ class MipRayMarcher2(torch.nn.Module):
         """
         misc.assert_shape(densities, [*colors.shape[:3], 1], 'densities')
         weights = self.interval_weights(densities, depths, rendering_options)
-        depths_mid = (depths[:, :, :-1] + depths[:, :, 1:]) / 2
-        # sum_j w_j (c_j + c_{j+1}) / 2 regrouped per sample, as one batched matrix product:
-        # no (B, N, S - 1, C) temporaries for the wide feature channels.
+        rgb = self.composite(colors, self.sample_weights(weights))
+        return self.finish(rgb, weights, depths, rendering_options)
+
+    @staticmethod
+    def sample_weights(weights: torch.Tensor) -> torch.Tensor:
+        """Interval weights (B, N, S - 1, 1) -> per-sample weights (B, N, S): sum_j w_j (c_j + c_{j+1}) / 2
+        regrouped per sample, so that the composite is one product with the colours (no
+        (B, N, S - 1, C) temporaries for the wide feature channels)."""
         zero = torch.zeros_like(weights[:, :, :1])
-        sample_weights = (torch.cat([weights, zero], dim=2) + torch.cat([zero, weights], dim=2)) / 2
-        rgb = torch.einsum('bnsc,bns->bnc', colors, sample_weights.squeeze(-1))
+        return ((torch.cat([weights, zero], dim=2) + torch.cat([zero, weights], dim=2)) / 2).squeeze(-1)
+
+    @staticmethod
+    def composite(colors: torch.Tensor, sample_weights: torch.Tensor) -> torch.Tensor:
+        """colors (B, N, S, C), sample_weights (B, N, S) -> sum over samples (B, N, C), one batched matrix product."""
+        return torch.matmul(sample_weights.unsqueeze(-2), colors).squeeze(-2)
+
+    @staticmethod
+    def finish(rgb: torch.Tensor, weights: torch.Tensor, depths: torch.Tensor, rendering_options: dict):
+        """Composite colours (B, N, C), weights (B, N, S - 1, 1), sorted depths (B, N, S, 1) ->
+        (rgb in [-1, 1], expected depth, weights), as `forward` returns them."""
+        depths_mid = (depths[:, :, :-1] + depths[:, :, 1:]) / 2
         opacity = weights.sum(dim=2)
         has_weight = opacity > 0
         depth = (weights * depths_mid).sum(dim=2) / torch.where(has_weight, opacity, torch.ones_like(opacity))

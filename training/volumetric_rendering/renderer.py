@@ -61,6 +61,94 @@ def sample_from_planes(planes: torch.Tensor, coordinates: torch.Tensor, plane_ax
     return features.reshape(batch_size, 3, channels, num_points).permute(0, 1, 3, 2)
 
 
+def sample_plane_mean(planes: torch.Tensor, coordinates: torch.Tensor, plane_axes: str = 'next3d',
+                      box_warp: float = coords.BOX_WARP) -> torch.Tensor:
+    """Mean of the three planes' bilinear samples at world points: what OSGDecoder reads.
+
+    Equals sample_from_planes(planes, coordinates, plane_axes, box_warp).mean(1) (bilinear,
+    zero padding, align_corners=False) up to float rounding.
+
+    Args:
+        planes:      (B, 3, C, H, W), as sample_from_planes.
+        coordinates: (B, N, 3) world points.
+    Returns:
+        (B, N, C), in float32 for half-precision planes.
+    """
+    misc.assert_shape(planes, [None, 3, None, None, None], 'planes')
+    batch_size, _, channels, height, width = planes.shape
+    misc.assert_shape(coordinates, [batch_size, None, 3], 'coordinates')
+    # The CPU path pays a channels-last copy of the planes: worth it from about as many
+    # points as a plane has texels (rendering; not the density regularization's points).
+    if planes.device.type != 'cpu' or coordinates.requires_grad or coordinates.shape[1] < height * width:
+        return sample_from_planes(planes, coordinates, plane_axes=plane_axes, box_warp=box_warp).mean(dim=1)
+    dtype = torch.promote_types(planes.dtype, torch.float32)
+    return _PlaneMeanCPU.apply(planes.to(dtype), coordinates.to(dtype), plane_axes, box_warp)
+
+
+class _PlaneMeanCPU(torch.autograd.Function):
+    """sample_plane_mean on the CPU. grid_sample's CPU forward writes the three per-plane
+    samples, 3x wider than their mean, in a layout the decoder must transpose. Here the
+    forward is one weighted sum of the 3 x 4 texels around each point (F.embedding_bag
+    over a channels-last copy of the planes with a zero border, so that corners outside
+    a plane read zeros without masks), written in the decoder's row layout; the backward
+    is grid_sample's own, per plane (its scatter into the planes is the fastest on the
+    CPU: embedding_bag's sorts its 12 N indices first). Gradients reach the planes only."""
+
+    BORDER = 2      # zero texels around each plane: far-away points are clamped onto them
+
+    @staticmethod
+    def forward(ctx, planes: torch.Tensor, coordinates: torch.Tensor, plane_axes: str, box_warp: float) -> torch.Tensor:
+        batch_size, _, channels, height, width = planes.shape
+        num_points = coordinates.shape[1]
+        pad = _PlaneMeanCPU.BORDER
+        padded_h, padded_w = height + 2 * pad, width + 2 * pad
+        table = planes.new_zeros(batch_size, 3, padded_h, padded_w, channels)
+        table[:, :, pad:pad + height, pad:pad + width] = planes.permute(0, 1, 3, 4, 2)
+        index_dtype = torch.int32 if table.numel() < 2 ** 31 else torch.int64
+        axes = coords.PLANE_AXES[plane_axes]
+        corner = []
+        weight = []
+        for k, size in ((0, width), (1, height)):
+            # Texel coordinate on each plane, points first (B, N, 3), as grid_sample computes it
+            # from project_onto_planes' grid (align_corners=False: texel centres at integers).
+            t = coordinates[..., [ab[k] for ab in axes]]
+            t.mul_(2 / box_warp).add_(1).mul_(size).sub_(1).div_(2)
+            t0 = t.floor()
+            w1 = t.sub_(t0)                                        # weight of the upper corner
+            weight.append((1 - w1, w1))
+            corner.append(t0.clamp_(-pad, size).add_(pad).to(index_dtype))   # clamped into the zero border
+        plane = torch.arange(batch_size * 3, dtype=index_dtype).reshape(batch_size, 1, 3)
+        base = (plane * padded_h + corner[1]) * padded_w + corner[0]
+        # Bags of 12 texels per point: 3 planes x 4 corners (y0 x0, y0 x1, y1 x0, y1 x1).
+        texel = base.unsqueeze(-1) + torch.tensor([0, 1, padded_w, padded_w + 1], dtype=index_dtype)
+        (wx0, wx1), (wy0, wy1) = weight
+        wy0.mul_(1 / 3), wy1.mul_(1 / 3)                           # the mean of the planes
+        weights = planes.new_empty(batch_size, num_points, 3, 4)
+        for j, (wy, wx) in enumerate(((wy0, wx0), (wy0, wx1), (wy1, wx0), (wy1, wx1))):
+            torch.mul(wy, wx, out=weights[..., j])
+        out = torch.nn.functional.embedding_bag(texel.reshape(-1, 12), table.reshape(-1, channels),
+                                                per_sample_weights=weights.reshape(-1, 12), mode='sum')
+        ctx.save_for_backward(planes, coordinates)
+        ctx.plane_axes, ctx.box_warp = plane_axes, box_warp
+        return out.reshape(batch_size, num_points, channels)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        planes, coordinates = ctx.saved_tensors
+        batch_size, _, channels, height, width = planes.shape
+        num_points = coordinates.shape[1]
+        grid = coords.project_onto_planes(coordinates, plane_axes=ctx.plane_axes, box_warp=ctx.box_warp)   # (B, 3, N, 2)
+        # Channels first, as grid_sample's backward wants it: per sample a 2-D transpose
+        # (PyTorch copies those blockwise; a batched strided copy is twice as slow).
+        grad_cf = grad.new_empty(batch_size, channels, 1, num_points)
+        for b in range(batch_size):
+            grad_cf[b, :, 0].copy_(grad[b].t())
+        grad_planes = [torch.ops.aten.grid_sampler_2d_backward(grad_cf, planes[:, k], grid[:, k, None], 0, 0, False, [True, False])[0]
+                       for k in range(3)]
+        return torch.stack(grad_planes, dim=1).mul_(1 / 3), None, None, None
+
+
 def ray_box_intersection(ray_origins: torch.Tensor, ray_directions: torch.Tensor, box_side: float):
     """Entry and exit depths of rays through the cube [-box_side/2, box_side/2]^3 (slab method).
 
@@ -205,7 +293,9 @@ class ImportanceRenderer(torch.nn.Module):
         Args:
             planes:         (B, 3, C, H, W) tri-plane features.
             decoder:        module called as decoder(features (B, 3, M, C), directions (B, M, 3))
-                            -> dict(rgb=(B, M, C'), sigma=(B, M, 1)), e.g. OSGDecoder.
+                            -> dict(rgb=(B, M, C'), sigma=(B, M, 1)), e.g. OSGDecoder; one with a
+                            `forward_plane_mean(features (B, M, C), directions)` method gets
+                            the mean of the three planes' features instead (see run_model).
             ray_origins:    (B, N, 3) world units.
             ray_directions: (B, N, 3) unit vectors (depths are then distances).
             rendering_options: see the module docstring.
@@ -238,9 +328,18 @@ class ImportanceRenderer(torch.nn.Module):
                 coarse_weights = self.ray_marcher.interval_weights(densities, depths, opts)
             depths_fine = sample_importance(depths, coarse_weights, num_importance, deterministic=deterministic, generator=generator)
             colors_fine, densities_fine = self._run_along_rays(planes, decoder, ray_origins, ray_directions, depths_fine, opts, generator)
-            depths, order = torch.sort(torch.cat([depths, depths_fine], dim=2), dim=2)
-            colors = torch.cat([colors, colors_fine], dim=2).gather(2, order.expand(-1, -1, -1, colors.shape[-1]))
-            densities = torch.cat([densities, densities_fine], dim=2).gather(2, order)
+            depths_sorted, order = torch.sort(torch.cat([depths, depths_fine], dim=2), dim=2)
+            densities_sorted = torch.cat([densities, densities_fine], dim=2).gather(2, order)
+            weights = self.ray_marcher.interval_weights(densities_sorted, depths_sorted, opts)
+            # The composite is a weighted sum over samples: move the per-sample weights back
+            # to where the two passes left their colours instead of sorting the colours
+            # (the widest tensors here) and back-propagating through that gather.
+            sample_weights = self.ray_marcher.sample_weights(weights)
+            sample_weights = torch.zeros_like(sample_weights).scatter(2, order.squeeze(-1), sample_weights)
+            num_coarse = depths.shape[2]
+            rgb = (self.ray_marcher.composite(colors, sample_weights[:, :, :num_coarse])
+                   + self.ray_marcher.composite(colors_fine, sample_weights[:, :, num_coarse:]))
+            return self.ray_marcher.finish(rgb, weights, depths_sorted, opts)
 
         return self.ray_marcher(colors, densities, depths, opts)
 
@@ -257,8 +356,13 @@ class ImportanceRenderer(torch.nn.Module):
         Returns:
             dict(rgb=(B, M, C'), sigma=(B, M, 1)) with sigma the raw density.
         """
-        features = sample_from_planes(planes, sample_coordinates, plane_axes=self.plane_axes, box_warp=options['box_warp'])
-        out = decoder(features, sample_directions)
+        decode_plane_mean = getattr(decoder, 'forward_plane_mean', None)
+        if decode_plane_mean is not None:     # a decoder that reads only the planes' mean (OSGDecoder): the fused sampler
+            out = decode_plane_mean(sample_plane_mean(planes, sample_coordinates, plane_axes=self.plane_axes,
+                                                      box_warp=options['box_warp']), sample_directions)
+        else:
+            features = sample_from_planes(planes, sample_coordinates, plane_axes=self.plane_axes, box_warp=options['box_warp'])
+            out = decoder(features, sample_directions)
         noise = float(options.get('density_noise', 0))
         if noise > 0:
             sigma = out['sigma']

@@ -1,0 +1,583 @@
+"""Side-by-side speed of this project and the original Next3D / EG3D code on the CPU.
+
+    python benchmarks/vs_original.py --original-src DIR [--eg3d-src DIR] [--pairs 5]
+
+DIR is a checkout of MrTornado24/Next3D (and of NVlabs/eg3d for the EG3D rows) that you
+fetched yourself; nothing of it is part of this repository. Both sides run in their own
+worker process (the two code bases share package names), one thread each, float32, with
+identical constructor arguments: this project's `small128` preset (output 128, raw 64,
+24 + 24 samples per ray) and EG3D with the same sizes. The original hard-codes FFHQ sizes
+(256 tri-planes and textures, a 64 mouth crop, 512-wide super-resolution latents, 5023
+FLAME vertices); the worker copies its sources to a temporary folder and replaces exactly
+those literals (each replacement must match the expected number of times, so a changed
+original stops the script). One more edit lets the original train at all at these sizes:
+with the raw resolution equal to the 2X super-resolution's input (64), its `image_raw` is a
+view of the feature image that the first SR block adds into in place, and autograd refuses
+the backward ("modified by an inplace operation"); the benchmark makes it a copy (4 x 3 x
+64 x 64 floats), which changes no value. Everything else is the original code as published, with
+these substitutions so that it imports and runs on a CPU without pytorch3d or OpenCV:
+
+  pytorch3d           `Meshes` / `rasterize_meshes` route to this project's rasterizer
+                      (training/mesh/rasterize.py, called as our texture planes call it),
+                      `load_obj` to its OBJ reader: only networks, renderer and loss are
+                      compared, not two rasterizers;
+  cv2                 `imread` (PIL) and the mouth's `floodFill` (scipy.ndimage.label,
+                      4-connected, fixed range from the seed, as OpenCV's flags ask);
+  turtle, requests, pydantic, matplotlib.image, torchvision.utils: empty stubs (imported,
+                      never called);
+  custom ops          bias_act / upfirdn2d / filtered_lrelu forced onto their reference
+                      paths (as on any CPU), conv2d_gradfix disabled.
+
+Measured, per preset, after one untimed warm-up each:
+  train   one training step = Gmain + Greg / 4 + Dmain + Dreg / 16 (each phase run once and
+          weighted by its interval, as benchmarks/train_step.py), batch `--batch`, Adam,
+          each side's own loss (training/loss.py; the original's StyleGAN2Loss) and
+          optimizer step (the original's NaN cleaning of the gradients included);
+  infer   G forward in eval mode under no_grad (noise 'const'), batch `--batch`.
+The two workers take turns, A B B A ..., one call at a time (never both at once), and every
+pair gives a ratio; the table shows the median of the ratios over `--pairs` pairs, of wall
+time and of process CPU time (with one thread, CPU time is the work done; it is less
+disturbed than wall time by other load on a shared machine). Then each side runs one
+training step (all four phases once) under torch.profiler: top 10 ops by self CPU time;
+and reports its peak resident memory.
+
+The result goes to benchmarks/results/vs_original-cpu-<date>.md (command, commit, CPU,
+load before and after).
+"""
+
+import datetime
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import types
+
+import click
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HEAD_MODEL = os.path.join(ROOT, 'data', 'head_model')
+CUR_NIMG = 10 ** 7          # after every fade: no blur, swap probability gpc_reg_prob
+PHASES = (('Gmain', 1), ('Greg', 4), ('Dmain', 1), ('Dreg', 16))
+ADAM = dict(lr=0.0025, betas=(0.0, 0.99), eps=1e-8)
+ADAM_D = dict(lr=0.002, betas=(0.0, 0.99), eps=1e-8)
+
+
+# ---------------------------------------------------------------------------------------
+# Configuration (parent process: this project's presets are the single source of sizes)
+
+def make_config(preset: str, batch: int, original_src: str) -> dict:
+    """Constructor arguments of both sides, from this project's small128 preset."""
+    sys.path.insert(0, ROOT)
+    from training import configs
+    g = configs.generator_kwargs('small128')
+    d = {k: v for k, v in configs.PRESETS['small128']['D'].items()}
+    syn, rk = g['synthesis_kwargs'], g['rendering_kwargs']
+    sizes = dict(plane=g['plane_resolution'], texture=g['texture_resolution'], channels=g['plane_channels'],
+                 mouth_in=g['mouth_kwargs']['in_resolution'], mouth_bottleneck=g['mouth_kwargs']['bottleneck_resolution'],
+                 blend_bottleneck=g['blending_kwargs']['bottleneck_resolution'], sr_channels=list(g['sr_kwargs']['block_channels']),
+                 w_dim=g['w_dim'], num_vertices=g['num_vertices'], img=g['img_resolution'], raw=g['neural_rendering_resolution'])
+    if preset == 'eg3d':
+        ours_g = {k: v for k, v in g.items() if k not in ('num_vertices', 'num_faces', 'num_uvs', 'texture_resolution',
+                                                             'mouth_kwargs', 'blending_kwargs')}
+        ours = dict(G_cfg='tiny64-eg3d', G=ours_g)         # the EG3D class with small128's sizes
+    else:
+        ours = dict(G_cfg='small128', G={})
+    official_rk = {
+        'image_resolution': g['img_resolution'], 'disparity_space_sampling': False, 'clamp_mode': 'softplus',
+        'superresolution_module': ('training_avatar_texture' if preset == 'next3d' else 'training') + '.superresolution.SuperresolutionHybrid2X',
+        'c_gen_conditioning_zero': False, 'gpc_reg_prob': 0.5, 'c_scale': 1.0, 'superresolution_noise_mode': 'none',
+        'density_reg': 0.25, 'density_reg_p_dist': 0.004, 'reg_type': 'l1', 'decoder_lr_mul': 1.0, 'sr_antialias': True,
+        'depth_resolution': rk['depth_resolution'], 'depth_resolution_importance': rk['depth_resolution_importance'],
+        'ray_start': 2.25, 'ray_end': 3.3, 'box_warp': 1, 'avg_camera_radius': 2.7, 'avg_camera_pivot': [0, 0, 0.2],
+    }
+    if preset == 'next3d':
+        official_rk['gen_exp_cond'] = False
+    official_g = dict(
+        class_name=('training_avatar_texture.triplane_next3d' if preset == 'next3d' else 'training.triplane') + '.TriPlaneGenerator',
+        z_dim=g['z_dim'], w_dim=g['w_dim'], mapping_kwargs=dict(num_layers=g['mapping_kwargs']['num_layers']),
+        channel_base=syn['channel_base'], channel_max=syn['channel_max'], num_fp16_res=syn['num_fp16_res'],
+        conv_clamp=syn['conv_clamp'], fused_modconv_default='inference_only', rendering_kwargs=official_rk,
+        sr_num_fp16_res=0, sr_kwargs=dict(channel_base=syn['channel_base'], channel_max=syn['channel_max'],
+                                          fused_modconv_default='inference_only'))
+    if preset == 'next3d':
+        official_g['topology_path'] = os.path.join(HEAD_MODEL, 'head_template.obj')
+    official_d = dict(
+        class_name=('training_avatar_texture' if preset == 'next3d' else 'training') + '.dual_discriminator.DualDiscriminator',
+        channel_base=d['channel_base'], channel_max=d['channel_max'], num_fp16_res=d['num_fp16_res'], conv_clamp=d['conv_clamp'],
+        disc_c_noise=0, block_kwargs=dict(freeze_layers=0), mapping_kwargs={}, epilogue_kwargs=dict(mbstd_group_size=4))
+    official = dict(src=original_src, G=official_g, D=official_d, sizes=sizes)
+    return dict(preset=preset, batch=batch, img_resolution=g['img_resolution'], raw=g['neural_rendering_resolution'],
+                r1_gamma=1.0, gpc_reg_prob=0.5, ours=ours, official=official)
+
+
+def make_inputs(path: str, batch: int, img_resolution: int):
+    """Random reals in [-1, 1], cameras on EG3D's orbit, the bundled head mesh + landmarks per sample."""
+    sys.path.insert(0, ROOT)
+    import torch
+    from training import coords
+    from training.mesh import obj_io
+    rnd = np.random.RandomState(0)
+    yaw = torch.from_numpy(np.pi / 2 + rnd.uniform(-0.4, 0.4, batch)).float()
+    pitch = torch.from_numpy(np.pi / 2 + rnd.uniform(-0.2, 0.2, batch)).float()
+    c = coords.make_label(coords.cam2world_look_at(yaw, pitch)).numpy()
+    real = (rnd.uniform(size=(batch, 3, img_resolution, img_resolution)) * 2 - 1).astype(np.float32)
+    verts = obj_io.read_obj_vertices(os.path.join(HEAD_MODEL, 'neutral.obj'))
+    lms = obj_io.read_landmarks(os.path.join(HEAD_MODEL, 'neutral_lms.txt'))
+    v = np.repeat(np.concatenate([verts, lms])[None].astype(np.float32), batch, axis=0)
+    np.savez(path, real=real, c=c.astype(np.float32), v=v)
+
+
+# ---------------------------------------------------------------------------------------
+# The original code on the CPU (worker process)
+
+def official_patches(preset: str, s: dict) -> dict:
+    """{relative file: [(old, new, expected count)]}: the original's FFHQ literals -> our sizes."""
+    ch0, ch1 = s['sr_channels']
+    sr = [('SynthesisBlockNoUp(channels, 128, w_dim=512, resolution=64,', f'SynthesisBlockNoUp(channels, {ch0}, w_dim={s["w_dim"]}, resolution=64,', 1),
+          ('SynthesisBlock(128, 64, w_dim=512, resolution=128,', f'SynthesisBlock({ch0}, {ch1}, w_dim={s["w_dim"]}, resolution=128,', 1)]
+    # At raw 64 = the 2X module's input resolution, the original's rgb is a view of the feature
+    # image that super-resolution's first block then adds into in place (img.add_): autograd
+    # refuses the backward. A copy keeps every value as the original computes it.
+    raw_copy = ('rgb_image = feature_image[:, :3]', 'rgb_image = feature_image[:, :3].clone()', 1)
+    if preset == 'eg3d':
+        return {'training/superresolution.py': sr, 'training/triplane.py': [
+            ('img_resolution=256, img_channels=32*3,', f'img_resolution={s["plane"]}, img_channels=32*3,', 1), raw_copy]}
+    p, t, half = s['plane'], s['texture'], s['plane'] // 2
+    return {'training_avatar_texture/superresolution.py': sr, 'training_avatar_texture/triplane_next3d.py': [
+        ('StyleGAN2Backbone(z_dim, c_dim, w_dim, img_resolution=256, img_channels=32, mapping_kwargs',
+         f'StyleGAN2Backbone(z_dim, c_dim, w_dim, img_resolution={t}, img_channels=32, mapping_kwargs', 1),
+        ('img_resolution=256, img_channels=32, in_size=64, final_size=4, cond_channels=32, num_cond_res=64,',
+         f'img_resolution={p}, img_channels=32, in_size={s["mouth_in"]}, final_size={s["mouth_bottleneck"]}, cond_channels=32, '
+         f'num_cond_res={s["mouth_in"]},', 1),
+        ('img_resolution=256, img_channels=32*3,', f'img_resolution={p}, img_channels=32*3,', 1),
+        ('self.uv_resolution = 256', f'self.uv_resolution = {p}', 1),
+        ('Pytorch3dRasterizer(image_size=256)', f'Pytorch3dRasterizer(image_size={p})', 1),
+        ('cond_channels=32, img_resolution=256, img_channels=32, in_size=256, final_size=32, num_cond_res=256,',
+         f'cond_channels=32, img_resolution={p}, img_channels=32, in_size={p}, final_size={s["blend_bottleneck"]}, num_cond_res={p},', 1),
+        ('v[:, :5023], v[:, 5023:]', f'v[:, :{s["num_vertices"]}], v[:, {s["num_vertices"]}:]', 3),
+        ("size=(64, 64), mode='bilinear', antialias=True)", f"size=({s['mouth_in']}, {s['mouth_in']}), mode='bilinear', antialias=True)", 3),
+        ('self.rasterizer(transformed_vertices, faces, attributes, 256, 256)', f'self.rasterizer(transformed_vertices, faces, attributes, {p}, {p})', 1),
+        ('lm[..., 0] = lm[..., 0] * 128 + 128', f'lm[..., 0] = lm[..., 0] * {half} + {half}', 1),
+        ('lm[..., 1] = lm[..., 1] * 128 + 128', f'lm[..., 1] = lm[..., 1] * {half} + {half}', 1),
+        raw_copy,
+    ]}
+
+
+def copy_official(src: str, preset: str, sizes: dict, dest: str):
+    """The original's packages copied to `dest`, with the size literals replaced."""
+    root = src if preset == 'next3d' else os.path.join(src, 'eg3d')
+    packages = ['training', 'torch_utils', 'dnnlib'] + (['training_avatar_texture'] if preset == 'next3d' else [])
+    for name in packages:
+        if not os.path.isdir(os.path.join(root, name)):
+            raise click.ClickException(f'{root}: no {name}/ folder; is this a checkout of '
+                                       f'{"MrTornado24/Next3D" if preset == "next3d" else "NVlabs/eg3d"}?')
+        shutil.copytree(os.path.join(root, name), os.path.join(dest, name))
+    for rel, edits in official_patches(preset, sizes).items():
+        path = os.path.join(dest, rel)
+        with open(path, encoding='utf-8') as f:
+            text = f.read()
+        for old, new, count in edits:
+            found = text.count(old)
+            if found != count:
+                raise click.ClickException(f'{os.path.join(root, rel)}: expected {count} x {old!r}, found {found}; '
+                                           f'this benchmark knows the published code only')
+            text = text.replace(old, new)
+        with open(path, 'w', encoding='utf-8') as f:
+            f.write(text)
+
+
+def _stub(name: str, **attrs):
+    module = types.ModuleType(name)
+    module.__dict__.update(attrs)
+    sys.modules[name] = module
+    return module
+
+
+def _never_called(*args, **kwargs):
+    raise RuntimeError('vs_original: a stub that the benchmarked code should not call was called')
+
+
+def flood_fill(image, mask, seed, new_val, lo_diff, up_diff, flags=0):
+    """cv2.floodFill for single-channel float images, 4-connected, range fixed relative to the seed."""
+    from scipy import ndimage
+    x, y = seed
+    value = image[y, x]
+    lo, up = float(np.ravel(lo_diff)[0]), float(np.ravel(up_diff)[0])
+    inside = (image >= value - lo) & (image <= value + up)
+    labels, _ = ndimage.label(inside)
+    region = labels == labels[y, x]
+    image[region] = float(np.ravel(new_val)[0])
+    mask[1:-1, 1:-1][region] = 1
+    return int(region.sum()), image, mask, None
+
+
+def install_stubs(rasterize_fn, read_obj_fn):
+    """The modules the original imports that a CPU install lacks (see the module docstring)."""
+    import torch
+    from PIL import Image
+
+    class Meshes:
+        def __init__(self, verts, faces):
+            self.verts, self.faces = verts, faces
+
+    def rasterize_meshes(meshes, image_size, blur_radius=0.0, faces_per_pixel=1, bin_size=None, max_faces_per_bin=None,
+                         perspective_correct=False, cull_backfaces=False, **kwargs):
+        if (blur_radius, faces_per_pixel, perspective_correct) != (0.0, 1, False):
+            raise RuntimeError('vs_original: only the rasterizer settings of the original Pytorch3dRasterizer are routed')
+        verts, faces = meshes.verts, meshes.faces
+        if not bool((faces == faces[:1]).all()):
+            raise RuntimeError('vs_original: meshes of a batch must share their faces')
+        h, w = image_size if isinstance(image_size, (tuple, list)) else (image_size, image_size)
+        # pytorch3d's screen NDC has x left and y up; ours x right and y down (a half turn: windings unchanged).
+        ours = torch.stack([-verts[..., 0], -verts[..., 1], verts[..., 2]], dim=-1)
+        frag = rasterize_fn(ours, faces[0], (h, w), cull_backfaces=cull_backfaces)
+        empty = frag.pix_to_face < 0
+        offset = torch.arange(len(verts), device=verts.device).reshape(-1, 1, 1) * faces.shape[1]
+        pix_to_face = torch.where(empty, -1, frag.pix_to_face + offset)[..., None]
+        zbuf = torch.where(empty, -1.0, frag.depth)[..., None]
+        bary = torch.where(empty[..., None], -1.0, frag.bary)[..., None, :]
+        return pix_to_face, zbuf, bary, torch.full_like(zbuf, -1.0)
+
+    def load_obj(path, *args, **kwargs):
+        mesh = read_obj_fn(path)
+        faces = types.SimpleNamespace(verts_idx=torch.from_numpy(mesh.f), textures_idx=torch.from_numpy(mesh.ft))
+        return torch.from_numpy(mesh.v), faces, types.SimpleNamespace(verts_uvs=torch.from_numpy(mesh.vt))
+
+    def imread(path, *args):
+        return np.asarray(Image.open(path).convert('RGB'))[:, :, ::-1].copy()
+
+    _stub('pytorch3d', __path__=[])
+    _stub('pytorch3d.io', load_obj=load_obj)
+    _stub('pytorch3d.structures', Meshes=Meshes)
+    _stub('pytorch3d.renderer', __path__=[])
+    _stub('pytorch3d.renderer.mesh', rasterize_meshes=rasterize_meshes)
+    _stub('cv2', imread=imread, floodFill=flood_fill, FLOODFILL_FIXED_RANGE=1 << 16, norm=_never_called,
+          line=_never_called, circle=_never_called)
+    _stub('turtle', update=_never_called)
+    _stub('requests', get=_never_called)
+    _stub('pydantic', NoneStr=None)
+    _stub('matplotlib', __path__=[])
+    _stub('matplotlib.image', composite_images=_never_called)
+    _stub('torchvision', __path__=[])
+    _stub('torchvision.utils', save_image=_never_called)
+
+
+class OriginalSide:
+    """The original networks, loss and optimizer step (its training loop's phase body)."""
+
+    def __init__(self, cfg: dict, inputs: dict, workdir: str):
+        import torch
+        sys.path.insert(0, ROOT)
+        from training.mesh import obj_io, rasterize
+        rasterize_fn, read_obj_fn = rasterize.rasterize, obj_io.read_obj
+        for name in list(sys.modules):          # drop this project's packages: the original uses the same names
+            if name.split('.')[0] in ('training', 'torch_utils', 'dnnlib', 'metrics'):
+                del sys.modules[name]
+        sys.path.remove(ROOT)
+        off = cfg['official']
+        copy_official(off['src'], cfg['preset'], off['sizes'], workdir)
+        os.makedirs(os.path.join(workdir, 'data', 'ffhq'))
+        shutil.copy(os.path.join(HEAD_MODEL, 'uv_face_eye_mask.png'), os.path.join(workdir, 'data', 'ffhq'))
+        os.chdir(workdir)                       # the original reads data/ffhq/uv_face_eye_mask.png
+        sys.path.insert(0, workdir)
+        install_stubs(rasterize_fn, read_obj_fn)
+        import dnnlib
+        from torch_utils.ops import bias_act, conv2d_gradfix, filtered_lrelu, upfirdn2d
+        for op in (bias_act, upfirdn2d, filtered_lrelu):
+            op._init = lambda: False            # reference paths
+        conv2d_gradfix.enabled = False
+        self.next3d = cfg['preset'] == 'next3d'
+        common = dict(c_dim=25, img_resolution=cfg['img_resolution'], img_channels=3)
+        self.G = dnnlib.util.construct_class_by_name(**off['G'], **common).train().requires_grad_(False)
+        self.D = dnnlib.util.construct_class_by_name(**off['D'], **common).train().requires_grad_(False)
+        loss_class = ('training_avatar_texture' if self.next3d else 'training') + '.loss.StyleGAN2Loss'
+        self.loss = dnnlib.util.construct_class_by_name(
+            class_name=loss_class, device=torch.device('cpu'), G=self.G, D=self.D, r1_gamma=cfg['r1_gamma'],
+            gpc_reg_prob=cfg['gpc_reg_prob'], neural_rendering_resolution_initial=cfg['raw'], dual_discrimination=True,
+            filter_mode='antialiased', blur_init_sigma=0)
+        self.opts = {}
+        for name, module, kwargs, interval in (('G', self.G, ADAM, 4), ('D', self.D, ADAM_D, 16)):
+            r = interval / (interval + 1)           # lazy regularization, as the original's loop
+            self.opts[name] = torch.optim.Adam(module.parameters(), lr=kwargs['lr'] * r,
+                                               betas=tuple(b ** r for b in kwargs['betas']), eps=kwargs['eps'])
+        self.inputs = inputs
+        self.z_dim = self.G.z_dim
+
+    def phase(self, name: str, interval: int):
+        import torch
+        real, c, v = self.inputs['real'], self.inputs['c'], self.inputs['v']
+        module, opt = (self.G, self.opts['G']) if name[0] == 'G' else (self.D, self.opts['D'])
+        z = torch.randn([len(real), self.z_dim])
+        opt.zero_grad(set_to_none=True)
+        module.requires_grad_(True)
+        if self.next3d:
+            self.loss.accumulate_gradients(phase=name, real_img=real, real_c=c, gen_z=z, gen_c=c, gen_v=v, gain=interval, cur_nimg=CUR_NIMG)
+        else:
+            self.loss.accumulate_gradients(phase=name, real_img=real, real_c=c, gen_z=z, gen_c=c, gain=interval, cur_nimg=CUR_NIMG)
+        module.requires_grad_(False)
+        params = [p for p in module.parameters() if p.numel() > 0 and p.grad is not None]
+        if params:
+            flat = torch.cat([p.grad.flatten() for p in params])
+            torch.nan_to_num(flat, nan=0, posinf=1e5, neginf=-1e5, out=flat)
+            for p, g in zip(params, flat.split([p.numel() for p in params])):
+                p.grad.copy_(g.reshape(p.shape))
+        opt.step()
+
+    def infer(self):
+        import torch
+        z = torch.randn([len(self.inputs['c']), self.z_dim])
+        self.G.eval()
+        with torch.no_grad():
+            if self.next3d:
+                self.G(z, self.inputs['c'], self.inputs['v'], noise_mode='const')
+            else:
+                self.G(z, self.inputs['c'], noise_mode='const')
+        self.G.train()
+
+
+class OursSide:
+    """This project's networks, loss and optimizer step (training_loop.run_step's phase body)."""
+
+    def __init__(self, cfg: dict, inputs: dict, workdir: str):
+        import torch
+        sys.path.insert(0, ROOT)
+        from training import configs, distributed
+        from training.loss import Next3DLoss
+        from training.training_loop import setup_phases
+        ours = cfg['ours']
+        self.G = configs.make_generator(ours['G_cfg'], **ours['G']).train().requires_grad_(False)
+        self.D = configs.make_discriminator('small128').train().requires_grad_(False)
+        self.loss = Next3DLoss(torch.device('cpu'), self.G, self.D, r1_gamma=cfg['r1_gamma'], gpc_reg_prob=cfg['gpc_reg_prob'],
+                               neural_rendering_resolution_initial=cfg['raw'])
+        self.phases = {p.name: p for p in setup_phases(self.G, self.D, dict(ADAM), dict(ADAM_D), 4, 16)}
+        self.all_reduce_grads = distributed.all_reduce_grads
+        self.inputs = inputs
+        self.v = inputs['v'] if cfg['preset'] == 'next3d' else None
+
+    def phase(self, name: str, interval: int):
+        import torch
+        real, c = self.inputs['real'], self.inputs['c']
+        phase = self.phases[name]
+        z = torch.randn([len(real), self.G.z_dim])
+        phase.opt.zero_grad(set_to_none=True)
+        phase.module.requires_grad_(True)
+        self.loss.accumulate_gradients(name, real, c, self.v, z, c, self.v, gain=interval, cur_nimg=CUR_NIMG)
+        phase.module.requires_grad_(False)
+        self.all_reduce_grads(list(phase.module.parameters()))
+        phase.opt.step()
+
+    def infer(self):
+        import torch
+        z = torch.randn([len(self.inputs['c']), self.G.z_dim])
+        self.G.eval()
+        with torch.no_grad():
+            self.G(z, self.inputs['c'], self.v, noise_mode='const')
+        self.G.train()
+
+
+def run_worker(side: str, cfg_path: str):
+    """Serve the parent: one JSON request per line on stdin, one JSON reply per line."""
+    reply_stream = os.fdopen(os.dup(1), 'w')
+    os.dup2(2, 1)                               # anything the code prints goes to stderr
+    sys.stdout = sys.stderr
+    import resource
+    import torch
+    torch.set_num_threads(1)
+    with open(cfg_path) as f:
+        cfg = json.load(f)
+    inputs = {k: torch.from_numpy(v) for k, v in np.load(cfg['inputs']).items()}
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as workdir:
+        side_obj = (OursSide if side == 'ours' else OriginalSide)(cfg, inputs, workdir)
+        n_params = [sum(p.numel() for p in m.parameters()) for m in (side_obj.G, side_obj.D)]
+
+        def train_step():
+            times = {}
+            for name, interval in PHASES:
+                wall, cpu = time.perf_counter(), time.process_time()
+                side_obj.phase(name, interval)
+                times[name] = (time.perf_counter() - wall, time.process_time() - cpu)
+            return times
+
+        def infer():
+            wall, cpu = time.perf_counter(), time.process_time()
+            side_obj.infer()
+            return time.perf_counter() - wall, time.process_time() - cpu
+
+        def profile():
+            from torch.profiler import ProfilerActivity, profile as torch_profile
+            with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+                train_step()
+            events = [e for e in prof.key_averages() if e.self_cpu_time_total > 0]
+            total = sum(e.self_cpu_time_total for e in events)
+            events.sort(key=lambda e: -e.self_cpu_time_total)
+            return dict(total_ms=total / 1e3, top=[(e.key, e.self_cpu_time_total / 1e3, e.count) for e in events[:10]])
+
+        handlers = dict(train=train_step, infer=infer, profile=profile,
+                        info=lambda: dict(params=n_params, peak_rss_gib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20))
+        reply_stream.write(json.dumps(dict(ready=True)) + '\n')
+        reply_stream.flush()
+        for line in sys.stdin:
+            request = json.loads(line)
+            if request['cmd'] == 'quit':
+                break
+            reply_stream.write(json.dumps(dict(result=handlers[request['cmd']]())) + '\n')
+            reply_stream.flush()
+
+
+# ---------------------------------------------------------------------------------------
+# Parent
+
+class Worker:
+    def __init__(self, side: str, cfg_path: str, log_path: str):
+        self.side, self.log_path = side, log_path
+        env = dict(os.environ, OMP_NUM_THREADS='1', MKL_NUM_THREADS='1', PYTHONHASHSEED='0')
+        self.log = open(log_path, 'w')
+        self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), '--worker', side, '--worker-config', cfg_path],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True, env=env)
+        self._read()
+
+    def _read(self):
+        line = self.proc.stdout.readline()
+        if not line:
+            self.log.flush()
+            with open(self.log_path) as f:
+                tail = f.read()[-3000:]
+            raise click.ClickException(f'the {self.side} worker stopped; its last output:\n{tail}')
+        return json.loads(line).get('result')
+
+    def call(self, cmd: str):
+        self.proc.stdin.write(json.dumps(dict(cmd=cmd)) + '\n')
+        self.proc.stdin.flush()
+        return self._read()
+
+    def close(self):
+        if self.proc.poll() is None:
+            self.proc.stdin.write(json.dumps(dict(cmd='quit')) + '\n')
+            self.proc.stdin.flush()
+            self.proc.wait(timeout=60)
+        self.log.close()
+
+
+def step_time(phase_times: dict, which: int) -> float:
+    """Amortised seconds of one training step (which: 0 = wall, 1 = CPU)."""
+    return sum(phase_times[name][which] / interval for name, interval in PHASES)
+
+
+def median(values):
+    return float(np.median(values))
+
+
+def run_preset(preset: str, cfg: dict, tmp: str, pairs: int, log):
+    cfg_path = os.path.join(tmp, f'{preset}.json')
+    with open(cfg_path, 'w') as f:
+        json.dump(cfg, f)
+    log(f'{preset}: starting the workers ...')
+    workers = {side: Worker(side, cfg_path, os.path.join(tmp, f'{preset}-{side}.log')) for side in ('ours', 'original')}
+    try:
+        for w in workers.values():              # warm-up
+            w.call('train')
+            w.call('infer')
+        samples = {side: dict(train=[], infer=[]) for side in workers}
+        for i in range(pairs):
+            order = ('ours', 'original') if i % 2 == 0 else ('original', 'ours')
+            for what in ('train', 'infer'):
+                for side in order:
+                    samples[side][what].append(workers[side].call(what))
+            t = samples['ours']['train'][-1], samples['original']['train'][-1]
+            log(f'{preset} pair {i + 1}/{pairs}: train step ours {step_time(t[0], 0):.2f} s, original {step_time(t[1], 0):.2f} s (wall)')
+        profiles = {side: w.call('profile') for side, w in workers.items()}
+        info = {side: w.call('info') for side, w in workers.items()}
+    finally:
+        for w in workers.values():
+            w.close()
+    return samples, profiles, info
+
+
+def summarise(preset: str, samples: dict, profiles: dict, info: dict) -> list:
+    ours, orig = samples['ours'], samples['original']
+    rows = []
+    for which, label in ((0, 'wall'), (1, 'CPU')):
+        ratios = [step_time(a, which) / step_time(b, which) for a, b in zip(ours['train'], orig['train'])]
+        rows.append((preset, f'training step ({label})', median([step_time(a, which) for a in ours['train']]),
+                     median([step_time(b, which) for b in orig['train']]), median(ratios)))
+    for which, label in ((0, 'wall'), (1, 'CPU')):
+        ratios = [a[which] / b[which] for a, b in zip(ours['infer'], orig['infer'])]
+        rows.append((preset, f'inference ({label})', median([a[which] for a in ours['infer']]),
+                     median([b[which] for b in orig['infer']]), median(ratios)))
+    lines = []
+    for name, _ in PHASES:
+        ratios = [a[name][1] / b[name][1] for a, b in zip(ours['train'], orig['train'])]
+        lines.append(f'| {name} | {median([a[name][1] for a in ours["train"]]):.3f} | {median([b[name][1] for b in orig["train"]]):.3f} | {median(ratios):.2f} |')
+    detail = [f'### {preset}: phases (CPU seconds, median; each phase once per pair)', '',
+              '| phase | ours | original | ours / original |', '|---|---|---|---|'] + lines + ['']
+    detail += [f'Parameters: ours G {info["ours"]["params"][0]:,}, D {info["ours"]["params"][1]:,}; original G '
+               f'{info["original"]["params"][0]:,} (incl. sub-networks its forward never runs), D {info["original"]["params"][1]:,}. '
+               f'Peak resident memory of the worker: ours {info["ours"]["peak_rss_gib"]:.2f} GiB, original '
+               f'{info["original"]["peak_rss_gib"]:.2f} GiB.', '']
+    for side in ('ours', 'original'):
+        p = profiles[side]
+        detail += [f'### {preset}, {side}: top 10 ops by self CPU time (one step, all four phases once; total {p["total_ms"] / 1e3:.1f} s)', '',
+                   '| op | self CPU ms | share | calls |', '|---|---|---|---|']
+        detail += [f'| `{k}` | {ms:.0f} | {100 * ms / p["total_ms"]:.1f}% | {n} |' for k, ms, n in p['top']] + ['']
+    return rows, detail
+
+
+@click.command()
+@click.option('--original-src', type=click.Path(exists=True, file_okay=False), help='Checkout of MrTornado24/Next3D')
+@click.option('--eg3d-src', type=click.Path(exists=True, file_okay=False), help='Checkout of NVlabs/eg3d (adds the EG3D rows)')
+@click.option('--pairs', type=click.IntRange(min=1), default=5, show_default=True, help='Interleaved ours/original pairs per measurement')
+@click.option('--batch', type=click.IntRange(min=1), default=4, show_default=True, help='Batch size')
+@click.option('--outdir', default=os.path.join(ROOT, 'benchmarks', 'results'), show_default='benchmarks/results')
+@click.option('--worker', type=click.Choice(['ours', 'original']), hidden=True)
+@click.option('--worker-config', hidden=True)
+def main(original_src, eg3d_src, pairs, batch, outdir, worker, worker_config):
+    """Compare training and inference speed with the original code, side by side."""
+    if worker is not None:
+        run_worker(worker, worker_config)
+        return
+    if original_src is None and eg3d_src is None:
+        raise click.ClickException('give --original-src (Next3D) and/or --eg3d-src (EG3D)')
+    sys.path.insert(0, ROOT)
+    from benchmarks.common import device_name, git_commit, load_average
+    import torch
+    torch.set_num_threads(1)
+    presets = [(p, src) for p, src in (('next3d', original_src), ('eg3d', eg3d_src)) if src is not None]
+    load_before, start = load_average(), time.time()
+    all_rows, all_detail = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        for preset, src in presets:
+            cfg = make_config(preset, batch, os.path.abspath(src))
+            cfg['inputs'] = os.path.join(tmp, 'inputs.npz')
+            make_inputs(cfg['inputs'], batch, cfg['img_resolution'])
+            rows, detail = summarise(preset, *run_preset(preset, cfg, tmp, pairs, click.echo))
+            all_rows += rows
+            all_detail += detail
+    now = datetime.datetime.now(datetime.timezone.utc)
+    command = 'python benchmarks/vs_original.py' + ''.join(
+        f' {flag}' for flag, on in (('--original-src=<Next3D checkout>', original_src), ('--eg3d-src=<eg3d checkout>', eg3d_src)) if on) + \
+        f' --pairs={pairs} --batch={batch}'
+    text = '\n'.join([
+        f'# This project vs the original code, CPU, one thread each', '',
+        f'- command: `{command}`',
+        f'- date: {now:%Y-%m-%d %H:%M} UTC; git commit: {git_commit()}; torch {torch.__version__}',
+        f'- machine: {device_name(torch.device("cpu")).rsplit(" (", 1)[0]}, {os.cpu_count()} CPUs; each worker 1 thread',
+        f'- system load average (1 min) before / after: {load_before:.1f} / {load_average():.1f}; total {time.time() - start:.0f} s',
+        f'- batch {batch}; small128 sizes (output 128, raw 64, 24 + 24 samples per ray); medians over {pairs} interleaved pairs',
+        '', '| preset | measurement | ours (s) | original (s) | ours / original | speed-up |', '|---|---|---|---|---|---|',
+    ] + [f'| {p} | {m} | {a:.3f} | {b:.3f} | {r:.2f} | {1 / r:.2f}x |' for p, m, a, b, r in all_rows] + [''] + all_detail)
+    click.echo(text)
+    os.makedirs(outdir, exist_ok=True)
+    path = os.path.join(outdir, f'vs_original-cpu-{now:%Y-%m-%d}.md')
+    with open(path + '.tmp', 'w') as f:
+        f.write(text)
+    os.replace(path + '.tmp', path)
+    click.echo(f'Wrote {path}')
+
+
+if __name__ == '__main__':
+    main()
