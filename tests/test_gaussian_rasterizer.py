@@ -198,6 +198,33 @@ def test_gaussian_density_matches_dense_sum():
     assert torch.allclose(feat[dense], mean_feat[dense], atol=0.02)
 
 
+def test_gsplat_glue_with_a_stand_in(monkeypatch):
+    """The gsplat backend's argument plumbing, with a stand-in module that follows gsplat's
+    documented `rasterization` API (world-to-camera viewmats, pixel Ks, covars, 'RGB+D'
+    appending the accumulated depth as the last channel, alphas) and renders with our
+    reference: it must give the pytorch backend's images."""
+    import sys
+    import types
+
+    def rasterization(means, quats, scales, opacities, colors, viewmats, Ks, width, height, near_plane, eps2d, packed,
+                      render_mode, rasterize_mode, covars):
+        assert quats is None and scales is None and render_mode == 'RGB+D' and rasterize_mode == 'classic'
+        cam2world = torch.linalg.inv(viewmats)
+        intr = Ks / torch.tensor([width, height, 1.0])[:, None]
+        c = coords.make_label(cam2world, intr)
+        out = gr.render_gaussians_bruteforce(means[None], covars[None], opacities[None], colors[None], c, (height, width),
+                                             eps2d=eps2d, near_plane=near_plane)
+        rgbd = torch.cat([out.features, out.depth], dim=1).permute(0, 2, 3, 1)
+        return rgbd, out.alpha.permute(0, 2, 3, 1), {}
+    monkeypatch.setitem(sys.modules, 'gsplat', types.SimpleNamespace(rasterization=rasterization))
+    s = _scene()
+    cov = gr.covariance_from_scale_rotation(s['scales'], s['quats'])
+    acc, trans = gr._rasterize_gsplat(s['means'], cov, s['opacities'], s['features'], s['c'], 30, 26, gr.EPS2D, gr.NEAR_PLANE)
+    glued = gr._finish(acc, trans, 30, 26, s['background'])
+    _assert_same(glued, _render(gr.rasterize_gaussians, s, (30, 26), backend='pytorch'), atol=1e-5)   # camera inverted twice
+    assert gr.gsplat_available()
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not gr.gsplat_available(), reason='needs gsplat')
 def test_gsplat_parity():
