@@ -45,6 +45,9 @@ CASES = [
     ((1, 2), (2, 1), [1, 2, -1, 1], False, 1.0, [1, 2, 3, 4, 5, 6, 7, 8], True),
     (2, 2, [-1, -1, 2, 2], True, 3.0, [1, -1, 2, 5, 1, 1, 3, 2], True),
     (4, 2, [3, 2, 1, 0], False, 1.0, [[2, 1, 0], [1, 3, 1], [0, 1, 4]], False),
+    # No upsampling, symmetric padding per axis (the convolution pads), with a crop and strides.
+    (1, 2, [-1, -1, 2, 2], False, 1.0, [1, 3, 3, 1], True),
+    (1, (2, 3), [1, 1, 2, 2], True, 2.0, [[1, 2, 0], [3, 1, 1], [0, 2, 5]], False),
 ]
 
 

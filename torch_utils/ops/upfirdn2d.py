@@ -129,7 +129,13 @@ def output_size(in_size: tuple, f: Optional[torch.Tensor], up: Scaling, down: Sc
 
 
 def _upfirdn2d_ref(x: torch.Tensor, f: Optional[torch.Tensor], up: Scaling, down: Scaling, padding: Padding, flip_filter: bool, gain: float) -> torch.Tensor:
-    """Reference: plain PyTorch, exact, differentiable to any order (in x and f)."""
+    """Reference: plain PyTorch, exact, differentiable to any order (in x and f).
+
+    Written to touch memory as little as a composition of PyTorch ops can (on the CPU
+    this is what runs): the zero-inserted image is written once with its padding,
+    symmetric padding without upsampling is left to the convolution, and the decimation
+    is the convolution's stride (no full-resolution output is computed and thrown away).
+    """
     upx, upy = parse_scaling(up)
     downx, downy = parse_scaling(down)
     padx0, padx1, pady0, pady1 = parse_padding(padding)
@@ -137,27 +143,30 @@ def _upfirdn2d_ref(x: torch.Tensor, f: Optional[torch.Tensor], up: Scaling, down
         f = torch.ones([1, 1], dtype=torch.float32, device=x.device)
     batch, channels, in_h, in_w = x.shape
 
-    # Zero-insert upsample: append up - 1 zeros after every sample along each axis.
-    x = x.reshape(batch, channels, in_h, 1, in_w, 1)
-    x = F.pad(x, [0, upx - 1, 0, 0, 0, upy - 1])
-    x = x.reshape(batch, channels, in_h * upy, in_w * upx)
+    # Crop where the padding is negative, pad with zeros where it is positive. Samples
+    # k * up of the zero-inserted image hold x; cropping them whole first keeps that.
+    crop = [max(-p, 0) for p in (padx0, padx1, pady0, pady1)]
+    pad = [max(p, 0) for p in (padx0, padx1, pady0, pady1)]
+    conv_pad = (0, 0)
+    if upx == upy == 1 and pad[0] == pad[1] and pad[2] == pad[3]:
+        conv_pad = (pad[2], pad[0])                           # the convolution pads (no copy)
+        x = x[:, :, crop[2]: in_h - crop[3], crop[0]: in_w - crop[1]]
+    else:
+        # Zero-insert upsample (x[i] -> xu[i * up]) and pad in one write of the result.
+        full_h, full_w = in_h * upy + pad[2] + pad[3], in_w * upx + pad[0] + pad[1]
+        xu = x.new_zeros([batch, channels, full_h, full_w])
+        xu[:, :, pad[2]: pad[2] + in_h * upy: upy, pad[0]: pad[0] + in_w * upx: upx] = x
+        x = xu[:, :, crop[2]: full_h - crop[3], crop[0]: full_w - crop[1]]
 
-    # Pad with zeros, then crop where the padding is negative.
-    x = F.pad(x, [max(padx0, 0), max(padx1, 0), max(pady0, 0), max(pady1, 0)])
-    x = x[:, :, max(-pady0, 0): x.shape[2] - max(-pady1, 0), max(-padx0, 0): x.shape[3] - max(-padx1, 0)]
-
-    # FIR filter as a depthwise correlation; a true convolution flips the kernel first.
+    # FIR filter as a depthwise correlation (a true convolution flips the kernel first);
+    # decimation = the convolution's stride.
     f = f.to(device=x.device, dtype=x.dtype) * (gain ** (f.ndim / 2))
     if not flip_filter:
         f = f.flip(list(range(f.ndim)))
     if f.ndim == 2:
-        x = F.conv2d(x, f[None, None].expand(channels, 1, *f.shape), groups=channels)
-    else:
-        x = F.conv2d(x, f[None, None, None, :].expand(channels, 1, 1, f.shape[0]), groups=channels)
-        x = F.conv2d(x, f[None, None, :, None].expand(channels, 1, f.shape[0], 1), groups=channels)
-
-    # Decimate.
-    return x[:, :, ::downy, ::downx]
+        return F.conv2d(x, f[None, None].expand(channels, 1, *f.shape), stride=(downy, downx), padding=conv_pad, groups=channels)
+    x = F.conv2d(x, f[None, None, None, :].expand(channels, 1, 1, f.shape[0]), stride=(1, downx), padding=(0, conv_pad[1]), groups=channels)
+    return F.conv2d(x, f[None, None, :, None].expand(channels, 1, f.shape[0], 1), stride=(downy, 1), padding=(conv_pad[0], 0), groups=channels)
 
 
 def upfirdn2d(
