@@ -532,7 +532,7 @@ def summarise(preset: str, samples: dict, profiles: dict, info: dict) -> list:
 @click.option('--eg3d-src', type=click.Path(exists=True, file_okay=False), help='Checkout of NVlabs/eg3d (adds the EG3D rows)')
 @click.option('--pairs', type=click.IntRange(min=1), default=5, show_default=True, help='Interleaved ours/original pairs per measurement')
 @click.option('--batch', type=click.IntRange(min=1), default=4, show_default=True, help='Batch size')
-@click.option('--outdir', default=os.path.join(ROOT, 'benchmarks', 'results'), show_default='benchmarks/results')
+@click.option('--outdir', help='Folder for the result table (markdown)', default=os.path.join(ROOT, 'benchmarks', 'results'), show_default='benchmarks/results')
 @click.option('--worker', type=click.Choice(['ours', 'original']), hidden=True)
 @click.option('--worker-config', hidden=True)
 def main(original_src, eg3d_src, pairs, batch, outdir, worker, worker_config):
