@@ -135,6 +135,7 @@ def invert(network_pkl, target, outdir, w_plus, w_steps, pti_steps, w_lr, pti_lr
                                        'or give a folder preprocess_in_the_wild.py made')
     device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
     torch.manual_seed(seed)
+    perceptual_net = open_perceptual(perceptual, detector_file, perceptual_weight, device)
     timings = {}
     data = load_network(network_pkl, device, uv_mask_path)
     G = data.G_ema
@@ -144,7 +145,6 @@ def invert(network_pkl, target, outdir, w_plus, w_steps, pti_steps, w_lr, pti_lr
         timings['preprocess_s'] = time.perf_counter() - t
     targets = inversion.load_targets(target, G, device)
     print(f'{len(targets.names)} photo(s) at {G.img_resolution}x{G.img_resolution}: {", ".join(targets.names)}')
-    perceptual_net = open_perceptual(perceptual, detector_file, perceptual_weight, device)
     loss = inversion.Loss(targets, pixel_loss, perceptual=perceptual_net, perceptual_weight=perceptual_weight)
 
     def measure(G_, ws_):

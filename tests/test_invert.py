@@ -258,7 +258,7 @@ def test_projected_w_errors(avatar, tmp_path):
     not_npz = tmp_path / 'w.npz'
     not_npz.write_bytes(b'not a zip')
     line = error_line(invoke(gen_videos.generate_videos, ['--projected-w', str(not_npz), '--outdir', str(tmp_path)]))
-    assert line.startswith(f'Error: {not_npz}: not an .npz file with a w array')
+    assert line == f'Error: {not_npz}: not an .npz file (expected the projected_w.npz of invert.py, with an array w)'
     no_w = tmp_path / 'latent.npz'
     np.savez(no_w, ws=np.zeros([1, 20, 64], np.float32))
     line = error_line(invoke(gen_videos.generate_videos, ['--projected-w', str(no_w), '--outdir', str(tmp_path)]))
@@ -372,6 +372,11 @@ def test_inconsistent_inputs(tmp_path, G, synthetic_folder):
     result = invoke(invert.invert, ['--target', synthetic_folder, '--outdir', str(tmp_path / 'e'), '--perceptual', 'none',
                                     '--perceptual-weight', '2'])
     assert result.exit_code == 2 and '--perceptual-weight applies with --perceptual=inception only' in result.output
+    bad = tmp_path / 'inception.pt'
+    bad.write_text('not a network')
+    line = error_line(invoke(invert.invert, ['--target', synthetic_folder, '--outdir', str(tmp_path / 'f'), '--detector', str(bad)]))
+    assert line.startswith(f'Error: {bad}: ') and 'TorchScript' in line
+    assert not (tmp_path / 'f').exists()
 
 
 def test_driving_layout_is_read(G, tmp_path):

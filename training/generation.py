@@ -65,6 +65,8 @@ def check_projected_w(w, G, source: str) -> torch.Tensor:
 def load_projected_w(path: str, G) -> torch.Tensor:
     """The 'w' array of an .npz written by invert.py (or EG3D's projector) -> (K, num_ws, w_dim) float32, checked against G."""
     import zipfile
+    if not zipfile.is_zipfile(path):        # np.load would try it as a pickle and talk about unsafe loading
+        raise ValueError(f'{path}: not an .npz file (expected the projected_w.npz of invert.py, with an array w)')
     try:
         with np.load(path, allow_pickle=False) as data:
             if 'w' not in data.files:
