@@ -7,9 +7,9 @@ from torch_utils import persistence
 from training.networks_stylegan2 import FullyConnectedLayer
 
 
-def widened_sigmoid(x: torch.Tensor) -> torch.Tensor:
+def widened_sigmoid(x: torch.Tensor, out: torch.Tensor = None) -> torch.Tensor:
     """sigmoid(x) * 1.002 - 0.001 (MipNeRF's widened sigmoid), as one lerp: one pass over x after the sigmoid."""
-    return torch.lerp(x.new_tensor(-0.001), x.new_tensor(1.001), torch.sigmoid(x))
+    return torch.lerp(x.new_tensor(-0.001), x.new_tensor(1.001), torch.sigmoid(x), out=out)
 
 
 @persistence.persistent_class
@@ -76,5 +76,5 @@ class OSGDecoder(torch.nn.Module):
         for i in range(0, len(x), chunk):
             out = self.net(x[i:i + chunk])
             sigma[i:i + chunk] = out[:, :1]
-            rgb[i:i + chunk] = widened_sigmoid(out[:, 1:])
+            widened_sigmoid(out[:, 1:], out=rgb[i:i + chunk])
         return sigma, rgb

@@ -102,7 +102,9 @@ class _PlaneMeanCPU(torch.autograd.Function):
         num_points = coordinates.shape[1]
         pad = _PlaneMeanCPU.BORDER
         padded_h, padded_w = height + 2 * pad, width + 2 * pad
-        table = planes.new_zeros(batch_size, 3, padded_h, padded_w, channels)
+        table = planes.new_empty(batch_size, 3, padded_h, padded_w, channels)
+        for border in (table[:, :, :pad], table[:, :, -pad:], table[:, :, :, :pad], table[:, :, :, -pad:]):
+            border.zero_()
         table[:, :, pad:pad + height, pad:pad + width] = planes.permute(0, 1, 3, 4, 2)
         index_dtype = torch.int32 if table.numel() < 2 ** 31 else torch.int64
         axes = coords.PLANE_AXES[plane_axes]
