@@ -41,8 +41,8 @@ disturbed than wall time by other load on a shared machine). Then each side runs
 training step (all four phases once) under torch.profiler: top 10 ops by self CPU time;
 and reports its peak resident memory.
 
-The result goes to benchmarks/results/vs_original-cpu-<date>.md (command, commit, CPU,
-load before and after).
+The result goes to benchmarks/results/vs_original-cpu-<date>-<HHMM>.md (UTC; command,
+commit, CPU, load before and after).
 """
 
 import datetime
@@ -61,6 +61,9 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HEAD_MODEL = os.path.join(ROOT, 'data', 'head_model')
 CUR_NIMG = 10 ** 7          # after every fade: no blur, swap probability gpc_reg_prob
+FLOODFILL_FIXED_RANGE = 1 << 16     # OpenCV's flag value
+# A file each checkout must have (relative to its root).
+CHECKOUT_MARKERS = {'next3d': 'training_avatar_texture/triplane_next3d.py', 'eg3d': 'eg3d/training/triplane.py'}
 PHASES = (('Gmain', 1), ('Greg', 4), ('Dmain', 1), ('Dreg', 16))
 ADAM = dict(lr=0.0025, betas=(0.0, 0.99), eps=1e-8)
 ADAM_D = dict(lr=0.002, betas=(0.0, 0.99), eps=1e-8)
@@ -255,7 +258,7 @@ def install_stubs(rasterize_fn, read_obj_fn):
     _stub('pytorch3d.structures', Meshes=Meshes)
     _stub('pytorch3d.renderer', __path__=[])
     _stub('pytorch3d.renderer.mesh', rasterize_meshes=rasterize_meshes)
-    _stub('cv2', imread=imread, floodFill=flood_fill, FLOODFILL_FIXED_RANGE=1 << 16, norm=_never_called,
+    _stub('cv2', imread=imread, floodFill=flood_fill, FLOODFILL_FIXED_RANGE=FLOODFILL_FIXED_RANGE, norm=_never_called,
           line=_never_called, circle=_never_called)
     _stub('turtle', update=_never_called)
     _stub('requests', get=_never_called)
@@ -547,6 +550,10 @@ def main(original_src, eg3d_src, pairs, batch, outdir, worker, worker_config):
     import torch
     torch.set_num_threads(1)
     presets = [(p, src) for p, src in (('next3d', original_src), ('eg3d', eg3d_src)) if src is not None]
+    for preset, src in presets:
+        if not os.path.isfile(os.path.join(src, CHECKOUT_MARKERS[preset])):
+            raise click.ClickException(f'{src}: no {CHECKOUT_MARKERS[preset]}; is this a checkout of '
+                                       f'{"MrTornado24/Next3D" if preset == "next3d" else "NVlabs/eg3d"}?')
     load_before, start = load_average(), time.time()
     all_rows, all_detail = [], []
     with tempfile.TemporaryDirectory() as tmp:
@@ -572,7 +579,7 @@ def main(original_src, eg3d_src, pairs, batch, outdir, worker, worker_config):
     ] + [f'| {p} | {m} | {a:.3f} | {b:.3f} | {r:.2f} | {1 / r:.2f}x |' for p, m, a, b, r in all_rows] + [''] + all_detail)
     click.echo(text)
     os.makedirs(outdir, exist_ok=True)
-    path = os.path.join(outdir, f'vs_original-cpu-{now:%Y-%m-%d}.md')
+    path = os.path.join(outdir, f'vs_original-cpu-{now:%Y-%m-%d-%H%M}.md')        # one file per run
     with open(path + '.tmp', 'w') as f:
         f.write(text)
     os.replace(path + '.tmp', path)

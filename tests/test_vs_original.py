@@ -1,0 +1,47 @@
+"""benchmarks/vs_original.py: the parts that do not need the original code."""
+
+import numpy as np
+
+from benchmarks import vs_original
+
+
+def test_flood_fill_stands_in_for_opencv():
+    # What the original's fill_mouth asks of cv2.floodFill: from pixel (0, 0), fill the
+    # 4-connected region whose values lie within [seed - lo, seed + up] (FLOODFILL_FIXED_RANGE).
+    image = np.zeros([7, 8], np.float32)
+    image[1:6, 2:7] = 255.0          # a ring ...
+    image[2:5, 3:6] = 0.0            # ... around a hole (the open mouth)
+    image[3, 4] = 100.0
+    image[6, 0] = 254.0              # inside the range: filled
+    mask = np.zeros([9, 10], np.uint8)
+    count, image_out, mask_out, _ = vs_original.flood_fill(image, mask, (0, 0), (255, 255, 255), (0, 0, 0), (254, 254, 254),
+                                                           vs_original.FLOODFILL_FIXED_RANGE)
+    outside = np.ones([7, 8], bool)
+    outside[1:6, 2:7] = False
+    assert image_out is image and mask_out is mask
+    assert count == outside.sum()
+    assert (image[outside] == 255).all()
+    assert (image[2:5, 3:6] == np.array([[0, 0, 0], [0, 100, 0], [0, 0, 0]])).all()   # the hole is untouched
+    assert (mask[1:-1, 1:-1] == outside).all() and mask[0].sum() == 0
+
+
+def test_official_patches_replace_distinct_literals():
+    sizes = dict(plane=128, texture=128, channels=32, mouth_in=32, mouth_bottleneck=4, blend_bottleneck=16,
+                 sr_channels=[32, 16], w_dim=128, num_vertices=4977, img=128, raw=64)
+    for preset in ('next3d', 'eg3d'):
+        patches = vs_original.official_patches(preset, sizes)
+        assert patches
+        for rel, edits in patches.items():
+            for old, new, count in edits:
+                assert old != new and count >= 1, (rel, old)
+    next3d = dict(vs_original.official_patches('next3d', sizes))['training_avatar_texture/triplane_next3d.py']
+    assert ('v[:, :5023], v[:, 5023:]', 'v[:, :4977], v[:, 4977:]', 3) in next3d
+
+
+def test_main_needs_a_checkout(tmp_path):
+    from click.testing import CliRunner
+    result = CliRunner().invoke(vs_original.main, [])
+    assert result.exit_code == 1 and 'Error: give --original-src (Next3D) and/or --eg3d-src (EG3D)' in result.output
+    result = CliRunner().invoke(vs_original.main, ['--eg3d-src', str(tmp_path)])
+    assert result.exit_code == 1
+    assert f'Error: {tmp_path}: no eg3d/training/triplane.py; is this a checkout of NVlabs/eg3d?' in result.output
