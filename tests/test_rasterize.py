@@ -261,21 +261,6 @@ def test_interpolate_per_vertex_and_per_corner_agree():
     torch.testing.assert_close(a[0, :, i, j], expected)
 
 
-def test_external_backend_face_ids_map_back_to_the_full_face_list():
-    # The optional backends rasterize only the faces that survive culling (`keep`) and
-    # return indices into that list; _per_sample maps them back (and handles empty samples).
-    from training.mesh.rasterize import _per_sample
-    valid = torch.tensor([[False, True, False, True], [False, False, False, False]])
-    seen = []
-
-    def draw(b, keep):
-        seen.append(keep.tolist())
-        return torch.tensor([[0, 1], [-1, 1]])
-    out = _per_sample(valid, 2, 2, draw)
-    assert seen == [[1, 3]]
-    assert out.tolist() == [[[1, 3], [-1, 3]], [[-1, -1], [-1, -1]]]
-
-
 # ---------------------------------------------------------------------------------------
 # pytorch3d's own pure-Python reference (`rasterize_meshes_python`, the semantics of its
 # kernels), recorded by tests/fixtures/make_official_fixtures.py on 82 triangles of every

@@ -36,13 +36,18 @@ float32 vertices with the same bits as pytorch3d's (and H / W a power of two), t
 barycentrics equal its reference bit for bit. Coverage, the chosen face and the depth
 (the exact interpolation) are not affected.
 
-Backends: 'pytorch' (the reference; vectorised, CPU and GPU, memory bounded by chunks
-of face-pixel candidates), 'nvdiffrast' and 'pytorch3d' (used only when importable; they
-choose the visible face per pixel, then barycentrics and depth are recomputed here with
-the same formulas, so all backends agree except on exact ties). The two optional
-backends are NOT verified in this repository's tests (neither installs on CPU).
+Backends: 'pytorch' (ours, the reference; vectorised, CPU and GPU, memory bounded by
+chunks of face-pixel candidates), 'nvdiffrast' and 'pytorch3d' (optional: they choose the
+visible face per pixel, one call per batch, then barycentrics and depth are recomputed
+here with the same formulas, so all backends agree except where depths (nearly) tie or a
+pixel centre lies exactly on an edge: their tie and fill rules are their own). The optional
+backends have never run on a GPU in this repository (neither installs on CPU; their
+tests use stand-in modules), so they are opt-in: an explicit `backend=` name, or the
+environment variable NEXT3D_RASTERIZER=nvdiffrast|pytorch3d for the 'auto' calls on
+CUDA tensors (the default 'auto' is ours, whatever imports).
 """
 
+import os
 from typing import NamedTuple, Tuple, Union
 
 import torch
@@ -258,63 +263,91 @@ def _visible_faces_pytorch(pverts: torch.Tensor, faces: torch.Tensor, h: int, w:
     return face.reshape(bsz, h, w)
 
 
-def _per_sample(valid: torch.Tensor, h: int, w: int, draw) -> torch.Tensor:
-    """Run an external rasterizer per sample on its uncull'd faces `keep`; map its face ids back.
+def _unshared_corners(points: torch.Tensor, faces: torch.Tensor, valid: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+    """Every face's own copy of its corners, (B, 3F, C), for an external rasterizer.
 
-    draw(b, keep) -> (h, w) int64 index into `keep`, -1 where empty.
+    points (B, V, C), faces (F, 3), valid (B, F) bool, hidden (C,): the corners of faces that
+    are not valid in a sample (culled, zero area, non-finite) all become the point `hidden`,
+    which the rasterizer must not draw (zero area, outside its depth range). Face f of every
+    sample is then triangle f of the shared index list arange(3F).view(F, 3): one call draws
+    the batch, each sample with its own culling, and the ids need no mapping back.
     """
-    out = []
-    for b in range(valid.shape[0]):
-        keep = torch.nonzero(valid[b]).squeeze(1)
-        if keep.numel() == 0:
-            out.append(torch.full((h, w), -1, dtype=torch.int64, device=valid.device))
-            continue
-        tid = draw(b, keep)
-        out.append(torch.where(tid >= 0, keep[tid.clamp(min=0)], torch.full_like(tid, -1)))
-    return torch.stack(out)
+    corners = points[:, faces]                                   # (B, F, 3, C)
+    corners = torch.where(valid[..., None, None], corners, hidden.to(corners.dtype))
+    return corners.reshape(points.shape[0], -1, points.shape[-1])
+
+
+def _shared_triangles(num_faces: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    return torch.arange(3 * num_faces, dtype=dtype, device=device).view(num_faces, 3)
+
+
+def _finite_range(z: torch.Tensor):
+    """Per-sample min and max (B, 1) of the finite values of z (B, V), without a host sync."""
+    finite = torch.isfinite(z)
+    zmin = torch.where(finite, z, torch.full_like(z, float('inf'))).amin(dim=1, keepdim=True)
+    zmax = torch.where(finite, z, torch.full_like(z, float('-inf'))).amax(dim=1, keepdim=True)
+    return zmin, zmax
 
 
 _NVDIFFRAST_CONTEXTS = {}   # device -> RasterizeCudaContext (creating one per call is slow)
+NVDIFFRAST_SIZE_MULTIPLE = 8    # nvdiffrast's CUDA rasterizer before 0.3.2 takes only multiples of 8
 
 
 def _visible_faces_nvdiffrast(pverts: torch.Tensor, verts: torch.Tensor, faces: torch.Tensor, h: int, w: int, cull_backfaces: bool) -> torch.Tensor:
-    """nvdiffrast picks the visible face (CUDA only; unverified in this repository)."""
+    """nvdiffrast picks the visible face: one instanced call for the batch (CUDA only; unverified here).
+
+    The image is padded at the bottom and right to multiples of 8 (the fading raw
+    resolution of mesh_depth_err is e.g. 77) and cropped back.
+    """
     import nvdiffrast.torch as dr   # optional dependency
+    bsz, nf = verts.shape[0], faces.shape[0]
+    if nf == 0:
+        return torch.full((bsz, h, w), -1, dtype=torch.int64, device=verts.device)
     _, _, valid = _face_setup(pverts, faces, cull_backfaces)
     ctx = _NVDIFFRAST_CONTEXTS.get(verts.device)
     if ctx is None:
         ctx = _NVDIFFRAST_CONTEXTS[verts.device] = dr.RasterizeCudaContext(device=verts.device)
-
-    def draw(b, keep):
-        z = verts[b, :, 2]
-        zf = z[torch.isfinite(z)]
-        zmin, zmax = zf.min(), zf.max()
-        # nvdiffrast's depth test keeps the smallest z/w in [-1, 1]; its row 0 is clip y = -1,
-        # which is our top row, so x and y pass through unchanged.
-        zc = (z - zmin) / (zmax - zmin).clamp(min=1e-12) * 1.8 - 0.9
-        pos = torch.stack([verts[b, :, 0], verts[b, :, 1], zc, torch.ones_like(zc)], -1)[None].float().contiguous()
-        rast, _ = dr.rasterize(ctx, pos, faces[keep].to(torch.int32).contiguous(), resolution=[h, w])
-        return rast[0, ..., 3].round().long() - 1                 # 0 = empty
-    return _per_sample(valid, h, w, draw)
+    m = NVDIFFRAST_SIZE_MULTIPLE
+    ph, pw = -(-h // m) * m, -(-w // m) * m
+    # nvdiffrast's row 0 is clip y = -1, our top row, so x and y pass through unchanged, only
+    # rescaled when padding (pixel centres (2j + 1) / w - 1 -> (2j + 1) / pw - 1). Its depth
+    # test keeps the smallest z/w in [-1, 1]: each sample's depths are mapped into [-0.9, 0.9].
+    x, y, z = verts.unbind(-1)
+    if pw != w:
+        x = (x + 1) * (w / pw) - 1
+    if ph != h:
+        y = (y + 1) * (h / ph) - 1
+    zmin, zmax = _finite_range(z)
+    zc = (z - zmin) / (zmax - zmin).clamp(min=1e-12) * 1.8 - 0.9
+    pos = torch.stack([x, y, zc, torch.ones_like(zc)], dim=-1)
+    hidden = torch.tensor([0.0, 0.0, 2.0, 1.0], device=verts.device)      # beyond the far plane
+    pos = _unshared_corners(pos, faces, valid, hidden).float().contiguous()
+    tri = _shared_triangles(nf, verts.device, torch.int32)
+    rast, _ = dr.rasterize(ctx, pos, tri, resolution=[ph, pw])
+    return rast[:, :h, :w, 3].round().long() - 1                # triangle id + 1; 0 = empty
 
 
 def _visible_faces_pytorch3d(pverts: torch.Tensor, verts: torch.Tensor, faces: torch.Tensor, h: int, w: int, cull_backfaces: bool) -> torch.Tensor:
-    """pytorch3d picks the visible face (unverified in this repository)."""
+    """pytorch3d picks the visible face: one call for the batch as a padded Meshes (unverified here)."""
     from pytorch3d.renderer.mesh.rasterize_meshes import rasterize_meshes   # optional dependency
     from pytorch3d.structures import Meshes
+    bsz, nf = verts.shape[0], faces.shape[0]
+    if nf == 0:
+        return torch.full((bsz, h, w), -1, dtype=torch.int64, device=verts.device)
     _, _, valid = _face_setup(pverts, faces, cull_backfaces)
-
-    def draw(b, keep):
-        # pytorch3d's NDC has +x left and +y up, the shorter image side spanning [-1, 1],
-        # and only draws z > 0.
-        v = verts[b].float()
-        z = v[:, 2]
-        zf = z[torch.isfinite(z)]
-        p3 = torch.stack([-v[:, 0] * max(w / h, 1.0), -v[:, 1] * max(h / w, 1.0), z - zf.min() + 1.0], -1)
-        p2f, _, _, _ = rasterize_meshes(Meshes(verts=[p3], faces=[faces[keep]]), image_size=(h, w), blur_radius=0.0,
-                                        faces_per_pixel=1, perspective_correct=False, cull_backfaces=False)
-        return p2f[0, ..., 0]
-    return _per_sample(valid, h, w, draw)
+    # pytorch3d's NDC has +x left and +y up, the shorter image side spanning [-1, 1], and
+    # only draws z > 0.
+    v = verts.float()
+    zmin, _ = _finite_range(v[..., 2])
+    p3 = torch.stack([-v[..., 0] * max(w / h, 1.0), -v[..., 1] * max(h / w, 1.0), v[..., 2] - zmin + 1.0], dim=-1)
+    hidden = torch.tensor([0.0, 0.0, -1.0], device=verts.device)          # behind the camera
+    p3 = _unshared_corners(p3, faces, valid, hidden)
+    tri = _shared_triangles(nf, verts.device, torch.int64).expand(bsz, -1, -1).contiguous()
+    p2f, _, _, _ = rasterize_meshes(Meshes(verts=p3, faces=tri), image_size=(h, w), blur_radius=0.0,
+                                    faces_per_pixel=1, perspective_correct=False, cull_backfaces=False)
+    p2f = p2f[..., 0]                                            # packed ids: b * F + f
+    offset = (torch.arange(bsz, device=verts.device) * nf).view(-1, 1, 1)
+    return torch.where(p2f >= 0, p2f - offset, torch.full_like(p2f, -1))
 
 
 PYTORCH3D_AREA_EPSILON = 1e-8    # pytorch3d's kEpsilon, added to twice the face area in its NDC units
@@ -365,6 +398,19 @@ def _fragments_from_faces(verts: torch.Tensor, faces: torch.Tensor, pix_to_face:
     return Fragments(pix_to_face, bary.reshape(bsz, h, w, 3), depth.reshape(bsz, h, w))
 
 
+BACKENDS = ('pytorch', 'nvdiffrast', 'pytorch3d')
+BACKEND_ENV = 'NEXT3D_RASTERIZER'
+
+
+def auto_backend(verts: torch.Tensor) -> str:
+    """The backend that backend='auto' runs: ours, unless NEXT3D_RASTERIZER opts CUDA tensors
+    into an optional backend (one of BACKENDS; checked on every device)."""
+    name = os.environ.get(BACKEND_ENV, '').strip() or 'pytorch'
+    if name not in BACKENDS:
+        raise ValueError(f"{BACKEND_ENV}={name!r} is not a mesh rasterizer backend (expected pytorch, nvdiffrast or pytorch3d)")
+    return name if verts.is_cuda else 'pytorch'
+
+
 def rasterize(verts: torch.Tensor, faces: torch.Tensor, image_size: Union[int, Tuple[int, int]], *,
               cull_backfaces: bool = True, backend: str = 'auto', pytorch3d_bary: bool = False) -> Fragments:
     """Rasterize a batch of meshes that share one topology.
@@ -375,7 +421,8 @@ def rasterize(verts: torch.Tensor, faces: torch.Tensor, image_size: Union[int, T
         image_size:     int or (H, W).
         cull_backfaces: drop faces whose screen winding is clockwise (normal z >= 0).
         backend:        'auto' | 'pytorch' | 'nvdiffrast' | 'pytorch3d'. 'auto' is
-                        nvdiffrast on CUDA when importable, else pytorch.
+                        ours ('pytorch'); on CUDA tensors the backend named by the
+                        environment variable NEXT3D_RASTERIZER, if set (`auto_backend`).
         pytorch3d_bary: barycentrics with pytorch3d's arithmetic (module docstring);
                         False: exact (float64), summing to 1.
     Returns:
@@ -386,13 +433,7 @@ def rasterize(verts: torch.Tensor, faces: torch.Tensor, image_size: Union[int, T
     h, w = _image_hw(image_size)
     faces = faces.to(device=verts.device, dtype=torch.int64)
     if backend == 'auto':
-        backend = 'pytorch'
-        if verts.is_cuda:
-            try:
-                import nvdiffrast.torch  # noqa: F401
-                backend = 'nvdiffrast'
-            except ImportError:
-                pass
+        backend = auto_backend(verts)
     pverts = _to_pixels(verts, h, w)
     with torch.no_grad():
         if backend == 'pytorch':
