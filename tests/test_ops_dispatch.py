@@ -359,3 +359,46 @@ def test_negative_gain_with_a_separable_filter_stays_real(pretend_kernels):
     got = U.upfirdn2d(x, f, up=2, padding=2, gain=-3.0)
     assert not got.is_complex()
     torch.testing.assert_close(got, U.upfirdn2d(x, f, up=2, padding=2, gain=-3.0, impl='ref'))
+
+
+# --- per-call work of the kernel paths (the CUDA plugin itself cannot run here) ----------
+
+class _RecordingUpfirdn2dOp:
+    """Stands in for the torch.library op that the CUDA path calls: records the filters it gets."""
+
+    def __init__(self):
+        self.op, self.filters = U._upfirdn2d_op, []
+
+    def __call__(self, x, f, *args):
+        self.filters.append(f)
+        return self.op(x, f, *args)
+
+
+def test_upfirdn2d_kernel_path_prepares_no_filter_per_call(pretend_kernels, monkeypatch):
+    rec = _RecordingUpfirdn2dOp()
+    monkeypatch.setattr(U, '_upfirdn2d_op', rec)
+    x = torch.randn(2, 3, 6, 7)
+    for _ in range(3):
+        torch.testing.assert_close(U.upfirdn2d(x, None, up=2, padding=1), U.upfirdn2d(x, None, up=2, padding=1, impl='ref'))
+    first = rec.filters[0]
+    assert len(rec.filters) == 3 and all(f is first for f in rec.filters)     # f=None: one identity filter, reused
+    # Filters reach the kernel as given (it reads them flipped and applies the gain itself):
+    # a 2-D filter is the caller's tensor, a 1-D one views of it, no copies.
+    f2, f1 = U.setup_filter([1, 3, 3, 1]), U.setup_filter(list(range(1, 9)))
+    rec.filters.clear()
+    U.upfirdn2d(x, f2, down=2, padding=1, gain=2.0)
+    U.upfirdn2d(x, f1, padding=4, gain=-3.0)
+    assert rec.filters[0] is f2 and [f.data_ptr() for f in rec.filters[1:]] == [f1.data_ptr()] * 2
+    # The cache is keyed safely: written into, the identity filter is made again; per device.
+    first.mul_(2)
+    torch.testing.assert_close(U.upfirdn2d(x, None), x)
+    assert rec.filters[-1] is not first and torch.equal(rec.filters[-1], torch.ones(1, 1))
+    U.upfirdn2d(torch.empty(1, 1, 4, 4, device='meta'), None)
+    assert rec.filters[-1].device.type == 'meta'
+    # Made first under inference_mode (e.g. by a metric), it still serves a training step.
+    monkeypatch.setattr(U, '_IDENTITY_FILTERS', {})
+    with torch.inference_mode():
+        U.upfirdn2d(x, None, up=2)
+    xg = x.clone().requires_grad_(True)
+    U.upfirdn2d(xg, None, up=2).sum().backward()
+    assert torch.equal(xg.grad, torch.ones_like(x))

@@ -233,13 +233,32 @@ def _output_format(x: torch.Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
+_IDENTITY_FILTERS = {}     # device -> the [[1]] filter that f=None means, made once per device
+
+
+def _identity_filter(device: torch.device) -> torch.Tensor:
+    """The float32 [[1]] filter on `device`, cached (made again if anything wrote into it)."""
+    if torch.compiler.is_compiling():
+        return torch.ones([1, 1], dtype=torch.float32, device=device)     # a constant of the graph
+    f = _IDENTITY_FILTERS.get(device)
+    if f is None or f._version != 0:
+        # Never an inference tensor (if first made under inference_mode): autograd saves it.
+        with torch.inference_mode(False):
+            f = torch.ones([1, 1], dtype=torch.float32, device=device)
+        _IDENTITY_FILTERS[device] = f
+    return f
+
+
 def _upfirdn2d_kernel(x, f, up, down, padding, flip_filter, gain) -> torch.Tensor:
-    """upfirdn2d through the op; a 1-D filter runs as an x pass and a y pass."""
+    """upfirdn2d through the op; a 1-D filter runs as an x pass and a y pass.
+
+    The filter goes to the op as given, with no per-call preparation (the kernel reads it
+    flipped and applies the gain)."""
     upx, upy = parse_scaling(up)
     downx, downy = parse_scaling(down)
     padx0, padx1, pady0, pady1 = parse_padding(padding)
     if f is None:
-        f = torch.ones([1, 1], dtype=torch.float32, device=x.device)
+        f = _identity_filter(x.device)
     if f.ndim == 2:
         return _upfirdn2d_op(x, f, upx, upy, downx, downy, padx0, padx1, pady0, pady1, flip_filter, float(gain))
     gain_x, gain_y = math.copysign(abs(gain) ** 0.5, gain), abs(gain) ** 0.5      # the sign once: sqrt of a negative gain is complex
