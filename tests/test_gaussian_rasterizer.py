@@ -225,6 +225,48 @@ def test_gsplat_glue_with_a_stand_in(monkeypatch):
     assert gr.gsplat_available()
 
 
+class _OnGpu(torch.Tensor):
+    """A CPU tensor that says it is on a CUDA device (what 'auto' looks at)."""
+    @property
+    def is_cuda(self):
+        return True
+
+
+def test_gsplat_is_opt_in(monkeypatch):
+    """As the mesh rasterizer's optional backends: 'auto' is ours even on CUDA tensors with gsplat
+    importable (gsplat has never run in this repository), unless NEXT3D_GAUSSIAN_RASTERIZER=gsplat;
+    CPU tensors always use ours; another value is refused."""
+    import sys
+    import types
+    calls = []
+
+    def rasterization(*args, **kwargs):
+        calls.append(1)
+        raise RuntimeError('stand-in gsplat called')
+    monkeypatch.setitem(sys.modules, 'gsplat', types.SimpleNamespace(rasterization=rasterization))
+    monkeypatch.delenv(gr.BACKEND_ENV, raising=False)
+    s = _scene(batch=1, n=20)
+    on_gpu = dict(s, means=s['means'].as_subclass(_OnGpu))
+    reference = _render(gr.rasterize_gaussians, s, 16, backend='pytorch')
+    _assert_same(_render(gr.rasterize_gaussians, on_gpu, 16), reference, atol=0)
+    assert not calls
+    monkeypatch.setenv(gr.BACKEND_ENV, 'gsplat')
+    _assert_same(_render(gr.rasterize_gaussians, s, 16), reference, atol=0)          # CPU tensors: ours
+    with pytest.raises(RuntimeError, match='stand-in gsplat called'):
+        _render(gr.rasterize_gaussians, on_gpu, 16)
+    assert calls
+    monkeypatch.setenv(gr.BACKEND_ENV, 'nvdiffrast')
+    with pytest.raises(ValueError) as e:
+        _render(gr.rasterize_gaussians, s, 16)
+    assert str(e.value) == ("NEXT3D_GAUSSIAN_RASTERIZER='nvdiffrast' is not a Gaussian rasterizer backend "
+                            "(expected pytorch or gsplat)")
+    monkeypatch.setitem(sys.modules, 'gsplat', None)                                # not installed
+    monkeypatch.setenv(gr.BACKEND_ENV, 'gsplat')
+    with pytest.raises(ValueError) as e:
+        _render(gr.rasterize_gaussians, on_gpu, 16)
+    assert str(e.value) == "the 'gsplat' Gaussian rasterizer backend needs the gsplat package (pip install gsplat)"
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not gr.gsplat_available(), reason='needs gsplat')
 def test_gsplat_parity():

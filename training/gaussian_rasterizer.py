@@ -28,13 +28,16 @@ These are the rules of 3DGS and gsplat (alpha_max 0.999, 1/255, 1e-4, eps2d 0.3,
 Gradients reach every input (centres, covariances, opacities, features, background)
 through autograd; the sort order and the tile lists are piecewise constant.
 
-Backends: 'pytorch' (this file; CPU and GPU, memory ~ pixels x Gaussians per tile),
-'gsplat' (CUDA only, when the package is installed; not verified in this repository's
-tests: there is no GPU here), 'auto' = gsplat on CUDA tensors when importable, else pytorch.
+Backends: 'pytorch' (this file; CPU and GPU, memory ~ pixels x Gaussians per tile) and
+'gsplat' (CUDA only, when the package is installed). gsplat has never run in this
+repository (no GPU here; its glue is tested with a stand-in module), so, as the mesh
+rasterizer's optional backends, it is opt-in: 'auto' is ours, unless the environment
+variable NEXT3D_GAUSSIAN_RASTERIZER=gsplat asks for gsplat on CUDA tensors.
 """
 
 import bisect
 import math
+import os
 from typing import NamedTuple, Optional, Tuple, Union
 
 import torch
@@ -50,6 +53,7 @@ EPS2D = 0.3                    # pixels^2 added to the 2D covariance's diagonal
 NEAR_PLANE = 0.01              # world units: centres closer to the camera are culled
 TILE_SIZE = 8                  # pixels; 8 x 8 tiles waste fewer evaluations than 16 x 16 here (2x faster on a CPU)
 BACKENDS = ('auto', 'pytorch', 'gsplat')
+BACKEND_ENV = 'NEXT3D_GAUSSIAN_RASTERIZER'   # what 'auto' runs on CUDA tensors: pytorch (default) or gsplat
 _PAIRS_PER_CHUNK = 1 << 22     # (tile, pixel, Gaussian) triples evaluated at once, at most
 _GAUSSIANS_PER_CHUNK = 32      # Gaussians per tile in one step (tiles with fewer drop out sooner)
 
@@ -327,6 +331,15 @@ def gsplat_available() -> bool:
         return False
 
 
+def auto_backend(means: torch.Tensor) -> str:
+    """The backend that backend='auto' runs: ours, unless NEXT3D_GAUSSIAN_RASTERIZER=gsplat opts
+    CUDA tensors into gsplat (the value is checked on every device)."""
+    name = os.environ.get(BACKEND_ENV, '').strip() or 'pytorch'
+    if name not in ('pytorch', 'gsplat'):
+        raise ValueError(f'{BACKEND_ENV}={name!r} is not a Gaussian rasterizer backend (expected pytorch or gsplat)')
+    return name if means.is_cuda else 'pytorch'
+
+
 def rasterize_gaussians(means: torch.Tensor, covariances: torch.Tensor, opacities: torch.Tensor, features: torch.Tensor,
                         c: torch.Tensor, image_size: Union[int, Tuple[int, int]], background: Optional[torch.Tensor] = None, *,
                         backend: str = 'auto', eps2d: float = EPS2D, near_plane: float = NEAR_PLANE,
@@ -341,7 +354,7 @@ def rasterize_gaussians(means: torch.Tensor, covariances: torch.Tensor, opacitie
         c:           (B, 25+) camera labels (OpenCV cam2world + normalised intrinsics).
         image_size:  int or (H, W).
         background:  None (0), (B, C) or (B, C, H, W): what shows through where alpha < 1.
-        backend:     'auto' | 'pytorch' | 'gsplat' (module docstring).
+        backend:     'auto' | 'pytorch' | 'gsplat' ('auto': `auto_backend`; module docstring).
         tile_size:   tile side of the 'pytorch' backend (the result does not depend on it;
                      gsplat uses its own 16).
     Returns:
@@ -352,10 +365,12 @@ def rasterize_gaussians(means: torch.Tensor, covariances: torch.Tensor, opacitie
     if backend not in BACKENDS:
         raise ValueError(f"unknown Gaussian rasterizer backend {backend!r} (expected {', '.join(BACKENDS)})")
     if backend == 'auto':
-        backend = 'gsplat' if means.is_cuda and gsplat_available() else 'pytorch'
+        backend = auto_backend(means)
     if backend == 'gsplat':
         if not means.is_cuda:
             raise ValueError("the 'gsplat' Gaussian rasterizer backend needs CUDA tensors")
+        if not gsplat_available():
+            raise ValueError("the 'gsplat' Gaussian rasterizer backend needs the gsplat package (pip install gsplat)")
         acc, trans = _rasterize_gsplat(means, covariances, opacities, features, c, h, w, eps2d, near_plane)
     else:
         proj = project_gaussians(means, covariances, opacities, c, h, w, eps2d, near_plane)
