@@ -90,6 +90,14 @@ def test_bad_input():
         B.bias_act(torch.zeros(2, 3, dtype=torch.int64))
 
 
+def test_shape_checks_on_empty_input():
+    # An empty batch must not hide a wrong bias: the same error with and without elements.
+    for x in (torch.zeros(2, 5, 3), torch.zeros(0, 5, 3)):
+        for impl in (None, 'ref'):
+            with pytest.raises(ValueError, match=r'^bias_act: b must have shape \[5\] \(x.shape\[1\]\), got \(4,\)$'):
+                B.bias_act(x, torch.zeros(4), impl=impl)
+
+
 @pytest.mark.parametrize('act', sorted(CLOSED_FORMS))
 @pytest.mark.parametrize('clamp', [None, 0.7])
 def test_gradients(act, clamp):

@@ -402,3 +402,15 @@ def test_upfirdn2d_kernel_path_prepares_no_filter_per_call(pretend_kernels, monk
     xg = x.clone().requires_grad_(True)
     U.upfirdn2d(xg, None, up=2).sum().backward()
     assert torch.equal(xg.grad, torch.ones_like(x))
+
+
+def test_bias_act_kernel_path_passes_its_operands_as_they_are(pretend_kernels, monkeypatch):
+    # Odd strides where a size is 1 are no reason to copy (the kernel ignores them; see test_ops_gpu).
+    seen = []
+    op = B._bias_act_op
+    monkeypatch.setattr(B, '_bias_act_op', lambda x, b, *args: seen.append((x, b)) or op(x, b, *args))
+    x = torch.randn(135).as_strided((3, 5, 1, 9), (45, 9, 777, 1))
+    b = torch.randn(5)
+    y = B.bias_act(x, b, act='lrelu')
+    assert len(seen) == 1 and seen[0][0] is x and seen[0][1] is b
+    torch.testing.assert_close(y, B.bias_act(x, b, act='lrelu', impl='ref'))

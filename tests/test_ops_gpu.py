@@ -9,6 +9,7 @@ import warnings
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from torch_utils.ops import _build
 from torch_utils.ops import bias_act as B
@@ -232,3 +233,64 @@ def test_r1_second_derivative_matches_reference(reference_only):
         grads_ref = torch.autograd.grad(penalty(None), [w, b])
     for g, gr in zip(grads, grads_ref):
         assert_close(g, gr, 1e-9)
+
+
+# --- the extensions' own argument handling (what review found; each would have failed on the
+# .cu files before commit bf7b12b) ---------------------------------------------------------
+
+class _Copies(TorchDispatchMode):
+    """Counts tensor copies, including those the C++ extensions make (they go through the dispatcher)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in (torch.ops.aten.copy_.default, torch.ops.aten.clone.default):
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_bias_act_kernel_copies_no_operand_whose_strides_differ_only_in_size1_dims():
+    ext = _build.get_extension('bias_act', B.SOURCES)
+    shape, strides = (3, 5, 1, 9), (45, 9, 777, 1)                   # dense; odd stride where the size is 1
+    x = _inputs([135], torch.float32).as_strided(shape, strides)
+    dy = _inputs([135], torch.float32, seed=2).as_strided(shape, (45, 9, 12345, 1))
+    b = _inputs([5], torch.float32, seed=1)
+    spec = B.ACTIVATIONS['swish']
+    args = (1, spec.index, spec.alpha, spec.gain, -1.0)
+    with _Copies() as copies:
+        y = ext.bias_act(x, b, None, *args)
+        dx = ext.bias_act(x, b, dy, *args)
+    assert copies.count == 0
+    xr = x.double().requires_grad_(True)
+    ref = B._bias_act_ref(xr, b.double(), 1, 'swish', spec.alpha, spec.gain, -1.0)
+    assert_close(y, ref, TOL[torch.float32])
+    assert_close(dx, torch.autograd.grad(ref, xr, dy.double())[0], TOL[torch.float32])
+
+
+def test_bias_act_kernel_checks_shapes_on_empty_input():
+    ext = _build.get_extension('bias_act', B.SOURCES)
+    spec = B.ACTIVATIONS['lrelu']
+    args = (1, spec.index, spec.alpha, spec.gain, -1.0)
+    for shape in ((2, 5, 3), (0, 5, 3)):
+        x = torch.zeros(shape, device='cuda')
+        with pytest.raises(RuntimeError, match=r'bias_act: b must have shape \[x.shape\[dim\]\]'):
+            ext.bias_act(x, torch.zeros(4, device='cuda'), None, *args)
+        with pytest.raises(RuntimeError, match="bias_act: dy must have x's shape"):
+            ext.bias_act(x, None, torch.zeros(1, 4, 3, device='cuda'), *args)
+
+
+@pytest.mark.parametrize('up, down, padding', [
+    (1, (2 ** 31 + 1, 1), 0),               # a factor that wraps around in 32 bits
+    (1, 1, (2 ** 30, 0, 0, 0)),             # padding
+    (1, 1, (0, 0, 2 ** 62, 2 ** 62)),       # padding whose sum overflows 64 bits (was 'empty output')
+    ((2 ** 29, 1), 1, 0),                   # in_w * up
+])
+def test_upfirdn2d_kernel_refuses_what_32_bit_coordinates_cannot_hold(up, down, padding):
+    ext = _build.get_extension('upfirdn2d', U.SOURCES)
+    x = _inputs((1, 1, 4, 4), torch.float32)
+    f = torch.ones(1, 1, device='cuda')
+    (upx, upy), (downx, downy), pad = U.parse_scaling(up), U.parse_scaling(down), U.parse_padding(padding)
+    with pytest.raises(RuntimeError, match='too large for 32-bit coordinates'):
+        ext.upfirdn2d(x, f, upx, upy, downx, downy, *pad, False, 1.0)

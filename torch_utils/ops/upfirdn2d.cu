@@ -107,14 +107,19 @@ at::Tensor upfirdn2d_cuda(
 
     const int64_t batch = x.size(0), channels = x.size(1), in_h = x.size(2), in_w = x.size(3);
     const int64_t taps_h = f.size(0), taps_w = f.size(1);
+    // Every coordinate the kernel forms in 32-bit ints (u-rows, output rows x down, taps, filter
+    // index, padding) stays below 2^30 in magnitude, so sums of two stay below 2^31. The single
+    // values first: then no product or sum below can overflow 64 bits.
+    const int64_t limit = int64_t(1) << 30;
+    for (const int64_t v : {in_h, in_w, taps_h, taps_w, upx, upy, downx, downy})
+        TORCH_CHECK(v < limit, "upfirdn2d: sizes, taps or factors too large for 32-bit coordinates");
+    for (const int64_t v : {padx0, padx1, pady0, pady1})
+        TORCH_CHECK(v > -limit && v < limit, "upfirdn2d: padding too large for 32-bit coordinates");
+    TORCH_CHECK(in_h * upy + pady0 + pady1 - taps_h >= 0 && in_w * upx + padx0 + padx1 - taps_w >= 0, "upfirdn2d: empty output");
     const int64_t out_h = (in_h * upy + pady0 + pady1 - taps_h) / downy + 1;
     const int64_t out_w = (in_w * upx + padx0 + padx1 - taps_w) / downx + 1;
-    TORCH_CHECK(in_h * upy + pady0 + pady1 - taps_h >= 0 && in_w * upx + padx0 + padx1 - taps_w >= 0, "upfirdn2d: empty output");
-    // Every coordinate the kernel forms in 32-bit ints (u-rows, output rows x down, taps, padding) stays below 2^30.
-    const int64_t limit = int64_t(1) << 30;
-    for (const int64_t v : {in_h * upy, in_w * upx, out_h * downy, out_w * downx, taps_h, taps_w, upx, upy, downx, downy,
-                            std::abs(padx0), std::abs(padx1), std::abs(pady0), std::abs(pady1)})
-        TORCH_CHECK(v < limit, "upfirdn2d: sizes, padding, taps or factors too large for 32-bit coordinates");
+    for (const int64_t v : {in_h * upy, in_w * upx, out_h * downy, out_w * downx, taps_h * taps_w})
+        TORCH_CHECK(v < limit, "upfirdn2d: sizes, taps or factors too large for 32-bit coordinates");
     TORCH_CHECK(batch * channels < (int64_t(1) << 31), "upfirdn2d: batch x channels too large for 32-bit coordinates");
 
     const bool channels_last = x.is_contiguous(at::MemoryFormat::ChannelsLast) && !x.is_contiguous();
