@@ -9,6 +9,7 @@ import torch
 from torch_utils import persistence
 from training import coords
 from training.networks_stylegan2 import FullyConnectedLayer
+from training import triplane_decoder
 from training.triplane_decoder import OSGDecoder
 from training.volumetric_rendering.ray_marcher import MipRayMarcher2
 from training.volumetric_rendering.ray_sampler import RaySampler
@@ -194,6 +195,17 @@ def test_sample_plane_mean_equals_grid_sample_mean(plane_axes, box_warp):
     torch.testing.assert_close(torch.autograd.grad(got, planes, grad)[0], torch.autograd.grad(expected, planes, grad)[0],
                                atol=1e-12, rtol=0)
     assert got[:, 5].abs().max() == 0        # far outside: zero padding
+
+
+def test_sample_plane_mean_fast_path_gradcheck():
+    # The CPU path's own backward (index_add_ into the channels-last table) against finite
+    # differences, with points inside, on the border texels and outside the planes.
+    torch.manual_seed(1)
+    planes = torch.randn(2, 3, 3, 4, 5, dtype=torch.float64, requires_grad=True)
+    points = (torch.rand(2, 40, 3, dtype=torch.float64) * 2 - 1) * 0.6
+    points[:, :3] = torch.tensor([[0.5, -0.5, 0.45], [0.52, 0.1, -0.2], [3.0, 0.0, 0.0]], dtype=torch.float64)
+    assert points.shape[1] >= 4 * 5          # enough points for the fast path
+    assert torch.autograd.gradcheck(lambda p: sample_plane_mean(p, points, plane_axes='next3d'), (planes,))
 
 
 def test_renderer_fast_plane_mean_path_matches_per_plane_path():
@@ -537,18 +549,51 @@ def test_decoder_parameter_count_and_output():
     torch.testing.assert_close(decoder(shuffled, None)['sigma'], out['sigma'])
 
 
-def test_decoder_without_autograd_matches_autograd_path():
-    # Without gradients the CPU decoder runs a few thousand points at a time: same values.
+def _decoder_reference(decoder, features):
+    """OSGDecoder's layers as plain modules (its path off the CPU): sigma, rgb."""
+    out = decoder.net(features.reshape(-1, features.shape[-1]))
+    return out[:, :1], torch.sigmoid(out[:, 1:]) * 1.002 - 0.001
+
+
+def test_decoder_cpu_path_matches_module_path():
+    # The CPU decoder runs a few thousand points at a time, forward and backward (its own
+    # backward): the same values and gradients as the layers run as modules by autograd.
     torch.manual_seed(0)
     decoder = OSGDecoder(n_features=5, hidden_dim=7, decoder_output_dim=3, decoder_lr_mul=0.5).double()
-    features = torch.randn(2, 10000, 5, dtype=torch.float64) * 3      # 20000 points: several chunks, the last partial
-    with_grad = decoder.forward_plane_mean(features, None)
+    features = (torch.randn(2, 10000, 5, dtype=torch.float64) * 3).requires_grad_()   # several chunks, the last partial
+    features.data[0, :5] *= 10                                                     # softplus past its linear threshold
+    got = decoder.forward_plane_mean(features, None)
+    sigma, rgb = _decoder_reference(decoder, features)
+    torch.testing.assert_close(got['sigma'].reshape(-1, 1), sigma, atol=1e-12, rtol=0)
+    torch.testing.assert_close(got['rgb'].reshape(-1, 3), rgb, atol=1e-12, rtol=0)
+    grad_sigma, grad_rgb = torch.randn_like(sigma), torch.randn_like(rgb)
+    params = [features] + list(decoder.parameters())
+    got_grads = torch.autograd.grad([got['sigma'].reshape(-1, 1), got['rgb'].reshape(-1, 3)], params, [grad_sigma, grad_rgb],
+                                    retain_graph=True)
+    ref_grads = torch.autograd.grad([sigma, rgb], params, [grad_sigma, grad_rgb], retain_graph=True)
+    for a, b in zip(got_grads, ref_grads):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-12)
+    # Only sigma used (the density regularisation), planes frozen: the parameters' gradients alone.
+    got_grads = torch.autograd.grad(got['sigma'].sum(), list(decoder.parameters()), retain_graph=True)
+    ref_grads = torch.autograd.grad(sigma.sum(), list(decoder.parameters()))
+    for a, b in zip(got_grads, ref_grads):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-12)
     with torch.no_grad():
         without = decoder.forward_plane_mean(features, None)
-    for key in ('rgb', 'sigma'):
-        assert without[key].shape == with_grad[key].shape
-        torch.testing.assert_close(without[key], with_grad[key].detach(), atol=1e-12, rtol=0)
-    assert with_grad['rgb'].requires_grad and not without['rgb'].requires_grad
+    assert not without['rgb'].requires_grad
+    torch.testing.assert_close(without['rgb'], got['rgb'].detach(), atol=0, rtol=0)
+
+
+def test_decoder_cpu_path_gradcheck(monkeypatch):
+    monkeypatch.setattr(triplane_decoder._DecodeCPU, 'CHUNK', 4)     # 3 chunks, the last partial
+    torch.manual_seed(0)
+    decoder = OSGDecoder(n_features=3, hidden_dim=4, decoder_output_dim=2).double().requires_grad_(True)
+    features = torch.randn(1, 10, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda f: tuple(decoder.forward_plane_mean(f, None).values()), (features,))
+    assert torch.autograd.gradcheck(
+        lambda f, w1, b1, w2, b2: triplane_decoder._DecodeCPU.apply(f.reshape(-1, 3), w1, b1, w2, b2),
+        (features, torch.randn(4, 3, dtype=torch.float64, requires_grad=True), torch.randn(4, dtype=torch.float64, requires_grad=True),
+         torch.randn(3, 4, dtype=torch.float64, requires_grad=True), torch.randn(3, dtype=torch.float64, requires_grad=True)))
 
 
 def test_decoder_matches_explicit_mlp():
