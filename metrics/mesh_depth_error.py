@@ -53,17 +53,25 @@ def mesh_ray_depth(v: torch.Tensor, faces: torch.Tensor, c: torch.Tensor, resolu
     return z * norm[:, None], region
 
 
+def face_region_buffers(G, metric: str):
+    """G's mesh faces (F, 3) and, when it has them, its (uvcoords, uvfaces, uv_mask) for `mesh_ray_depth`.
+
+    Raises ValueError naming `metric` for a generator that is not mesh-driven or lacks its topology.
+    """
+    rasterizer = getattr(G, 'rasterizer', None)
+    if rasterizer is None or not getattr(G, 'topology_loaded', True):
+        raise ValueError(f'{metric} needs a mesh-driven (Next3D) generator with its topology loaded')
+    uv = None
+    if all(hasattr(rasterizer, k) for k in ('uvcoords', 'uvfaces', 'uv_mask')):
+        uv = (rasterizer.uvcoords, rasterizer.uvfaces, rasterizer.uv_mask)
+    return rasterizer.faces, uv
+
+
 @torch.no_grad()
 def compute_mesh_depth_error(opts: metric_utils.MetricOptions, num_gen: int) -> float:
     """Mean |image_depth - mesh depth| (world units) over the face region of `num_gen` samples (shared by the ranks)."""
     G = copy.deepcopy(opts.G).eval().requires_grad_(False).to(opts.device)
-    rasterizer = getattr(G, 'rasterizer', None)
-    if rasterizer is None or not getattr(G, 'topology_loaded', True):
-        raise ValueError('mesh_depth_err needs a mesh-driven (Next3D) generator with its topology loaded')
-    faces = rasterizer.faces.to(opts.device)
-    uv = None
-    if all(hasattr(rasterizer, k) for k in ('uvcoords', 'uvfaces', 'uv_mask')):
-        uv = (rasterizer.uvcoords.to(opts.device), rasterizer.uvfaces.to(opts.device), rasterizer.uv_mask.to(opts.device))
+    faces, uv = face_region_buffers(G, 'mesh_depth_err')
     inputs = metric_utils.iterate_generator_inputs(opts, opts.batch_size, seed=1)
     total = torch.zeros([], dtype=torch.float64, device=opts.device)
     count = torch.zeros([], dtype=torch.float64, device=opts.device)

