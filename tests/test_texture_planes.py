@@ -263,6 +263,30 @@ def test_gradients_reach_the_texture():
     assert tex.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize('layout', ['aligned', 'released'])
+def test_texture_lookup_table_path_matches_grid_sample(monkeypatch, layout):
+    # Renders of 16 x 16 pixels read an 8 x 8 texture through bilinear_mean's CPU table path
+    # (4 views x 256 pixels >= 64 texels): the same renders and texture gradient as grid_sample.
+    from torch_utils.ops import bilinear_mean as BM
+    verts, faces = ellipsoid(subdivisions=2)
+    mod, _ = make_module(verts, faces, 16, layout=layout)
+    mod = mod.double()
+    tex = torch.randn(2, 3, 8, 8, dtype=torch.float64, requires_grad=True)
+    v = torch.stack([verts, verts * 1.1]).double()
+    outs, grads = [], []
+    for reference in (False, True):
+        if reference:
+            monkeypatch.setattr(BM, 'bilinear_mean', lambda im, g: F.grid_sample(
+                im[:, 0], g[:, 0, None], mode='bilinear', padding_mode='zeros', align_corners=False)[:, :, 0].transpose(1, 2))
+        out = mod(v, tex)
+        outs.append(out)
+        grads.append(torch.autograd.grad(sum((out[k] * (i + 1)).sum() for i, k in enumerate(['front', 'side', 'top'])), tex)[0])
+    for key in outs[0]:
+        torch.testing.assert_close(outs[0][key], outs[1][key], atol=1e-12, rtol=0)
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-12, rtol=0)
+    assert outs[0]['front'].abs().sum() > 0 and grads[0].abs().sum() > 0
+
+
 def test_persistence_round_trip_and_bad_input(tmp_path):
     verts, faces = ellipsoid(subdivisions=1)
     mod, uv = make_module(verts, faces, 16, layout='released', side_alpha='released')

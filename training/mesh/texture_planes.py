@@ -46,6 +46,7 @@ import torch
 import torch.nn.functional as F
 
 from torch_utils import misc, persistence
+from torch_utils.ops import bilinear_mean
 from training import coords
 from training.mesh.rasterize import rasterize
 
@@ -254,7 +255,9 @@ class TexturePlaneRasterizer(torch.nn.Module):
         grid = (frag.bary.reshape(4, bsz, res * res, 3)[..., None] * corner_grid).sum(-2).to(texture.dtype)
         grid = torch.where(covered, grid, torch.full_like(grid, _OUTSIDE_GRID))
         sample = lambda img, g: F.grid_sample(img, g, mode='bilinear', padding_mode='zeros', align_corners=False)
-        render = sample(texture, grid.transpose(0, 1)).permute(2, 0, 1, 3)                # (4, B, C, HW), image b reads texture b
+        # Image b reads texture b: (B, 4 HW, C) rows (on the CPU a weighted sum of 4 texels per pixel) -> (4, B, C, HW).
+        render = bilinear_mean.bilinear_mean(texture[:, None], grid.transpose(0, 1).reshape(bsz, 1, 4 * res * res, 2))
+        render = render.reshape(bsz, 4, res * res, -1).permute(1, 0, 3, 2)
         if self.layout == 'released':                            # empty pixels: texture at the UV centre
             centre = F.grid_sample(texture, texture.new_zeros(bsz, 1, 1, 2), align_corners=False)[:, :, 0, 0]
             render = torch.where(covered.transpose(2, 3), render, centre[None, :, :, None])

@@ -29,6 +29,7 @@ import torch
 
 from torch_utils import misc
 from torch_utils import persistence
+from torch_utils.ops import bilinear_mean
 from training import coords
 from training.volumetric_rendering.ray_marcher import MipRayMarcher2
 
@@ -66,7 +67,8 @@ def sample_plane_mean(planes: torch.Tensor, coordinates: torch.Tensor, plane_axe
     """Mean of the three planes' bilinear samples at world points: what OSGDecoder reads.
 
     Equals sample_from_planes(planes, coordinates, plane_axes, box_warp).mean(1) (bilinear,
-    zero padding, align_corners=False) up to float rounding.
+    zero padding, align_corners=False) up to float rounding; on the CPU without gradients
+    for the points, as one weighted sum of 12 texels per point (ops.bilinear_mean).
 
     Args:
         planes:      (B, 3, C, H, W), as sample_from_planes.
@@ -75,87 +77,9 @@ def sample_plane_mean(planes: torch.Tensor, coordinates: torch.Tensor, plane_axe
         (B, N, C), in float32 for half-precision planes.
     """
     misc.assert_shape(planes, [None, 3, None, None, None], 'planes')
-    batch_size, _, channels, height, width = planes.shape
-    misc.assert_shape(coordinates, [batch_size, None, 3], 'coordinates')
-    # The CPU path pays a channels-last copy of the planes: worth it from about as many
-    # points as a plane has texels (rendering; not the density regularization's points).
-    if planes.device.type != 'cpu' or coordinates.requires_grad or coordinates.shape[1] < height * width:
-        return sample_from_planes(planes, coordinates, plane_axes=plane_axes, box_warp=box_warp).mean(dim=1)
-    dtype = torch.promote_types(planes.dtype, torch.float32)
-    return _PlaneMeanCPU.apply(planes.to(dtype), coordinates.to(dtype), plane_axes, box_warp)
-
-
-class _PlaneMeanCPU(torch.autograd.Function):
-    """sample_plane_mean on the CPU. grid_sample's CPU forward writes the three per-plane
-    samples, 3x wider than their mean, in a layout the decoder must transpose. Here the
-    forward is one weighted sum of the 3 x 4 texels around each point (F.embedding_bag
-    over a channels-last copy of the planes with a zero border, so that corners outside
-    a plane read zeros without masks), written in the decoder's row layout. The backward
-    scatters the same weights back into the channels-last table with index_add_, a few
-    thousand points at a time (their 12 weighted gradient rows stay in the cache): rows of
-    C floats instead of grid_sample's backward, which adds one float per channel plane
-    (3x slower on one CPU thread), or embedding_bag's, which sorts its 12 N indices first.
-    Gradients reach the planes only."""
-
-    BORDER = 2      # zero texels around each plane: far-away points are clamped onto them
-    CHUNK = 2048    # points per index_add_ in the backward
-
-    @staticmethod
-    def forward(ctx, planes: torch.Tensor, coordinates: torch.Tensor, plane_axes: str, box_warp: float) -> torch.Tensor:
-        batch_size, _, channels, height, width = planes.shape
-        num_points = coordinates.shape[1]
-        pad = _PlaneMeanCPU.BORDER
-        padded_h, padded_w = height + 2 * pad, width + 2 * pad
-        # The table: zero-bordered planes, channels last. Per plane a 2-D transpose, which
-        # PyTorch copies blockwise (a batched strided copy is twice as slow).
-        bordered = torch.nn.functional.pad(planes.reshape(batch_size * 3, channels, height, width), [pad] * 4)
-        bordered = bordered.reshape(batch_size * 3, channels, padded_h * padded_w)
-        table = planes.new_empty(batch_size * 3, padded_h * padded_w, channels)
-        for i in range(batch_size * 3):
-            table[i].copy_(bordered[i].t())
-        index_dtype = torch.int64     # index_add_ (backward) is slower with int32 indices
-        axes = coords.PLANE_AXES[plane_axes]
-        corner = []
-        weight = []
-        for k, size in ((0, width), (1, height)):
-            # Texel coordinate on each plane, points first (B, N, 3), as grid_sample computes it
-            # from project_onto_planes' grid (align_corners=False: texel centres at integers).
-            t = coordinates[..., [ab[k] for ab in axes]]
-            t.mul_(2 / box_warp).add_(1).mul_(size).sub_(1).div_(2)
-            t0 = t.floor()
-            w1 = t.sub_(t0)                                        # weight of the upper corner
-            weight.append((1 - w1, w1))
-            corner.append(t0.clamp_(-pad, size).add_(pad).to(index_dtype))   # clamped into the zero border
-        plane = torch.arange(batch_size * 3, dtype=index_dtype).reshape(batch_size, 1, 3)
-        base = (plane * padded_h + corner[1]) * padded_w + corner[0]
-        # Bags of 12 texels per point: 3 planes x 4 corners (y0 x0, y0 x1, y1 x0, y1 x1).
-        texel = base.unsqueeze(-1) + torch.tensor([0, 1, padded_w, padded_w + 1], dtype=index_dtype)
-        (wx0, wx1), (wy0, wy1) = weight
-        wy0.mul_(1 / 3), wy1.mul_(1 / 3)                           # the mean of the planes
-        weights = planes.new_empty(batch_size, num_points, 3, 4)
-        for j, (wy, wx) in enumerate(((wy0, wx0), (wy0, wx1), (wy1, wx0), (wy1, wx1))):
-            torch.mul(wy, wx, out=weights[..., j])
-        out = torch.nn.functional.embedding_bag(texel.reshape(-1, 12), table.reshape(-1, channels),
-                                                per_sample_weights=weights.reshape(-1, 12), mode='sum')
-        ctx.save_for_backward(texel, weights)
-        ctx.planes_shape = planes.shape
-        return out.reshape(batch_size, num_points, channels)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad: torch.Tensor):
-        texel, weights = ctx.saved_tensors
-        batch_size, _, channels, height, width = ctx.planes_shape
-        pad = _PlaneMeanCPU.BORDER
-        texel, weights = texel.reshape(-1, 12), weights.reshape(-1, 12)
-        grad = grad.reshape(-1, channels)
-        table = grad.new_zeros(batch_size * 3 * (height + 2 * pad) * (width + 2 * pad), channels)
-        for i in range(0, len(grad), _PlaneMeanCPU.CHUNK):
-            rows = torch.mul(grad[i:i + _PlaneMeanCPU.CHUNK, None, :], weights[i:i + _PlaneMeanCPU.CHUNK, :, None])
-            table.index_add_(0, texel[i:i + _PlaneMeanCPU.CHUNK].reshape(-1), rows.reshape(-1, channels))
-        table = table.reshape(batch_size, 3, height + 2 * pad, width + 2 * pad, channels)
-        grad_planes = table[:, :, pad:-pad, pad:-pad].permute(0, 1, 4, 2, 3).contiguous()
-        return grad_planes, None, None, None
+    misc.assert_shape(coordinates, [planes.shape[0], None, 3], 'coordinates')
+    grid = coords.project_onto_planes(coordinates, plane_axes=plane_axes, box_warp=box_warp)   # (B, 3, N, 2)
+    return bilinear_mean.bilinear_mean(planes, grid)
 
 
 def ray_box_intersection(ray_origins: torch.Tensor, ray_directions: torch.Tensor, box_side: float):

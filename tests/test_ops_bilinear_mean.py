@@ -1,0 +1,71 @@
+"""bilinear_mean: the CPU table path against grid_sample (values, gradients), finite differences, fallbacks."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from torch_utils.ops import bilinear_mean as BM
+
+
+def grid_sample_mean(images, grid):
+    """The definition: per image grid_sample (bilinear, zeros, align_corners=False), mean over images, points first."""
+    samples = [F.grid_sample(images[:, p], grid[:, p, None], mode='bilinear', padding_mode='zeros', align_corners=False)[:, :, 0]
+               for p in range(images.shape[1])]
+    return torch.stack(samples, dim=1).mean(dim=1).transpose(1, 2)
+
+
+def make_grid(batch, num_images, num_points, seed=0):
+    """Points inside, on texel centres and edges, just outside and far outside [-1, 1]."""
+    g = torch.Generator().manual_seed(seed)
+    grid = (torch.rand(batch, num_images, num_points, 2, generator=g, dtype=torch.float64) * 2 - 1) * 1.3
+    grid[:, :, :6] = torch.tensor([[0.0, 0.0], [1 / 8, -3 / 8], [1.0, -1.0], [-1.0, 1.0], [1.02, 0.3], [-40.0, 25.0]],
+                                  dtype=torch.float64)
+    return grid
+
+
+@pytest.mark.parametrize('num_images', [1, 3])
+def test_cpu_path_equals_grid_sample_mean(num_images):
+    torch.manual_seed(0)
+    images = torch.randn(2, num_images, 5, 8, 6, dtype=torch.float64, requires_grad=True)
+    grid = make_grid(2, num_images, 120)
+    assert grid.shape[2] >= 8 * 6                # enough points for the table path
+    got = BM.bilinear_mean(images, grid)
+    expected = grid_sample_mean(images, grid)
+    assert got.shape == (2, 120, 5)
+    torch.testing.assert_close(got, expected, atol=1e-12, rtol=0)
+    assert got[:, 5].abs().max() == 0            # far outside: zero padding
+    grad = torch.randn_like(got)
+    torch.testing.assert_close(torch.autograd.grad(got, images, grad)[0], torch.autograd.grad(expected, images, grad)[0],
+                               atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize('num_images', [1, 3])
+def test_cpu_path_gradcheck(monkeypatch, num_images):
+    monkeypatch.setattr(BM._BilinearMeanCPU, 'CHUNK', 7)     # several backward chunks, the last partial
+    images = torch.randn(2, num_images, 3, 4, 5, dtype=torch.float64, requires_grad=True)
+    grid = make_grid(2, num_images, 30, seed=1)
+    assert torch.autograd.gradcheck(lambda im: BM.bilinear_mean(im, grid), (images,))
+
+
+def test_grid_gradient_and_few_points_use_grid_sample():
+    images = torch.randn(1, 3, 2, 8, 8, dtype=torch.float64)
+    grid = make_grid(1, 3, 100).requires_grad_(True)           # points that want a gradient
+    got = BM.bilinear_mean(images, grid)
+    assert got.grad_fn is not None and 'BilinearMeanCPU' not in type(got.grad_fn).__name__
+    torch.testing.assert_close(got, grid_sample_mean(images, grid))
+    assert torch.autograd.grad(got.sum(), grid)[0].abs().sum() > 0
+    few = BM.bilinear_mean(images.requires_grad_(True), make_grid(1, 3, 10))   # fewer points than texels
+    assert 'BilinearMeanCPU' not in type(few.grad_fn).__name__
+
+
+def test_half_precision_images_sample_in_float32():
+    images = torch.randn(1, 1, 4, 8, 8).half()
+    grid = make_grid(1, 1, 100).float()
+    got = BM.bilinear_mean(images, grid)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, grid_sample_mean(images.float(), grid))
+
+
+def test_bad_shapes():
+    with pytest.raises(AssertionError):
+        BM.bilinear_mean(torch.zeros(1, 3, 2, 4, 4), torch.zeros(1, 2, 10, 2))

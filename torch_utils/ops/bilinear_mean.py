@@ -1,0 +1,111 @@
+"""Mean of bilinear samples of several images, each at its own points.
+
+    bilinear_mean(images (B, P, C, H, W), grid (B, P, N, 2)) -> (B, N, C)
+        = mean over p of grid_sample(images[:, p], grid[:, p, None]) (bilinear, zero padding,
+          align_corners=False), points first.
+
+What the tri-plane decoder reads (P = 3 planes at the projections of one point) and what
+the texture rasterizer reads (P = 1 texture at the pixels' UVs). On the CPU, with at least
+as many points as an image has texels and no gradient wanted for the grid, it runs as a
+weighted sum of table rows (see _BilinearMeanCPU); elsewhere it is grid_sample.
+"""
+
+import torch
+
+from torch_utils import misc
+
+
+def bilinear_mean(images: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+    """Args:
+        images: (B, P, C, H, W).
+        grid:   (B, P, N, 2) grid_sample coordinates on image p: x (column) then y (row),
+                -1 and 1 at the outer edges of the border texels.
+    Returns:
+        (B, N, C), in float32 for half-precision images; points outside an image read zeros
+        there. Gradients reach the images, and the grid on the grid_sample path.
+    """
+    misc.assert_shape(images, [None, None, None, None, None], 'images')
+    batch_size, num_images, channels, height, width = images.shape
+    misc.assert_shape(grid, [batch_size, num_images, None, 2], 'grid')
+    num_points = grid.shape[2]
+    # Half-precision grids cannot address a 256 texel image to better than ~0.1 texel: sample in float32 or wider.
+    dtype = torch.promote_types(images.dtype, torch.float32)
+    images, grid = images.to(dtype), grid.to(dtype)
+    # The CPU path pays a channels-last copy of the images: worth it from about as many
+    # points as an image has texels.
+    if images.device.type == 'cpu' and not grid.requires_grad and num_points >= height * width:
+        return _BilinearMeanCPU.apply(images, grid)
+    samples = torch.nn.functional.grid_sample(images.reshape(batch_size * num_images, channels, height, width),
+                                              grid.reshape(batch_size * num_images, 1, num_points, 2),
+                                              mode='bilinear', padding_mode='zeros', align_corners=False)
+    return samples.reshape(batch_size, num_images, channels, num_points).mean(dim=1).transpose(1, 2)
+
+
+class _BilinearMeanCPU(torch.autograd.Function):
+    """bilinear_mean on the CPU. grid_sample's CPU forward writes every image's samples
+    channels first (P times wider than their mean, in a layout the callers transpose), and
+    its backward adds one float per channel plane. Here the forward is one weighted sum of
+    the P x 4 texels around each point (F.embedding_bag over a channels-last copy of the
+    images with a zero border, so that corners outside an image read zeros without masks),
+    written points first. The backward scatters the same weights back into the table with
+    index_add_, a few thousand points at a time (their weighted gradient rows stay in the
+    cache): about 3x faster than grid_sample's backward on one CPU thread, and faster than
+    embedding_bag's own, which sorts its indices first. Gradients reach the images only."""
+
+    BORDER = 2      # zero texels around each image: far-away points are clamped onto them
+    CHUNK = 2048    # points per index_add_ in the backward
+
+    @staticmethod
+    def forward(ctx, images: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+        batch_size, num_images, channels, height, width = images.shape
+        num_points = grid.shape[2]
+        pad = _BilinearMeanCPU.BORDER
+        padded_h, padded_w = height + 2 * pad, width + 2 * pad
+        # The table: zero-bordered images, channels last. Per image a 2-D transpose, which
+        # PyTorch copies blockwise (a batched strided copy is twice as slow).
+        bordered = torch.nn.functional.pad(images.reshape(batch_size * num_images, channels, height, width), [pad] * 4)
+        bordered = bordered.reshape(batch_size * num_images, channels, padded_h * padded_w)
+        table = images.new_empty(batch_size * num_images, padded_h * padded_w, channels)
+        for i in range(batch_size * num_images):
+            table[i].copy_(bordered[i].t())
+        corner = []
+        weight = []
+        for k, size in ((0, width), (1, height)):
+            # Texel coordinate, points first (B, N, P), as grid_sample unnormalizes it
+            # (align_corners=False: texel centres at integers).
+            t = grid[..., k].transpose(1, 2).add(1)
+            t.mul_(size).sub_(1).div_(2)
+            t0 = t.floor()
+            w1 = t.sub_(t0)                                        # weight of the upper corner
+            weight.append((1 - w1, w1))
+            # Clamped into the zero border; int64: index_add_ (backward) is slower with int32.
+            corner.append(t0.clamp_(-pad, size).add_(pad).to(torch.int64))
+        image = torch.arange(batch_size * num_images).reshape(batch_size, 1, num_images)
+        base = (image * padded_h + corner[1]) * padded_w + corner[0]
+        # Bags of 4 P texels per point: P images x 4 corners (y0 x0, y0 x1, y1 x0, y1 x1).
+        texel = base.unsqueeze(-1) + torch.tensor([0, 1, padded_w, padded_w + 1])
+        (wx0, wx1), (wy0, wy1) = weight
+        if num_images > 1:
+            wy0.mul_(1 / num_images), wy1.mul_(1 / num_images)       # the mean of the images
+        weights = images.new_empty(batch_size, num_points, num_images, 4)
+        for j, (wy, wx) in enumerate(((wy0, wx0), (wy0, wx1), (wy1, wx0), (wy1, wx1))):
+            torch.mul(wy, wx, out=weights[..., j])
+        texel, weights = texel.reshape(-1, 4 * num_images), weights.reshape(-1, 4 * num_images)
+        out = torch.nn.functional.embedding_bag(texel, table.reshape(-1, channels), per_sample_weights=weights, mode='sum')
+        ctx.save_for_backward(texel, weights)
+        ctx.images_shape = images.shape
+        return out.reshape(batch_size, num_points, channels)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        texel, weights = ctx.saved_tensors
+        batch_size, num_images, channels, height, width = ctx.images_shape
+        pad, chunk = _BilinearMeanCPU.BORDER, _BilinearMeanCPU.CHUNK
+        grad = grad.reshape(-1, channels)
+        table = grad.new_zeros(batch_size * num_images * (height + 2 * pad) * (width + 2 * pad), channels)
+        for i in range(0, len(grad), chunk):
+            rows = torch.mul(grad[i:i + chunk, None, :], weights[i:i + chunk, :, None])
+            table.index_add_(0, texel[i:i + chunk].reshape(-1), rows.reshape(-1, channels))
+        table = table.reshape(batch_size, num_images, height + 2 * pad, width + 2 * pad, channels)
+        return table[:, :, pad:-pad, pad:-pad].permute(0, 1, 4, 2, 3).contiguous(), None
