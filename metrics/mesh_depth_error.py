@@ -8,6 +8,10 @@ is the mean absolute difference over the face region: pixels where the mesh is v
 and its face/eye UV mask (the generator's topology buffers) is at least 0.5. Hair, the
 back of the head and the background are not constrained by the mesh and are left out.
 A generator without a UV mask uses every pixel the mesh covers.
+
+Samples: z, camera labels and driving meshes of `num_gen` dataset items drawn with seed 1
+(`metric_utils.iterate_generator_inputs`), G's random depth samples from a generator seeded
+with RENDER_SEED: the value repeats exactly for the same count and batch size.
 """
 
 import copy
@@ -19,6 +23,7 @@ from training import coords
 from training.mesh import rasterize as raster
 
 NUM_LANDMARKS = 68
+RENDER_SEED = 0       # of the renderer's random depth samples (`metric_utils.render_generator`)
 
 
 def mesh_ray_depth(v: torch.Tensor, faces: torch.Tensor, c: torch.Tensor, resolution: int, uv: tuple = None):
@@ -72,6 +77,7 @@ def compute_mesh_depth_error(opts: metric_utils.MetricOptions, num_gen: int) -> 
     """Mean |image_depth - mesh depth| (world units) over the face region of `num_gen` samples (shared by the ranks)."""
     G = copy.deepcopy(opts.G).eval().requires_grad_(False).to(opts.device)
     faces, uv = face_region_buffers(G, 'mesh_depth_err')
+    generator = metric_utils.render_generator(opts, RENDER_SEED)
     inputs = metric_utils.iterate_generator_inputs(opts, opts.batch_size, seed=1)
     total = torch.zeros([], dtype=torch.float64, device=opts.device)
     count = torch.zeros([], dtype=torch.float64, device=opts.device)
@@ -81,7 +87,7 @@ def compute_mesh_depth_error(opts: metric_utils.MetricOptions, num_gen: int) -> 
         z, c, v = next(inputs)
         n = min(opts.batch_size, num_gen - done)
         z, c, v = z[:n], c[:n], v[:n]
-        out = G(z=z, c=c[:, :max(int(G.c_dim), 25)], v=v, noise_mode='const')
+        out = G(z=z, c=c[:, :max(int(G.c_dim), 25)], v=v, noise_mode='const', generator=generator)
         depth = out['image_depth']
         mesh_depth, covered = mesh_ray_depth(v[:, :-NUM_LANDMARKS], faces, c[:, :25], depth.shape[-1], uv)
         total += ((depth - mesh_depth).abs() * covered).sum().double()

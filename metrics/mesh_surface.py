@@ -65,7 +65,7 @@ def compute_mesh_surface(opts: metric_utils.MetricOptions, num_gen: int, name: s
     G = copy.deepcopy(opts.G).eval().requires_grad_(False).to(opts.device)
     faces, uv = mesh_depth_error.face_region_buffers(G, name)
     offsets = OFFSETS.to(opts.device)
-    generator = torch.Generator(device=opts.device).manual_seed(RENDER_SEED * opts.num_gpus + opts.rank)
+    generator = metric_utils.render_generator(opts, RENDER_SEED)
     inputs = metric_utils.iterate_generator_inputs(opts, opts.batch_size, seed=1)
     # Sums over this rank's rays and samples: opacity, face rays, density per offset, correlations, samples counted.
     sums = torch.zeros(4 + len(offsets), dtype=torch.float64, device=opts.device)

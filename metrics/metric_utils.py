@@ -155,6 +155,13 @@ def compute_feature_stats_for_dataset(opts: MetricOptions, max_items: int = None
     return stats
 
 
+def render_generator(opts: MetricOptions, seed: int) -> torch.Generator:
+    """A torch.Generator on opts.device for G's renderer (its random depth samples), seeded per
+    rank as `iterate_generator_inputs` seeds its inputs: a metric's value then repeats exactly,
+    whatever drew from torch's global generator before."""
+    return torch.Generator(device=opts.device).manual_seed(seed * opts.num_gpus + opts.rank)
+
+
 def iterate_generator_inputs(opts: MetricOptions, batch_size: int, seed: int = 0, images: bool = False):
     """Endless (z, c, v) batches: z ~ N(0, I), labels and meshes of random dataset items;
     with `images`, (z, c, v, the items' images as uint8 (N, C, H, W) on the CPU)."""

@@ -519,7 +519,7 @@ def test_mesh_depth_error_averages_over_the_mesh_only(data):
             self.rasterizer = torch.nn.Module()
             self.rasterizer.register_buffer('faces', faces)
 
-        def forward(self, z, c, v, noise_mode='const'):
+        def forward(self, z, c, v, noise_mode='const', generator=None):
             depth, covered = mesh_depth_error.mesh_ray_depth(v[:, :-68], self.rasterizer.faces, c, 8)
             return dict(image_depth=torch.where(covered, depth + 0.1, torch.full_like(depth, 100.0)))
 
@@ -531,3 +531,17 @@ def test_mesh_depth_error_averages_over_the_mesh_only(data):
     opts.G = torch.nn.Linear(1, 1)
     with pytest.raises(ValueError, match='mesh-driven'):
         mesh_depth_error.compute_mesh_depth_error(opts, num_gen=4)
+
+
+def test_mesh_depth_error_of_an_untrained_next3d_repeats_whatever_torch_drew_before(tmp_path):
+    # The renderer's random depth samples come from a generator seeded by the metric, not from
+    # torch's global one: the value does not depend on what ran before.
+    data = th.make_dataset(str(tmp_path / 'head'), count=4, resolution=64, template=configs.BUNDLED_TEMPLATE)
+    torch.manual_seed(0)
+    opts = metric_utils.MetricOptions(G=configs.make_generator('tiny64'), batch_size=2,
+                                      dataset_kwargs=dict(class_name='training.dataset.MeshImageDataset', path=data))
+    values = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        values.append(mesh_depth_error.compute_mesh_depth_error(opts, num_gen=4))
+    assert values[0] == values[1] and 0 < values[0] < 1, values
