@@ -178,7 +178,7 @@ def test_sample_from_planes_gradcheck():
 
 @pytest.mark.parametrize('plane_axes, box_warp', [('next3d', 1.0), ('eg3d', 2.0)])
 def test_sample_plane_mean_equals_grid_sample_mean(plane_axes, box_warp):
-    # The CPU path (embedding_bag forward, per-plane grid_sample backward) against the
+    # The CPU path (embedding_bag forward, index_add_ backward) against the
     # definition, for points inside, on texel centres and edges, just outside and far outside.
     torch.manual_seed(0)
     planes = torch.randn(2, 3, 5, 8, 8, dtype=torch.float64, requires_grad=True)
