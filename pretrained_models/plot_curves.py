@@ -6,12 +6,13 @@
 Reads every `metric-<name>.jsonl` of the folders (one JSON line per evaluated snapshot, as
 `train.py --metrics` and `calc_metrics.py` append them) and their `stats.jsonl` (one line per
 tick). One panel per result key (e.g. `mesh_surface_tiny_opacity`) against the snapshot's
-kimg, read from its name (`network-snapshot-KKKKKK.KKK.pkl`); a snapshot evaluated more than
-once shows its last value (later folders after earlier ones); NaN values are left out. The
-last panel is the speed: `Timing/sec_per_kimg` of every tick, titled with the training time
-of all folders (the sum of each folder's last `Timing/total_sec`). A folder without
-`stats.jsonl` adds no timing (a note says so). Without `--out` the plot is `curves.png` in the
-first folder; an existing file there is replaced (atomically).
+kimg, read from its name (`network-snapshot-KKKKKK.KKK.pkl`, or `...KKK-N.pkl` where the
+trainer found the name taken); a snapshot evaluated more than once shows its last value
+(later folders after earlier ones); NaN values are left out. The last panel is the speed:
+`Timing/sec_per_kimg` of every tick, titled with the training time of all folders (the sum
+of each folder's last `Timing/total_sec`). A folder without `stats.jsonl` adds no timing (a
+note says so). Without `--out` the plot is `curves.png` in the first folder; an existing
+file there is replaced (atomically).
 """
 
 import glob
@@ -32,7 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 from dnnlib import cli                          # noqa: E402
 from torch_utils import persistence             # noqa: E402
 
-SNAPSHOT = re.compile(r'^network-snapshot-(\d+\.\d{3})\.pkl$')
+SNAPSHOT = re.compile(r'^network-snapshot-(\d+\.\d{3})(?:-\d+)?\.pkl$')   # -N: saved under its first free name
 PANEL_W, PANEL_H, COLUMNS = 400, 250, 3
 MARGIN_L, MARGIN_R, MARGIN_T, MARGIN_B = 64, 16, 30, 40
 CURVE, TIMING, GRID, INK = (31, 95, 191), (200, 90, 20), (225, 225, 225), (40, 40, 40)
@@ -70,20 +71,23 @@ def read_metrics(folder: str, curves: dict):
 
 
 def read_timing(folder: str):
-    """The folder's [(kimg, sec/kimg) per tick] and its last total seconds; None without stats.jsonl."""
+    """The folder's [(kimg, sec/kimg) per tick with finite values] and its last total seconds; None without stats.jsonl."""
     path = os.path.join(folder, 'stats.jsonl')
     if not os.path.isfile(path):
         return None
     ticks, total = [], 0.0
     for number, record in read_jsonl(path):
+        expected = f'{path}: line {number}: expected Progress/kimg, Timing/sec_per_kimg and Timing/total_sec as {{"mean": number}}'
         try:
-            kimg, speed = record['Progress/kimg']['mean'], record['Timing/sec_per_kimg']['mean']
-            total = float(record['Timing/total_sec']['mean'])
+            kimg, speed, total = (record[key]['mean'] for key in ('Progress/kimg', 'Timing/sec_per_kimg', 'Timing/total_sec'))
         except (KeyError, TypeError) as e:
-            raise ValueError(f'{path}: line {number}: expected Progress/kimg, Timing/sec_per_kimg and Timing/total_sec '
-                             f'as {{"mean": number}} ({e!r} is missing)') from e
-        ticks.append((float(kimg), float(speed)))
-    return ticks, total
+            raise ValueError(f'{expected} ({e!r} is missing)') from e
+        for value in (kimg, speed, total):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f'{expected} ({value!r} is not a number)')
+        if math.isfinite(kimg) and math.isfinite(speed):        # as NaN metric values, left out of the plot
+            ticks.append((float(kimg), float(speed)))
+    return ticks, float(total)
 
 
 def read_runs(folders) -> tuple:

@@ -130,3 +130,25 @@ def test_errors(run, tmp_path):
     assert error_line(invoke([str(run)])) == (f'Error: {run / "stats.jsonl"}: line 2: expected Progress/kimg, Timing/sec_per_kimg '
                                               "and Timing/total_sec as {\"mean\": number} (KeyError('Timing/sec_per_kimg') is missing)")
     assert not (run / 'curves.png').exists()
+
+
+def test_a_snapshot_saved_under_its_first_free_name_counts_at_its_kimg(run):
+    # save_snapshot names a snapshot network-snapshot-KKKKKK.KKK-N.pkl when another file holds the plain name.
+    write_lines(run / 'metric-a.jsonl', [metric_record(0, a=0.5), dict(metric_record(6, a=0.2), snapshot_pkl='network-snapshot-000006.000-1.pkl')])
+    curves = {}
+    pc.read_metrics(str(run), curves)
+    assert curves['a'] == {0.0: 0.5, 6.0: 0.2}
+
+
+def test_a_tick_whose_value_is_not_a_number_names_the_file(run):
+    write_lines(run / 'stats.jsonl', [stats_record(1, 2.0, 3.0), stats_record(2, 'fast', 4.0)])
+    assert error_line(invoke([str(run)])) == (f'Error: {run / "stats.jsonl"}: line 2: expected Progress/kimg, Timing/sec_per_kimg '
+                                              "and Timing/total_sec as {\"mean\": number} ('fast' is not a number)")
+
+
+def test_ticks_that_are_not_finite_are_left_out(run):
+    write_lines(run / 'stats.jsonl', [stats_record(1, float('nan'), 250.0), stats_record(3, 100.0, 300.0),
+                                      stats_record(5, float('inf'), 350.0)])
+    result = invoke([str(run)])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    assert result.output == f'wrote {run / "curves.png"}: 3 curves, 1 ticks\n'
