@@ -10,7 +10,7 @@ back of the head and the background are not constrained by the mesh and are left
 A generator without a UV mask uses every pixel the mesh covers.
 
 Samples: z, camera labels and driving meshes of `num_gen` dataset items drawn with seed 1
-(`metric_utils.iterate_generator_inputs`), G's random depth samples from a generator seeded
+(`metric_utils.generator_batches`), G's random depth samples from a generator seeded
 with RENDER_SEED: the value repeats exactly for the same count and batch size.
 """
 
@@ -78,22 +78,14 @@ def compute_mesh_depth_error(opts: metric_utils.MetricOptions, num_gen: int) -> 
     G = copy.deepcopy(opts.G).eval().requires_grad_(False).to(opts.device)
     faces, uv = face_region_buffers(G, 'mesh_depth_err')
     generator = metric_utils.render_generator(opts, RENDER_SEED)
-    inputs = metric_utils.iterate_generator_inputs(opts, opts.batch_size, seed=1)
     total = torch.zeros([], dtype=torch.float64, device=opts.device)
     count = torch.zeros([], dtype=torch.float64, device=opts.device)
-    done = 0
-    num_gen = (num_gen + opts.num_gpus - 1) // opts.num_gpus      # this rank's share
-    while done < num_gen:
-        z, c, v = next(inputs)
-        n = min(opts.batch_size, num_gen - done)
-        z, c, v = z[:n], c[:n], v[:n]
+    for z, c, v in metric_utils.generator_batches(opts, num_gen, seed=1):
         out = G(z=z, c=c[:, :max(int(G.c_dim), 25)], v=v, noise_mode='const', generator=generator)
         depth = out['image_depth']
         mesh_depth, covered = mesh_ray_depth(v[:, :-NUM_LANDMARKS], faces, c[:, :25], depth.shape[-1], uv)
         total += ((depth - mesh_depth).abs() * covered).sum().double()
         count += covered.sum().double()
-        done += n
-    inputs.close()
     if opts.num_gpus > 1:
         torch.distributed.all_reduce(total)
         torch.distributed.all_reduce(count)

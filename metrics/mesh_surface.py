@@ -4,7 +4,7 @@
 happens to lie near the face scores well (pretrained_models/README.md, issue 18). These
 three numbers say what the density does on the same rays. Samples: z, camera labels and
 driving meshes of `num_gen` dataset items drawn as `mesh_depth_err` draws them (seed 1,
-`metric_utils.iterate_generator_inputs`: the same samples for the same count and batch
+`metric_utils.generator_batches`: the same samples for the same count and batch
 size), rendered by G's own renderer at its neural rendering resolution, with its random
 depth samples drawn from a generator seeded with RENDER_SEED (the values repeat exactly).
 The face region is `mesh_depth_error`'s: pixels where the mesh is visible and its
@@ -66,15 +66,10 @@ def compute_mesh_surface(opts: metric_utils.MetricOptions, num_gen: int, name: s
     faces, uv = mesh_depth_error.face_region_buffers(G, name)
     offsets = OFFSETS.to(opts.device)
     generator = metric_utils.render_generator(opts, RENDER_SEED)
-    inputs = metric_utils.iterate_generator_inputs(opts, opts.batch_size, seed=1)
     # Sums over this rank's rays and samples: opacity, face rays, density per offset, correlations, samples counted.
     sums = torch.zeros(4 + len(offsets), dtype=torch.float64, device=opts.device)
-    done = 0
-    num_gen = (num_gen + opts.num_gpus - 1) // opts.num_gpus      # this rank's share
-    while done < num_gen:
-        z, c, v = next(inputs)
-        n = min(opts.batch_size, num_gen - done)
-        z, c, v = z[:n], c[:n], v[:n]
+    for z, c, v in metric_utils.generator_batches(opts, num_gen, seed=1):
+        n = len(z)
         planes, origins, directions, depth, opacity = render_rays(G, z, c, v, generator)
         mesh_depth, region = mesh_depth_error.mesh_ray_depth(v[:, :-mesh_depth_error.NUM_LANDMARKS], faces, c[:, :25],
                                                              depth.shape[-1], uv)
@@ -90,8 +85,6 @@ def compute_mesh_surface(opts: metric_utils.MetricOptions, num_gen: int, name: s
             if region[b].sum() >= MIN_PIXELS:
                 sums[-2] += correlation(depth[b][region[b]], mesh_depth[b][region[b]])
                 sums[-1] += 1
-        done += n
-    inputs.close()
     if opts.num_gpus > 1:
         torch.distributed.all_reduce(sums)
     if sums[1] == 0:

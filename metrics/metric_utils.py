@@ -182,6 +182,19 @@ def iterate_generator_inputs(opts: MetricOptions, batch_size: int, seed: int = 0
         dataset.close()
 
 
+def generator_batches(opts: MetricOptions, num_gen: int, seed: int):
+    """This rank's share of `num_gen` generator inputs (ceil(num_gen / num_gpus)): the (z, c, v)
+    batches of `iterate_generator_inputs` (opts.batch_size), the last one cut to the share."""
+    share = (num_gen + opts.num_gpus - 1) // opts.num_gpus
+    inputs = iterate_generator_inputs(opts, opts.batch_size, seed=seed)
+    try:
+        for start in range(0, share, opts.batch_size):
+            n = min(opts.batch_size, share - start)
+            yield tuple(x[:n] for x in next(inputs))
+    finally:
+        inputs.close()
+
+
 def generate_images(G, z, c, v, key: str = 'image') -> torch.Tensor:
     """G's output `key` as uint8 (N, 3, R, R)."""
     out = G(z=z, c=c[:, :max(int(G.c_dim), 25)], v=v, noise_mode='const')
