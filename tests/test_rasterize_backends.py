@@ -222,28 +222,18 @@ def test_a_bad_backend_name_in_the_environment_is_refused(monkeypatch):
         rasterize(verts, faces, 8)
 
 
-@pytest.mark.parametrize('size', [(16, 24), (13, 21), 77])
+# mesh_depth_err rasterizes at the fading raw resolution (e.g. 77): for nvdiffrast, sizes that
+# are not multiples of 8 are padded and cropped.
+@pytest.mark.parametrize('name, size', [('nvdiffrast', (16, 24)), ('nvdiffrast', (13, 21)), ('nvdiffrast', 77),
+                                        ('pytorch3d', (16, 24)), ('pytorch3d', (13, 21)), ('pytorch3d', 20)])
 @pytest.mark.parametrize('cull', [True, False])
-def test_nvdiffrast_backend_matches_ours_at_any_size(nvdiffrast, size, cull):
-    # mesh_depth_err rasterizes at the fading raw resolution (e.g. 77): sizes that are not
-    # multiples of 8 are padded for nvdiffrast and cropped.
+def test_optional_backends_match_ours_at_any_size(nvdiffrast, pytorch3d, name, size, cull):
     verts, faces = mesh_batch(3)
-    got = rasterize(verts, faces, size, cull_backfaces=cull, backend='nvdiffrast')
+    got = rasterize(verts, faces, size, cull_backfaces=cull, backend=name)
     ref = rasterize(verts, faces, size, cull_backfaces=cull, backend='pytorch')
     assert (ref.pix_to_face >= 0).sum() > 50
     assert_same_fragments(got, ref)
-    assert len(nvdiffrast.calls) == 1                                # the whole batch in one call
-
-
-@pytest.mark.parametrize('size', [(16, 24), (13, 21), 20])
-@pytest.mark.parametrize('cull', [True, False])
-def test_pytorch3d_backend_matches_ours(pytorch3d, size, cull):
-    verts, faces = mesh_batch(3)
-    got = rasterize(verts, faces, size, cull_backfaces=cull, backend='pytorch3d')
-    ref = rasterize(verts, faces, size, cull_backfaces=cull, backend='pytorch')
-    assert (ref.pix_to_face >= 0).sum() > 50
-    assert_same_fragments(got, ref)
-    assert len(pytorch3d.calls) == 1
+    assert len({'nvdiffrast': nvdiffrast, 'pytorch3d': pytorch3d}[name].calls) == 1     # the whole batch in one call
 
 
 @pytest.mark.parametrize('name', ['nvdiffrast', 'pytorch3d'])
