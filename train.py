@@ -186,6 +186,15 @@ def build_config(opts: dnnlib.EasyDict) -> dnnlib.EasyDict:
             metric_main.check_resolution(c.metrics, dataset.resolution)
         except (FileNotFoundError, ValueError) as e:
             raise click.ClickException(f'{e} (or train with --metrics=none)')
+        if any(metric in metric_main.GENERATOR_CHECKS for metric in c.metrics):
+            try:
+                G = meta_network(c.G_kwargs)
+            except ValueError as e:
+                raise click.ClickException(str(e))
+            try:        # also not only at the first snapshot, after a tick of training
+                metric_main.check_generator(c.metrics, G)
+            except ValueError as e:
+                raise click.ClickException(f'{e} (or train with --metrics=none)')
 
     c.run_desc = f'{opts.cfg}-{dataset_name}-gpus{c.num_gpus}-batch{c.batch_size}-gamma{c.loss_kwargs.r1_gamma:g}'
     if opts.desc:
@@ -194,16 +203,16 @@ def build_config(opts: dnnlib.EasyDict) -> dnnlib.EasyDict:
     return c
 
 
+def meta_network(kwargs) -> torch.nn.Module:
+    """The network of G_kwargs or D_kwargs built on the meta device (no memory, no time; no uv_mask)."""
+    kwargs = dict(kwargs)
+    kwargs.pop('uv_mask', None)
+    return builders.build('network', kwargs, device='meta')
+
+
 def model_sizes(c) -> dict:
-    """Parameter counts of G and D (built on the meta device: no memory, no time)."""
-    sizes = {}
-    for name, kwargs in (('G', c.G_kwargs), ('D', c.D_kwargs)):
-        kwargs = dict(kwargs)
-        if name == 'G':
-            kwargs.pop('uv_mask', None)
-        module = builders.build('network', kwargs, device='meta')
-        sizes[name] = sum(p.numel() for p in module.parameters())
-    return sizes
+    """Parameter counts of G and D."""
+    return {name: sum(p.numel() for p in meta_network(kwargs).parameters()) for name, kwargs in (('G', c.G_kwargs), ('D', c.D_kwargs))}
 
 
 def check_resume(path: str, kimg: float):

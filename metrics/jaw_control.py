@@ -112,6 +112,15 @@ def box_change(a: torch.Tensor, b: torch.Tensor, box) -> float:
     return float((a - b).abs().mean(1)[:, box[0], box[1]].double().mean())
 
 
+def check_generator(G, name: str, num_vertices: int = None):
+    """Raise ValueError naming `name` unless G is driven by the bundled head model's mesh (its
+    vertex count `num_vertices`, read from the model when not given)."""
+    num_vertices = num_vertices or load_head_model().v_template.shape[0]
+    if getattr(G, 'num_vertices', None) != num_vertices:
+        raise ValueError(f'{name} needs a generator driven by the bundled head model\'s mesh ({num_vertices} vertices); '
+                         f'this one takes {getattr(G, "num_vertices", None) or "no mesh"}')
+
+
 @torch.no_grad()
 def compute_jaw_control(opts: metric_utils.MetricOptions, name: str, num_seeds: int = 8, driving_dir: str = DRIVING_DIR,
                         num_frames: int = None) -> dict:
@@ -120,9 +129,7 @@ def compute_jaw_control(opts: metric_utils.MetricOptions, name: str, num_seeds: 
     G = copy.deepcopy(opts.G).eval().requires_grad_(False).to(opts.device)
     head = load_head_model()
     num_vertices = head.v_template.shape[0]
-    if getattr(G, 'num_vertices', None) != num_vertices:
-        raise ValueError(f'{name} needs a generator driven by the bundled head model\'s mesh ({num_vertices} vertices); '
-                         f'this one takes {getattr(G, "num_vertices", None) or "no mesh"}')
+    check_generator(G, name, num_vertices)
     render = SeededRenderer(G, num_seeds, opts.batch_size, opts.device)
     resolution = G.img_resolution
 

@@ -58,14 +58,20 @@ def mesh_ray_depth(v: torch.Tensor, faces: torch.Tensor, c: torch.Tensor, resolu
     return z * norm[:, None], region
 
 
+def check_generator(G, metric: str, topology: bool = False):
+    """Raise ValueError naming `metric` for a generator that is not mesh-driven (no mesh rasterizer)
+    or, with `topology`, lacks its topology (train.py checks a G built on the meta device, without)."""
+    if getattr(G, 'rasterizer', None) is None or (topology and not getattr(G, 'topology_loaded', True)):
+        raise ValueError(f'{metric} needs a mesh-driven (Next3D) generator with its topology loaded')
+
+
 def face_region_buffers(G, metric: str):
     """G's mesh faces (F, 3) and, when it has them, its (uvcoords, uvfaces, uv_mask) for `mesh_ray_depth`.
 
     Raises ValueError naming `metric` for a generator that is not mesh-driven or lacks its topology.
     """
-    rasterizer = getattr(G, 'rasterizer', None)
-    if rasterizer is None or not getattr(G, 'topology_loaded', True):
-        raise ValueError(f'{metric} needs a mesh-driven (Next3D) generator with its topology loaded')
+    check_generator(G, metric, topology=True)
+    rasterizer = G.rasterizer
     uv = None
     if all(hasattr(rasterizer, k) for k in ('uvcoords', 'uvfaces', 'uv_mask')):
         uv = (rasterizer.uvcoords, rasterizer.uvfaces, rasterizer.uv_mask)

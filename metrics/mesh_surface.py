@@ -37,12 +37,17 @@ MIN_PIXELS = 16                                 # face-region pixels a sample ne
 RENDER_SEED = 0
 
 
-def render_rays(G, z: torch.Tensor, c: torch.Tensor, v: torch.Tensor, generator: torch.Generator):
-    """G's raw rendering of z (B, z_dim), c (B, 25+), v (B, V + 68, 3), as `G.synthesis` renders it
-    -> (planes, origins (B, N, 3), directions (B, N, 3), depth (B, 1, r, r), opacity (B, 1, r, r))."""
+def check_generator(G, metric: str):
+    """Raise ValueError for a generator that is not mesh-driven (naming `metric`) or not a tri-plane one."""
+    mesh_depth_error.check_generator(G, metric)
     for name in ('mapping', 'make_planes', 'ray_sampler', 'renderer', 'decoder'):
         if not hasattr(G, name):
             raise ValueError(f'mesh_surface needs a tri-plane (Next3D) generator; {type(G).__name__} has no {name}')
+
+
+def render_rays(G, z: torch.Tensor, c: torch.Tensor, v: torch.Tensor, generator: torch.Generator):
+    """G's raw rendering of z (B, z_dim), c (B, 25+), v (B, V + 68, 3), as `G.synthesis` renders it
+    -> (planes, origins (B, N, 3), directions (B, N, 3), depth (B, 1, r, r), opacity (B, 1, r, r))."""
     c = c[:, :max(int(G.c_dim), 25)]
     ws = G.mapping(z, c)
     planes = G.make_planes(ws, v, noise_mode='const')
@@ -63,6 +68,7 @@ def correlation(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def compute_mesh_surface(opts: metric_utils.MetricOptions, num_gen: int, name: str) -> dict:
     """{name}_opacity, {name}_peak_density, {name}_depth_corr over `num_gen` samples (shared by the ranks)."""
     G = copy.deepcopy(opts.G).eval().requires_grad_(False).to(opts.device)
+    check_generator(G, name)
     faces, uv = mesh_depth_error.face_region_buffers(G, name)
     offsets = OFFSETS.to(opts.device)
     generator = metric_utils.render_generator(opts, RENDER_SEED)

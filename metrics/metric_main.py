@@ -61,15 +61,18 @@ from torch_utils import persistence
 _metric_dict = {}
 NEEDS_DETECTOR = set()
 NEEDS_FACES = set()         # metrics that find faces with dlib (face_analysis)
+GENERATOR_CHECKS = {}       # metric -> check(G, metric) raising ValueError for a generator it cannot measure
 
 
-def register_metric(needs_detector: bool, needs_faces: bool = False):
+def register_metric(needs_detector: bool, needs_faces: bool = False, generator_check=None):
     def decorator(fn):
         _metric_dict[fn.__name__] = fn
         if needs_detector:
             NEEDS_DETECTOR.add(fn.__name__)
         if needs_faces:
             NEEDS_FACES.add(fn.__name__)
+        if generator_check is not None:
+            GENERATOR_CHECKS[fn.__name__] = generator_check
         return fn
     return decorator
 
@@ -111,6 +114,14 @@ def check_resolution(metrics, resolution: int):
     for metric in metrics:
         if metric in NEEDS_FACES:
             face_analysis.check_requirements(metric, resolution)
+
+
+def check_generator(metrics, G):
+    """Raise ValueError now (before training) if a metric cannot measure this kind of generator
+    (G may be built on the meta device, without its topology)."""
+    for metric in metrics:
+        if metric in GENERATOR_CHECKS:
+            GENERATOR_CHECKS[metric](G, metric)
 
 
 def calc_metric(metric: str, **kwargs) -> dnnlib.EasyDict:
@@ -209,31 +220,31 @@ def pr_tiny(opts):
     return dict(pr_tiny_precision=precision, pr_tiny_recall=recall)
 
 
-@register_metric(needs_detector=False)
+@register_metric(needs_detector=False, generator_check=mesh_depth_error.check_generator)
 def mesh_depth_err(opts):
     """Mean |generated depth - driving mesh depth| over the face region, 1k samples (world units)."""
     return dict(mesh_depth_err=mesh_depth_error.compute_mesh_depth_error(opts, num_gen=1000))
 
 
-@register_metric(needs_detector=False)
+@register_metric(needs_detector=False, generator_check=mesh_depth_error.check_generator)
 def mesh_depth_err_tiny(opts):
     """mesh_depth_err with 16 samples (tests)."""
     return dict(mesh_depth_err_tiny=mesh_depth_error.compute_mesh_depth_error(opts, num_gen=16))
 
 
-@register_metric(needs_detector=False)
+@register_metric(needs_detector=False, generator_check=mesh_surface_lib.check_generator)
 def mesh_surface(opts):
     """Face-region opacity, peak density at the mesh surface (per world unit), rendered vs mesh depth correlation, 1k samples."""
     return mesh_surface_lib.compute_mesh_surface(opts, num_gen=1000, name='mesh_surface')
 
 
-@register_metric(needs_detector=False)
+@register_metric(needs_detector=False, generator_check=mesh_surface_lib.check_generator)
 def mesh_surface_tiny(opts):
     """mesh_surface on mesh_depth_err_tiny's 16 samples."""
     return mesh_surface_lib.compute_mesh_surface(opts, num_gen=16, name='mesh_surface_tiny')
 
 
-@register_metric(needs_detector=False)
+@register_metric(needs_detector=False, generator_check=jaw_control_lib.check_generator)
 def jaw_control(opts):
     """Mouth vs forehead image change, head model jaw 0 vs 0.3 rad, 8 seeds; correlation with the lip opening of data/driving."""
     return jaw_control_lib.compute_jaw_control(opts, name='jaw_control', num_seeds=8)

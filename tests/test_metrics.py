@@ -545,3 +545,36 @@ def test_mesh_depth_error_of_an_untrained_next3d_repeats_whatever_torch_drew_bef
         torch.manual_seed(seed)
         values.append(mesh_depth_error.compute_mesh_depth_error(opts, num_gen=4))
     assert values[0] == values[1] and 0 < values[0] < 1, values
+
+
+def flame_sized_template(tmp_path):
+    """A template OBJ with FLAME's sizes (the ffhq512 presets' mesh): random vertices, UVs and faces."""
+    rnd = np.random.RandomState(0)
+    lines = [f'v {x:.4f} {y:.4f} {z:.4f}' for x, y, z in rnd.uniform(-0.1, 0.1, (5023, 3))]
+    lines += [f'vt {u:.4f} {v:.4f}' for u, v in rnd.uniform(0, 1, (5118, 2))]
+    lines += ['f ' + ' '.join(f'{a + 1}/{b + 1}' for a, b in zip(rnd.choice(5023, 3, replace=False), rnd.choice(5118, 3, replace=False)))
+              for _ in range(9976)]
+    path = tmp_path / 'flame_sized.obj'
+    path.write_text('\n'.join(lines) + '\n')
+    return path
+
+
+def test_train_py_checks_that_the_metrics_fit_the_generator_before_the_run_folder(head_data, tmp_path):
+    # Found only at the first snapshot, these cost a tick of training and ended in a traceback.
+    out = tmp_path / 'runs'
+    base = ['--outdir', str(out), '--gpus', '1', '--batch', '2', '--gamma', '1',
+            '--kimg', '0.002', '--tick', '0.002', '--snap', '1', '--workers', '0', '--grid', '1x1']
+    for cfg, metric, message in [
+            ('tiny64-gaussian', 'mesh_surface_tiny', 'mesh_surface needs a tri-plane (Next3D) generator; GaussianGenerator has no make_planes'),
+            ('ffhq512', 'jaw_control', "jaw_control needs a generator driven by the bundled head model's mesh (4977 vertices); "
+                                       'this one takes 5023')]:
+        data = ['--data', head_data]
+        if cfg == 'ffhq512':
+            template = str(flame_sized_template(tmp_path))
+            data = ['--data', th.make_dataset(str(tmp_path / 'flame'), count=2, resolution=512, template=template), '--topology_path', template]
+        result = invoke_train(base + ['--cfg', cfg, '--metrics', metric] + data)
+        assert result.exit_code == 1 and not out.exists(), result.output + repr(result.exception)
+        assert result.output.splitlines()[-1] == f'Error: {message} (or train with --metrics=none)', result.output
+    for cfg, metrics in (('tiny64', 'mesh_depth_err_tiny,mesh_surface_tiny,jaw_control'), ('tiny64-gaussian', 'mesh_depth_err_tiny,jaw_control')):
+        result = invoke_train(base + ['--cfg', cfg, '--metrics', metrics, '--data', head_data, '--dry-run'])
+        assert result.exit_code == 0, result.output + repr(result.exception)
