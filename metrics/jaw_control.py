@@ -142,7 +142,9 @@ def compute_jaw_control(opts: metric_utils.MetricOptions, name: str, num_seeds: 
     lms = torch.cat(conditions)[:, -68:].cpu()
     opening = (lms[:, INNER_LIPS[0]] - lms[:, INNER_LIPS[1]]).norm(dim=-1)
     box, _ = lip_box(lms, render.label, resolution)
-    closest = render(conditions[int(opening.argmin())])
-    change = torch.tensor([box_change(render(v), closest, box) for v in conditions])     # streamed: 512 px images are large
+    most_closed = int(opening.argmin())
+    closest = render(conditions[most_closed])
+    # Streamed (512 px images are large); the most closed frame's change is 0 (same mesh, same random numbers).
+    change = torch.tensor([0.0 if i == most_closed else box_change(render(v), closest, box) for i, v in enumerate(conditions)])
     return {f'{name}_mouth': mouth, f'{name}_forehead': forehead, f'{name}_ratio': mouth / max(forehead, RATIO_FLOOR),
             f'{name}_lip_corr': float(mesh_surface.correlation(change, opening))}

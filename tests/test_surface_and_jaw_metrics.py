@@ -258,3 +258,14 @@ def test_jaw_control_of_an_untrained_next3d_repeats():
 def test_jaw_control_needs_the_head_models_mesh():
     with pytest.raises(ValueError, match=r"jaw_control needs a generator driven by the bundled head model's mesh \(4977 vertices\); this one takes 12"):
         jaw_metric(PainterG('lower', num_vertices=12))
+
+
+def test_jaw_control_renders_each_mesh_once():
+    # 8 seeds in one batch: the two head-model meshes and the 32 driving frames, the most closed one included.
+    G = PainterG('lower')
+    calls = []
+    forward = G.forward
+    G.forward = lambda *args, **kwargs: calls.append(1) or forward(*args, **kwargs)
+    values = jaw_control.compute_jaw_control(metric_utils.MetricOptions(G=G), 'j', num_seeds=8)
+    assert len(calls) == 2 + 32
+    assert values['j_lip_corr'] == pytest.approx(1, abs=1e-6)
