@@ -278,6 +278,7 @@ def _unshared_corners(points: torch.Tensor, faces: torch.Tensor, valid: torch.Te
 
 
 def _shared_triangles(num_faces: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """(F, 3) corner indices into `_unshared_corners`' (B, 3F, C): triangle f is corners 3f, 3f + 1, 3f + 2."""
     return torch.arange(3 * num_faces, dtype=dtype, device=device).view(num_faces, 3)
 
 
