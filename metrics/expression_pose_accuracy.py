@@ -32,6 +32,10 @@ aed  Expression (Next3D's AED): the bundled head model (`fit_flame.fit_head`, ca
 Each estimator has a floor even for a perfect generator (dlib's landmarks are a few pixels
 off; the measured values are in docs/EVALUATION.md): compare models with the same metric,
 not with published values.
+
+Samples: z, camera labels and driving meshes drawn with seed 2 (`metric_utils.iterate_generator_inputs`),
+G's random depth samples from a generator seeded with RENDER_SEED: the value repeats exactly
+for the same count and batch size.
 """
 
 import copy
@@ -51,6 +55,7 @@ EXPRESSION_PRIOR = 1.0          # fit_head's expression prior (its default 0.01 
                                 # landmarks the coefficients fitted to synthetic renders were 0.4 model units from
                                 # the truth on average with 1.0, 1.7 with 0.01
 POSE_ITERS = 50                 # L-BFGS iterations of the pose fit
+RENDER_SEED = 0                 # of the renderer's random depth samples (`metric_utils.render_generator`)
 
 
 def _inner_weights() -> np.ndarray:
@@ -159,6 +164,7 @@ def compute_control_errors(opts: metric_utils.MetricOptions, metric: str, name: 
     model = fit_flame.HeadModelAdapter(load_head_model()) if metric == 'aed' else None
     keys = {'lmk': (name, f'{name}_68'), 'apd': (name,), 'aed': (name, f'{name}_jaw')}[metric]
     sums = torch.zeros(len(keys) + 2, dtype=torch.float64)            # per key, then faces, images
+    generator = metric_utils.render_generator(opts, RENDER_SEED)
     inputs = metric_utils.iterate_generator_inputs(opts, opts.batch_size, seed=2, images=metric == 'aed')
     done = 0
     num_gen = (num_gen + opts.num_gpus - 1) // opts.num_gpus        # this rank's share
@@ -175,7 +181,7 @@ def compute_control_errors(opts: metric_utils.MetricOptions, metric: str, name: 
                 continue
         z, c, v = (x[torch.from_numpy(use).to(x.device)] for x in (z, c, v))
         with torch.no_grad():
-            images = metric_utils.generate_images(G, z, c, v)
+            images = metric_utils.generate_images(G, z, c, v, generator=generator)
         size = images.shape[-1]
         detected = analyzer.landmarks(images)
         found = np.isfinite(detected).all(axis=(1, 2))

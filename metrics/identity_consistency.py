@@ -18,6 +18,10 @@ pivot). Results, means over the pairs whose two images have a face:
 Scale: dlib's descriptors share a common direction, so unrelated faces score high too. On the
 synthetic heads at 64 px (docs/EVALUATION.md) the same head from yaw -17 and +17 degrees scores
 ~0.985, two different heads ~0.945; an image against itself scores 1.
+
+Samples: z and the meshes drawn with seed 3 (`metric_utils.iterate_generator_inputs`), G's
+random depth samples from a generator seeded with RENDER_SEED: the value repeats exactly for
+the same count and batch size.
 """
 
 import copy
@@ -33,6 +37,7 @@ from training import coords
 
 YAW = 0.3                       # radians either side of frontal (about 17 degrees): dlib's frontal detector finds ~95% of faces
 VIEWS = (('A', -1), ('A', 1), ('B', -1), ('B', 1))      # mesh, yaw sign of the four renders per seed
+RENDER_SEED = 0                 # of the renderer's random depth samples (`metric_utils.render_generator`)
 
 
 def cosine_similarity(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -73,6 +78,7 @@ def compute_identity_consistency(opts: metric_utils.MetricOptions, name: str, nu
     analyzer = face_analysis.FaceAnalyzer(descriptors=True)
     c_dim = max(int(G.c_dim), 25)
     sums = torch.zeros(8, dtype=torch.float64)        # (sum, pairs) for all, views, meshes; faces, images
+    generator = metric_utils.render_generator(opts, RENDER_SEED)
     inputs = metric_utils.iterate_generator_inputs(opts, opts.batch_size, seed=3)
     done = 0
     num_seeds = (num_seeds + opts.num_gpus - 1) // opts.num_gpus      # this rank's share
@@ -86,7 +92,7 @@ def compute_identity_consistency(opts: metric_utils.MetricOptions, name: str, nu
         with torch.no_grad():
             ws = G.mapping(z, c_cond)
             for mesh, sign in VIEWS:
-                out = G.synthesis(ws, view_labels(c_a, sign), meshes[mesh], noise_mode='const')
+                out = G.synthesis(ws, view_labels(c_a, sign), meshes[mesh], noise_mode='const', generator=generator)
                 images = (out['image'] * 127.5 + 128).clamp(0, 255).to(torch.uint8)
                 descriptors.append(analyzer.descriptors(images, analyzer.landmarks(images)))
         descriptors = np.stack(descriptors)

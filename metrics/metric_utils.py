@@ -195,9 +195,9 @@ def generator_batches(opts: MetricOptions, num_gen: int, seed: int):
         inputs.close()
 
 
-def generate_images(G, z, c, v, key: str = 'image') -> torch.Tensor:
-    """G's output `key` as uint8 (N, 3, R, R)."""
-    out = G(z=z, c=c[:, :max(int(G.c_dim), 25)], v=v, noise_mode='const')
+def generate_images(G, z, c, v, key: str = 'image', generator: torch.Generator = None) -> torch.Tensor:
+    """G's output `key` as uint8 (N, 3, R, R); `generator` for the renderer (`render_generator`)."""
+    out = G(z=z, c=c[:, :max(int(G.c_dim), 25)], v=v, noise_mode='const', generator=generator)
     return (out[key] * 127.5 + 128).clamp(0, 255).to(torch.uint8)
 
 
@@ -208,18 +208,14 @@ def compute_feature_stats_for_generator(opts: MetricOptions, max_items: int, **s
     G = copy.deepcopy(opts.G).eval().requires_grad_(False).to(opts.device)
     stats = FeatureStats(max_items=max_items, **stats_kwargs)
     inputs = iterate_generator_inputs(opts, opts.batch_size)
+    generator = render_generator(opts, 0)      # the images repeat; the caller's random stream is left alone
     start = time.time()
-    # The renderer's depth jitter draws from torch's global generator: seed it, in a fork that
-    # gives the caller (the training loop) its random stream back, so the images repeat.
-    cuda = [opts.device.index if opts.device.index is not None else torch.cuda.current_device()] if opts.device.type == 'cuda' else []
-    with torch.random.fork_rng(devices=cuda):
-        torch.manual_seed(opts.rank)
-        while not stats.is_full():
-            z, c, v = next(inputs)
-            with torch.no_grad():
-                images = generate_images(G, z, c, v)
-            stats.append(_gather(detector_lib.run_detector(detector, images), opts.num_gpus).cpu().numpy())
-            if opts.progress and opts.rank == 0:
-                print(f'  generated {stats.num_items}/{max_items} ({time.time() - start:.0f}s)')
+    while not stats.is_full():
+        z, c, v = next(inputs)
+        with torch.no_grad():
+            images = generate_images(G, z, c, v, generator=generator)
+        stats.append(_gather(detector_lib.run_detector(detector, images), opts.num_gpus).cpu().numpy())
+        if opts.progress and opts.rank == 0:
+            print(f'  generated {stats.num_items}/{max_items} ({time.time() - start:.0f}s)')
     inputs.close()
     return stats

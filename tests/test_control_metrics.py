@@ -341,3 +341,51 @@ def test_no_face_gives_nan_and_counts_it(topo, data):
     needs_dlib()
     result = metric_main.calc_metric('lmk_tiny', G=RenderingGenerator(topo, blank=True), dataset_kwargs=dict(data), batch_size=8)
     assert math.isnan(result.results['lmk_tiny']) and result.results['lmk_tiny_faces'] == 0
+
+
+# --- the renders do not depend on torch's global random stream ----------------------------------------
+
+class RecordingAnalyzer:
+    """Stand-in for face_analysis.FaceAnalyzer: keeps the `size` px images it is given (the
+    generated ones), finds no face in them and a face (zeros) in the others (dataset images)."""
+
+    def __init__(self, size: int, seen: list):
+        self.size, self.seen = size, seen
+
+    def landmarks(self, images):
+        if images.shape[-1] != self.size:
+            return np.zeros([len(images), 68, 2])
+        self.seen.append(images.clone())
+        return np.full([len(images), 68, 2], np.nan)
+
+    def descriptors(self, images, points):
+        return np.full([len(images), 128], np.nan)
+
+
+@pytest.mark.parametrize('metric', ['lmk', 'aed', 'id'])
+def test_renders_repeat_whatever_torch_drew_before(tmp_path, monkeypatch, metric):
+    # The renderer's random depth samples come from a generator seeded by the metric, not from
+    # torch's global one. An untrained generator shows dlib no face: the stand-in analyzer
+    # compares the images the metric would hand to dlib. Dataset images of 32 px (aed's
+    # references) are told apart from the 64 px renders by their size.
+    from metrics import metric_utils
+    from tests import train_helpers as th
+    from training import configs
+    data = th.make_dataset(str(tmp_path / 'head'), count=4, resolution=32, template=configs.BUNDLED_TEMPLATE)
+    torch.manual_seed(0)
+    G = configs.make_generator('tiny64')
+    opts = metric_utils.MetricOptions(G=G, batch_size=2, dataset_kwargs=dict(class_name='training.dataset.MeshImageDataset', path=data))
+    monkeypatch.setattr(landmarks, 'detector_available', lambda: True)
+    runs = []
+    for seed in (1, 2):
+        seen = []
+        monkeypatch.setattr(face_analysis, 'FaceAnalyzer', lambda descriptors=False: RecordingAnalyzer(G.img_resolution, seen))
+        torch.manual_seed(seed)
+        if metric == 'id':
+            result = idc.compute_identity_consistency(opts, 'id', num_seeds=1)
+        else:
+            result = epa.compute_control_errors(opts, metric, metric, num_gen=2)
+        assert result[f'{metric}_faces'] == 0
+        runs.append(torch.cat(seen))
+    assert len(runs[0]) == (4 if metric == 'id' else 2)
+    assert torch.equal(runs[0], runs[1]), (runs[0].int() - runs[1].int()).abs().max()

@@ -196,7 +196,7 @@ def test_fid_and_kid_of_a_generator_and_calc_metrics_cli(data, detector, tmp_pat
 
 
 def test_generated_features_repeat_and_leave_the_global_rng_alone(data, detector):
-    # The renderer jitters its depth samples with torch's global generator: the metric seeds it (in a fork).
+    # The renderer's random depth samples come from a generator the metric seeds (`metric_utils.render_generator`).
     G = builders.build('network', th.tiny_G_kwargs())
     opts = metric_utils.MetricOptions(G=G, dataset_kwargs=dict(class_name='training.dataset.MeshImageDataset', path=data), detector=detector,
                                       batch_size=4)
