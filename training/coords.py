@@ -103,10 +103,12 @@ def world_to_mesh(points: torch.Tensor) -> torch.Tensor:
 
 
 def project_onto_planes(coords: torch.Tensor, plane_axes: str = 'next3d', box_warp: float = BOX_WARP) -> torch.Tensor:
-    """World points (B, N, 3) -> grid_sample coordinates (B, 3, N, 2) on the three planes."""
-    axes = PLANE_AXES[plane_axes]
-    g = coords * (2 / box_warp)
-    return torch.stack([g[..., list(ab)] for ab in axes], dim=1)
+    """World points (B, N, 3) -> grid_sample coordinates (B, 3, N, 2) on the three planes.
+
+    A view of the points-first (B, N, 3, 2) gather (one pass; the layout that
+    ops.bilinear_mean's CPU path reads)."""
+    axes = torch.tensor(PLANE_AXES[plane_axes], device=coords.device)
+    return (coords * (2 / box_warp))[..., axes].permute(0, 2, 1, 3)
 
 
 def cam2world_look_at(yaw: torch.Tensor, pitch: torch.Tensor, radius: float = CAMERA_RADIUS,

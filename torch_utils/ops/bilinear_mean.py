@@ -68,6 +68,9 @@ class _BilinearMeanCPU(torch.autograd.Function):
         table = images.new_empty(batch_size * num_images, padded_h * padded_w, channels)
         for i in range(batch_size * num_images):
             table[i].copy_(bordered[i].t())
+        # int32 texel indices: half the index traffic of int64 in embedding_bag (the backward
+        # widens them a chunk at a time: index_add_ is slower with int32).
+        index_dtype = torch.int32 if table.numel() < 2 ** 31 else torch.int64
         corner = []
         weight = []
         for k, size in ((0, width), (1, height)):
@@ -78,12 +81,11 @@ class _BilinearMeanCPU(torch.autograd.Function):
             t0 = t.floor()
             w1 = t.sub_(t0)                                        # weight of the upper corner
             weight.append((1 - w1, w1))
-            # Clamped into the zero border; int64: index_add_ (backward) is slower with int32.
-            corner.append(t0.clamp_(-pad, size).add_(pad).to(torch.int64))
-        image = torch.arange(batch_size * num_images).reshape(batch_size, 1, num_images)
+            corner.append(t0.clamp_(-pad, size).add_(pad).to(index_dtype))   # clamped into the zero border
+        image = torch.arange(batch_size * num_images, dtype=index_dtype).reshape(batch_size, 1, num_images)
         base = (image * padded_h + corner[1]) * padded_w + corner[0]
         # Bags of 4 P texels per point: P images x 4 corners (y0 x0, y0 x1, y1 x0, y1 x1).
-        texel = base.unsqueeze(-1) + torch.tensor([0, 1, padded_w, padded_w + 1])
+        texel = base.unsqueeze(-1) + torch.tensor([0, 1, padded_w, padded_w + 1], dtype=index_dtype)
         (wx0, wx1), (wy0, wy1) = weight
         if num_images > 1:
             wy0.mul_(1 / num_images), wy1.mul_(1 / num_images)       # the mean of the images
@@ -106,6 +108,6 @@ class _BilinearMeanCPU(torch.autograd.Function):
         table = grad.new_zeros(batch_size * num_images * (height + 2 * pad) * (width + 2 * pad), channels)
         for i in range(0, len(grad), chunk):
             rows = torch.mul(grad[i:i + chunk, None, :], weights[i:i + chunk, :, None])
-            table.index_add_(0, texel[i:i + chunk].reshape(-1), rows.reshape(-1, channels))
+            table.index_add_(0, texel[i:i + chunk].reshape(-1).to(torch.int64), rows.reshape(-1, channels))
         table = table.reshape(batch_size, num_images, height + 2 * pad, width + 2 * pad, channels)
         return table[:, :, pad:-pad, pad:-pad].permute(0, 1, 4, 2, 3).contiguous(), None
