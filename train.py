@@ -150,7 +150,8 @@ def build_config(opts: dnnlib.EasyDict) -> dnnlib.EasyDict:
             c.ada_target = opts.target
         if opts.aug == 'fixed':
             c.augment_p = opts.p
-    c.ada_kimg = 100 if opts.resume is not None else 500     # as EG3D: react faster when starting from trained weights
+    # As EG3D: p reacts faster when starting from trained weights; a snapshot of ours continues at its run's speed.
+    c.ada_kimg = 100 if opts.resume is not None and not opts.get('resume_continues') else 500
     c.metrics = [] if opts.metrics == ['none'] else opts.metrics
     c.random_seed = opts.seed
     c.num_gpus = opts.gpus
@@ -215,8 +216,9 @@ def model_sizes(c) -> dict:
     return {name: sum(p.numel() for p in meta_network(kwargs).parameters()) for name, kwargs in (('G', c.G_kwargs), ('D', c.D_kwargs))}
 
 
-def check_resume(path: str, kimg: float):
-    """Load --resume in full before a run folder exists: a file that cannot be used stops here."""
+def check_resume(path: str, kimg: float) -> bool:
+    """Load --resume in full before a run folder exists: a file that cannot be used stops here.
+    Returns whether it is a snapshot of ours to continue (it has a resume_state), not weights to start from."""
     from training.network_pickle import load_network_pkl
     try:
         data = load_network_pkl(path)
@@ -229,6 +231,7 @@ def check_resume(path: str, kimg: float):
     if state is not None and state.get('cur_nimg', 0) >= kimg * 1000:
         raise click.ClickException(f'--kimg={kimg:g}: {path} is at kimg {state["cur_nimg"] / 1e3:.3f} already; --kimg is the total '
                                    f'length of training, counting the images trained before the snapshot')
+    return state is not None
 
 
 # ----------------------------------------------------------------------------------------
@@ -421,8 +424,7 @@ def main(ctx, **kwargs):
         raise click.ClickException(f'--resume={opts.resume}: give a local file (this code never downloads; fetch the checkpoint first)')
     if opts.resume is not None and not os.path.isfile(opts.resume):
         raise click.ClickException(f'{opts.resume}: no such checkpoint (--resume)')
-    if opts.resume is not None:
-        check_resume(opts.resume, opts.kimg)
+    opts.resume_continues = opts.resume is not None and check_resume(opts.resume, opts.kimg)
     try:
         c = build_config(opts)
     except cli.USER_ERRORS as e:      # the dataset's or the template's error, naming the file

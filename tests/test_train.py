@@ -565,15 +565,29 @@ def test_ada_resume_between_adjustments_is_exact(toy_data, tmp_path):
     assert state.ada_signs[:2] == [sum(nums[:k]), sum(sums[:k])]     # count and sum of the signs since the last update
     assert state.augment_p == pytest.approx(0.2)
 
-    # train.py passes p = 0 for --aug=ada: the snapshot's p must win.
+    assert state.ada_kimg == 0.1
+
+    # train.py passes p = 0 for --aug=ada: the snapshot's p must win; so must the snapshot's ADA speed
+    # (train.py's default for a run started from other weights is 100 kimg, not the 500 of a fresh run).
     resumed = tl.training_loop(**th.loop_kwargs(str(tmp_path / 'b'), toy_data, total_kimg=0.008, resume_pkl=snapshot,
-                                                **dict(ada, augment_p=0.0), ada_target=target))
+                                                **dict(ada, augment_p=0.0, ada_kimg=0.05), ada_target=target))
     expected_p = torch.tensor(0.2) + float(np.sign(mean_all - target) * step)
     p = legacy.load_network_pkl(resumed.snapshot_pkl).augment_pipe.p
     assert float(p) == float(expected_p) and float(p) != pytest.approx(0.2)
     a, b = state_of(resumed), state_of(straight)
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+
+
+def test_ada_speed_of_a_run_started_from_other_weights_only(toy_data, head_data, tmp_path):
+    """train.py --aug=ada: p moves over 100 kimg when starting from other weights (as EG3D), 500 otherwise,
+    and a snapshot of our own continues at its run's speed (it did at 100: p five times faster after a resume)."""
+    bundled = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'pretrained_models', 'next3d-synthetic64.pkl')
+    for resume, expected in ((None, 500), (bundled, 100), (make_toy_snapshot(tmp_path, toy_data), 500)):
+        result = invoke_train(['--outdir', str(tmp_path / 'runs'), '--cfg', 'tiny64', '--data', head_data, '--gpus', '1', '--batch', '4',
+                               '--gamma', '1', '--metrics', 'none', '--aug', 'ada', '--dry-run'] + (['--resume', resume] if resume else []))
+        assert result.exit_code == 0, result.output
+        assert f'"ada_kimg": {expected},' in result.output, (resume, result.output)
 
 
 def test_ema_update_copies_buffers():

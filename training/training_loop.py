@@ -319,6 +319,7 @@ def save_snapshot(run_dir, G, D, G_ema, training_set_kwargs, state, phases, augm
         optimizers=optimizer_states(phases),
         augment_p=None if augment_pipe is None else float(augment_pipe.p.item()),
         ada_signs=None if state.get('ada_signs') is None else state.ada_signs.tolist(),
+        ada_kimg=float(state.ada_kimg),
         random_seed=int(state.random_seed), batch_size=int(state.batch_size),
     )
     data = dict(G=G, D=D, G_ema=G_ema, training_set_kwargs=dict(training_set_kwargs), resume_state=resume_state)
@@ -422,7 +423,8 @@ def training_loop(
 
     log('Constructing networks...')
     G, D, G_ema = build_networks(G_kwargs, D_kwargs, device)
-    state = dnnlib.EasyDict(cur_nimg=0, cur_tick=0, batch_idx=0, start_time=start_time, random_seed=random_seed, batch_size=batch_size)
+    state = dnnlib.EasyDict(cur_nimg=0, cur_tick=0, batch_idx=0, start_time=start_time, random_seed=random_seed, batch_size=batch_size,
+                            ada_kimg=ada_kimg)
     resume_state = None
     if resume_pkl is not None:
         resume_state, loss_kwargs, ema_rampup = load_resume(resume_pkl, G, D, G_ema, resume_kwargs, loss_kwargs, ema_rampup, log)
@@ -478,7 +480,7 @@ def training_loop(
             set_rendering_resolution(G_ema, schedule['neural_rendering_resolution'])
             state.cur_nimg += batch_size
             state.batch_idx += 1
-            adjust_augment(augment_pipe, state, ada_target, ada_interval, ada_kimg, batch_size)
+            adjust_augment(augment_pipe, state, ada_target, ada_interval, state.ada_kimg, batch_size)
 
             stopping = distributed.any_rank(stop.signum is not None, device)
             done = state.cur_nimg >= total_nimg or stopping
@@ -615,6 +617,10 @@ def restore_training_state(resume_state, state, phases, augment_pipe, log):
         augment_pipe.p.copy_(torch.as_tensor(resume_state['augment_p']))
     if state.get('ada_signs') is not None and resume_state.get('ada_signs') is not None:
         state.ada_signs.copy_(torch.as_tensor(resume_state['ada_signs'], dtype=torch.float64))
+    if resume_state.get('ada_kimg') is not None and float(resume_state['ada_kimg']) != state.ada_kimg:
+        # p keeps moving at the speed of the run it continues (older snapshots did not store it).
+        log(f"ADA speed of the snapshot: ada_kimg {float(resume_state['ada_kimg']):g} (this run's option: {state.ada_kimg:g})")
+        state.ada_kimg = float(resume_state['ada_kimg'])
     if resume_state.get('batch_size') is not None and int(resume_state['batch_size']) != state.batch_size:
         log(f"Note: the snapshot was trained with batch {resume_state['batch_size']}, this run uses {state.batch_size}")
     log(f'Continuing at kimg {state.cur_nimg / 1e3:.3f}, tick {state.cur_tick}, step {state.batch_idx}')
