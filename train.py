@@ -448,7 +448,11 @@ def main(ctx, **kwargs):
         print(f'Discriminator parameters:{sizes["D"]:,}')
         print('Dry run; exiting.')
         return
-    launch(c, opts.outdir)
+    from training.dataset import DatasetError
+    try:
+        launch(c, opts.outdir)
+    except DatasetError as e:       # e.g. a damaged zip member met mid-run; the snapshots so far are kept
+        raise click.ClickException(cli.error_message(e)) from e
 
 
 if __name__ == '__main__':

@@ -18,7 +18,11 @@ def error_message(error: BaseException) -> str:
     """One line for a user error: an OSError as '<file>: <reason>', anything else as its message."""
     if isinstance(error, OSError) and error.filename is not None and error.strerror:
         return f'{error.filename}: {error.strerror}'
-    return str(error)
+    text = str(error)
+    if '\nOriginal Traceback' in text:     # raised in a DataLoader worker: torch's message holds the worker's traceback
+        last = text.rstrip().splitlines()[-1]          # '<module>.<Class>: <message>'
+        text = last.split(': ', 1)[1] if ': ' in last else last
+    return text
 
 
 def user_errors(command):

@@ -71,6 +71,35 @@ def test_layout_variants_give_the_same_items(data_root, tmp_path):
                 np.testing.assert_array_equal(a, b)
 
 
+def test_a_forked_process_reads_the_zip_through_its_own_handle(data_root, tmp_path):
+    """DataLoader workers are forked from a process that has already read the zip: a handle they
+    inherit shares its file offset with the parent's, and reads racing on it failed with
+    'Bad CRC-32' (seen in training). A child reads through a handle of its own."""
+    zpath = str(tmp_path / 'root.zip')
+    with zipfile.ZipFile(zpath, 'w') as z:
+        for root, _dirs, files in os.walk(data_root):
+            for f in files:
+                z.write(os.path.join(root, f), os.path.relpath(os.path.join(root, f), data_root))
+    dataset = MeshImageDataset(zpath)
+    first = dataset[0][0]                          # the parent opens its handle
+    fd = dataset._files._zip.fp.fileno()
+    offset = os.lseek(fd, 0, os.SEEK_CUR)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:                                   # child: read another item, report the bytes' checksum
+        try:
+            os.write(write, str(int(dataset[len(dataset) - 1][0].astype(np.int64).sum())).encode())
+        finally:
+            os._exit(0)
+    os.waitpid(pid, 0)
+    os.close(write)
+    child_sum = int(os.read(read, 64).decode())
+    os.close(read)
+    assert os.lseek(fd, 0, os.SEEK_CUR) == offset, 'the child moved the file offset of the parent\'s handle'
+    assert child_sum == int(dataset[len(dataset) - 1][0].astype(np.int64).sum())
+    np.testing.assert_array_equal(dataset[0][0], first)
+
+
 def test_max_size_and_no_labels(data_root):
     ds = MeshImageDataset(data_root, max_size=3, random_seed=1, use_labels=False)
     assert len(ds) == 3

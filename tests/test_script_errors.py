@@ -10,6 +10,7 @@ import sys
 import zipfile
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 import calc_metrics
@@ -23,7 +24,8 @@ from dataset_preprocessing import preprocess_in_the_wild
 from dataset_preprocessing.synthetic import make_dataset
 from tests import train_helpers as th
 from torch_utils import persistence
-from training.configs import make_generator
+from training.configs import BUNDLED_TEMPLATE, make_generator
+from training.dataset import DatasetError
 from training.driving import DEFAULT_LMS, DEFAULT_OBJ
 from training.mesh.obj_io import read_obj_vertices, write_obj
 
@@ -254,6 +256,26 @@ def test_zip_member_with_a_bad_crc(dataset_zip, tmp_path):
     line = refuse(dataset_tool.main, ['--source', dataset_zip, '--dest', dest])
     assert line == f"Error: {dataset_zip}:{member}: damaged zip member (Bad CRC-32 for file '{member}')"
     assert not dest.exists()
+
+
+class _DamagedItems(torch.utils.data.Dataset):
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, i):
+        raise DatasetError('data.zip:img.png: damaged zip member (Bad CRC-32 for file \'img.png\')')
+
+
+def test_a_dataset_error_in_a_loader_worker_is_one_line(tmp_path, monkeypatch):
+    """A damaged member found mid-run is read by a DataLoader worker, and torch puts the worker's
+    traceback into the message: train.py printed it all. Now the one line that names the file."""
+    def launch(c, outdir):
+        next(iter(torch.utils.data.DataLoader(_DamagedItems(), num_workers=1)))
+    monkeypatch.setattr(train, 'launch', launch)
+    root = th.make_dataset(str(tmp_path / 'data'), count=4, resolution=64, template=BUNDLED_TEMPLATE)
+    line = refuse(train.main, ['--outdir', tmp_path / 'runs', '--cfg', 'tiny64', '--data', root, '--gpus', '1', '--batch', '4',
+                               '--gamma', '1', '--metrics', 'none'])
+    assert line == "Error: data.zip:img.png: damaged zip member (Bad CRC-32 for file 'img.png')"
 
 
 def test_truncated_zip(dataset_zip, tmp_path):

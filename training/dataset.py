@@ -68,6 +68,7 @@ class _Files:
     def __init__(self, path: str):
         self.path = os.fspath(path)
         self._zip = None
+        self._zip_pid = None
         if os.path.isdir(self.path):
             self.is_zip = False
             names = []
@@ -97,8 +98,11 @@ class _Files:
             raise DatasetError(f'{self.where(name)}: missing')
         if self.is_zip:
             try:
-                if self._zip is None:   # opened lazily: each DataLoader worker gets its own handle
+                # Opened lazily, once per process: a handle inherited through fork (DataLoader
+                # workers) shares its file offset with the parent's, and racing reads corrupt both.
+                if self._zip is None or self._zip_pid != os.getpid():
                     self._zip = zipfile.ZipFile(self.path)
+                    self._zip_pid = os.getpid()
                 return self._zip.read(name)
             except (zipfile.BadZipFile, zlib.error, EOFError) as e:
                 raise DatasetError(f'{self.where(name)}: damaged zip member ({e})') from e
@@ -116,9 +120,9 @@ class _Files:
         return tmp
 
     def close(self):
-        if self._zip is not None:
+        if self._zip is not None and self._zip_pid == os.getpid():
             self._zip.close()
-            self._zip = None
+        self._zip = None
 
     def __getstate__(self):
         return dict(self.__dict__, _zip=None)
