@@ -569,7 +569,7 @@ def main(original_src, eg3d_src, pairs, batch, outdir, worker, worker_config):
         f' {flag}' for flag, on in (('--original-src=<Next3D checkout>', original_src), ('--eg3d-src=<eg3d checkout>', eg3d_src)) if on) + \
         f' --pairs={pairs} --batch={batch}'
     text = '\n'.join([
-        f'# This project vs the original code, CPU, one thread each', '',
+        "# This project vs the original code, CPU, one thread each", '',
         f'- command: `{command}`',
         f'- date: {now:%Y-%m-%d %H:%M} UTC; git commit: {git_commit()}; torch {torch.__version__}',
         f'- machine: {device_name(torch.device("cpu")).rsplit(" (", 1)[0]}, {os.cpu_count()} CPUs; each worker 1 thread',

@@ -136,3 +136,13 @@ def parse_vec2(text) -> tuple:
         if len(parts) == 2:
             return int(parts[0]), int(parts[1])
     raise ValueError(f'cannot parse {text!r} as WxH')
+
+
+def optional_backend(variable: str, choices: tuple, what: str, on_cuda: bool) -> str:
+    """What a backend='auto' runs: 'pytorch' (ours), unless the environment variable names one
+    of `choices` and the tensors are on CUDA (optional backends are opt-in). A value that is
+    not one of `choices` is refused on every device."""
+    name = os.environ.get(variable, '').strip() or 'pytorch'
+    if name not in choices:
+        raise ValueError(f'{variable}={name!r} is not a {what} backend (expected {" or ".join([", ".join(choices[:-1]), choices[-1]])})')
+    return name if on_cuda else 'pytorch'

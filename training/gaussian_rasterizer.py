@@ -37,12 +37,12 @@ variable NEXT3D_GAUSSIAN_RASTERIZER=gsplat asks for gsplat on CUDA tensors.
 
 import bisect
 import math
-import os
 from typing import NamedTuple, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 
+import dnnlib
 from torch_utils import misc
 from training import coords
 
@@ -334,10 +334,7 @@ def gsplat_available() -> bool:
 def auto_backend(means: torch.Tensor) -> str:
     """The backend that backend='auto' runs: ours, unless NEXT3D_GAUSSIAN_RASTERIZER=gsplat opts
     CUDA tensors into gsplat (the value is checked on every device)."""
-    name = os.environ.get(BACKEND_ENV, '').strip() or 'pytorch'
-    if name not in ('pytorch', 'gsplat'):
-        raise ValueError(f'{BACKEND_ENV}={name!r} is not a Gaussian rasterizer backend (expected pytorch or gsplat)')
-    return name if means.is_cuda else 'pytorch'
+    return dnnlib.util.optional_backend(BACKEND_ENV, ('pytorch', 'gsplat'), 'Gaussian rasterizer', means.is_cuda)
 
 
 def rasterize_gaussians(means: torch.Tensor, covariances: torch.Tensor, opacities: torch.Tensor, features: torch.Tensor,

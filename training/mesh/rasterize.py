@@ -47,11 +47,11 @@ environment variable NEXT3D_RASTERIZER=nvdiffrast|pytorch3d for the 'auto' calls
 CUDA tensors (the default 'auto' is ours, whatever imports).
 """
 
-import os
 from typing import NamedTuple, Tuple, Union
 
 import torch
 
+import dnnlib
 from training import coords
 
 
@@ -406,10 +406,7 @@ BACKEND_ENV = 'NEXT3D_RASTERIZER'
 def auto_backend(verts: torch.Tensor) -> str:
     """The backend that backend='auto' runs: ours, unless NEXT3D_RASTERIZER opts CUDA tensors
     into an optional backend (one of BACKENDS; checked on every device)."""
-    name = os.environ.get(BACKEND_ENV, '').strip() or 'pytorch'
-    if name not in BACKENDS:
-        raise ValueError(f"{BACKEND_ENV}={name!r} is not a mesh rasterizer backend (expected pytorch, nvdiffrast or pytorch3d)")
-    return name if verts.is_cuda else 'pytorch'
+    return dnnlib.util.optional_backend(BACKEND_ENV, BACKENDS, 'mesh rasterizer', verts.is_cuda)
 
 
 def rasterize(verts: torch.Tensor, faces: torch.Tensor, image_size: Union[int, Tuple[int, int]], *,
