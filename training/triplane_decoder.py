@@ -7,9 +7,12 @@ from torch_utils import persistence
 from training.networks_stylegan2 import FullyConnectedLayer
 
 
+SIGMOID_RANGE = (-0.001, 1.001)     # the widened sigmoid's ends
+
+
 def widened_sigmoid(x: torch.Tensor, out: torch.Tensor = None) -> torch.Tensor:
     """sigmoid(x) * 1.002 - 0.001 (MipNeRF's widened sigmoid), as one lerp: one pass over x after the sigmoid."""
-    return torch.lerp(x.new_tensor(-0.001), x.new_tensor(1.001), torch.sigmoid(x), out=out)
+    return torch.lerp(x.new_tensor(SIGMOID_RANGE[0]), x.new_tensor(SIGMOID_RANGE[1]), torch.sigmoid(x), out=out)
 
 
 @persistence.persistent_class
@@ -111,7 +114,7 @@ class _DecodeCPU(torch.autograd.Function):
             grad_sigma = x.new_zeros(len(x), 1)
         if grad_rgb is None:
             grad_rgb = x.new_zeros(len(x), w2.shape[0] - 1)
-        sigmoid_gain = x.new_tensor(1.001) - x.new_tensor(-0.001)   # lerp's weight gradient in widened_sigmoid
+        sigmoid_gain = x.new_tensor(SIGMOID_RANGE[1]) - x.new_tensor(SIGMOID_RANGE[0])   # lerp's weight gradient in widened_sigmoid
         for i in range(0, len(x), _DecodeCPU.CHUNK):
             rows = slice(i, i + _DecodeCPU.CHUNK)
             x_chunk = x[rows]
