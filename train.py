@@ -31,6 +31,7 @@ import torch
 import dnnlib
 from dnnlib import cli
 from metrics import metric_main
+from torch_utils import compiled
 from training import builders
 from training import distributed
 
@@ -164,6 +165,7 @@ def build_config(opts: dnnlib.EasyDict) -> dnnlib.EasyDict:
     c.image_snapshot_ticks = c.network_snapshot_ticks = opts.snap
     c.grid_size = opts.grid
     c.cudnn_benchmark = not opts.nobench
+    c.compile = opts.compile
     c.resume_pkl = opts.resume
     c.resume_kwargs = dict(resume_blur=opts.resume_blur)
 
@@ -367,6 +369,8 @@ def parse_grid(s):
 @click.option('--snap', help='How often to save snapshots and grids (ticks)', metavar='TICKS', type=click.IntRange(min=1), default=50, show_default=True)
 @click.option('--seed', help='Random seed', metavar='INT', type=click.IntRange(min=0), default=0, show_default=True)
 @click.option('--nobench', help='Disable cuDNN benchmarking', metavar='BOOL', type=bool, default=False, show_default=True)
+@click.option('--compile', help='torch.compile D, G\'s synthesis or both in the training phases (checked against eager at first use, eager if it fails; R1 stays eager)',
+              type=click.Choice(compiled.COMPILE_CHOICES), default='none', show_default=True)
 @click.option('--workers', help='DataLoader worker processes', metavar='INT', type=click.IntRange(min=0), default=3, show_default=True)
 @click.option('-n', '--dry-run', help='Print the options and model sizes and exit', is_flag=True)
 @click.option('--grid', help='Columns x rows of the image grids, e.g. 4x2 (default: EG3D\'s from the resolution; at most 8x4 on a CPU)', type=str, default='auto', show_default=True)

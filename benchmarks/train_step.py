@@ -6,9 +6,14 @@ phase is timed once and weighted 1/interval), all with the preset's networks, th
 of training/loss.py, and Adam. Inputs are synthetic (random images and cameras on EG3D's
 orbit; the bundled head model's mesh for Next3D presets), so no dataset is needed.
 
+`--compile D|G|all` adds a column: the same phases with those networks through torch.compile
+(torch_utils/compiled.py), timed interleaved with the eager ones on the same networks, and
+the compile time (the checked first calls) reported.
+
 Prints a markdown table and writes it to benchmarks/results/train_step-<preset>-<device>-<date>.md.
 
     python benchmarks/train_step.py --cfg small128 --batch 4 --device cpu
+    python benchmarks/train_step.py --cfg tiny64 --batch 8 --threads 1 --compile D
     python benchmarks/train_step.py --cfg ffhq512 --batch 4 --device cuda --template data/flame/head_template.obj
 """
 
@@ -24,6 +29,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.common import RESULTS_DIR, device_name, git_commit, load_average, peak_memory_gib, sync   # noqa: E402
+from torch_utils import compiled                          # noqa: E402
 from torch_utils.persistence import atomic_write_bytes   # noqa: E402
 from training import configs, coords                      # noqa: E402
 from training.loss import Next3DLoss                      # noqa: E402
@@ -51,22 +57,23 @@ def make_inputs(G, batch: int, template: str, device):
     return real, c, v
 
 
-def time_phase(loss, phase, module, opt, inputs, z_dim, device, repeats):
-    """Median seconds of one phase (zero_grad, accumulate, step)."""
+def time_phase(losses, phase, module, opt, inputs, z_dim, device, repeats):
+    """Median seconds of one phase (zero_grad, accumulate, step) for each loss, the losses interleaved."""
     real, c, v = inputs
-    times = []
+    times = [[] for _ in losses]
     for _ in range(repeats):
-        z = torch.randn([len(real), z_dim], device=device)
-        sync(device)
-        start = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
-        module.requires_grad_(True)
-        loss.accumulate_gradients(phase, real, c, v, z, c, v, gain=1, cur_nimg=10**7)
-        module.requires_grad_(False)
-        opt.step()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
+        for loss, t in zip(losses, times):
+            z = torch.randn([len(real), z_dim], device=device)
+            sync(device)
+            start = time.perf_counter()
+            opt.zero_grad(set_to_none=True)
+            module.requires_grad_(True)
+            loss.accumulate_gradients(phase, real, c, v, z, c, v, gain=1, cur_nimg=10**7)
+            module.requires_grad_(False)
+            opt.step()
+            sync(device)
+            t.append(time.perf_counter() - start)
+    return [float(np.median(t)) for t in times]
 
 
 @click.command()
@@ -76,8 +83,9 @@ def time_phase(loss, phase, module, opt, inputs, z_dim, device, repeats):
 @click.option('--repeats', help='Timed repeats per phase (median)', type=click.IntRange(min=1), default=3, show_default=True)
 @click.option('--template', help='Mesh template (default: the bundled head model for the small presets)', metavar='PATH')
 @click.option('--threads', help='CPU threads (default: all)', type=int, default=None)
+@click.option('--compile', 'which', help='Also time the phases with these networks through torch.compile', type=click.Choice(compiled.COMPILE_CHOICES), default='none', show_default=True)
 @click.option('--outdir', help='Where to write the result', default=RESULTS_DIR, show_default='benchmarks/results')
-def main(cfg, batch, device, repeats, template, threads, outdir):
+def main(cfg, batch, device, repeats, template, threads, which, outdir):
     """Benchmark training steps of a preset."""
     device = torch.device(device)
     if threads is not None:
@@ -88,7 +96,10 @@ def main(cfg, batch, device, repeats, template, threads, outdir):
     G = configs.make_generator(cfg, template_obj=template).train().requires_grad_(False).to(device)
     D = configs.make_discriminator(cfg).train().requires_grad_(False).to(device)
     n_params = (sum(p.numel() for p in G.parameters()), sum(p.numel() for p in D.parameters()))
-    loss = Next3DLoss(device, G, D, r1_gamma=1.0, gpc_reg_prob=0.5, neural_rendering_resolution_initial=G.neural_rendering_resolution)
+    losses = [Next3DLoss(device, G, D, r1_gamma=1.0, gpc_reg_prob=0.5, neural_rendering_resolution_initial=G.neural_rendering_resolution)]
+    if which != 'none':
+        losses.append(Next3DLoss(device, G, D, r1_gamma=1.0, gpc_reg_prob=0.5, neural_rendering_resolution_initial=G.neural_rendering_resolution))
+        compiled.compile_modules(losses[1], which)
     adam = dict(lr=0.0025, betas=[0, 0.99], eps=1e-8)
     g_main, g_reg, d_main, d_reg = setup_phases(G, D, adam, adam, 4, 16)
     inputs = make_inputs(G, batch, template, device)
@@ -97,10 +108,11 @@ def main(cfg, batch, device, repeats, template, threads, outdir):
     start = time.time()
     rows = []
     for phase, interval in ((g_main, 1), (g_reg, 4), (d_main, 1), (d_reg, 16)):
-        time_phase(loss, phase.name, phase.module, phase.opt, inputs, G.z_dim, device, 1)          # warm-up
-        sec = time_phase(loss, phase.name, phase.module, phase.opt, inputs, G.z_dim, device, repeats)
-        rows.append((phase.name, interval, sec))
-    step = sum(sec / interval for _, interval, sec in rows)
+        time_phase(losses, phase.name, phase.module, phase.opt, inputs, G.z_dim, device, 1)          # warm-up (compiles)
+        secs = time_phase(losses, phase.name, phase.module, phase.opt, inputs, G.z_dim, device, repeats)
+        rows.append((phase.name, interval, secs))
+    steps = [sum(secs[i] / interval for _, interval, secs in rows) for i in range(len(losses))]
+    step = steps[0]
     sec_per_kimg = step / batch * 1000
     load_after = load_average()
     commit = git_commit()
@@ -115,18 +127,28 @@ def main(cfg, batch, device, repeats, template, threads, outdir):
         f'- median of {repeats} timed runs per phase after one warm-up; total {time.time() - start:.0f} s',
         f'- system load average (1 min) before / after: {load_before:.1f} / {load_after:.1f} on {os.cpu_count()} CPUs',
         '',
-        '| phase | every N steps | seconds |',
-        '|---|---|---|',
-    ] + [f'| {n} | {i} | {s:.3f} |' for n, i, s in rows] + [
+    ]
+    if len(losses) == 1:
+        lines += ['| phase | every N steps | seconds |', '|---|---|---|'] + [f'| {n} | {i} | {s[0]:.3f} |' for n, i, s in rows]
+    else:
+        parts = [('D', losses[1].D_forward), ('G.synthesis', losses[1].synthesis_forward)]
+        parts = [(name, f) for name, f in parts if isinstance(f, compiled.Compiled)]
+        lines += [f'| phase | every N steps | eager seconds | --compile={which} seconds | ratio |', '|---|---|---|---|---|']
+        lines += [f'| {n} | {i} | {s[0]:.3f} | {s[1]:.3f} | {s[1] / s[0]:.3f} |' for n, i, s in rows]
+        lines += [f'| step (phases at their intervals) | | {steps[0]:.3f} | {steps[1]:.3f} | {steps[1] / steps[0]:.3f} |', '']
+        lines += [f'- {name}: compiled in {f.compile_seconds:.0f} s wall ({len(f.checked)} input signatures, each checked against eager)'
+                  if f.failed is None else f'- {name}: not compiled, eager: {f.failed}' for name, f in parts]
+    lines += [
         '',
-        f'**{step:.3f} s per step, {sec_per_kimg:.1f} s/kimg, peak memory {peak_memory_gib(device):.2f} GiB** '
+        f'**{step:.3f} s per step, {sec_per_kimg:.1f} s/kimg (eager), peak memory {peak_memory_gib(device):.2f} GiB** '
         f'({"GPU allocated" if device.type == "cuda" else "process RSS"})',
         '',
     ]
     text = '\n'.join(lines)
     print(text)
     os.makedirs(outdir, exist_ok=True)
-    path = os.path.join(outdir, f'train_step-{cfg}-{device.type}-{now:%Y-%m-%d}.md')
+    suffix = '' if which == 'none' else f'-compile-{which}'
+    path = os.path.join(outdir, f'train_step-{cfg}{suffix}-{device.type}-{now:%Y-%m-%d}.md')
     atomic_write_bytes(path, text.encode())
     print(f'Wrote {path}')
 

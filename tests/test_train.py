@@ -417,11 +417,12 @@ def test_train_py_options_reach_networks_loss_and_loop(tmp_path):
         '--metrics', 'none', '--nobench', 'True', '--workers', '0', '--cond', 'False', '--freezed', '2', '--sr_noise_mode', 'const',
         '--sr_num_fp16_res', '1', '--g_num_fp16_res', '2', '--d_num_fp16_res', '3', '--decoder_lr_mul', '0.5', '--c-scale', '2',
         '--gen_exp_cond', 'True', '--load_lms', 'False', '--mbstd-group', '2', '--map-depth', '3', '--cbase', '1024', '--cmax', '16',
-        '--density_reg_every', '8', '--style_mixing_prob', '0.7', '--gen_pose_cond', 'True', '--gpc_reg_prob', '0.3'])
+        '--density_reg_every', '8', '--style_mixing_prob', '0.7', '--gen_pose_cond', 'True', '--gpc_reg_prob', '0.3', '--compile', 'G'])
     opts = dnnlib.EasyDict(ctx.params)
     opts.grid = train.parse_grid(opts.grid)
     c = train.build_config(opts)
     assert c.cudnn_benchmark is False and c.data_loader_kwargs['num_workers'] == 0 and c.G_reg_interval == 8
+    assert c.compile == 'G'
     assert c.training_set_kwargs['load_lms'] is False
     assert c.loss_kwargs['style_mixing_prob'] == 0.7 and c.loss_kwargs['gpc_reg_prob'] == 0.3
     G = builders.build('network', c.G_kwargs)

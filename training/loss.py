@@ -102,6 +102,9 @@ class Next3DLoss:
             raise ValueError(f'reg_type must be one of {REG_TYPES}, got {reg_type!r}')
         self.device = device
         self.G, self.D, self.augment_pipe = G, D, augment_pipe
+        # What the phases call; torch_utils.compiled.compile_modules may route them through torch.compile.
+        # R1's double backward always runs the eager D.
+        self.synthesis_forward, self.D_forward = G.synthesis, D
         self.r1_gamma = r1_gamma
         self.style_mixing_prob = style_mixing_prob
         self.blur_init_sigma, self.blur_fade_kimg, self.blur_raw_target = blur_init_sigma, blur_fade_kimg, blur_raw_target
@@ -136,11 +139,14 @@ class Next3DLoss:
         """-> (dict(image, image_raw, image_depth), ws)."""
         c = self.gen_label(c)
         ws = self.mapping(z, c, swapping_prob, update_emas=update_emas)
-        out = self.G.synthesis(ws, c, v, neural_rendering_resolution=neural_rendering_resolution, update_emas=update_emas)
+        out = self.synthesis_forward(ws, c, v, neural_rendering_resolution=neural_rendering_resolution, update_emas=update_emas)
         return out, ws
 
-    def run_D(self, img: dict, c: torch.Tensor, blur_sigma: float = 0, update_emas: bool = False) -> torch.Tensor:
-        """D's logits (B, 1) for dict(image, image_raw); blur and augmentation applied first."""
+    def run_D(self, img: dict, c: torch.Tensor, blur_sigma: float = 0, update_emas: bool = False, double_backward: bool = False) -> torch.Tensor:
+        """D's logits (B, 1) for dict(image, image_raw); blur and augmentation applied first.
+
+        double_backward: the logits' gradient will itself be differentiated (R1): the eager D.
+        """
         img = dict(image=img['image'], image_raw=img['image_raw'])
         if blur_sigma > 0:
             img['image'] = gaussian_blur(img['image'], blur_sigma)
@@ -152,7 +158,8 @@ class Next3DLoss:
             n = img['image'].shape[1]
             img['image'] = pair[:, :n]
             img['image_raw'] = resize_antialiased(pair[:, n:], raw_size)
-        return self.D(img, c, update_emas=update_emas)
+        D = self.D if double_backward else self.D_forward
+        return D(img, c, update_emas=update_emas)
 
     # --- the phases -----------------------------------------------------------------------
     def schedule(self, cur_nimg: int) -> dict:
@@ -212,7 +219,7 @@ class Next3DLoss:
                 real_raw = gaussian_blur(real_raw, s['blur_sigma'])
             image = real_img.detach().requires_grad_(do_r1)
             image_raw = real_raw.detach().requires_grad_(do_r1)
-            real_logits = self.run_D(dict(image=image, image_raw=image_raw), real_c, blur_sigma=s['blur_sigma'])
+            real_logits = self.run_D(dict(image=image, image_raw=image_raw), real_c, blur_sigma=s['blur_sigma'], double_backward=do_r1)
             training_stats.report('Loss/scores/real', real_logits)
             training_stats.report('Loss/signs/real', real_logits.sign())
             loss = torch.zeros_like(real_logits)

@@ -30,6 +30,7 @@ import PIL.Image
 import torch
 
 import dnnlib
+from torch_utils import compiled
 from torch_utils import misc
 from torch_utils import persistence
 from torch_utils import training_stats
@@ -403,6 +404,7 @@ def training_loop(
     resume_pkl: str = None,             # snapshot to continue, or weights to start from
     resume_kwargs: dict = None,         # dict(resume_blur=bool): keep the fade-ins when starting from other weights
     cudnn_benchmark: bool = True,       # torch.backends.cudnn.benchmark
+    compile: str = 'none',              # torch.compile D and/or G.synthesis in the phases: 'none', 'D', 'G', 'all'
     progress_fn=None,                   # callback(cur_nimg, total_nimg)
 ):
     """Train. Returns EasyDict(snapshot_pkl (rank 0's last snapshot or None), G, D, G_ema, cur_nimg, batch_idx, stopped)."""
@@ -441,6 +443,7 @@ def training_loop(
             state.ada_signs = torch.zeros(3, dtype=torch.float64)     # [count, sum, sum_sq] since p's last update, all ranks
 
     loss = Next3DLoss(device=device, G=G, D=D, augment_pipe=augment_pipe, **(loss_kwargs or {}))
+    compiled.compile_modules(loss, compile, log=log)
     phases = setup_phases(G, D, G_opt_kwargs, D_opt_kwargs, G_reg_interval, D_reg_interval)
     if resume_state is not None:
         restore_training_state(resume_state, state, phases, augment_pipe, log)

@@ -1,0 +1,253 @@
+"""torch_utils/compiled.py: torch.compile with a self-check against eager and a fallback that works.
+
+The compilers are real where they are fast enough for the suite (aot_eager on the tiny
+networks, inductor on a small module); a wrong or failing compiler is simulated by
+replacing torch.compile.
+"""
+
+import warnings
+
+import pytest
+import torch
+
+from torch_utils import compiled
+from training import configs
+from tests import train_helpers as th
+from training import training_loop as tl
+from training.loss import Next3DLoss
+from training.training_loop import setup_phases
+
+pytestmark = pytest.mark.filterwarnings('ignore::UserWarning')
+
+
+class Noisy(torch.nn.Module):
+    """A conv, random noise, a running-mean buffer written in forward, and a method to compile."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+        self.register_buffer('running', torch.zeros(4))
+
+    def forward(self, x, scale: float = 1.0):
+        y = self.conv(x) * scale + torch.randn(x.shape[0], 4, 1, 1, device=x.device) * 0.1
+        with torch.no_grad():
+            self.running.mul_(0.5).add_(y.mean(dim=(0, 2, 3)) * 0.5)
+        return dict(out=torch.tanh(y), mean=y.mean())
+
+    def head(self, x):
+        return self.conv(x).sum(dim=1)
+
+
+def run_twice(fn, module, seed=0):
+    """Outputs, buffer and conv gradient of two calls from a fixed seed."""
+    torch.manual_seed(seed)
+    x = torch.randn(2, 3, 8, 8)
+    outs = []
+    module.zero_grad(set_to_none=True)
+    for scale in (1.0, 1.0):
+        o = fn(x, scale=scale)
+        (o['out'].square().sum() + o['mean']).backward()
+        outs.append(o['out'].detach())
+    return outs, module.running.clone(), module.conv.weight.grad.clone(), torch.randn(3)
+
+
+def test_compiled_matches_eager_and_checks_each_signature_once():
+    torch.manual_seed(1)
+    eager_module = Noisy()
+    compiled_module = Noisy()
+    compiled_module.load_state_dict(eager_module.state_dict())
+    lines = []
+    fast = compiled.Compiled(compiled_module, compiled_module, 'noisy', backend='aot_eager', log=lines.append)
+    want = run_twice(eager_module, eager_module)
+    got = run_twice(fast, compiled_module)
+    for g, w in zip(got[0], want[0]):           # same random noise: eager's generator
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-6)     # the buffer written once per call, not twice
+    torch.testing.assert_close(got[2], want[2], rtol=1e-5, atol=1e-6)     # gradients accumulate once
+    torch.testing.assert_close(got[3], want[3])                           # the RNG stream continues as in eager
+    assert len(lines) == 1 and 'noisy compiled for a new input signature in' in lines[0] and 'matches eager' in lines[0]
+    fast(torch.randn(1, 3, 8, 8))               # a new shape: checked again
+    assert len(lines) == 2 and fast.failed is None
+    with torch.no_grad():                       # no grad mode: a new signature too
+        fast(torch.randn(1, 3, 8, 8))
+    assert len(lines) == 3 and fast.compile_seconds > 0
+
+
+def test_a_method_of_a_module_compiles_with_the_modules_parameters():
+    module = Noisy()
+    fast = compiled.Compiled(module.head, module, 'head', backend='aot_eager', log=lambda *a: None)
+    x = torch.randn(2, 3, 8, 8)
+    fast(x).sum().backward()
+    g = module.conv.weight.grad.clone()
+    module.zero_grad(set_to_none=True)
+    module.head(x).sum().backward()
+    torch.testing.assert_close(g, module.conv.weight.grad)
+    assert fast.failed is None
+
+
+def test_inductor_compiles_a_small_module():
+    module = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.LeakyReLU(0.2), torch.nn.Linear(16, 1))
+    lines = []
+    fast = compiled.Compiled(module, module, 'mlp', backend='inductor', log=lines.append)
+    x = torch.randn(4, 8)
+    torch.testing.assert_close(fast(x), module(x), rtol=1e-5, atol=1e-6)
+    assert fast.failed is None, fast.failed
+    assert len(lines) == 1 and 'matches eager' in lines[0]
+
+
+def fake_compile(wrap):
+    """A torch.compile stand-in whose compiled function is wrap(fn)."""
+    def compile(fn, backend=None, **kwargs):
+        return wrap(fn)
+    return compile
+
+
+def wrong_output(fn):
+    return lambda *a, **k: {key: v * 1.01 for key, v in fn(*a, **k).items()}
+
+
+def wrong_gradient(fn):
+    def call(*a, **k):
+        out = fn(*a, **k)
+        return {key: v.detach() + (v - v.detach()) * 2 for key, v in out.items()}
+    return call
+
+
+def cannot_compile(fn):
+    def call(*a, **k):
+        raise RuntimeError('CppCompileError: C++ compile error\nmore lines')
+    return call
+
+
+def cannot_build_backward(fn):
+    class Broken(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, g):
+            raise RuntimeError('backward compile failed')
+
+    return lambda *a, **k: {key: Broken.apply(v) for key, v in fn(*a, **k).items()}
+
+
+@pytest.mark.parametrize('wrap, why', [
+    (wrong_output, 'failed its check against eager (CompileCheckFailed: output error'),
+    (wrong_gradient, 'failed its check against eager (CompileCheckFailed: gradient error'),
+    (cannot_compile, 'failed to compile (RuntimeError: CppCompileError: C++ compile error)'),
+    (cannot_build_backward, 'failed its check against eager (RuntimeError: backward compile failed)'),
+])
+def test_a_wrong_or_failing_compiler_warns_once_and_falls_back_to_eager(monkeypatch, wrap, why):
+    monkeypatch.setattr(torch, 'compile', fake_compile(wrap))
+    torch.manual_seed(1)
+    eager_module = Noisy()
+    compiled_module = Noisy()
+    compiled_module.load_state_dict(eager_module.state_dict())
+    fast = compiled.Compiled(compiled_module, compiled_module, 'noisy', log=lambda *a: None)
+    want = run_twice(eager_module, eager_module)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        got = run_twice(fast, compiled_module)
+    messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert len(messages) == 1 and messages[0].startswith(f'torch.compile: noisy {why}'), messages
+    assert messages[0].endswith('running it eagerly from now on.') and '\n' not in messages[0]
+    for g, w in zip(got[0], want[0]):           # the eager results, buffers written once, same RNG stream
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got[2], want[2], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got[3], want[3])
+    assert fast.failed is not None
+
+
+def test_a_compiler_error_on_a_later_call_falls_back(monkeypatch):
+    calls = []
+
+    def later_fails(fn):
+        def call(*a, **k):
+            calls.append(1)
+            if len(calls) > 1:
+                raise torch._dynamo.exc.TorchDynamoException('recompile failed')
+            return fn(*a, **k)
+        return call
+
+    monkeypatch.setattr(torch, 'compile', fake_compile(later_fails))
+    module = Noisy()
+    fast = compiled.Compiled(module, module, 'noisy', log=lambda *a: None)
+    x = torch.randn(2, 3, 8, 8)
+    fast(x)
+    with pytest.warns(RuntimeWarning, match=r'noisy failed to compile \(TorchDynamoException: recompile failed\)'):
+        out = fast(x)
+    assert out['out'].shape == (2, 4, 8, 8) and fast.failed is not None
+
+
+def test_bad_choices_are_refused():
+    with pytest.raises(ValueError, match="backend 'cudagraphs' is not one we use"):
+        compiled.Compiled(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2), 'x', backend='cudagraphs')
+    with pytest.raises(ValueError, match="--compile='GD': expected one of none, D, G, all"):
+        compiled.compile_modules(None, 'GD')
+
+
+def phase_gradients(loss, phases, inputs, seed):
+    """Gradients of every parameter after each phase, from a fixed seed."""
+    real, c, v = inputs
+    grads = {}
+    torch.manual_seed(seed)
+    for phase in phases:
+        phase.module.zero_grad(set_to_none=True)
+        phase.module.requires_grad_(True)
+        z = torch.randn([len(real), loss.G.z_dim])
+        loss.accumulate_gradients(phase.name, real, c, v, z, c, v, gain=1, cur_nimg=0)
+        phase.module.requires_grad_(False)
+        grads[phase.name] = [p.grad.clone() if p.grad is not None else None for p in phase.module.parameters()]
+    return grads
+
+
+def test_next3d_training_phases_with_a_compiled_D_give_eager_gradients():
+    """tiny64: G main, density reg, D main with the compiled D; R1 with the eager D (double backward).
+
+    (Tracing the Next3D synthesis takes minutes even with aot_eager; the loop test below compiles a toy G.)
+    """
+    cfg = 'tiny64'
+    from benchmarks.train_step import make_inputs
+    template = configs.default_template(cfg)
+    nets = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        G = configs.make_generator(cfg, template_obj=template).train().requires_grad_(False)
+        D = configs.make_discriminator(cfg).train().requires_grad_(False)
+        nets.append((G, D))
+    inputs = make_inputs(nets[0][0], 2, template, 'cpu')
+    results, lines = [], []
+    for i, (G, D) in enumerate(nets):
+        loss = Next3DLoss('cpu', G, D, r1_gamma=1.0, blur_init_sigma=1, blur_fade_kimg=1, neural_rendering_resolution_initial=G.neural_rendering_resolution)
+        if i == 1:
+            compiled.compile_modules(loss, 'D', backend='aot_eager', log=lines.append)
+            assert isinstance(loss.D_forward, compiled.Compiled) and not isinstance(loss.synthesis_forward, compiled.Compiled)
+        adam = dict(lr=0.002, betas=[0, 0.99], eps=1e-8)
+        phases = setup_phases(G, D, adam, adam, 4, 16)
+        results.append(phase_gradients(loss, phases, inputs, seed=5))
+    assert sorted(results[0]) == ['Dmain', 'Dreg', 'Gmain', 'Greg']
+    for name in results[0]:
+        for want, got in zip(results[0][name], results[1][name]):
+            assert (want is None) == (got is None)
+            if want is not None:
+                torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-5 * (1 + want.abs().max().item()), msg=name)
+    assert loss.D_forward.failed is None and len(loss.D_forward.checked) == 3      # G main (D frozen), D main's fakes and reals
+    assert any(line.startswith('torch.compile: D compiled') for line in lines)
+
+
+def test_training_loop_with_compile_trains_as_eager(tmp_path, monkeypatch):
+    """training_loop(compile='all'): the same parameters after 4 steps (all four phases) as an eager run."""
+    monkeypatch.setattr(compiled, 'DEFAULT_BACKEND', 'aot_eager')      # inductor's C++ builds take minutes
+    data = th.make_dataset(str(tmp_path / 'data'), count=8, resolution=32)
+    eager = tl.training_loop(**th.loop_kwargs(str(tmp_path / 'eager'), data, total_kimg=0.008))
+    lines = []
+    monkeypatch.setattr('builtins.print', lambda *a, **k: lines.append(' '.join(str(x) for x in a)))
+    fast = tl.training_loop(**th.loop_kwargs(str(tmp_path / 'fast'), data, total_kimg=0.008, compile='all'))
+    assert any(line.startswith('torch.compile: D compiled') for line in lines), lines
+    assert any(line.startswith('torch.compile: G.synthesis compiled') for line in lines), lines
+    for name in ('G', 'D', 'G_ema'):
+        a, b = fast[name].state_dict(), eager[name].state_dict()
+        for k in b:
+            torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=f'{name}.{k}')

@@ -1,0 +1,204 @@
+"""torch.compile as an option, checked against eager, with a fallback that works.
+
+`Compiled(fn, module, name)` is called like `fn` (a module or a method of one) and runs
+`torch.compile(fn)`. The
+first call with each new signature (the tensors' shapes, dtypes, devices and
+requires_grad, the other arguments, grad mode, training mode, which parameters require
+grad) is a self-check: the compiled call is timed (that time, mostly compiling, is
+logged), then the same call runs in eager mode from the same RNG state and buffers, and
+the outputs, the buffers written and, when the output needs a gradient, the gradients of
+a fixed random projection of the output with respect to every parameter and input that
+requires grad are compared. An exception on that first call (no C++ compiler, no triton,
+a compiler bug) or a mismatch warns once and the eager module is used from then on; so
+does a compiler error on a later call.
+
+Random numbers: inductor is told to draw them with eager's generator
+(`torch._inductor.config.fallback_random`), so a compiled run draws the same numbers as an
+eager one and the check can compare outputs of random ops.
+
+Double backward (R1's gradient penalty) does not go through compiled graphs: callers use
+the eager module there.
+"""
+
+import time
+import warnings
+
+import torch
+import torch.utils._pytree as pytree
+
+BACKENDS = ('inductor', 'aot_eager')        # the torch.compile backends we accept
+COMPILE_CHOICES = ('none', 'D', 'G', 'all')  # what train.py --compile may name
+DEFAULT_BACKEND = 'inductor'
+FORWARD_TOL = 1e-3                          # |compiled - eager| <= tol x (1 + |eager|) on every output element
+GRADIENT_TOL = 1e-3                         # |g_compiled - g_eager| <= tol x max |g_eager| for every gradient
+
+
+def _describe(x):
+    """A hashable description of one argument leaf for the signature."""
+    if isinstance(x, torch.Tensor):
+        return ('tensor', tuple(x.shape), x.dtype, str(x.device), x.requires_grad)
+    try:
+        hash(x)
+        return ('value', type(x).__name__, x)
+    except TypeError:
+        return ('value', type(x).__name__, repr(x))
+
+
+def _relative_error(got: torch.Tensor, ref: torch.Tensor) -> float:
+    got, ref = got.detach().double(), ref.detach().double()
+    if got.shape != ref.shape:
+        return float('inf')
+    if ref.numel() == 0:
+        return 0.0
+    return ((got - ref).abs() / (1 + ref.abs())).max().item()
+
+
+def _gradient_error(got: torch.Tensor, ref: torch.Tensor) -> float:
+    got, ref = got.double(), ref.double()
+    if got.shape != ref.shape:
+        return float('inf')
+    if ref.numel() == 0:
+        return 0.0
+    return ((got - ref).abs().max() / ref.abs().max().clamp(min=1e-12)).item()
+
+
+class CompileCheckFailed(RuntimeError):
+    """The compiled module disagrees with the eager one."""
+
+
+class Compiled:
+    """`fn` through torch.compile, self-checked per signature, falling back to eager.
+
+    fn:      what to compile: a torch.nn.Module or a bound method of one (G.synthesis); the
+             eager fallback and the reference of the check.
+    module:  the torch.nn.Module whose parameters and buffers `fn` uses.
+    name:    what the log and the warning call it ('D', 'G.synthesis').
+    backend: one of BACKENDS (None: DEFAULT_BACKEND).
+    log:     callable for the compile-time lines (print; a no-op on other ranks).
+    """
+
+    def __init__(self, fn, module: torch.nn.Module, name: str, backend: str = None, log=print):
+        backend = backend or DEFAULT_BACKEND
+        if backend not in BACKENDS:
+            raise ValueError(f'torch.compile backend {backend!r} is not one we use (expected {" or ".join(BACKENDS)})')
+        import torch._inductor.config
+        torch._inductor.config.fallback_random = True       # eager's generator for rand/randn/dropout
+        self.fn, self.module, self.name, self.backend, self.log = fn, module, name, backend, log
+        self.compiled = torch.compile(fn, backend=backend)
+        self.checked = set()                    # signatures whose check passed
+        self.failed = None                      # the reason the eager module is used, or None
+        self.compile_seconds = 0.0              # wall time of the checked first calls, summed
+
+    def _signature(self, args, kwargs):
+        leaves, spec = pytree.tree_flatten((args, kwargs))
+        params = tuple(p.requires_grad for p in self.module.parameters())
+        return (str(spec), tuple(_describe(x) for x in leaves), torch.is_grad_enabled(), self.module.training, params)
+
+    def _fall_back(self, why: str):
+        self.failed = why
+        warnings.warn(f'torch.compile: {self.name} {why}; running it eagerly from now on.', RuntimeWarning, stacklevel=3)
+
+    def __call__(self, *args, **kwargs):
+        if self.failed is not None:
+            return self.fn(*args, **kwargs)
+        key = self._signature(args, kwargs)
+        if key in self.checked:
+            try:
+                return self.compiled(*args, **kwargs)
+            except (torch._dynamo.exc.TorchDynamoException, torch._inductor.exc.InductorError) as e:
+                self._fall_back(f'failed to compile ({type(e).__name__}: {_first_line(e)})')
+                return self.fn(*args, **kwargs)
+        return self._checked_call(key, args, kwargs)
+
+    def _checked_call(self, key, args, kwargs):
+        """First call with a new signature: compiled, then eager from the same state; compare."""
+        rng = _rng_state()
+        buffers = [b.detach().clone() for b in self.module.buffers()]
+        start = time.time()
+        try:
+            out = self.compiled(*args, **kwargs)
+        except Exception as e:      # a compiler that cannot run here must not stop training
+            _set_rng_state(rng)
+            _set_buffers(self.module, buffers)
+            self._fall_back(f'failed to compile ({type(e).__name__}: {_first_line(e)})')
+            return self.fn(*args, **kwargs)
+        seconds = time.time() - start
+        rng_after, buffers_after = _rng_state(), [b.detach().clone() for b in self.module.buffers()]
+        _set_rng_state(rng)
+        _set_buffers(self.module, buffers)
+        ref = self.fn(*args, **kwargs)
+        try:
+            errors = self._compare(out, ref, buffers_after, args, kwargs)
+        except Exception as e:      # includes a backward the compiler cannot build
+            self._fall_back(f'failed its check against eager ({type(e).__name__}: {_first_line(e)})')
+            return ref
+        _set_rng_state(rng_after)
+        self.checked.add(key)
+        self.compile_seconds += seconds
+        self.log(f'torch.compile: {self.name} compiled for a new input signature in {seconds:.1f} s '
+                 f'(matches eager: output error {errors[0]:.1e}, gradient error {errors[1]:.1e})')
+        return out
+
+    def _compare(self, out, ref, buffers_after, args, kwargs):
+        """(output error, gradient error); raises CompileCheckFailed on a mismatch."""
+        outs, out_spec = pytree.tree_flatten(out)
+        refs, ref_spec = pytree.tree_flatten(ref)
+        if str(out_spec) != str(ref_spec):
+            raise CompileCheckFailed(f'output structure {out_spec}, expected {ref_spec}')
+        pairs = [(o, r) for o, r in zip(outs, refs) if isinstance(r, torch.Tensor)]
+        forward_error = max([_relative_error(o, r) for o, r in pairs] +
+                            [_relative_error(b, r) for b, r in zip(buffers_after, self.module.buffers())], default=0.0)
+        if not forward_error <= FORWARD_TOL:
+            raise CompileCheckFailed(f'output error {forward_error:.3g} > {FORWARD_TOL:g}')
+        gradient_error = 0.0
+        differentiable = [(o, r) for o, r in pairs if r.requires_grad and r.is_floating_point()]
+        if differentiable:
+            leaves = [p for p in self.module.parameters() if p.requires_grad]
+            leaves += [x for x in pytree.tree_leaves((args, kwargs)) if isinstance(x, torch.Tensor) and x.requires_grad]
+            gen = torch.Generator(device=differentiable[0][1].device).manual_seed(0)
+            projections = [torch.randn(r.shape, generator=gen, device=r.device, dtype=r.dtype) for _, r in differentiable]
+            got = _gradients([o for o, _ in differentiable], projections, leaves)
+            want = _gradients([r for _, r in differentiable], projections, leaves)
+            gradient_error = max([_gradient_error(g, w) for g, w in zip(got, want)], default=0.0)
+            if not gradient_error <= GRADIENT_TOL:
+                raise CompileCheckFailed(f'gradient error {gradient_error:.3g} > {GRADIENT_TOL:g}')
+        return forward_error, gradient_error
+
+
+def _gradients(outputs, projections, leaves):
+    """d sum(outputs x projections) / d leaves (zeros where unused); the graph is kept for the caller's backward."""
+    total = sum((o * p).sum() for o, p in zip(outputs, projections))
+    grads = torch.autograd.grad(total, leaves, retain_graph=True, allow_unused=True)
+    return [torch.zeros_like(x) if g is None else g for g, x in zip(grads, leaves)]
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else 'no message'
+
+
+def _rng_state():
+    return torch.get_rng_state(), (torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None)
+
+
+def _set_rng_state(state):
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state_all(state[1])
+
+
+def _set_buffers(module: torch.nn.Module, values):
+    with torch.no_grad():
+        for b, v in zip(module.buffers(), values):
+            b.copy_(v)
+
+
+def compile_modules(loss, which: str, backend: str = None, log=print):
+    """Route the loss's D and/or G.synthesis calls through `Compiled` (which: 'none', 'D', 'G' or 'all')."""
+    if which not in COMPILE_CHOICES:
+        raise ValueError(f'--compile={which!r}: expected one of {", ".join(COMPILE_CHOICES)}')
+    if which in ('D', 'all'):
+        loss.D_forward = Compiled(loss.D, loss.D, 'D', backend, log)
+    if which in ('G', 'all'):
+        loss.synthesis_forward = Compiled(loss.G.synthesis, loss.G, 'G.synthesis', backend, log)
+
