@@ -85,6 +85,17 @@ def test_a_method_of_a_module_compiles_with_the_modules_parameters():
     assert fast.failed is None
 
 
+def test_the_same_shape_with_other_strides_is_checked_again():
+    """Dynamo compiles a new graph for a channel slice of the same shape; that graph is checked too."""
+    module = torch.nn.Conv2d(3, 4, 3, padding=1)
+    lines = []
+    fast = compiled.Compiled(module, module, 'conv', backend='aot_eager', log=lines.append)
+    fast(torch.randn(2, 3, 8, 8))
+    x = torch.randn(2, 6, 8, 8)[:, :3]
+    torch.testing.assert_close(fast(x), module(x))
+    assert len(lines) == 2 and fast.failed is None, lines
+
+
 def test_inductor_compiles_a_small_module():
     module = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.LeakyReLU(0.2), torch.nn.Linear(16, 1))
     lines = []

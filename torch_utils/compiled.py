@@ -1,10 +1,9 @@
 """torch.compile as an option, checked against eager, with a fallback that works.
 
 `Compiled(fn, module, name)` is called like `fn` (a module or a method of one) and runs
-`torch.compile(fn)`. The
-first call with each new signature (the tensors' shapes, dtypes, devices and
-requires_grad, the other arguments, grad mode, training mode, which parameters require
-grad) is a self-check: the compiled call is timed (that time, mostly compiling, is
+`torch.compile(fn)`. The first call with each new signature (the tensors' shapes, strides,
+dtypes, devices and requires_grad, the other arguments, grad mode, training mode, which
+parameters require grad) is a self-check: the compiled call is timed (that time, mostly compiling, is
 logged), then the same call runs in eager mode from the same RNG state and buffers, and
 the outputs, the buffers written and, when the output needs a gradient, the gradients of
 a fixed random projection of the output with respect to every parameter and input that
@@ -34,9 +33,9 @@ GRADIENT_TOL = 1e-3                         # |g_compiled - g_eager| <= tol x ma
 
 
 def _describe(x):
-    """A hashable description of one argument leaf for the signature."""
+    """A hashable description of one argument leaf for the signature (strides too: dynamo recompiles on them)."""
     if isinstance(x, torch.Tensor):
-        return ('tensor', tuple(x.shape), x.dtype, str(x.device), x.requires_grad)
+        return ('tensor', tuple(x.shape), x.stride(), x.dtype, str(x.device), x.requires_grad)
     try:
         hash(x)
         return ('value', type(x).__name__, x)
