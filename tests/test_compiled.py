@@ -262,3 +262,15 @@ def test_training_loop_with_compile_trains_as_eager(tmp_path, monkeypatch):
         a, b = fast[name].state_dict(), eager[name].state_dict()
         for k in b:
             torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=f'{name}.{k}')
+
+
+def test_bias_act_after_a_matrix_product_compiles_to_the_eager_values():
+    """Inductor rewrote bias_act's add(b * gain, x, alpha=gain) of a matmul output as an addmm without the alpha
+    (pytorch/pytorch#167313): a fully connected layer's output was off by up to 5.6 here; the self-check refused D."""
+    from torch_utils.ops import bias_act
+    torch.manual_seed(0)
+    x, w, b = torch.randn(8, 32), torch.randn(32, 32), torch.randn(32)
+    for act in ('linear', 'lrelu'):
+        torch.compiler.reset()
+        f = lambda x: bias_act.bias_act(x.matmul(w.t()), b, dim=1, act=act, gain=1.5)
+        torch.testing.assert_close(torch.compile(f, backend='inductor')(x), f(x), rtol=1e-5, atol=1e-5)

@@ -97,7 +97,11 @@ def _bias_act_ref(x: torch.Tensor, b: Optional[torch.Tensor], dim: int, act: str
     """
     shape = [-1 if i == dim else 1 for i in range(x.ndim)]
     if act in ('linear', 'relu', 'lrelu') and gain > 0:
-        if b is not None:
+        if b is not None and torch.compiler.is_compiling():
+            # Inductor fuses the two passes itself, and drops add's alpha when it rewrites
+            # add(b, mm(...), alpha) as an addmm (pytorch/pytorch#167313): no alpha there.
+            x = x * gain + (b.to(x.dtype) * gain).reshape(shape)
+        elif b is not None:
             x = torch.add((b.to(x.dtype) * gain).reshape(shape), x, alpha=gain)
         elif gain != 1:
             x = x * gain
