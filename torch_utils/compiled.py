@@ -104,7 +104,7 @@ class Compiled:
         if key in self.checked:
             try:
                 return self.compiled(*args, **kwargs)
-            except (torch._dynamo.exc.TorchDynamoException, torch._inductor.exc.InductorError) as e:
+            except _compiler_errors() as e:
                 self._fall_back(f'failed to compile ({type(e).__name__}: {_first_line(e)})')
                 return self.fn(*args, **kwargs)
         return self._checked_call(key, args, kwargs)
@@ -169,6 +169,13 @@ def _gradients(outputs, projections, leaves):
     total = sum((o * p).sum() for o, p in zip(outputs, projections))
     grads = torch.autograd.grad(total, leaves, retain_graph=True, allow_unused=True)
     return [torch.zeros_like(x) if g is None else g for g, x in zip(grads, leaves)]
+
+
+def _compiler_errors() -> tuple:
+    """The exception types of dynamo and inductor (InductorError is newer than torch 2.4)."""
+    import torch._dynamo.exc
+    import torch._inductor.exc
+    return tuple(t for t in (torch._dynamo.exc.TorchDynamoException, getattr(torch._inductor.exc, 'InductorError', None)) if t is not None)
 
 
 def _first_line(e: Exception) -> str:
