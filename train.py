@@ -31,9 +31,9 @@ import torch
 import dnnlib
 from dnnlib import cli
 from metrics import metric_main
-from torch_utils import compiled
 from training import builders
 from training import distributed
+from training import loss as loss_lib
 
 CFG_PRESETS = {'ffhq': 'ffhq512', 'ffhq512': 'ffhq512', 'tiny64': 'tiny64', 'small128': 'small128',
                'ffhq512-gaussian': 'ffhq512-gaussian', 'small128-gaussian': 'small128-gaussian', 'tiny64-gaussian': 'tiny64-gaussian'}
@@ -370,7 +370,7 @@ def parse_grid(s):
 @click.option('--seed', help='Random seed', metavar='INT', type=click.IntRange(min=0), default=0, show_default=True)
 @click.option('--nobench', help='Disable cuDNN benchmarking', metavar='BOOL', type=bool, default=False, show_default=True)
 @click.option('--compile', help='torch.compile D, G\'s synthesis or both in the training phases (checked against eager at first use, eager if it fails; R1 stays eager)',
-              type=click.Choice(compiled.COMPILE_CHOICES), default='none', show_default=True)
+              type=click.Choice(loss_lib.COMPILE_CHOICES), default='none', show_default=True)
 @click.option('--workers', help='DataLoader worker processes', metavar='INT', type=click.IntRange(min=0), default=3, show_default=True)
 @click.option('-n', '--dry-run', help='Print the options and model sizes and exit', is_flag=True)
 @click.option('--grid', help='Columns x rows of the image grids, e.g. 4x2 (default: EG3D\'s from the resolution; at most 8x4 on a CPU)', type=str, default='auto', show_default=True)

@@ -32,6 +32,7 @@ from benchmarks.common import RESULTS_DIR, device_name, git_commit, load_average
 from torch_utils import compiled                          # noqa: E402
 from torch_utils.persistence import atomic_write_bytes   # noqa: E402
 from training import configs, coords                      # noqa: E402
+from training import loss as loss_lib                     # noqa: E402
 from training.loss import Next3DLoss                      # noqa: E402
 from training.mesh import obj_io                          # noqa: E402
 from training.training_loop import setup_phases           # noqa: E402
@@ -83,7 +84,7 @@ def time_phase(losses, phase, module, opt, inputs, z_dim, device, repeats):
 @click.option('--repeats', help='Timed repeats per phase (median)', type=click.IntRange(min=1), default=3, show_default=True)
 @click.option('--template', help='Mesh template (default: the bundled head model for the small presets)', metavar='PATH')
 @click.option('--threads', help='CPU threads (default: all)', type=int, default=None)
-@click.option('--compile', 'which', help='Also time the phases with these networks through torch.compile', type=click.Choice(compiled.COMPILE_CHOICES), default='none', show_default=True)
+@click.option('--compile', 'which', help='Also time the phases with these networks through torch.compile', type=click.Choice(loss_lib.COMPILE_CHOICES), default='none', show_default=True)
 @click.option('--outdir', help='Where to write the result', default=RESULTS_DIR, show_default='benchmarks/results')
 def main(cfg, batch, device, repeats, template, threads, which, outdir):
     """Benchmark training steps of a preset."""
@@ -99,7 +100,7 @@ def main(cfg, batch, device, repeats, template, threads, which, outdir):
     losses = [Next3DLoss(device, G, D, r1_gamma=1.0, gpc_reg_prob=0.5, neural_rendering_resolution_initial=G.neural_rendering_resolution)]
     if which != 'none':
         losses.append(Next3DLoss(device, G, D, r1_gamma=1.0, gpc_reg_prob=0.5, neural_rendering_resolution_initial=G.neural_rendering_resolution))
-        compiled.compile_modules(losses[1], which)
+        losses[1].compile_networks(which)
     adam = dict(lr=0.0025, betas=[0, 0.99], eps=1e-8)
     g_main, g_reg, d_main, d_reg = setup_phases(G, D, adam, adam, 4, 16)
     inputs = make_inputs(G, batch, template, device)

@@ -26,7 +26,6 @@ import torch
 import torch.utils._pytree as pytree
 
 BACKENDS = ('inductor', 'aot_eager')        # the torch.compile backends we accept
-COMPILE_CHOICES = ('none', 'D', 'G', 'all')  # what train.py --compile may name
 DEFAULT_BACKEND = 'inductor'
 FORWARD_TOL = 1e-3                          # |compiled - eager| <= tol x (1 + |eager|) on every output element
 GRADIENT_TOL = 1e-3                         # |g_compiled - g_eager| <= tol x max |g_eager| for every gradient
@@ -110,33 +109,44 @@ class Compiled:
         return self._checked_call(key, args, kwargs)
 
     def _checked_call(self, key, args, kwargs):
-        """First call with a new signature: compiled, then eager from the same state; compare."""
+        """First call with a new signature: compiled, then eager from the same state, compared; then the call itself.
+
+        The check's gradients consume both graphs (a compiled backward with donated buffers
+        cannot keep its graph), so the call that is returned runs again from the same state.
+        """
         rng = _rng_state()
         buffers = [b.detach().clone() for b in self.module.buffers()]
-        start = time.time()
-        try:
-            out = self.compiled(*args, **kwargs)
-        except Exception as e:      # a compiler that cannot run here must not stop training
+        # The check differentiates with respect to inputs cut from the caller's graph, which it must leave intact.
+        check_args, check_kwargs = pytree.tree_map_only(torch.Tensor, lambda x: x.detach().requires_grad_(x.requires_grad), (args, kwargs))
+
+        def from_start(fn, args=args, kwargs=kwargs):
             _set_rng_state(rng)
             _set_buffers(self.module, buffers)
-            self._fall_back(f'failed to compile ({type(e).__name__}: {_first_line(e)})')
-            return self.fn(*args, **kwargs)
-        seconds = time.time() - start
-        rng_after, buffers_after = _rng_state(), [b.detach().clone() for b in self.module.buffers()]
-        _set_rng_state(rng)
-        _set_buffers(self.module, buffers)
-        ref = self.fn(*args, **kwargs)
+            return fn(*args, **kwargs)
+
+        start = time.time()
         try:
-            errors = self._compare(out, ref, buffers_after, args, kwargs)
+            out = self.compiled(*check_args, **check_kwargs)
+        except Exception as e:      # a compiler that cannot run here must not stop training
+            self._fall_back(f'failed to compile ({type(e).__name__}: {_first_line(e)})')
+            return from_start(self.fn)
+        seconds = time.time() - start
+        buffers_after = [b.detach().clone() for b in self.module.buffers()]
+        ref = from_start(self.fn, check_args, check_kwargs)
+        try:
+            errors = self._compare(out, ref, buffers_after, check_args, check_kwargs)
         except Exception as e:      # includes a backward the compiler cannot build
             self._fall_back(f'failed its check against eager ({type(e).__name__}: {_first_line(e)})')
-            return ref
-        _set_rng_state(rng_after)
+            return from_start(self.fn)
         self.checked.add(key)
         self.compile_seconds += seconds
         self.log(f'torch.compile: {self.name} compiled for a new input signature in {seconds:.1f} s '
                  f'(matches eager: output error {errors[0]:.1e}, gradient error {errors[1]:.1e})')
-        return out
+        try:
+            return from_start(self.compiled)
+        except _compiler_errors() as e:
+            self._fall_back(f'failed to compile ({type(e).__name__}: {_first_line(e)})')
+            return from_start(self.fn)
 
     def _compare(self, out, ref, buffers_after, args, kwargs):
         """(output error, gradient error); raises CompileCheckFailed on a mismatch."""
@@ -165,9 +175,9 @@ class Compiled:
 
 
 def _gradients(outputs, projections, leaves):
-    """d sum(outputs x projections) / d leaves (zeros where unused); the graph is kept for the caller's backward."""
+    """d sum(outputs x projections) / d leaves (zeros where unused); frees the graph."""
     total = sum((o * p).sum() for o, p in zip(outputs, projections))
-    grads = torch.autograd.grad(total, leaves, retain_graph=True, allow_unused=True)
+    grads = torch.autograd.grad(total, leaves, allow_unused=True)
     return [torch.zeros_like(x) if g is None else g for g, x in zip(grads, leaves)]
 
 
@@ -197,14 +207,4 @@ def _set_buffers(module: torch.nn.Module, values):
     with torch.no_grad():
         for b, v in zip(module.buffers(), values):
             b.copy_(v)
-
-
-def compile_modules(loss, which: str, backend: str = None, log=print):
-    """Route the loss's D and/or G.synthesis calls through `Compiled` (which: 'none', 'D', 'G' or 'all')."""
-    if which not in COMPILE_CHOICES:
-        raise ValueError(f'--compile={which!r}: expected one of {", ".join(COMPILE_CHOICES)}')
-    if which in ('D', 'all'):
-        loss.D_forward = Compiled(loss.D, loss.D, 'D', backend, log)
-    if which in ('G', 'all'):
-        loss.synthesis_forward = Compiled(loss.G.synthesis, loss.G, 'G.synthesis', backend, log)
 

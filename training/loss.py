@@ -21,11 +21,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from torch_utils import compiled
 from torch_utils import training_stats
 from training.dual_discriminator import filtered_resizing as resize_antialiased   # D's own filter, so reals and fakes match
 
 PHASES = ('Gmain', 'Greg', 'Gboth', 'Dmain', 'Dreg', 'Dboth')
 REG_TYPES = ('l1', 'monotonic-detach', 'monotonic-fixed')
+COMPILE_CHOICES = ('none', 'D', 'G', 'all')   # which networks compile_networks() may compile (train.py --compile)
 DENSITY_REG_POINTS = 1000          # uniform points per sample for the L1 density term
 MONOTONIC_POINTS = 2000            # points per sample for the monotonic terms
 MONOTONIC_WEIGHT = 10.0            # EG3D's weight of the monotonic term
@@ -102,7 +104,7 @@ class Next3DLoss:
             raise ValueError(f'reg_type must be one of {REG_TYPES}, got {reg_type!r}')
         self.device = device
         self.G, self.D, self.augment_pipe = G, D, augment_pipe
-        # What the phases call; torch_utils.compiled.compile_modules may route them through torch.compile.
+        # What the phases call; compile_networks() may route them through torch.compile.
         # R1's double backward always runs the eager D.
         self.synthesis_forward, self.D_forward = G.synthesis, D
         self.r1_gamma = r1_gamma
@@ -160,6 +162,18 @@ class Next3DLoss:
             img['image_raw'] = resize_antialiased(pair[:, n:], raw_size)
         D = self.D if double_backward else self.D_forward
         return D(img, c, update_emas=update_emas)
+
+    def compile_networks(self, which: str, backend: str = None, log=print):
+        """Run D and/or G.synthesis through torch.compile in the phases (which: one of COMPILE_CHOICES).
+
+        Each is checked against eager at first use and falls back to eager (torch_utils/compiled.py).
+        """
+        if which not in COMPILE_CHOICES:
+            raise ValueError(f'--compile={which!r}: expected one of {", ".join(COMPILE_CHOICES)}')
+        if which in ('D', 'all'):
+            self.D_forward = compiled.Compiled(self.D, self.D, 'D', backend, log)
+        if which in ('G', 'all'):
+            self.synthesis_forward = compiled.Compiled(self.G.synthesis, self.G, 'G.synthesis', backend, log)
 
     # --- the phases -----------------------------------------------------------------------
     def schedule(self, cur_nimg: int) -> dict:

@@ -30,7 +30,6 @@ import PIL.Image
 import torch
 
 import dnnlib
-from torch_utils import compiled
 from torch_utils import misc
 from torch_utils import persistence
 from torch_utils import training_stats
@@ -443,7 +442,7 @@ def training_loop(
             state.ada_signs = torch.zeros(3, dtype=torch.float64)     # [count, sum, sum_sq] since p's last update, all ranks
 
     loss = Next3DLoss(device=device, G=G, D=D, augment_pipe=augment_pipe, **(loss_kwargs or {}))
-    compiled.compile_modules(loss, compile, log=log)
+    loss.compile_networks(compile, log=log)
     phases = setup_phases(G, D, G_opt_kwargs, D_opt_kwargs, G_reg_interval, D_reg_interval)
     if resume_state is not None:
         restore_training_state(resume_state, state, phases, augment_pipe, log)
