@@ -101,7 +101,16 @@ def test_inductor_compiles_a_small_module():
     lines = []
     fast = compiled.Compiled(module, module, 'mlp', backend='inductor', log=lines.append)
     x = torch.randn(4, 8)
-    torch.testing.assert_close(fast(x), module(x), rtol=1e-5, atol=1e-6)
+    for _ in range(2):                          # the checked first call, then the compiled graph alone
+        out = fast(x)
+        torch.testing.assert_close(out, module(x), rtol=1e-5, atol=1e-6)
+        module.zero_grad(set_to_none=True)
+        out.square().sum().backward()
+        got = [p.grad.clone() for p in module.parameters()]
+        module.zero_grad(set_to_none=True)
+        module(x).square().sum().backward()
+        for g, p in zip(got, module.parameters()):
+            torch.testing.assert_close(g, p.grad, rtol=1e-5, atol=1e-6)
     assert fast.failed is None, fast.failed
     assert len(lines) == 1 and 'matches eager' in lines[0]
 
