@@ -283,3 +283,13 @@ def test_bias_act_after_a_matrix_product_compiles_to_the_eager_values():
         torch.compiler.reset()
         f = lambda x: bias_act.bias_act(x.matmul(w.t()), b, dim=1, act=act, gain=1.5)
         torch.testing.assert_close(torch.compile(f, backend='inductor')(x), f(x), rtol=1e-5, atol=1e-5)
+
+
+def test_the_texture_fill_compiles_with_inductor():
+    """Inductor (torch 2.13, CPU) generated C++ that does not build for the pointer-doubling boolean steps of
+    fill_enclosed (a vectorised & of masks), which kept the whole Next3D synthesis from compiling; they run eagerly."""
+    from training.mesh import texture_planes
+    torch.manual_seed(0)
+    alpha = (torch.rand(2, 1, 64, 64) > 0.3).float().requires_grad_(True)
+    f = lambda a: texture_planes.fill_enclosed(a) * 2
+    torch.testing.assert_close(torch.compile(f, backend='inductor')(alpha), f(alpha))

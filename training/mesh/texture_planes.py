@@ -117,6 +117,7 @@ def fill_enclosed(alpha: torch.Tensor, max_rounds: int = 1024) -> torch.Tensor:
     return torch.where(reach[:, None], alpha, torch.ones_like(alpha))
 
 
+@torch.compiler.disable     # inductor (torch 2.13, CPU) cannot build its vectorised boolean kernel
 def _spread_along_runs(reach: torch.Tensor, passable: torch.Tensor, dim: int) -> torch.Tensor:
     """Mark a whole run of passable pixels along `dim` reachable if any pixel of it is.
 
