@@ -357,6 +357,7 @@ class OursSide:
         self.loss = Next3DLoss(torch.device('cpu'), self.G, self.D, r1_gamma=cfg['r1_gamma'], gpc_reg_prob=cfg['gpc_reg_prob'],
                                neural_rendering_resolution_initial=cfg['raw'])
         self.phases = {p.name: p for p in setup_phases(self.G, self.D, dict(ADAM), dict(ADAM_D), 4, 16)}
+        self.loss.compile_networks(cfg.get('compile', 'none'), log=lambda line: print(line, file=sys.stderr))
         self.all_reduce_grads = distributed.all_reduce_grads
         self.inputs = inputs
         self.v = inputs['v'] if cfg['preset'] == 'next3d' else None
@@ -377,8 +378,9 @@ class OursSide:
         import torch
         z = torch.randn([len(self.inputs['c']), self.G.z_dim])
         self.G.eval()
-        with torch.no_grad():
-            self.G(z, self.inputs['c'], self.v, noise_mode='const')
+        with torch.no_grad():      # G's forward, through the loss's (maybe compiled) synthesis
+            ws = self.G.mapping(z, self.inputs['c'])
+            self.loss.synthesis_forward(ws, self.inputs['c'], self.v, noise_mode='const')
         self.G.train()
 
 
@@ -535,10 +537,12 @@ def summarise(preset: str, samples: dict, profiles: dict, info: dict) -> list:
 @click.option('--eg3d-src', type=click.Path(exists=True, file_okay=False), help='Checkout of NVlabs/eg3d (adds the EG3D rows)')
 @click.option('--pairs', type=click.IntRange(min=1), default=5, show_default=True, help='Interleaved ours/original pairs per measurement')
 @click.option('--batch', type=click.IntRange(min=1), default=4, show_default=True, help='Batch size')
+@click.option('--compile', 'which', type=click.Choice(['none', 'D', 'G', 'all']), default='none', show_default=True,
+              help='Our side through torch.compile (train.py --compile; the first, compiling calls are the warm-up)')
 @click.option('--outdir', help='Folder for the result table (markdown)', default=os.path.join(ROOT, 'benchmarks', 'results'), show_default='benchmarks/results')
 @click.option('--worker', type=click.Choice(['ours', 'original']), hidden=True)
 @click.option('--worker-config', hidden=True)
-def main(original_src, eg3d_src, pairs, batch, outdir, worker, worker_config):
+def main(original_src, eg3d_src, pairs, batch, which, outdir, worker, worker_config):
     """Compare training and inference speed with the original code, side by side."""
     if worker is not None:
         run_worker(worker, worker_config)
@@ -560,6 +564,7 @@ def main(original_src, eg3d_src, pairs, batch, outdir, worker, worker_config):
         for preset, src in presets:
             cfg = make_config(preset, batch, os.path.abspath(src))
             cfg['inputs'] = os.path.join(tmp, 'inputs.npz')
+            cfg['compile'] = which
             make_inputs(cfg['inputs'], batch, cfg['img_resolution'])
             rows, detail = summarise(preset, *run_preset(preset, cfg, tmp, pairs, click.echo))
             all_rows += rows
@@ -567,7 +572,7 @@ def main(original_src, eg3d_src, pairs, batch, outdir, worker, worker_config):
     now = datetime.datetime.now(datetime.timezone.utc)
     command = 'python benchmarks/vs_original.py' + ''.join(
         f' {flag}' for flag, on in (('--original-src=<Next3D checkout>', original_src), ('--eg3d-src=<eg3d checkout>', eg3d_src)) if on) + \
-        f' --pairs={pairs} --batch={batch}'
+        f' --pairs={pairs} --batch={batch}' + (f' --compile={which}' if which != 'none' else '')
     text = '\n'.join([
         "# This project vs the original code, CPU, one thread each", '',
         f'- command: `{command}`',
