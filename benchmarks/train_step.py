@@ -33,7 +33,6 @@ from torch_utils import compiled                          # noqa: E402
 from torch_utils.persistence import atomic_write_bytes   # noqa: E402
 from training import configs, coords                      # noqa: E402
 from training import loss as loss_lib                     # noqa: E402
-from training.loss import Next3DLoss                      # noqa: E402
 from training.mesh import obj_io                          # noqa: E402
 from training.training_loop import setup_phases           # noqa: E402
 
@@ -97,9 +96,9 @@ def main(cfg, batch, device, repeats, template, threads, which, outdir):
     G = configs.make_generator(cfg, template_obj=template).train().requires_grad_(False).to(device)
     D = configs.make_discriminator(cfg).train().requires_grad_(False).to(device)
     n_params = (sum(p.numel() for p in G.parameters()), sum(p.numel() for p in D.parameters()))
-    losses = [Next3DLoss(device, G, D, r1_gamma=1.0, gpc_reg_prob=0.5, neural_rendering_resolution_initial=G.neural_rendering_resolution)]
+    losses = [loss_lib.Next3DLoss(device, G, D, r1_gamma=1.0, gpc_reg_prob=0.5, neural_rendering_resolution_initial=G.neural_rendering_resolution)]
     if which != 'none':
-        losses.append(Next3DLoss(device, G, D, r1_gamma=1.0, gpc_reg_prob=0.5, neural_rendering_resolution_initial=G.neural_rendering_resolution))
+        losses.append(loss_lib.Next3DLoss(device, G, D, r1_gamma=1.0, gpc_reg_prob=0.5, neural_rendering_resolution_initial=G.neural_rendering_resolution))
         losses[1].compile_networks(which)
     adam = dict(lr=0.0025, betas=[0, 0.99], eps=1e-8)
     g_main, g_reg, d_main, d_reg = setup_phases(G, D, adam, adam, 4, 16)

@@ -25,6 +25,8 @@ import warnings
 import torch
 import torch.utils._pytree as pytree
 
+from torch_utils import misc
+
 BACKENDS = ('inductor', 'aot_eager')        # the torch.compile backends we accept
 DEFAULT_BACKEND = 'inductor'
 FORWARD_TOL = 1e-3                          # |compiled - eager| <= tol x (1 + |eager|) on every output element
@@ -40,15 +42,6 @@ def _describe(x):
         return ('value', type(x).__name__, x)
     except TypeError:
         return ('value', type(x).__name__, repr(x))
-
-
-def _relative_error(got: torch.Tensor, ref: torch.Tensor) -> float:
-    got, ref = got.detach().double(), ref.detach().double()
-    if got.shape != ref.shape:
-        return float('inf')
-    if ref.numel() == 0:
-        return 0.0
-    return ((got - ref).abs() / (1 + ref.abs())).max().item()
 
 
 def _gradient_error(got: torch.Tensor, ref: torch.Tensor) -> float:
@@ -82,7 +75,7 @@ class Compiled:
             raise ValueError(f'torch.compile backend {backend!r} is not one we use (expected {" or ".join(BACKENDS)})')
         import torch._inductor.config
         torch._inductor.config.fallback_random = True       # eager's generator for rand/randn/dropout
-        self.fn, self.module, self.name, self.backend, self.log = fn, module, name, backend, log
+        self.fn, self.module, self.name, self.log = fn, module, name, log
         self.compiled = torch.compile(fn, backend=backend)
         self.checked = set()                    # signatures whose check passed
         self.failed = None                      # the reason the eager module is used, or None
@@ -156,8 +149,8 @@ class Compiled:
         if str(out_spec) != str(ref_spec):
             raise CompileCheckFailed(f'output structure {out_spec}, expected {ref_spec}')
         pairs = [(o, r) for o, r in zip(outs, refs) if isinstance(r, torch.Tensor)]
-        forward_error = max([_relative_error(o, r) for o, r in pairs] +
-                            [_relative_error(b, r) for b, r in zip(buffers_after, self.module.buffers())], default=0.0)
+        forward_error = max([misc.relative_error(o, r) for o, r in pairs] +
+                            [misc.relative_error(b, r) for b, r in zip(buffers_after, self.module.buffers())], default=0.0)
         if not forward_error <= FORWARD_TOL:
             raise CompileCheckFailed(f'output error {forward_error:.3g} > {FORWARD_TOL:g}')
         gradient_error = 0.0

@@ -1,10 +1,20 @@
-"""Shape checks, the infinite distributed sampler, parameter copying and module summaries."""
+"""Shape checks, relative errors, the infinite distributed sampler, parameter copying and module summaries."""
 
 import contextlib
 import re
 
 import numpy as np
 import torch
+
+
+def relative_error(got: torch.Tensor, ref: torch.Tensor) -> float:
+    """max |got - ref| / (1 + |ref|) in float64 (0 for empty tensors, inf for other shapes, NaN passes through)."""
+    if got.shape != ref.shape:
+        return float('inf')
+    if ref.numel() == 0:
+        return 0.0
+    got, ref = got.detach().double(), ref.detach().double()
+    return ((got - ref).abs() / (1 + ref.abs())).max().item()
 
 
 def assert_shape(tensor: torch.Tensor, ref_shape, name: str = 'tensor'):

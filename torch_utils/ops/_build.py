@@ -35,6 +35,7 @@ from typing import Optional, Sequence
 import torch
 
 import dnnlib
+from torch_utils import misc
 
 IMPLS = (None, 'ref', 'cuda')
 SOURCE_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -193,7 +194,7 @@ def assert_close(name: str, what: str, got: torch.Tensor, ref: torch.Tensor, tol
     """Raise AssertionError naming `what` when |got - ref| exceeds tol x (1 + |ref|) anywhere."""
     if got.shape != ref.shape:
         raise AssertionError(f'{name} {what}: shape {tuple(got.shape)}, expected {tuple(ref.shape)}')
-    err = ((got.double() - ref.double()).abs() / (1 + ref.double().abs())).max().item() if ref.numel() else 0.0
+    err = misc.relative_error(got, ref)
     if not err <= tol:      # also catches NaN
         raise AssertionError(f'{name} {what}: relative error {err:.3g} > {tol:g}')
 
