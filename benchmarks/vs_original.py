@@ -500,6 +500,8 @@ def run_preset(preset: str, cfg: dict, tmp: str, pairs: int, log):
     finally:
         for w in workers.values():
             w.close()
+    with open(workers['ours'].log_path) as f:     # what torch.compile said: compile times, any fallback
+        info['ours']['compile_log'] = [line.strip() for line in f if 'torch.compile' in line]
     return samples, profiles, info
 
 
@@ -524,6 +526,9 @@ def summarise(preset: str, samples: dict, profiles: dict, info: dict) -> list:
                f'{info["original"]["params"][0]:,} (incl. sub-networks its forward never runs), D {info["original"]["params"][1]:,}. '
                f'Peak resident memory of the worker: ours {info["ours"]["peak_rss_gib"]:.2f} GiB, original '
                f'{info["original"]["peak_rss_gib"]:.2f} GiB.', '']
+    if info['ours'].get('compile_log'):
+        detail += [f'torch.compile on our side ({len(info["ours"]["compile_log"])} lines of the worker\'s log):', '']
+        detail += [f'- {line}' for line in info['ours']['compile_log']] + ['']
     for side in ('ours', 'original'):
         p = profiles[side]
         detail += [f'### {preset}, {side}: top 10 ops by self CPU time (one step, all four phases once; total {p["total_ms"] / 1e3:.1f} s)', '',
@@ -584,7 +589,8 @@ def main(original_src, eg3d_src, pairs, batch, which, outdir, worker, worker_con
     ] + [f'| {p} | {m} | {a:.3f} | {b:.3f} | {r:.2f} | {1 / r:.2f}x |' for p, m, a, b, r in all_rows] + [''] + all_detail)
     click.echo(text)
     os.makedirs(outdir, exist_ok=True)
-    path = os.path.join(outdir, f'vs_original-cpu-{now:%Y-%m-%d-%H%M}.md')        # one file per run
+    suffix = f'-compile-{which}' if which != 'none' else ''
+    path = os.path.join(outdir, f'vs_original-cpu-{now:%Y-%m-%d-%H%M}{suffix}.md')        # one file per run
     with open(path + '.tmp', 'w') as f:
         f.write(text)
     os.replace(path + '.tmp', path)

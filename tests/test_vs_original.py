@@ -45,3 +45,28 @@ def test_main_needs_a_checkout(tmp_path):
     result = CliRunner().invoke(vs_original.main, ['--eg3d-src', str(tmp_path)])
     assert result.exit_code == 1
     assert f'Error: {tmp_path}: no eg3d/training/triplane.py; is this a checkout of NVlabs/eg3d?' in result.output
+
+
+def test_summarise_amortises_phases_and_reports_the_compile_log():
+    # Each pair: per-phase (wall, CPU) seconds. The step charges Greg / 4 and Dreg / 16.
+    def phases(scale):
+        return {'Gmain': (1.0 * scale, 0.9 * scale), 'Greg': (4.0 * scale, 4.0 * scale),
+                'Dmain': (0.5 * scale, 0.5 * scale), 'Dreg': (16.0 * scale, 16.0 * scale)}
+    samples = dict(ours=dict(train=[phases(1), phases(3), phases(1)], infer=[(1.0, 1.0), (2.0, 2.0), (1.0, 1.0)]),
+                   original=dict(train=[phases(2)] * 3, infer=[(4.0, 4.0)] * 3))
+    profiles = {side: dict(total_ms=10.0, top=[('aten::mul', 5.0, 2)]) for side in ('ours', 'original')}
+    compile_log = ['torch.compile: D compiled for a new input signature in 3.0 s (matches eager)',
+                   'RuntimeWarning: torch.compile: G.synthesis failed to compile; running it eagerly from now on.']
+    info = dict(ours=dict(params=[10, 20], peak_rss_gib=1.0, compile_log=compile_log),
+                original=dict(params=[10, 20], peak_rss_gib=2.0))
+    rows, detail = vs_original.summarise('next3d', samples, profiles, info)
+    wall = dict((m, (a, b, r)) for _, m, a, b, r in rows)
+    assert wall['training step (wall)'] == (3.5, 7.0, 0.5)      # 1 + 4/4 + 0.5 + 16/16; ratio median of 0.5, 1.5, 0.5
+    assert abs(wall['training step (CPU)'][0] - 3.4) < 1e-12
+    assert wall['inference (wall)'] == (1.0, 4.0, 0.25)
+    text = '\n'.join(detail)
+    assert '| Gmain | 0.900 | 1.800 | 0.50 |' in text
+    assert 'torch.compile on our side (2 lines' in text
+    assert all(f'- {line}' in detail for line in compile_log)
+    info['ours'].pop('compile_log')
+    assert 'torch.compile' not in '\n'.join(vs_original.summarise('next3d', samples, profiles, info)[1])
