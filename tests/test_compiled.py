@@ -297,3 +297,27 @@ def test_the_texture_fill_compiles_with_inductor():
     alpha = (torch.rand(2, 1, 64, 64) > 0.3).float().requires_grad_(True)
     f = lambda a: texture_planes.fill_enclosed(a) * 2
     torch.testing.assert_close(torch.compile(f, backend='inductor')(alpha), f(alpha))
+
+
+def test_rasterization_does_not_recompile_for_every_mesh():
+    """The visible-face search sizes its candidate lists by the mesh (data-dependent), so dynamo recompiled the
+    synthesis's rasterization for every new mesh until its recompile limit (8), each graph unchecked against eager.
+    That search and the enclosed-hole fill run eagerly; the compiled graph around them depends on the shapes only."""
+    import torch._dynamo
+    from training.mesh import texture_planes
+    from training.mesh.rasterize import rasterize
+    gen = torch.Generator().manual_seed(0)
+    faces = torch.randint(0, 40, (60, 3), generator=gen)
+
+    def f(verts):
+        frag = rasterize(verts * 1.0, faces, 24, cull_backfaces=False)
+        alpha = (frag.pix_to_face >= 0).float()[:, None]
+        return frag.bary.sum(-1) * 2 + texture_planes.fill_enclosed(alpha)[:, 0]
+
+    torch.compiler.reset()
+    compiled_f = torch.compile(f, backend='aot_eager')
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for scale in (0.5, 0.9, 0.2):         # a different number of covered pixels and candidates each time
+            verts = torch.rand(2, 40, 3, generator=gen) * 2 - 1
+            verts[..., :2] *= scale
+            torch.testing.assert_close(compiled_f(verts), f(verts))

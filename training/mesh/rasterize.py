@@ -409,6 +409,9 @@ def auto_backend(verts: torch.Tensor) -> str:
     return dnnlib.util.optional_backend(BACKEND_ENV, BACKENDS, 'mesh rasterizer', verts.is_cuda)
 
 
+# Eager under torch.compile: the candidate lists and the covered pixels are sized by the
+# mesh, so a compiled graph would be recompiled for every new mesh.
+@torch.compiler.disable
 def rasterize(verts: torch.Tensor, faces: torch.Tensor, image_size: Union[int, Tuple[int, int]], *,
               cull_backfaces: bool = True, backend: str = 'auto', pytorch3d_bary: bool = False) -> Fragments:
     """Rasterize a batch of meshes that share one topology.

@@ -86,6 +86,9 @@ def _image_axes(name: str, layout: str):
     return tuple(out)
 
 
+# Eager under torch.compile: the number of rounds depends on the image (a host sync), and
+# inductor (torch 2.13, CPU) cannot build its vectorised boolean kernel for the runs.
+@torch.compiler.disable
 def fill_enclosed(alpha: torch.Tensor, max_rounds: int = 1024) -> torch.Tensor:
     """Set alpha = 1 where a pixel cannot be reached from the image border.
 
@@ -117,7 +120,6 @@ def fill_enclosed(alpha: torch.Tensor, max_rounds: int = 1024) -> torch.Tensor:
     return torch.where(reach[:, None], alpha, torch.ones_like(alpha))
 
 
-@torch.compiler.disable     # inductor (torch 2.13, CPU) cannot build its vectorised boolean kernel
 def _spread_along_runs(reach: torch.Tensor, passable: torch.Tensor, dim: int) -> torch.Tensor:
     """Mark a whole run of passable pixels along `dim` reachable if any pixel of it is.
 
