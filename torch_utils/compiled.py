@@ -156,9 +156,10 @@ class Compiled:
             return from_start(self.fn)
         self.checked.add(key)
         self.compile_seconds += seconds
-        rounding = f' (within {ROUNDING_FACTOR}x eager\'s own rounding)' if errors[1] > GRADIENT_TOL else ''
+        forward_error, gradient_error, where = errors
+        rounding = f' at {where}, within {ROUNDING_FACTOR}x eager\'s own rounding' if gradient_error > GRADIENT_TOL else ''
         self.log(f'torch.compile: {self.name} compiled for a new input signature in {seconds:.1f} s '
-                 f'(matches eager: output error {errors[0]:.1e}, gradient error {errors[1]:.1e}{rounding})')
+                 f'(matches eager: output error {forward_error:.1e}, gradient error {gradient_error:.1e}{rounding})')
         try:
             return from_start(self.compiled)
         except _compiler_errors() as e:
@@ -166,7 +167,8 @@ class Compiled:
             return from_start(self.fn)
 
     def _compare(self, out, ref, buffers_after, args, kwargs, eager_rounding):
-        """(output error, gradient error); raises CompileCheckFailed on a mismatch.
+        """(output error, gradient error, the name of the parameter or input it is at); raises
+        CompileCheckFailed on a mismatch.
 
         eager_rounding() -> (outputs, (args, kwargs)) of eager with the inputs changed by one
         ulp; called only when a gradient misses GRADIENT_TOL.
@@ -180,27 +182,29 @@ class Compiled:
                             [misc.relative_error(b, r) for b, r in zip(buffers_after, self.module.buffers())], default=0.0)
         if not forward_error <= FORWARD_TOL:
             raise CompileCheckFailed(f'output error {forward_error:.3g} > {FORWARD_TOL:g}')
-        gradient_error = 0.0
+        gradient_error, where = 0.0, None
         differentiable = [(o, r) for o, r in pairs if r.requires_grad and r.is_floating_point()]
         if differentiable:
-            params = [p for p in self.module.parameters() if p.requires_grad]
+            named = [(n, p) for n, p in self.module.named_parameters() if p.requires_grad]
+            params = [p for _, p in named]
             leaves = params + _grad_tensors((args, kwargs))
+            names = [n for n, _ in named] + [f'input {i}' for i in range(len(leaves) - len(params))]
             gen = torch.Generator(device=differentiable[0][1].device).manual_seed(0)
             projections = [torch.randn(r.shape, generator=gen, device=r.device, dtype=r.dtype) for _, r in differentiable]
             got = _gradients([o for o, _ in differentiable], projections, leaves)
             want = _gradients([r for _, r in differentiable], projections, leaves)
             errors = [_gradient_error(g, w) for g, w in zip(got, want)]
-            gradient_error = max(errors, default=0.0)
+            gradient_error, where = max(zip(errors, names), default=(0.0, None))
             if not gradient_error <= GRADIENT_TOL:
                 nudged_out, nudged_inputs = eager_rounding()
                 nudged = [o for o in _grad_tensors(nudged_out) if o.is_floating_point()]
                 nudged_grads = _gradients(nudged, projections, params + _grad_tensors(nudged_inputs))
                 floors = [_gradient_error(g, w) for g, w in zip(nudged_grads, want)]
-                for error, floor in zip(errors, floors):
+                for error, floor, name in zip(errors, floors, names):
                     if not (error <= GRADIENT_TOL or error <= ROUNDING_FACTOR * floor):
-                        raise CompileCheckFailed(f'gradient error {error:.3g} > {GRADIENT_TOL:g} and > {ROUNDING_FACTOR} x '
+                        raise CompileCheckFailed(f'gradient error {error:.3g} at {name} > {GRADIENT_TOL:g} and > {ROUNDING_FACTOR} x '
                                                  f'{floor:.3g} (eager\'s change for inputs changed by one ulp)')
-        return forward_error, gradient_error
+        return forward_error, gradient_error, where
 
 
 def _grad_tensors(tree) -> list:
