@@ -209,9 +209,12 @@ def test_a_gradient_is_judged_against_eagers_own_sensitivity(monkeypatch, wrong_
     lines = []
     fast = compiled.Compiled(module, module, 'cancelling', log=lines.append)
     x = torch.randn(1000, generator=torch.Generator().manual_seed(3))
+    caller = torch.dot(module.w, x.requires_grad_(True))     # a graph of the caller's that saved w
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter('always')
         out = fast(x)
+    caller.backward()                                         # w was not written in place by the check
+    torch.testing.assert_close(x.grad, weights[1])
     messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
     torch.testing.assert_close(out['out'], module(x)['out'], rtol=1e-4, atol=1e-4)
     assert all(torch.equal(p, w) for p, w in zip(module.parameters(), weights))      # the nudged weights restored

@@ -146,19 +146,18 @@ class Compiled:
                 return x.detach() * (1 + NUDGE * signs)
             nudge = lambda x: nudged(x).requires_grad_(x.requires_grad) if x.is_floating_point() else x
             inputs = pytree.tree_map_only(torch.Tensor, nudge, (check_args, check_kwargs))
+            # The weights are swapped (.data), never written: a caller's graph may have saved them.
             params = [p for p in self.module.parameters() if p.is_floating_point()]
-            saved = [p.detach().clone() for p in params]
+            originals = [p.data for p in params]
             try:
-                with torch.no_grad():
-                    for p in params:
-                        p.copy_(nudged(p))
+                for p in params:
+                    p.data = nudged(p)
                 outputs = from_start(self.fn, *inputs)
                 differentiable = [o for o in _grad_tensors(outputs) if o.is_floating_point()]
                 return _gradients(differentiable, projections, [p for p in self.module.parameters() if p.requires_grad] + _grad_tensors(inputs))
             finally:
-                with torch.no_grad():
-                    for p, v in zip(params, saved):
-                        p.copy_(v)
+                for p, original in zip(params, originals):
+                    p.data = original
 
         try:
             errors = self._compare(out, ref, buffers_after, check_args, check_kwargs, eager_nudged)
