@@ -1,0 +1,81 @@
+"""The README's demo pictures, cut from what `make demo` wrote.
+
+    make demo && python docs/demo_pictures.py out
+
+docs/demo_seeds.png          the four seeds' three views (samples/seed000N.png), one row each
+docs/demo_depth.png          samples/depth.png
+docs/demo_orbit_frame.png    the orbit video's first frame
+docs/demo_reenact_frame.png  two frames of the reenactment video, one above the other: where
+                             the driving mouth is most closed and where it is widest open
+                             (inner-lip landmarks 62 and 66 of data/driving)
+"""
+
+import os
+import sys
+
+import click
+import numpy as np
+import PIL.Image
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # run as a script from anywhere
+
+from dnnlib import cli                          # noqa: E402
+from torch_utils import persistence             # noqa: E402
+from training.driving import read_driving_folder   # noqa: E402
+from training.video import read_video_frames    # noqa: E402
+
+DOCS = os.path.dirname(os.path.abspath(__file__))
+DRIVING = os.path.join(os.path.dirname(DOCS), 'data', 'driving')
+SEEDS = range(4)
+INNER_LIPS = (62, 66)
+
+
+def lip_openings(driving_root: str) -> np.ndarray:
+    """Distance of the inner-lip landmarks per driving frame (head-model units), in file order."""
+    openings = []
+    for frame in read_driving_folder(driving_root):
+        lms = np.loadtxt(frame.lms_path, dtype=np.float64)
+        openings.append(np.linalg.norm(lms[INNER_LIPS[0]] - lms[INNER_LIPS[1]]))
+    return np.asarray(openings)
+
+
+def read_image(path: str) -> np.ndarray:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f'{path}: missing (run make demo first)')
+    return np.asarray(PIL.Image.open(path).convert('RGB'))
+
+
+def read_frames(path: str) -> list:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f'{path}: missing (run make demo first)')
+    return read_video_frames(path)
+
+
+def save(image: np.ndarray, dest: str, name: str):
+    path = os.path.join(dest, name)
+    with persistence.atomic_output(path, suffix='.png') as tmp:
+        PIL.Image.fromarray(image).save(tmp)
+    print(f'{path}: {image.shape[1]}x{image.shape[0]}')
+
+
+@click.command()
+@click.argument('demo_out', type=click.Path(file_okay=False))
+@click.option('--dest', type=click.Path(file_okay=False), default=DOCS, show_default='docs/', help='Folder to write the pictures into')
+@cli.user_errors
+def main(demo_out: str, dest: str):
+    """Write the README's four demo pictures from DEMO_OUT (make demo's folder)."""
+    seeds = [read_image(os.path.join(demo_out, 'samples', f'seed{seed:04d}.png')) for seed in SEEDS]
+    depth = read_image(os.path.join(demo_out, 'samples', 'depth.png'))
+    orbit = read_frames(os.path.join(demo_out, 'orbit', 'interpolation.mp4'))
+    reenact = read_frames(os.path.join(demo_out, 'reenact', 'reenact.mp4'))
+    openings = lip_openings(DRIVING)
+    if len(reenact) != len(openings):
+        raise ValueError(f'{demo_out}/reenact/reenact.mp4: {len(reenact)} frames, {DRIVING} has {len(openings)}')
+    save(np.concatenate(seeds, axis=0), dest, 'demo_seeds.png')
+    save(depth, dest, 'demo_depth.png')
+    save(orbit[0], dest, 'demo_orbit_frame.png')
+    save(np.concatenate([reenact[int(openings.argmin())], reenact[int(openings.argmax())]], axis=0), dest, 'demo_reenact_frame.png')
+
+
+if __name__ == '__main__':
+    main()
