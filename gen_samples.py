@@ -21,6 +21,7 @@ from training.generation import (BUNDLED_NETWORK, SEED_OPTIONS, avatar_latents, 
                                  mesh_condition, options_given, orbit_label, read_mesh_condition, save_image_grid)
 
 PREVIEW_RES = 64    # samples per axis of the preview: one chunk of sample_density_volume
+FRONT_RES = 32      # rays per side of the frontal view that the automatic level looks through (its central half)
 
 
 @click.command()
@@ -39,8 +40,8 @@ PREVIEW_RES = 64    # samples per axis of the preview: one chunk of sample_densi
               help='.mrc: the raw density volume (float32, EG3D layout); .ply / .obj: a closed marching-cubes surface '
                    "(a Gaussian generator's .ply: its Gaussians' centres, a coloured point cloud)")
 @click.option('--shape-level', type=str, default='auto', show_default=True, metavar='FLOAT|auto',
-              help='Raw density (sigma) of the .ply/.obj surface: a number, or auto = min(10, half the maximum): '
-                   "EG3D's 10 unless the density peaks below 20")
+              help='Raw density (sigma) of the .ply/.obj surface: a number, or auto = min(10, half the maximum, the level '
+                   "90%% of the frontal view's central rays reach): EG3D's 10 for a model whose face is that dense")
 @click.option('--fov-deg', type=cli.FiniteFloat(min=0, max=180, min_open=True, max_open=True), default=coords.FOV_DEG, show_default=True, help="Field of view in degrees (EG3D's convention; the default is its focal length 4.2647)")
 @click.option('--obj_path', type=click.Path(exists=True, dir_okay=False), default=None, help='Driving mesh (.obj); default: the bundled head, neutral')
 @click.option('--lms_path', type=click.Path(exists=True, dir_okay=False), default=None, help="68 landmarks of the mesh, one 'x y z' line each (mesh space, metres); default: the bundled head's")
@@ -84,7 +85,7 @@ def generate_images(network_pkl, seeds, projected_w, truncation_psi, truncation_
                 images.append(G.synthesis(ws, c, v, noise_mode='const', generator=generator)['image'])
         save_image_grid(torch.cat(images), os.path.join(outdir, f'{name}.png'), grid=(3, 1))
         if shapes:
-            export_shape(G, ws, v, shape_res, shape_level, os.path.join(outdir, f'{name}{shape_format}'), device)
+            export_shape(G, ws, v, shape_res, shape_level, os.path.join(outdir, f'{name}{shape_format}'), device, c_cond)
 
 
 def density_function(G, ws, v):
@@ -119,12 +120,21 @@ def check_shape_options(shape_format: str, shape_level: str):
     return level
 
 
-def export_shape(G, ws, v, resolution: int, level, path: str, device):
+def frontal_central_rays(G, c: torch.Tensor, resolution: int = FRONT_RES):
+    """Rays of the central half (in rows and columns) of a resolution^2 view from camera label c [1, 25]."""
+    origins, directions = G.ray_sampler(*coords.split_label(c), resolution)
+    index = torch.arange(resolution * resolution, device=c.device).reshape(resolution, resolution)
+    index = index[resolution // 4:resolution - resolution // 4, resolution // 4:resolution - resolution // 4].flatten()
+    return origins[:, index], directions[:, index]
+
+
+def export_shape(G, ws, v, resolution: int, level, path: str, device, c: torch.Tensor = None):
     """Density on a resolution^3 grid over the tri-plane box -> .mrc (EG3D layout) or a .ply/.obj surface.
 
     A grid of PREVIEW_RES^3 runs first: it times the device (the estimate is printed) and, for
     surfaces, fixes the level (None: automatic), so a level the density never reaches fails
-    before the full grid is computed.
+    before the full grid is computed. The automatic level looks through the frontal camera
+    label `c` (shapes.surface_level; without c or a ray sampler, it is min(10, half the maximum)).
     """
     name = os.path.basename(path)
     if path.endswith('.ply') and hasattr(G, 'point_cloud'):       # a Gaussian generator: its centres
@@ -140,14 +150,18 @@ def export_shape(G, ws, v, resolution: int, level, path: str, device):
     start = time.perf_counter()
     volume = shapes.sample_density_volume(sigma_fn, preview_res, box_warp=box, device=device)
     seconds = time.perf_counter() - start
+    reach = None
+    if c is not None and hasattr(G, 'ray_sampler'):
+        with torch.no_grad():
+            reach = shapes.front_reach(sigma_fn, *frontal_central_rays(G, c), box_warp=box)
     is_mesh = not path.endswith('.mrc')
     if is_mesh:
         try:
-            level_used = shapes.surface_level(float(volume.max()), level)
+            level_used = shapes.surface_level(float(volume.max()), level, reach)
         except ValueError as e:
-            hint = '; --shape-level=auto picks min(10, half the maximum)' if level is not None else ''
+            hint = '; --shape-level=auto picks a level below the maximum' if level is not None else ''
             raise click.ClickException(f'{path}: {e} on a {preview_res}^3 grid: no surface{hint}')
-        tqdm.write(f'{name}: {describe_level(level_used, float(volume.max()), level)} on a {preview_res}^3 grid')
+        tqdm.write(f'{name}: {describe_level(level_used, float(volume.max()), level, reach)} on a {preview_res}^3 grid')
     if resolution > preview_res:
         estimate = seconds * (resolution / preview_res) ** 3
         duration = f'{estimate:.0f} s' if estimate < 120 else f'{estimate / 60:.0f} min'
@@ -158,7 +172,7 @@ def export_shape(G, ws, v, resolution: int, level, path: str, device):
     if not is_mesh:
         shapes.save_mrc(path, shapes.prepare_mrc_volume(volume))
         try:
-            view = 'view it at ' + describe_level(shapes.surface_level(float(volume.max())), float(volume.max()), None)
+            view = 'view it at ' + describe_level(shapes.surface_level(float(volume.max()), None, reach), float(volume.max()), None, reach)
         except ValueError as e:
             view = f'{e}: no surface'
         tqdm.write(f'{name}: density {volume.min():.4g} .. {volume.max():.4g}; {view}')
@@ -171,12 +185,15 @@ def export_shape(G, ws, v, resolution: int, level, path: str, device):
     tqdm.write(f'{name}: {len(verts):,} vertices, {len(faces):,} faces')
 
 
-def describe_level(level: float, density_max: float, requested) -> str:
+def describe_level(level: float, density_max: float, requested, reach: float = None) -> str:
     """'level 3.961 (auto: ...)': says where the level comes from."""
     if requested is not None:
         return f'level {level:g} (density maximum {density_max:.4g})'
     if level == shapes.EG3D_LEVEL:
         return f"level {level:g} (auto: EG3D's; density maximum {density_max:.4g})"
+    if reach is not None and level == reach:
+        return (f'level {level:.4g} (auto: reached by {shapes.FRONT_COVER:.0%} of the frontal view\'s central rays, '
+                f'below EG3D\'s 10; density maximum {density_max:.4g})')
     return f"level {level:.4g} (auto: half the density maximum {density_max:.4g}; EG3D's 10 from a maximum of 20)"
 
 

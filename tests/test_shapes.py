@@ -1,5 +1,6 @@
 """Shape export: surface levels, closed meshes in every format, missing packages, the time estimate."""
 
+import math
 import sys
 import types
 
@@ -10,8 +11,9 @@ import torch
 from click.testing import CliRunner
 
 import gen_samples
-from training import shapes
+from training import coords, shapes
 from training.mesh.obj_io import read_obj
+from training.volumetric_rendering.ray_sampler import RaySampler
 
 trimesh = pytest.importorskip('trimesh')
 pytest.importorskip('skimage')
@@ -39,6 +41,48 @@ def test_surface_level_automatic_and_requested():
         shapes.surface_level(9.96, 10.0)
     with pytest.raises(ValueError, match='never exceeds'):
         shapes.surface_level(-2.0)
+    # What 90% of the frontal view's central rays reach lowers the automatic level, never a requested one.
+    assert shapes.surface_level(35.0, None, 4.5) == 4.5
+    assert shapes.surface_level(35.0, None, 12.0) == 10.0
+    assert shapes.surface_level(8.0, None, 6.0) == 4.0
+    assert shapes.surface_level(35.0, None, 0.0) == 10.0 and shapes.surface_level(35.0, None, -math.inf) == 10.0   # no surface in front
+    assert shapes.surface_level(35.0, 8.0, 4.5) == 8.0
+
+
+def frontal_rays(resolution: int = 32):
+    c = coords.make_label(coords.cam2world_look_at(torch.tensor([math.pi / 2]), torch.tensor([math.pi / 2])))
+    return gen_samples.frontal_central_rays(types.SimpleNamespace(ray_sampler=RaySampler()), c, resolution), c
+
+
+def test_front_reach_of_a_cone():
+    """Peak 20 at the origin, falling linearly to 0 at 0.4: a ray's maximum is 20 (1 - d / 0.4), d its distance to the origin."""
+    (origins, directions), _ = frontal_rays()
+    assert origins.shape == directions.shape == (1, 16 * 16, 3)
+    sigma_fn = cone_density(peak=20.0, radius=0.4)[0](None, None, None)
+    distance = torch.linalg.cross(origins[0], directions[0], dim=-1).norm(dim=-1)      # origin to the line
+    expected = np.sort((20 * (1 - distance / 0.4)).numpy())
+    reach = shapes.front_reach(sigma_fn, origins, directions, samples=256)
+    assert reach == pytest.approx(expected[int(0.1 * (len(expected) - 1))], abs=0.1)
+    assert 5 < reach < expected.max() - 5                               # the outer central rays pass far from the peak
+    assert shapes.front_reach(sigma_fn, origins, directions, box_warp=0.1) < reach     # points outside the box are left out
+    assert shapes.front_reach(sigma_fn, origins + 10, directions) == -math.inf          # rays that miss the box
+
+
+def test_automatic_level_closes_the_front(tmp_path, monkeypatch, capsys):
+    """A cone of peak 20 and radius 0.3: half its maximum (10) cuts out a sphere of radius 0.15 that fewer than 90%
+    of the central rays hit; the level 90% reach is lower (7.6), and its sphere larger."""
+    density, _ = cone_density(peak=20.0, radius=0.3)
+    monkeypatch.setattr(gen_samples, 'density_function', density)
+    _, c = frontal_rays()
+    G = types.SimpleNamespace(rendering_kwargs=dict(box_warp=1.0), ray_sampler=RaySampler())
+    gen_samples.export_shape(G, None, None, 33, None, str(tmp_path / 'a.ply'), torch.device('cpu'), c)
+    out = capsys.readouterr().out
+    level = float(out.split('a.ply: level ')[1].split()[0])
+    assert 3 < level < 8 and "(auto: reached by 90% of the frontal view's central rays, below EG3D's 10; density maximum 20)" in out
+    radius = np.linalg.norm(trimesh.load(str(tmp_path / 'a.ply')).vertices, axis=1).mean()
+    assert radius == pytest.approx(0.3 * (1 - level / 20), abs=0.01) and radius > 0.17
+    gen_samples.export_shape(G, None, None, 33, None, str(tmp_path / 'a.mrc'), torch.device('cpu'), c)
+    assert f"view it at level {level:.4g} (auto: reached by 90%" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize('shape_format', ['.ply', '.obj'])
@@ -90,7 +134,7 @@ def test_requested_level_not_reached_fails_before_the_full_grid(tmp_path, monkey
     with pytest.raises(gen_samples.click.ClickException) as info:
         gen_samples.export_shape(FAKE_G, None, None, 64, 10.0, str(path), torch.device('cpu'))
     assert info.value.message == (f'{path}: the density never exceeds level 10 (its maximum is 6.845) on a 16^3 grid: '
-                                  'no surface; --shape-level=auto picks min(10, half the maximum)')
+                                  'no surface; --shape-level=auto picks a level below the maximum')
     assert sum(calls) == 16 ** 3 and not path.exists()
 
 

@@ -2,6 +2,7 @@
 (a Gaussian generator's centres) as .ply."""
 
 import importlib
+import math
 from typing import Optional
 
 import numpy as np
@@ -11,6 +12,7 @@ from torch_utils.persistence import atomic_output, atomic_write_bytes
 from training.mesh.obj_io import write_obj
 
 EG3D_LEVEL = 10.0       # raw sigma at which EG3D views its volumes and extracts its surfaces
+FRONT_COVER = 0.9       # the automatic level is reached by this fraction of the frontal view's central rays
 SHAPE_FORMATS = ('.mrc', '.ply', '.obj')
 # Modules each format needs -> the pip package that provides them (all in the `shapes` extra or core).
 FORMAT_MODULES = {'.mrc': {'mrcfile': 'mrcfile'}, '.ply': {'skimage.measure': 'scikit-image'},
@@ -29,18 +31,45 @@ def check_dependencies(shape_format: str):
         raise ImportError(f"{shape_format} shapes need {', '.join(missing)}: pip install -e '.[shapes]'")
 
 
-def surface_level(density_max: float, requested: Optional[float] = None) -> float:
-    """The iso-level of a surface: `requested`, or automatically min(10, density_max / 2).
+def surface_level(density_max: float, requested: Optional[float] = None, front_reach: Optional[float] = None) -> float:
+    """The iso-level of a surface: `requested`, or automatically min(10, density_max / 2, front_reach).
 
     10 is EG3D's level for its trained models. A model whose raw density peaks below 20 (a soft,
-    barely trained one such as the bundled model) gets its half-maximum surface instead: a level
-    close to the maximum cuts out only specks. Raises ValueError when the level is not below
-    the maximum (no surface).
+    barely trained one such as the bundled model) gets at most its half-maximum surface: a level
+    close to the maximum cuts out only specks. `front_reach` (see `front_reach`; ignored unless
+    positive) lowers the level to one that FRONT_COVER of the frontal view's central rays
+    reach, so the face is closed rather than cut into islands where its density is softer than
+    its peak. Raises ValueError when the level is not below the maximum (no surface).
     """
-    level = min(EG3D_LEVEL, density_max / 2) if requested is None else requested
+    if requested is None:
+        level = min(EG3D_LEVEL, density_max / 2)
+        if front_reach is not None and front_reach > 0:
+            level = min(level, front_reach)
+    else:
+        level = requested
     if not density_max > level:
         raise ValueError(f'the density never exceeds level {level:.4g} (its maximum is {density_max:.4g})')
     return level
+
+
+@torch.no_grad()
+def front_reach(sigma_fn, ray_origins: torch.Tensor, ray_directions: torch.Tensor, box_warp: float = 1.0,
+                samples: int = 128, cover: float = FRONT_COVER) -> float:
+    """The highest raw density that a fraction `cover` of the rays reach inside the tri-plane box.
+
+    ray_origins, ray_directions [1, R, 3] (unit directions); each ray is sampled at `samples`
+    depths across the box's bounding sphere, points outside the box left out. Returns the
+    (1 - cover) quantile over the rays of each ray's maximum density (-inf for a ray that
+    misses the box).
+    """
+    radius = box_warp * 3 ** 0.5 / 2
+    centre = -(ray_origins * ray_directions).sum(-1, keepdim=True)           # depth of the point nearest the origin
+    t = centre + torch.linspace(-radius, radius, samples, device=ray_origins.device)          # [1, R, S]
+    points = ray_origins[:, :, None] + ray_directions[:, :, None] * t[..., None]           # [1, R, S, 3]
+    sigma = sigma_fn(points.reshape(1, -1, 3)).reshape(points.shape[:3])
+    inside = (points.abs() <= box_warp / 2).all(-1)
+    reach = sigma.masked_fill(~inside, -math.inf).amax(-1).flatten()
+    return float(torch.quantile(reach, 1 - cover, interpolation='lower'))
 
 
 def grid_coordinates(resolution: int, box_warp: float = 1.0) -> torch.Tensor:
