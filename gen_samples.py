@@ -41,7 +41,7 @@ FRONT_RES = 32      # rays per side of the frontal view that the automatic level
                    "(a Gaussian generator's .ply: its Gaussians' centres, a coloured point cloud)")
 @click.option('--shape-level', type=str, default='auto', show_default=True, metavar='FLOAT|auto',
               help='Raw density (sigma) of the .ply/.obj surface: a number, or auto = min(10, half the maximum, the level '
-                   "90%% of the frontal view's central rays reach): EG3D's 10 for a model whose face is that dense")
+                   "90% of the frontal view's central rays reach): EG3D's 10 for a model whose face is that dense")
 @click.option('--fov-deg', type=cli.FiniteFloat(min=0, max=180, min_open=True, max_open=True), default=coords.FOV_DEG, show_default=True, help="Field of view in degrees (EG3D's convention; the default is its focal length 4.2647)")
 @click.option('--obj_path', type=click.Path(exists=True, dir_okay=False), default=None, help='Driving mesh (.obj); default: the bundled head, neutral')
 @click.option('--lms_path', type=click.Path(exists=True, dir_okay=False), default=None, help="68 landmarks of the mesh, one 'x y z' line each (mesh space, metres); default: the bundled head's")
@@ -67,6 +67,7 @@ def generate_images(network_pkl, seeds, projected_w, truncation_psi, truncation_
     v = mesh_condition(G, condition, obj_path, device)
     focal = coords.fov_to_focal(fov_deg)
     c_cond = frontal_label(G, focal, device)
+    c_front = frontal_label(G, coords.FOCAL_LENGTH, device)       # the automatic shape level's view, whatever --fov-deg
     avatar = avatar_latents(G, data, network_pkl, projected_w, options_given(ctx, SEED_OPTIONS))
     if avatar is None:      # (output name, seed, ws): seeds, or the ws of an inverted avatar
         jobs = [(f'seed{seed:04d}', seed, None) for seed in seeds]
@@ -85,7 +86,7 @@ def generate_images(network_pkl, seeds, projected_w, truncation_psi, truncation_
                 images.append(G.synthesis(ws, c, v, noise_mode='const', generator=generator)['image'])
         save_image_grid(torch.cat(images), os.path.join(outdir, f'{name}.png'), grid=(3, 1))
         if shapes:
-            export_shape(G, ws, v, shape_res, shape_level, os.path.join(outdir, f'{name}{shape_format}'), device, c_cond)
+            export_shape(G, ws, v, shape_res, shape_level, os.path.join(outdir, f'{name}{shape_format}'), device, c_front)
 
 
 def density_function(G, ws, v):
@@ -121,11 +122,11 @@ def check_shape_options(shape_format: str, shape_level: str):
 
 
 def frontal_central_rays(G, c: torch.Tensor, resolution: int = FRONT_RES):
-    """Rays of the central half (in rows and columns) of a resolution^2 view from camera label c [1, 25]."""
-    origins, directions = G.ray_sampler(*coords.split_label(c), resolution)
-    index = torch.arange(resolution * resolution, device=c.device).reshape(resolution, resolution)
-    index = index[resolution // 4:resolution - resolution // 4, resolution // 4:resolution - resolution // 4].flatten()
-    return origins[:, index], directions[:, index]
+    """Rays of the central half (in rows and columns) of a resolution^2 view from camera label c [1, 25]
+    -> origins, directions [1, (resolution / 2)^2, 3]."""
+    a, b = resolution // 4, resolution - resolution // 4
+    return tuple(rays.reshape(len(c), resolution, resolution, 3)[:, a:b, a:b].reshape(len(c), -1, 3)
+                 for rays in G.ray_sampler(*coords.split_label(c), resolution))
 
 
 def export_shape(G, ws, v, resolution: int, level, path: str, device, c: torch.Tensor = None):
@@ -151,9 +152,8 @@ def export_shape(G, ws, v, resolution: int, level, path: str, device, c: torch.T
     volume = shapes.sample_density_volume(sigma_fn, preview_res, box_warp=box, device=device)
     seconds = time.perf_counter() - start
     reach = None
-    if c is not None and hasattr(G, 'ray_sampler'):
-        with torch.no_grad():
-            reach = shapes.front_reach(sigma_fn, *frontal_central_rays(G, c), box_warp=box)
+    if level is None and c is not None and hasattr(G, 'ray_sampler'):
+        reach = shapes.front_reach(sigma_fn, *frontal_central_rays(G, c), box_warp=box)
     is_mesh = not path.endswith('.mrc')
     if is_mesh:
         try:

@@ -16,27 +16,25 @@ import sys
 import click
 import numpy as np
 import PIL.Image
+import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # run as a script from anywhere
 
 from dnnlib import cli                          # noqa: E402
 from torch_utils import persistence             # noqa: E402
-from training.driving import read_driving_folder   # noqa: E402
+from metrics.jaw_control import DRIVING_DIR      # noqa: E402
+from training.driving import lip_opening, read_driving_folder   # noqa: E402
+from training.mesh.obj_io import read_landmarks  # noqa: E402
 from training.video import read_video_frames    # noqa: E402
 
 DOCS = os.path.dirname(os.path.abspath(__file__))
-DRIVING = os.path.join(os.path.dirname(DOCS), 'data', 'driving')
 SEEDS = range(4)
-INNER_LIPS = (62, 66)
 
 
 def lip_openings(driving_root: str) -> np.ndarray:
-    """Distance of the inner-lip landmarks per driving frame (head-model units), in file order."""
-    openings = []
-    for frame in read_driving_folder(driving_root):
-        lms = np.loadtxt(frame.lms_path, dtype=np.float64)
-        openings.append(np.linalg.norm(lms[INNER_LIPS[0]] - lms[INNER_LIPS[1]]))
-    return np.asarray(openings)
+    """The mouth's opening per driving frame (inner-lip landmarks 62 and 66, mesh units), in file order."""
+    lms = np.stack([read_landmarks(frame.lms_path) for frame in read_driving_folder(driving_root)])
+    return lip_opening(torch.from_numpy(lms)).numpy()
 
 
 def read_image(path: str) -> np.ndarray:
@@ -48,7 +46,10 @@ def read_image(path: str) -> np.ndarray:
 def read_frames(path: str) -> list:
     if not os.path.isfile(path):
         raise FileNotFoundError(f'{path}: missing (run make demo first)')
-    return read_video_frames(path)
+    frames = read_video_frames(path)
+    if not frames:
+        raise ValueError(f'{path}: the video has no frames')
+    return frames
 
 
 def save(image: np.ndarray, dest: str, name: str):
@@ -68,9 +69,9 @@ def main(demo_out: str, dest: str):
     depth = read_image(os.path.join(demo_out, 'samples', 'depth.png'))
     orbit = read_frames(os.path.join(demo_out, 'orbit', 'interpolation.mp4'))
     reenact = read_frames(os.path.join(demo_out, 'reenact', 'reenact.mp4'))
-    openings = lip_openings(DRIVING)
+    openings = lip_openings(DRIVING_DIR)
     if len(reenact) != len(openings):
-        raise ValueError(f'{demo_out}/reenact/reenact.mp4: {len(reenact)} frames, {DRIVING} has {len(openings)}')
+        raise ValueError(f'{os.path.join(demo_out, "reenact", "reenact.mp4")}: {len(reenact)} frames, but the driving folder has {len(openings)}')
     save(np.concatenate(seeds, axis=0), dest, 'demo_seeds.png')
     save(depth, dest, 'demo_depth.png')
     save(orbit[0], dest, 'demo_orbit_frame.png')

@@ -47,7 +47,6 @@ RATIO_FLOOR = 1e-4
 TRUNCATION_PSI = 0.7
 RENDER_SEED = 0
 LIPS = slice(48, 68)
-INNER_LIPS = (62, 66)
 BROWS = (19, 24)
 DRIVING_DIR = os.path.join(generation.ROOT, 'data', 'driving')
 
@@ -140,7 +139,7 @@ def compute_jaw_control(opts: metric_utils.MetricOptions, name: str, num_seeds: 
     frames = driving.read_driving_folder(driving_dir)[:num_frames]
     conditions = [driving.load_condition(f.obj_path, f.lms_path, num_vertices=num_vertices).to(opts.device) for f in frames]
     lms = torch.cat(conditions)[:, -68:].cpu()
-    opening = (lms[:, INNER_LIPS[0]] - lms[:, INNER_LIPS[1]]).norm(dim=-1)
+    opening = driving.lip_opening(lms)
     box, _ = lip_box(lms, render.label, resolution)
     most_closed = int(opening.argmin())
     closest = render(conditions[most_closed])

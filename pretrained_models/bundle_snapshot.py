@@ -13,6 +13,7 @@ is replaced only with `--force`.
 
 import os
 import sys
+from typing import Optional
 
 import click
 
@@ -24,7 +25,7 @@ from torch_utils import persistence             # noqa: E402
 KEPT = ('G', 'D', 'G_ema', 'augment_pipe', 'training_set_kwargs')
 
 
-def bundle(snapshot: str, out: str, data_path: str = None) -> dict:
+def bundle(snapshot: str, out: str, data_path: Optional[str] = None) -> dict:
     """Read `snapshot`, write its networks without the resume state to `out` -> what was written."""
     data = persistence.load_checkpoint(snapshot)
     missing = [key for key in ('G', 'D', 'G_ema') if key not in data]
@@ -45,6 +46,8 @@ def bundle(snapshot: str, out: str, data_path: str = None) -> dict:
 @cli.user_errors
 def main(snapshot: str, out: str, data_path: str, force: bool):
     """Write SNAPSHOT's networks, without its resume state, to OUT."""
+    if os.path.exists(out) and os.path.exists(snapshot) and os.path.samefile(out, snapshot):
+        raise click.ClickException(f'{out}: is the snapshot itself (its resume state would be lost): choose another output')
     if os.path.exists(out) and not force:
         raise click.ClickException(f'{out}: exists (pass --force to replace it)')
     bundled = bundle(snapshot, out, data_path)

@@ -24,7 +24,7 @@ def test_pictures_from_a_demo_folder(tmp_path):
         PIL.Image.fromarray(np.full((16, 48, 3), 10 * seed, dtype=np.uint8)).save(out / 'samples' / f'seed{seed:04d}.png')
     PIL.Image.fromarray(np.full((8, 32, 3), 77, dtype=np.uint8)).save(out / 'samples' / 'depth.png')
     write_video(out / 'orbit' / 'interpolation.mp4', [200, 100, 50])
-    openings = dp.lip_openings(dp.DRIVING)
+    openings = dp.lip_openings(dp.DRIVING_DIR)
     assert len(openings) == 32 and openings.max() > 10 * openings.min() > 0
     colours = [7 * k for k in range(32)]            # frame k has grey level 7k
     write_video(out / 'reenact' / 'reenact.mp4', colours)
@@ -40,6 +40,19 @@ def test_pictures_from_a_demo_folder(tmp_path):
     assert reenact.shape == (64, 48, 3)
     assert abs(reenact[16, 24, 0] - colours[int(openings.argmin())]) <= 3    # closed mouth on top
     assert abs(reenact[48, 24, 0] - colours[int(openings.argmax())]) <= 3    # widest open below
+
+
+def test_a_reenactment_of_another_driving_folder_is_one_line(tmp_path):
+    out = tmp_path / 'out'
+    (out / 'samples').mkdir(parents=True)
+    for name in [f'seed{seed:04d}.png' for seed in range(4)] + ['depth.png']:
+        PIL.Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(out / 'samples' / name)
+    write_video(out / 'orbit' / 'interpolation.mp4', [0])
+    write_video(out / 'reenact' / 'reenact.mp4', [0] * 5)
+    result = CliRunner().invoke(dp.main, [str(out), '--dest', str(tmp_path / 'docs')])
+    assert result.exit_code == 1
+    assert result.output.strip() == f'Error: {out / "reenact" / "reenact.mp4"}: 5 frames, but the driving folder has 32'
+    assert not (tmp_path / 'docs').exists()
 
 
 def test_a_missing_demo_output_is_one_line(tmp_path):

@@ -44,6 +44,14 @@ def load_condition(obj_path: str, lms_path: str = None, num_vertices: int = None
     return torch.cat([verts, lms], dim=1)
 
 
+INNER_LIPS = (62, 66)       # the landmarks whose distance is the mouth's opening
+
+
+def lip_opening(lms: torch.Tensor) -> torch.Tensor:
+    """(..., 68, 3) landmarks -> (...) distance of the inner-lip landmarks 62 and 66 (mesh units)."""
+    return (lms[..., INNER_LIPS[0], :] - lms[..., INNER_LIPS[1], :]).norm(dim=-1)
+
+
 class DrivingFrame(NamedTuple):
     frame_id: str
     image_path: str

@@ -10,6 +10,7 @@ import torch
 
 from torch_utils.persistence import atomic_output, atomic_write_bytes
 from training.mesh.obj_io import write_obj
+from training.volumetric_rendering.renderer import ray_box_intersection
 
 EG3D_LEVEL = 10.0       # raw sigma at which EG3D views its volumes and extracts its surfaces
 FRONT_COVER = 0.9       # the automatic level is reached by this fraction of the frontal view's central rays
@@ -35,7 +36,7 @@ def surface_level(density_max: float, requested: Optional[float] = None, front_r
     """The iso-level of a surface: `requested`, or automatically min(10, density_max / 2, front_reach).
 
     10 is EG3D's level for its trained models. A model whose raw density peaks below 20 (a soft,
-    barely trained one such as the bundled model) gets at most its half-maximum surface: a level
+    barely trained one) gets at most its half-maximum surface: a level
     close to the maximum cuts out only specks. `front_reach` (see `front_reach`; ignored unless
     positive) lowers the level to one that FRONT_COVER of the frontal view's central rays
     reach, so the face is closed rather than cut into islands where its density is softer than
@@ -58,17 +59,15 @@ def front_reach(sigma_fn, ray_origins: torch.Tensor, ray_directions: torch.Tenso
     """The highest raw density that a fraction `cover` of the rays reach inside the tri-plane box.
 
     ray_origins, ray_directions [1, R, 3] (unit directions); each ray is sampled at `samples`
-    depths across the box's bounding sphere, points outside the box left out. Returns the
+    evenly spaced depths from where it enters the box to where it leaves it. Returns the
     (1 - cover) quantile over the rays of each ray's maximum density (-inf for a ray that
     misses the box).
     """
-    radius = box_warp * 3 ** 0.5 / 2
-    centre = -(ray_origins * ray_directions).sum(-1, keepdim=True)           # depth of the point nearest the origin
-    t = centre + torch.linspace(-radius, radius, samples, device=ray_origins.device)          # [1, R, S]
-    points = ray_origins[:, :, None] + ray_directions[:, :, None] * t[..., None]           # [1, R, S, 3]
-    sigma = sigma_fn(points.reshape(1, -1, 3)).reshape(points.shape[:3])
-    inside = (points.abs() <= box_warp / 2).all(-1)
-    reach = sigma.masked_fill(~inside, -math.inf).amax(-1).flatten()
+    start, end, valid = ray_box_intersection(ray_origins, ray_directions, box_warp)             # [1, R, 1]
+    t = start + (end - start) * torch.linspace(0, 1, samples, device=ray_origins.device)         # [1, R, S]
+    points = ray_origins[:, :, None] + ray_directions[:, :, None] * t[..., None]                # [1, R, S, 3]
+    sigma = sigma_fn(points.reshape(1, -1, 3)).reshape(points.shape[:3]).float()
+    reach = sigma.amax(-1).masked_fill(~valid[..., 0], -math.inf).flatten()
     return float(torch.quantile(reach, 1 - cover, interpolation='lower'))
 
 
