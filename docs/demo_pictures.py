@@ -22,8 +22,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 from dnnlib import cli                          # noqa: E402
 from torch_utils import persistence             # noqa: E402
-from metrics.jaw_control import DRIVING_DIR      # noqa: E402
 from training.driving import lip_opening, read_driving_folder   # noqa: E402
+from training.generation import BUNDLED_DRIVING   # noqa: E402
 from training.mesh.obj_io import read_landmarks  # noqa: E402
 from training.video import read_video_frames    # noqa: E402
 
@@ -69,7 +69,7 @@ def main(demo_out: str, dest: str):
     depth = read_image(os.path.join(demo_out, 'samples', 'depth.png'))
     orbit = read_frames(os.path.join(demo_out, 'orbit', 'interpolation.mp4'))
     reenact = read_frames(os.path.join(demo_out, 'reenact', 'reenact.mp4'))
-    openings = lip_openings(DRIVING_DIR)
+    openings = lip_openings(BUNDLED_DRIVING)
     if len(reenact) != len(openings):
         raise ValueError(f'{os.path.join(demo_out, "reenact", "reenact.mp4")}: {len(reenact)} frames, but the driving folder has {len(openings)}')
     save(np.concatenate(seeds, axis=0), dest, 'demo_seeds.png')

@@ -48,7 +48,6 @@ TRUNCATION_PSI = 0.7
 RENDER_SEED = 0
 LIPS = slice(48, 68)
 BROWS = (19, 24)
-DRIVING_DIR = os.path.join(generation.ROOT, 'data', 'driving')
 
 
 def square_box(points: np.ndarray, side: float, resolution: int):
@@ -121,7 +120,7 @@ def check_generator(G, name: str, num_vertices: int = None):
 
 
 @torch.no_grad()
-def compute_jaw_control(opts: metric_utils.MetricOptions, name: str, num_seeds: int = 8, driving_dir: str = DRIVING_DIR,
+def compute_jaw_control(opts: metric_utils.MetricOptions, name: str, num_seeds: int = 8, driving_dir: str = generation.BUNDLED_DRIVING,
                         num_frames: int = None) -> dict:
     """{name}_mouth, {name}_forehead, {name}_ratio, {name}_lip_corr (see the module docstring).
     num_frames: the first frames of the driving folder only (tests)."""

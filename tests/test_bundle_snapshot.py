@@ -37,9 +37,10 @@ def test_bundle_refuses_to_replace_without_force(tmp_path):
     assert result.exit_code == 1
     assert result.output.strip() == f'Error: {out}: exists (pass --force to replace it)'
     assert out.read_bytes() == b'keep me'
-    result = CliRunner().invoke(bs.main, [str(tmp_path / 'snap.pkl'), str(tmp_path / '.' / 'snap.pkl'), '--force'])
+    (tmp_path / 'link.pkl').symlink_to(tmp_path / 'snap.pkl')        # another name for the same file
+    result = CliRunner().invoke(bs.main, [str(tmp_path / 'snap.pkl'), str(tmp_path / 'link.pkl'), '--force'])
     assert result.exit_code == 1
-    assert result.output.strip() == f'Error: {tmp_path / "." / "snap.pkl"}: is the snapshot itself (its resume state would be lost): choose another output'
+    assert result.output.strip() == f'Error: {tmp_path / "link.pkl"}: is the snapshot itself (its resume state would be lost): choose another output'
     assert 'resume_state' in persistence.load_checkpoint(str(tmp_path / 'snap.pkl'))
     result = CliRunner().invoke(bs.main, [str(tmp_path / 'snap.pkl'), str(out), '--force'])
     assert result.exit_code == 0, result.output

@@ -24,7 +24,7 @@ def test_pictures_from_a_demo_folder(tmp_path):
         PIL.Image.fromarray(np.full((16, 48, 3), 10 * seed, dtype=np.uint8)).save(out / 'samples' / f'seed{seed:04d}.png')
     PIL.Image.fromarray(np.full((8, 32, 3), 77, dtype=np.uint8)).save(out / 'samples' / 'depth.png')
     write_video(out / 'orbit' / 'interpolation.mp4', [200, 100, 50])
-    openings = dp.lip_openings(dp.DRIVING_DIR)
+    openings = dp.lip_openings(dp.BUNDLED_DRIVING)
     assert len(openings) == 32 and openings.max() > 10 * openings.min() > 0
     colours = [7 * k for k in range(32)]            # frame k has grey level 7k
     write_video(out / 'reenact' / 'reenact.mp4', colours)

@@ -17,6 +17,7 @@ from training.network_pickle import load_network_pkl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUNDLED_NETWORK = os.path.join('pretrained_models', 'next3d-synthetic64.pkl')
+BUNDLED_DRIVING = os.path.join(ROOT, 'data', 'driving')     # the synthetic driving folder (data/driving/README.md)
 
 
 def load_generator(network_pkl: str, device: torch.device, uv_mask_path: str = None) -> torch.nn.Module:
