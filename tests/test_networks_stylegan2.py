@@ -39,6 +39,29 @@ def test_modulated_conv2d_matches_per_sample_reference():
         torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize('batch, fused_expected', [(4, False), (1, True)])
+def test_inference_modconv_choice_on_cpu(monkeypatch, batch, fused_expected):
+    # 'inference_only' on the CPU: a batch runs as one shared convolution (oneDNN's grouped
+    # convolution is slower there), a single image as the fused one; training never fuses.
+    from training import networks_stylegan2
+    torch.manual_seed(0)
+    G = Generator(z_dim=8, c_dim=0, w_dim=8, img_resolution=16, img_channels=3,
+                  mapping_kwargs=dict(num_layers=1), synthesis_kwargs=dict(channel_base=64, channel_max=8))
+    ws = G.mapping(torch.randn(batch, 8), None)
+    seen = []
+    original = networks_stylegan2.modulated_conv2d
+    monkeypatch.setattr(networks_stylegan2, 'modulated_conv2d', lambda *a, **k: seen.append(k['fused_modconv']) or original(*a, **k))
+    G.eval()
+    out = G.synthesis(ws, noise_mode='const')
+    assert seen and set(seen) == {fused_expected}
+    for fused in (True, False):         # the choice changes only the rounding
+        torch.testing.assert_close(G.synthesis(ws, noise_mode='const', fused_modconv=fused), out, rtol=1e-5, atol=1e-5)
+    seen.clear()
+    G.train()
+    G.synthesis(ws, noise_mode='const')
+    assert set(seen) == {False}
+
+
 def test_modulated_conv2d_without_demodulation_is_a_scaled_conv():
     x = torch.randn(2, 3, 5, 5, dtype=torch.float64)
     weight = torch.randn(4, 3, 1, 1, dtype=torch.float64)

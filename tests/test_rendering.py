@@ -537,6 +537,16 @@ def test_run_model_density_noise():
 # ----------------------------------------------------------------------------------------
 # Decoder
 
+def test_widened_sigmoid_is_eg3d_formula_bit_for_bit():
+    from training.triplane_decoder import widened_sigmoid
+    x = torch.randn(300, 33) * 8
+    expected = torch.sigmoid(x[:, 1:]) * (1 + 2 * 0.001) - 0.001      # EG3D's OSGDecoder
+    assert torch.equal(widened_sigmoid(x[:, 1:]), expected)
+    out = torch.empty(300, 32)
+    assert widened_sigmoid(x[:, 1:], out=out) is out and torch.equal(out, expected)
+    assert expected.min() < -0.0009 and expected.max() > 1.0009
+
+
 def test_decoder_parameter_count_and_output():
     decoder = OSGDecoder()
     assert sum(p.numel() for p in decoder.parameters()) == 4257

@@ -7,12 +7,16 @@ from torch_utils import persistence
 from training.networks_stylegan2 import FullyConnectedLayer
 
 
-SIGMOID_RANGE = (-0.001, 1.001)     # the widened sigmoid's ends
+SIGMOID_GAIN, SIGMOID_OFFSET = 1 + 2 * 0.001, 0.001     # the widened sigmoid: sigmoid * gain - offset, in (-0.001, 1.001)
 
 
 def widened_sigmoid(x: torch.Tensor, out: torch.Tensor = None) -> torch.Tensor:
-    """sigmoid(x) * 1.002 - 0.001 (MipNeRF's widened sigmoid), as one lerp: one pass over x after the sigmoid."""
-    return torch.lerp(x.new_tensor(SIGMOID_RANGE[0]), x.new_tensor(SIGMOID_RANGE[1]), torch.sigmoid(x), out=out)
+    """sigmoid(x) * 1.002 - 0.001 (MipNeRF's widened sigmoid), in EG3D's order of operations.
+
+    With `out` (no autograd), in place on the sigmoid's output there."""
+    if out is None:
+        return torch.sigmoid(x) * SIGMOID_GAIN - SIGMOID_OFFSET
+    return torch.sigmoid(x, out=out).mul_(SIGMOID_GAIN).sub_(SIGMOID_OFFSET)
 
 
 @persistence.persistent_class
@@ -114,14 +118,13 @@ class _DecodeCPU(torch.autograd.Function):
             grad_sigma = x.new_zeros(len(x), 1)
         if grad_rgb is None:
             grad_rgb = x.new_zeros(len(x), w2.shape[0] - 1)
-        sigmoid_gain = x.new_tensor(SIGMOID_RANGE[1]) - x.new_tensor(SIGMOID_RANGE[0])   # lerp's weight gradient in widened_sigmoid
         for i in range(0, len(x), _DecodeCPU.CHUNK):
             rows = slice(i, i + _DecodeCPU.CHUNK)
             x_chunk = x[rows]
             hidden_pre, hidden, out = _DecodeCPU._layers(x_chunk, w1, b1, w2, b2)
             grad_out = torch.empty_like(out)
             grad_out[:, :1] = grad_sigma[rows]
-            torch.mul(grad_rgb[rows], sigmoid_gain, out=grad_out[:, 1:])
+            torch.mul(grad_rgb[rows], SIGMOID_GAIN, out=grad_out[:, 1:])
             grad_out[:, 1:] = torch.ops.aten.sigmoid_backward(grad_out[:, 1:], torch.sigmoid(out[:, 1:]))
             grad_w2.addmm_(grad_out.t(), hidden)
             grad_b2 += grad_out.sum(0)
