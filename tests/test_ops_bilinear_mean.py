@@ -47,6 +47,26 @@ def test_cpu_path_gradcheck(monkeypatch, num_images):
     assert torch.autograd.gradcheck(lambda im: BM.bilinear_mean(im, grid), (images,))
 
 
+def test_table_cache_builds_the_table_once(monkeypatch):
+    # The renderer's two passes sample the same planes: one table, the same values and gradients.
+    images = torch.randn(2, 3, 5, 8, 6, dtype=torch.float64, requires_grad=True)
+    grids = [make_grid(2, 3, 90, seed=s) for s in (2, 3)]
+    builds = []
+    build = BM._texel_table
+    monkeypatch.setattr(BM, '_texel_table', lambda im: builds.append(1) or build(im))
+    cache = {}
+    got = [BM.bilinear_mean(images, g, table_cache=cache) for g in grids]
+    assert len(builds) == 1 and cache['images'] is images
+    expected = [grid_sample_mean(images, g) for g in grids]
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
+    grads = [torch.randn_like(a) for a in got]
+    torch.testing.assert_close(torch.autograd.grad(got, images, grads)[0], torch.autograd.grad(expected, images, grads)[0],
+                               atol=1e-12, rtol=0)
+    with pytest.raises(ValueError, match='other images'):
+        BM.bilinear_mean(images.detach().clone(), grids[0], table_cache=cache)
+
+
 def test_grid_gradient_and_few_points_use_grid_sample():
     images = torch.randn(1, 3, 2, 8, 8, dtype=torch.float64)
     grid = make_grid(1, 3, 100).requires_grad_(True)           # points that want a gradient

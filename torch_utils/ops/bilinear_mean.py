@@ -15,11 +15,14 @@ import torch
 from torch_utils import misc
 
 
-def bilinear_mean(images: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+def bilinear_mean(images: torch.Tensor, grid: torch.Tensor, table_cache: dict = None) -> torch.Tensor:
     """Args:
         images: (B, P, C, H, W).
         grid:   (B, P, N, 2) grid_sample coordinates on image p: x (column) then y (row),
                 -1 and 1 at the outer edges of the border texels.
+        table_cache: a dict kept by a caller that samples the same images several times
+                (the renderer's two passes): the CPU path builds its texel table once and
+                keeps it there ({} to start; tied to `images`, the same tensor each call).
     Returns:
         (B, N, C), in float32 for half-precision images; points outside an image read zeros
         there. Gradients reach the images, and the grid on the grid_sample path.
@@ -34,7 +37,13 @@ def bilinear_mean(images: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
     # The CPU path pays a channels-last copy of the images: worth it from about as many
     # points as an image has texels.
     if images.device.type == 'cpu' and not grid.requires_grad and num_points >= height * width:
-        return _BilinearMeanCPU.apply(images, grid)
+        if table_cache is None:
+            return _BilinearMeanCPU.apply(images, grid, None)
+        if 'table' not in table_cache:
+            table_cache.update(images=images, table=_texel_table(images))
+        elif table_cache['images'] is not images:
+            raise ValueError('bilinear_mean: table_cache holds the table of other images')
+        return _BilinearMeanCPU.apply(images, grid, table_cache['table'])
     samples = torch.nn.functional.grid_sample(images.reshape(batch_size * num_images, channels, height, width),
                                               grid.reshape(batch_size * num_images, 1, num_points, 2),
                                               mode='bilinear', padding_mode='zeros', align_corners=False)
@@ -52,22 +61,16 @@ class _BilinearMeanCPU(torch.autograd.Function):
     cache): about 3x faster than grid_sample's backward on one CPU thread, and faster than
     embedding_bag's own, which sorts its indices first. Gradients reach the images only."""
 
-    BORDER = 2      # zero texels around each image: far-away points are clamped onto them
     CHUNK = 2048    # points per index_add_ in the backward
 
     @staticmethod
-    def forward(ctx, images: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, images: torch.Tensor, grid: torch.Tensor, table: torch.Tensor = None) -> torch.Tensor:
         batch_size, num_images, channels, height, width = images.shape
         num_points = grid.shape[2]
-        pad = _BilinearMeanCPU.BORDER
+        pad = BORDER
         padded_h, padded_w = height + 2 * pad, width + 2 * pad
-        # The table: zero-bordered images, channels last. Per image a 2-D transpose, which
-        # PyTorch copies blockwise (a batched strided copy is twice as slow).
-        bordered = torch.nn.functional.pad(images.reshape(batch_size * num_images, channels, height, width), [pad] * 4)
-        bordered = bordered.reshape(batch_size * num_images, channels, padded_h * padded_w)
-        table = images.new_empty(batch_size * num_images, padded_h * padded_w, channels)
-        for i in range(batch_size * num_images):
-            table[i].copy_(bordered[i].t())
+        if table is None:
+            table = _texel_table(images)
         # int32 texel indices: half the index traffic of int64 in embedding_bag (the backward
         # widens them a chunk at a time: index_add_ is slower with int32).
         index_dtype = torch.int32 if table.numel() < 2 ** 31 else torch.int64
@@ -103,11 +106,27 @@ class _BilinearMeanCPU(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         texel, weights = ctx.saved_tensors
         batch_size, num_images, channels, height, width = ctx.images_shape
-        pad, chunk = _BilinearMeanCPU.BORDER, _BilinearMeanCPU.CHUNK
+        pad, chunk = BORDER, _BilinearMeanCPU.CHUNK
         grad = grad.reshape(-1, channels)
         table = grad.new_zeros(batch_size * num_images * (height + 2 * pad) * (width + 2 * pad), channels)
         for i in range(0, len(grad), chunk):
             rows = torch.mul(grad[i:i + chunk, None, :], weights[i:i + chunk, :, None])
             table.index_add_(0, texel[i:i + chunk].reshape(-1).to(torch.int64), rows.reshape(-1, channels))
         table = table.reshape(batch_size, num_images, height + 2 * pad, width + 2 * pad, channels)
-        return table[:, :, pad:-pad, pad:-pad].permute(0, 1, 4, 2, 3).contiguous(), None
+        return table[:, :, pad:-pad, pad:-pad].permute(0, 1, 4, 2, 3).contiguous(), None, None
+
+
+BORDER = 2      # zero texels around each image in the CPU path's table: far-away points are clamped onto them
+
+
+def _texel_table(images: torch.Tensor) -> torch.Tensor:
+    """The CPU path's table: images (B, P, C, H, W) zero-bordered and channels last,
+    (B P, (H + 2 BORDER) (W + 2 BORDER), C). Per image a 2-D transpose, which PyTorch
+    copies blockwise (a batched strided copy is twice as slow)."""
+    batch_size, num_images, channels, height, width = images.shape
+    bordered = torch.nn.functional.pad(images.detach().reshape(batch_size * num_images, channels, height, width), [BORDER] * 4)
+    bordered = bordered.reshape(batch_size * num_images, channels, -1)
+    table = images.new_empty(batch_size * num_images, bordered.shape[2], channels)
+    for i in range(batch_size * num_images):
+        table[i].copy_(bordered[i].t())
+    return table

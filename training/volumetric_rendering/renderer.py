@@ -63,7 +63,7 @@ def sample_from_planes(planes: torch.Tensor, coordinates: torch.Tensor, plane_ax
 
 
 def sample_plane_mean(planes: torch.Tensor, coordinates: torch.Tensor, plane_axes: str = 'next3d',
-                      box_warp: float = coords.BOX_WARP) -> torch.Tensor:
+                      box_warp: float = coords.BOX_WARP, table_cache: Optional[dict] = None) -> torch.Tensor:
     """Mean of the three planes' bilinear samples at world points: what OSGDecoder reads.
 
     Equals sample_from_planes(planes, coordinates, plane_axes, box_warp).mean(1) (bilinear,
@@ -73,13 +73,14 @@ def sample_plane_mean(planes: torch.Tensor, coordinates: torch.Tensor, plane_axe
     Args:
         planes:      (B, 3, C, H, W), as sample_from_planes.
         coordinates: (B, N, 3) world points.
+        table_cache: for several calls on the same planes, see ops.bilinear_mean.
     Returns:
         (B, N, C), in float32 for half-precision planes.
     """
     misc.assert_shape(planes, [None, 3, None, None, None], 'planes')
     misc.assert_shape(coordinates, [planes.shape[0], None, 3], 'coordinates')
     grid = coords.project_onto_planes(coordinates, plane_axes=plane_axes, box_warp=box_warp)   # (B, 3, N, 2)
-    return bilinear_mean.bilinear_mean(planes, grid)
+    return bilinear_mean.bilinear_mean(planes, grid, table_cache=table_cache)
 
 
 def ray_box_intersection(ray_origins: torch.Tensor, ray_directions: torch.Tensor, box_side: float):
@@ -253,14 +254,16 @@ class ImportanceRenderer(torch.nn.Module):
         depths = sample_stratified(ray_start, ray_end, int(opts['depth_resolution']),
                                    disparity_space=bool(opts.get('disparity_space_sampling', False)),
                                    deterministic=deterministic, generator=generator)
-        colors, densities = self._run_along_rays(planes, decoder, ray_origins, ray_directions, depths, opts, generator)
+        table_cache = {}        # both passes sample the same planes
+        colors, densities = self._run_along_rays(planes, decoder, ray_origins, ray_directions, depths, opts, generator, table_cache)
 
         num_importance = int(opts['depth_resolution_importance'])
         if num_importance > 0:
             with torch.no_grad():   # the importance depths are detached, so their weights need no graph
                 coarse_weights = self.ray_marcher.interval_weights(densities, depths, opts)
             depths_fine = sample_importance(depths, coarse_weights, num_importance, deterministic=deterministic, generator=generator)
-            colors_fine, densities_fine = self._run_along_rays(planes, decoder, ray_origins, ray_directions, depths_fine, opts, generator)
+            colors_fine, densities_fine = self._run_along_rays(planes, decoder, ray_origins, ray_directions, depths_fine, opts, generator,
+                                                               table_cache)
             depths_sorted, order = torch.sort(torch.cat([depths, depths_fine], dim=2), dim=2)
             densities_sorted = torch.cat([densities, densities_fine], dim=2).gather(2, order)
             weights = self.ray_marcher.interval_weights(densities_sorted, depths_sorted, opts)
@@ -277,7 +280,8 @@ class ImportanceRenderer(torch.nn.Module):
         return self.ray_marcher(colors, densities, depths, opts)
 
     def run_model(self, planes: torch.Tensor, decoder: torch.nn.Module, sample_coordinates: torch.Tensor,
-                  sample_directions: torch.Tensor, options: dict, generator: Optional[torch.Generator] = None) -> dict:
+                  sample_directions: torch.Tensor, options: dict, generator: Optional[torch.Generator] = None,
+                  table_cache: Optional[dict] = None) -> dict:
         """Decoder output at arbitrary world points.
 
         Args:
@@ -286,13 +290,15 @@ class ImportanceRenderer(torch.nn.Module):
             sample_directions:  (B, M, 3) view directions (passed to the decoder).
             options:            reads `box_warp` and `density_noise` (default 0).
             generator:          torch.Generator for the density noise; None = the global one.
+            table_cache:        {} shared by calls on the same planes (the sampler's CPU table
+                                is built once; see ops.bilinear_mean), or None.
         Returns:
             dict(rgb=(B, M, C'), sigma=(B, M, 1)) with sigma the raw density.
         """
         decode_plane_mean = getattr(decoder, 'forward_plane_mean', None)
         if decode_plane_mean is not None:     # a decoder that reads only the planes' mean (OSGDecoder): the fused sampler
             out = decode_plane_mean(sample_plane_mean(planes, sample_coordinates, plane_axes=self.plane_axes,
-                                                      box_warp=options['box_warp']), sample_directions)
+                                                      box_warp=options['box_warp'], table_cache=table_cache), sample_directions)
         else:
             features = sample_from_planes(planes, sample_coordinates, plane_axes=self.plane_axes, box_warp=options['box_warp'])
             out = decoder(features, sample_directions)
@@ -322,12 +328,13 @@ class ImportanceRenderer(torch.nn.Module):
         return (torch.full(shape, float(start), device=ray_origins.device, dtype=ray_origins.dtype),
                 torch.full(shape, float(end), device=ray_origins.device, dtype=ray_origins.dtype))
 
-    def _run_along_rays(self, planes, decoder, ray_origins, ray_directions, depths, opts, generator=None):
+    def _run_along_rays(self, planes, decoder, ray_origins, ray_directions, depths, opts, generator=None, table_cache=None):
         """Decoder at the points origin + depth * direction: colours (B, N, S, C'), sigma (B, N, S, 1)."""
         batch_size, num_rays, num_samples, _ = depths.shape
         points = ray_origins.unsqueeze(2) + depths * ray_directions.unsqueeze(2)
         directions = ray_directions.unsqueeze(2).expand(-1, -1, num_samples, -1)
-        out = self.run_model(planes, decoder, points.reshape(batch_size, -1, 3), directions.reshape(batch_size, -1, 3), opts, generator)
+        out = self.run_model(planes, decoder, points.reshape(batch_size, -1, 3), directions.reshape(batch_size, -1, 3), opts, generator,
+                             table_cache)
         colors = out['rgb'].reshape(batch_size, num_rays, num_samples, -1)
         densities = out['sigma'].reshape(batch_size, num_rays, num_samples, 1)
         return colors, densities
