@@ -443,6 +443,29 @@ class DepthColourDecoder(torch.nn.Module):
         return dict(rgb=z + 0.5, sigma=torch.full_like(z, inverse_density(2.0)))
 
 
+def test_renderer_per_image_on_cpu_equals_the_batch(monkeypatch):
+    # On the CPU the renderer runs image by image with the batch's random draws: the same
+    # renders, depths, weights and gradients as one batched pass.
+    from training.volumetric_rendering import renderer as renderer_mod
+    torch.manual_seed(0)
+    decoder = OSGDecoder(n_features=4, hidden_dim=8, decoder_output_dim=3)
+    planes = (torch.randn(3, 3, 4, 8, 8) * 0.5).requires_grad_()
+    origins = torch.tensor([0.0, 0.0, 1.0]).expand(3, 64, 3) + torch.randn(3, 64, 3) * 0.1
+    dirs = torch.nn.functional.normalize(torch.tensor([0.0, 0.0, -1.0]) + torch.randn(3, 64, 3) * 0.1, dim=-1)
+    opts = dict(ray_start=0.6, ray_end=1.4, box_warp=1.0, depth_resolution=6, depth_resolution_importance=5)
+    renderer = ImportanceRenderer()
+    results = []
+    for split in (True, False):
+        monkeypatch.setattr(renderer_mod, 'per_image', lambda planes, opts: split)
+        out = renderer(planes, decoder, origins, dirs, opts, generator=torch.Generator().manual_seed(7))
+        params = [planes] + list(decoder.parameters())
+        results.append((out, torch.autograd.grad(out[0].square().sum() + out[1].sum(), params)))
+    for a, b in zip(results[0][0] + results[0][1], results[1][0] + results[1][1]):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+    monkeypatch.undo()
+    assert renderer_mod.per_image(planes, opts) and not renderer_mod.per_image(planes, dict(opts, density_noise=1.0))
+
+
 def test_renderer_keeps_colours_with_their_depths():
     # A ray down the z axis from z = 3: a sample at depth t has colour 3.5 - t, so the
     # composite of mid-point colours is sum_j w_j (3.5 - tmid_j) = opacity * (3.5 - depth)
