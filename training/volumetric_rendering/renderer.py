@@ -266,7 +266,10 @@ class ImportanceRenderer(torch.nn.Module):
         # step). The random draws stay batched, so the output is the batch's, bit for bit;
         # density noise, drawn inside run_model, keeps the whole batch together.
         items = [slice(b, b + 1) for b in range(planes.shape[0])] if per_image(planes, opts) else [slice(None)]
-        item_planes = [planes[i] for i in items]    # one view per item: the texel table cache is tied to it
+        # One view per item (the texel table cache is tied to it), by split: its backward
+        # concatenates the items' gradients once, where each slice's would zero-fill a
+        # gradient of the whole batch.
+        item_planes = planes.split(1) if len(items) > 1 else [planes]
         caches = [{} for _ in items]                # both passes sample the same planes: one texel table per item
         coarse = [self._run_along_rays(p, decoder, ray_origins[i], ray_directions[i], depths[i], opts, generator, cache)
                   for i, p, cache in zip(items, item_planes, caches)]
