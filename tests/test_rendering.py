@@ -122,6 +122,25 @@ def test_ray_marcher_empty_and_opaque_rays():
     torch.testing.assert_close(depth[0, 1, 0], torch.tensor(2.25))
 
 
+def test_composite_gradients_and_transposed_incoming_gradient():
+    colors = torch.rand(2, 3, 5, 4, dtype=torch.float64, requires_grad=True)
+    weights = torch.rand(2, 3, 5, dtype=torch.float64, requires_grad=True)
+    composite = MipRayMarcher2.composite
+    torch.testing.assert_close(composite(colors, weights), (colors * weights[..., None]).sum(2), rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(composite, (colors, weights))
+    assert torch.autograd.gradgradcheck(composite, (colors, weights))
+    # The generator's gradient arrives as a transposed view: it must not make the batched
+    # product's backward run one product per ray (tens of thousands of dispatched ops).
+    from torch.profiler import ProfilerActivity, profile
+    colors = torch.rand(1, 512, 24, 32, requires_grad=True)
+    weights = torch.rand(1, 512, 24, requires_grad=True)
+    grad = torch.randn(1, 32, 512).permute(0, 2, 1)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        composite(colors, weights).backward(grad)
+    assert sum(e.count for e in prof.key_averages()) < 200
+    torch.testing.assert_close(colors.grad, weights[..., None] * grad[:, :, None, :])
+
+
 def test_ray_marcher_rejects_bad_input():
     x = torch.zeros(1, 1, 3, 1)
     with pytest.raises(ValueError, match='clamp_mode'):
