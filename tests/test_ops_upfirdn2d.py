@@ -50,6 +50,18 @@ CASES = [
     (1, (2, 3), [1, 1, 2, 2], True, 2.0, [[1, 2, 0], [3, 1, 1], [0, 2, 5]], False),
 ]
 
+# Upsampling without decimation whose padding a transposed convolution can express
+# (`_upsample_transposed`): output_padding 0 and > 0, crops, flips, 1-D and 2-D filters.
+TRANSPOSED_CASES = [
+    (2, 1, [2, 1, 2, 1], False, 4.0, [1, 3, 3, 1], False),
+    (2, 1, [2, 2, 2, 2], True, 2.0, [1, -2, 3, 5], True),
+    (3, 1, [2, 0, 1, 0], False, 1.5, [[1, 2, 3], [4, 5, 6], [7, 8, -1]], False),
+    ((2, 3), 1, [2, 1, 2, 0], True, 1.0, [[1, 2, 3, 4], [5, 6, 7, 8], [1, 0, 1, 0], [2, 2, 1, -1]], False),
+    (2, 1, [-1, -1, 2, 1], False, 1.0, [1, 3, 3, 1], True),
+    ((1, 2), 1, [1, 1, 2, 1], False, 1.0, [[1, 2, 3], [4, 5, 6], [7, 8, 9], [1, 1, 1]], False),
+]
+CASES += TRANSPOSED_CASES
+
 
 @pytest.mark.parametrize('up, down, padding, flip_filter, gain, taps, separable', CASES)
 def test_matches_direct_sum(up, down, padding, flip_filter, gain, taps, separable):
@@ -144,7 +156,20 @@ def test_bad_input():
         U.upfirdn2d(torch.zeros(1, 1, 4, 4), None, up=0)
 
 
+@pytest.mark.parametrize('up, down, padding, flip_filter, gain, taps, separable', TRANSPOSED_CASES)
+def test_transposed_path_is_taken(up, down, padding, flip_filter, gain, taps, separable):
+    """These cases run as transposed convolutions (test_matches_direct_sum checks their values)."""
+    x = torch.randn(1, 2, 5, 6, dtype=torch.float64)
+    f = U.setup_filter(taps, normalize=False, separable=separable)
+    y = U._upsample_transposed(x, f, U.parse_scaling(up), U.parse_padding(padding), flip_filter, gain)
+    assert y is not None and y.shape[2:] == U.output_size(x.shape[2:], f, up, down, padding)
+    # Padding a transposed convolution cannot express falls back to the zero-inserted image.
+    assert U._upsample_transposed(x, f, (2, 2), (9, 0, 9, 0), flip_filter, gain) is None
+
+
 GRAD_CASES = [
+    (2, 1, [2, 2, 2, 2], True, 2.0, [1, -2, 3, 5], True),
+    ((2, 3), 1, [2, 1, 2, 0], True, 1.0, [[1, 2], [5, 6], [1, 0], [2, -1]], False),
     (1, 1, 0, False, 1.0, [1, 2, 1], False),
     (2, 1, [2, 1, 2, 1], False, 4.0, [1, 3, 3, 1], False),
     (4, 1, [1, -2, 2, -1], True, 2.0, [[1, 0.5], [-2, 3]], False),
