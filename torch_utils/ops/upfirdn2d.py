@@ -132,9 +132,11 @@ def _upfirdn2d_ref(x: torch.Tensor, f: Optional[torch.Tensor], up: Scaling, down
     """Reference: plain PyTorch, exact, differentiable to any order (in x and f).
 
     Written to touch memory as little as a composition of PyTorch ops can (on the CPU
-    this is what runs): the zero-inserted image is written once with its padding,
-    symmetric padding without upsampling is left to the convolution, and the decimation
-    is the convolution's stride (no full-resolution output is computed and thrown away).
+    this is what runs): upsampling alone is a transposed convolution where the padding
+    fits one (`_upsample_transposed`), else the zero-inserted image is written once with
+    its padding; symmetric padding without upsampling is left to the convolution, and the
+    decimation is the convolution's stride (no full-resolution output is computed and
+    thrown away).
     """
     upx, upy = parse_scaling(up)
     downx, downy = parse_scaling(down)
