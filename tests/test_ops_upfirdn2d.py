@@ -157,14 +157,28 @@ def test_bad_input():
 
 
 @pytest.mark.parametrize('up, down, padding, flip_filter, gain, taps, separable', TRANSPOSED_CASES)
-def test_transposed_path_is_taken(up, down, padding, flip_filter, gain, taps, separable):
-    """These cases run as transposed convolutions (test_matches_direct_sum checks their values)."""
+def test_transposed_path_is_taken(monkeypatch, up, down, padding, flip_filter, gain, taps, separable):
+    """upfirdn2d runs these cases as transposed convolutions (test_matches_direct_sum checks
+    their values), and returns that path's output."""
+    results = []
+    transposed = U._upsample_transposed
+    monkeypatch.setattr(U, '_upsample_transposed', lambda *args: results.append(transposed(*args)) or results[-1])
     x = torch.randn(1, 2, 5, 6, dtype=torch.float64)
     f = U.setup_filter(taps, normalize=False, separable=separable)
-    y = U._upsample_transposed(x, f, U.parse_scaling(up), U.parse_padding(padding), flip_filter, gain)
-    assert y is not None and y.shape[2:] == U.output_size(x.shape[2:], f, up, down, padding)
-    # Padding a transposed convolution cannot express falls back to the zero-inserted image.
-    assert U._upsample_transposed(x, f, (2, 2), (9, 0, 9, 0), flip_filter, gain) is None
+    y = U.upfirdn2d(x, f, up=up, down=down, padding=padding, flip_filter=flip_filter, gain=gain)
+    assert len(results) == 1 and results[0] is y
+
+
+def test_transposed_path_refuses_padding_it_cannot_express():
+    x = torch.randn(1, 2, 5, 6)
+    f = U.setup_filter([1, 3, 3, 1])
+    assert U._upsample_transposed(x, f, (2, 2), (2, 1, 2, 1), False, 4.0) is not None
+    # Output starting before the transposed convolution's first sample (p0 > taps - 1), or
+    # ending past its last (p1 > taps - up), or output_padding >= up: the zero-inserted image.
+    for padding in [(4, 1, 2, 1), (2, 3, 2, 1), (2, 1, 2, -2)]:
+        assert U._upsample_transposed(x, f, (2, 2), padding, False, 4.0) is None
+        expected = _upfirdn2d_loop(x.double().numpy(), f.double().numpy(), (2, 2), (1, 1), padding, False, 4.0)
+        np.testing.assert_allclose(U.upfirdn2d(x, f, up=2, padding=padding, gain=4.0).numpy(), expected, rtol=1e-5, atol=1e-5)
 
 
 GRAD_CASES = [

@@ -166,13 +166,17 @@ def _upfirdn2d_ref(x: torch.Tensor, f: Optional[torch.Tensor], up: Scaling, down
 
     # FIR filter as a depthwise correlation (a true convolution flips the kernel first);
     # decimation = the convolution's stride.
-    f = f.to(device=x.device, dtype=x.dtype) * (gain ** (f.ndim / 2))
-    if not flip_filter:
-        f = f.flip(list(range(f.ndim)))
+    f = _scaled_filter(f, x, gain, flip=not flip_filter)
     if f.ndim == 2:
         return F.conv2d(x, f[None, None].expand(channels, 1, *f.shape), stride=(downy, downx), padding=conv_pad, groups=channels)
     x = F.conv2d(x, f[None, None, None, :].expand(channels, 1, 1, f.shape[0]), stride=(1, downx), padding=(0, conv_pad[1]), groups=channels)
     return F.conv2d(x, f[None, None, :, None].expand(channels, 1, f.shape[0], 1), stride=(downy, 1), padding=(conv_pad[0], 0), groups=channels)
+
+
+def _scaled_filter(f: torch.Tensor, x: torch.Tensor, gain: float, flip: bool) -> torch.Tensor:
+    """f in x's dtype and device with overall gain `gain` (per pass for a 1-D filter), flipped if asked."""
+    f = f.to(device=x.device, dtype=x.dtype) * (gain ** (f.ndim / 2))
+    return f.flip(list(range(f.ndim))) if flip else f
 
 
 def _upsample_transposed(x: torch.Tensor, f: torch.Tensor, up: tuple, padding: tuple, flip_filter: bool, gain: float) -> Optional[torch.Tensor]:
@@ -196,9 +200,9 @@ def _upsample_transposed(x: torch.Tensor, f: torch.Tensor, up: tuple, padding: t
         crops.append((start, start - end))
     (cy, oy), (cx, ox) = crops
     channels = x.shape[1]
-    f = f.to(device=x.device, dtype=x.dtype) * (gain ** (f.ndim / 2))
-    if flip_filter:
-        f = f.flip(list(range(f.ndim)))
+    # A transposed convolution scatters with its kernel as given: the true convolution's
+    # kernel is f itself (a correlation's, f flipped).
+    f = _scaled_filter(f, x, gain, flip=flip_filter)
     if f.ndim == 2:
         w = f[None, None].expand(channels, 1, fh, fw)
         return F.conv_transpose2d(x, w, stride=(upy, upx), padding=(cy, cx), output_padding=(oy, ox), groups=channels)
