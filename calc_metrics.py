@@ -26,6 +26,7 @@ import dnnlib
 import legacy
 from dnnlib import cli
 from metrics import metric_main
+from torch_utils import host_memory
 from training import builders
 
 
@@ -63,6 +64,7 @@ def parse_comma_list(s):
 @cli.user_errors
 def main(network_pkl, metrics, data, rdata, mirror, gpus, detector, verbose):
     """Calculate metrics of a network snapshot."""
+    host_memory.keep_freed_memory()      # CPU: freed tensors stay in the heap for the next ones
     if rdata is not None and data is None:
         raise click.UsageError('--rdata applies with --data only (the snapshot\'s dataset keeps its own meshes folder)')
     for metric in metrics:

@@ -16,6 +16,7 @@ import torch
 from tqdm import tqdm
 
 from dnnlib import cli
+from torch_utils import host_memory
 from training import coords, shapes
 from training.generation import (BUNDLED_NETWORK, SEED_OPTIONS, avatar_latents, check_mesh_options, frontal_label, load_network,
                                  mesh_condition, options_given, orbit_label, read_mesh_condition, save_image_grid)
@@ -53,6 +54,7 @@ def generate_images(network_pkl, seeds, projected_w, truncation_psi, truncation_
                     shape_level, fov_deg, obj_path, lms_path, lms_cond, uv_mask_path, device):
     """Per seed: the views at yaw +0.4, 0, -0.4 (pitch -0.2) conditioned on a frontal camera -> seedNNNN.png
     (an inverted avatar: projected.png)."""
+    host_memory.keep_freed_memory()      # CPU: freed tensors stay in the heap for the next ones
     ctx = click.get_current_context()
     for name in ('shape_res', 'shape_format', 'shape_level'):
         if not shapes and ctx.get_parameter_source(name) != click.core.ParameterSource.DEFAULT:

@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 import dnnlib
 from dnnlib import cli
+from torch_utils import host_memory
 from training.generation import (BUNDLED_NETWORK, SEED_OPTIONS, avatar_latents, check_mesh_options, depth_to_image, frontal_label, load_network,
                                  make_grid, mesh_condition, options_given, orbit_label, read_mesh_condition, to_uint8)
 from training.video import VideoWriter
@@ -107,6 +108,7 @@ def render_video(G, path, seeds, grid, num_keyframes, w_frames, psi, truncation_
 def generate_videos(network_pkl, seeds, projected_w, shuffle_seed, grid, num_keyframes, w_frames, truncation_psi, truncation_cutoff,
                     outdir, image_mode, sample_mult, nrr, interpolate, obj_path, lms_path, lms_cond, fps, uv_mask_path, device):
     """Orbit videos: mp4, libx264, 10 Mbit/s."""
+    host_memory.keep_freed_memory()      # CPU: freed tensors stay in the heap for the next ones
     ctx = click.get_current_context()
     for name in ('grid', 'num_keyframes'):
         if not interpolate and ctx.get_parameter_source(name) != click.core.ParameterSource.DEFAULT:

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from dnnlib import cli
+from torch_utils import host_memory
 from torch_utils.persistence import atomic_output, atomic_write_bytes
 from training import inversion
 from training.generation import BUNDLED_NETWORK, load_network, save_image_grid
@@ -115,6 +116,7 @@ def open_perceptual(kind: str, detector_file: str, weight: float, device):
 def invert(network_pkl, target, outdir, w_plus, w_steps, pti_steps, w_lr, pti_lr, pixel_loss, perceptual, perceptual_weight,
            detector_file, locality_weight, flame_dir, uv_mask_path, seed, device):
     """Invert photos of one person into the network and tune it around them (see the module docstring)."""
+    host_memory.keep_freed_memory()      # CPU: freed tensors stay in the heap for the next ones
     ctx = click.get_current_context()
     if perceptual == 'none':
         for name in ('perceptual_weight', 'detector_file'):

@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 import dnnlib
 from dnnlib import cli
+from torch_utils import host_memory
 from training.driving import load_condition, read_driving_folder, smooth_labels
 from training.generation import (BUNDLED_NETWORK, SEED_OPTIONS, avatar_latents, bundled_landmarks, frontal_label, load_network, make_grid,
                                  mesh_condition, options_given, to_uint8, uses_mesh)
@@ -54,6 +55,7 @@ def load_frame_image(path: str, size: int) -> np.ndarray:
 def reenact(drive_root, network_pkl, seeds, projected_w, grid, outdir, fname, truncation_psi, truncation_cutoff, fixed_camera,
             num_frames, lms_cond, smooth, fps, uv_mask_path, device):
     """Drive avatars with a tracked video; writes OUTDIR/FNAME (mp4, 30 fps)."""
+    host_memory.keep_freed_memory()      # CPU: freed tensors stay in the heap for the next ones
     device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
     gw, gh = grid
     if fixed_camera and click.get_current_context().get_parameter_source('smooth') != click.core.ParameterSource.DEFAULT:

@@ -29,7 +29,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.common import RESULTS_DIR, device_name, git_commit, load_average, peak_memory_gib, sync   # noqa: E402
-from torch_utils import compiled                          # noqa: E402
+from torch_utils import compiled, host_memory             # noqa: E402
 from torch_utils.persistence import atomic_write_bytes   # noqa: E402
 from training import configs, coords                      # noqa: E402
 from training import loss as loss_lib                     # noqa: E402
@@ -90,6 +90,7 @@ def main(cfg, batch, device, repeats, template, threads, which, outdir):
     device = torch.device(device)
     if threads is not None:
         torch.set_num_threads(threads)
+    host_memory.keep_freed_memory()         # as training_loop does
     if template is None:
         template = configs.default_template(cfg)
     load_before = load_average()

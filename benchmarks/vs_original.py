@@ -28,6 +28,10 @@ these substitutions so that it imports and runs on a CPU without pytorch3d or Op
   custom ops          bias_act / upfirdn2d / filtered_lrelu forced onto their reference
                       paths (as on any CPU), conv2d_gradfix disabled.
 
+Host memory: our side keeps freed tensors in malloc's heap (torch_utils/host_memory.py), as
+our training loop and scripts do; the original runs with glibc's defaults unless
+`--original-allocator=ours` gives it the same policy, which compares the code alone.
+
 Measured, per preset, after one untimed warm-up each:
   train   one training step = Gmain + Greg / 4 + Dmain + Dreg / 16 (each phase run once and
           weighted by its interval, as benchmarks/train_step.py), batch `--batch`, Adam,
@@ -351,6 +355,8 @@ class OursSide:
         from training import configs, distributed
         from training.loss import Next3DLoss
         from training.training_loop import setup_phases
+        from torch_utils import host_memory
+        host_memory.keep_freed_memory()         # as training_loop does
         ours = cfg['ours']
         self.G = configs.make_generator(ours['G_cfg'], **ours['G']).train().requires_grad_(False)
         self.D = configs.make_discriminator('small128').train().requires_grad_(False)
@@ -396,6 +402,11 @@ def run_worker(side: str, cfg_path: str):
         cfg = json.load(f)
     inputs = {k: torch.from_numpy(v) for k, v in np.load(cfg['inputs']).items()}
     torch.manual_seed(0)
+    if side == 'original' and cfg.get('original_allocator') == 'ours':
+        sys.path.insert(0, ROOT)
+        from torch_utils import host_memory     # (the original side drops this project's packages again)
+        host_memory.keep_freed_memory()
+        sys.path.remove(ROOT)
     with tempfile.TemporaryDirectory() as workdir:
         side_obj = (OursSide if side == 'ours' else OriginalSide)(cfg, inputs, workdir)
         n_params = [sum(p.numel() for p in m.parameters()) for m in (side_obj.G, side_obj.D)]
@@ -544,10 +555,12 @@ def summarise(preset: str, samples: dict, profiles: dict, info: dict) -> list:
 @click.option('--batch', type=click.IntRange(min=1), default=4, show_default=True, help='Batch size')
 @click.option('--compile', 'which', type=click.Choice(['none', 'D', 'G', 'all']), default='none', show_default=True,
               help='Our side through torch.compile (train.py --compile; the first, compiling calls are the warm-up)')
+@click.option('--original-allocator', type=click.Choice(['default', 'ours']), default='default', show_default=True,
+              help="The original's host memory policy: glibc's default, or ours (torch_utils/host_memory.py, which our scripts set)")
 @click.option('--outdir', help='Folder for the result table (markdown)', default=os.path.join(ROOT, 'benchmarks', 'results'), show_default='benchmarks/results')
 @click.option('--worker', type=click.Choice(['ours', 'original']), hidden=True)
 @click.option('--worker-config', hidden=True)
-def main(original_src, eg3d_src, pairs, batch, which, outdir, worker, worker_config):
+def main(original_src, eg3d_src, pairs, batch, which, original_allocator, outdir, worker, worker_config):
     """Compare training and inference speed with the original code, side by side."""
     if worker is not None:
         run_worker(worker, worker_config)
@@ -570,6 +583,7 @@ def main(original_src, eg3d_src, pairs, batch, which, outdir, worker, worker_con
             cfg = make_config(preset, batch, os.path.abspath(src))
             cfg['inputs'] = os.path.join(tmp, 'inputs.npz')
             cfg['compile'] = which
+            cfg['original_allocator'] = original_allocator
             make_inputs(cfg['inputs'], batch, cfg['img_resolution'])
             rows, detail = summarise(preset, *run_preset(preset, cfg, tmp, pairs, click.echo))
             all_rows += rows
@@ -577,7 +591,8 @@ def main(original_src, eg3d_src, pairs, batch, which, outdir, worker, worker_con
     now = datetime.datetime.now(datetime.timezone.utc)
     command = 'python benchmarks/vs_original.py' + ''.join(
         f' {flag}' for flag, on in (('--original-src=<Next3D checkout>', original_src), ('--eg3d-src=<eg3d checkout>', eg3d_src)) if on) + \
-        f' --pairs={pairs} --batch={batch}' + (f' --compile={which}' if which != 'none' else '')
+        f' --pairs={pairs} --batch={batch}' + (f' --compile={which}' if which != 'none' else '') + \
+        (f' --original-allocator={original_allocator}' if original_allocator != 'default' else '')
     text = '\n'.join([
         "# This project vs the original code, CPU, one thread each", '',
         f'- command: `{command}`',
@@ -589,7 +604,7 @@ def main(original_src, eg3d_src, pairs, batch, which, outdir, worker, worker_con
     ] + [f'| {p} | {m} | {a:.3f} | {b:.3f} | {r:.2f} | {1 / r:.2f}x |' for p, m, a, b, r in all_rows] + [''] + all_detail)
     click.echo(text)
     os.makedirs(outdir, exist_ok=True)
-    suffix = f'-compile-{which}' if which != 'none' else ''
+    suffix = (f'-compile-{which}' if which != 'none' else '') + ('-same-allocator' if original_allocator == 'ours' else '')
     path = os.path.join(outdir, f'vs_original-cpu-{now:%Y-%m-%d-%H%M}{suffix}.md')        # one file per run
     with open(path + '.tmp', 'w') as f:
         f.write(text)

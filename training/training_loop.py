@@ -30,6 +30,7 @@ import PIL.Image
 import torch
 
 import dnnlib
+from torch_utils import host_memory
 from torch_utils import misc
 from torch_utils import persistence
 from torch_utils import training_stats
@@ -413,6 +414,7 @@ def training_loop(
     np.random.seed(random_seed * num_gpus + rank)
     torch.backends.cudnn.benchmark = cudnn_benchmark
     distributed.set_tf32(False)                                  # full float32, as EG3D (R1 needs exact gradients)
+    host_memory.keep_freed_memory()                              # CPU: no page faults for each phase's activations
     log = print if rank == 0 else (lambda *a, **k: None)
     data_loader_kwargs = dict(data_loader_kwargs or {})
     folder_lock = lock_run_folder(run_dir, resume_pkl, log) if rank == 0 else None
