@@ -149,25 +149,6 @@ def _edge_values(table: torch.Tensor, px: torch.Tensor, py: torch.Tensor) -> tor
     return dx * (py[..., None] - sy) - dy * (px[..., None] - sx)
 
 
-def _owns_edge(tri_xy: torch.Tensor, area: torch.Tensor) -> torch.Tensor:
-    """(..., 3) bool: whether pixel centres exactly on edge k belong to this face.
-
-    The inward normal of edge k is sign(area) * (-dy, dx) for the edge from corner k+1 to
-    corner k+2; the face owns the edge when its interior lies to the right (normal x > 0)
-    or, for a horizontal edge, below (normal y > 0). A neighbour sharing the edge has the
-    opposite normal, so exactly one of the two owns it.
-    """
-    owns = []
-    s = torch.sign(area)
-    for k in range(3):
-        i, j = (k + 1) % 3, (k + 2) % 3
-        dx = tri_xy[..., j, 0] - tri_xy[..., i, 0]
-        dy = tri_xy[..., j, 1] - tri_xy[..., i, 1]
-        nx, ny = -dy * s, dx * s
-        owns.append((nx > 0) | ((nx == 0) & (ny > 0)))
-    return torch.stack(owns, dim=-1)
-
-
 def _depth(bary: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     """Screen-space depth (...,) from barycentrics (..., 3) and corner depths (..., 3).
 
@@ -186,26 +167,37 @@ def _ordered_depth_bits(z: torch.Tensor) -> torch.Tensor:
 
 
 def _visible_faces_pytorch(pverts: torch.Tensor, faces: torch.Tensor, h: int, w: int, cull_backfaces: bool) -> torch.Tensor:
-    """Reference visibility: (B, H, W) int64 face index or -1."""
+    """Reference visibility: (B, H, W) int64 face index or -1.
+
+    Per face, as elementwise operations on (B, F) arrays (one per corner coordinate): the
+    area, validity and pixel box. Only the faces whose box holds a pixel centre go on (on a
+    head at 128 pixels, fewer than half: culled faces and faces between pixel centres drop
+    out), and for them an 18-float table of edge data, fill rule and depth is built; then
+    every (face, pixel) candidate is tested and the nearest face per pixel kept.
+    """
     bsz, nf = pverts.shape[0], faces.shape[0]
     device = pverts.device
-    tri, area, valid = _face_setup(pverts, faces, cull_backfaces)
-    xy = tri[..., :2]
+    corner_ids = faces.t()                                       # (3, F)
+    # Corner coordinates, (B, F) each: x[k], y[k], z[k] of corner k.
+    x, y, z = (pverts[..., i][:, corner_ids].unbind(1) for i in range(3))
+    area = (x[1] - x[0]) * (y[2] - y[0]) - (y[1] - y[0]) * (x[2] - x[0])      # as _face_setup
+    valid = area != 0
+    for coord in (*x, *y, *z):
+        valid &= torch.isfinite(coord)
+    if cull_backfaces:
+        valid &= area < 0
 
-    # Inclusive pixel bounding boxes of pixel centres that may lie inside each face.
-    lo = torch.ceil(xy.amin(dim=2)).clamp(min=0)
-    hi = torch.floor(xy.amax(dim=2))
-    hi = torch.minimum(hi, torch.tensor([w - 1, h - 1], dtype=hi.dtype, device=device))
-    size = (hi - lo + 1).clamp(min=0)
-    size = torch.where(valid[..., None] & torch.isfinite(size), size, torch.zeros_like(size))
-    nx, ny = size[..., 0].long(), size[..., 1].long()
-    counts = (nx * ny).reshape(-1)                               # (B*F,)
-    x0 = torch.nan_to_num(lo[..., 0]).long().reshape(-1)
-    y0 = torch.nan_to_num(lo[..., 1]).long().reshape(-1)
-    nx = nx.reshape(-1)
-
-    keys = torch.full((bsz * h * w,), _EMPTY_KEY, dtype=torch.int64, device=device)
-    live = torch.nonzero(counts > 0).squeeze(1)                  # only faces with candidates
+    # Inclusive pixel boxes of the pixel centres that may lie inside each face.
+    def box(c, size):
+        lo = torch.ceil(torch.minimum(torch.minimum(c[0], c[1]), c[2])).clamp(min=0)
+        hi = torch.floor(torch.maximum(torch.maximum(c[0], c[1]), c[2])).clamp(max=size - 1)
+        n = (hi - lo + 1).clamp(min=0)
+        n = torch.where(valid & torch.isfinite(n), n, torch.zeros_like(n))
+        return torch.nan_to_num(lo).long().reshape(-1), n.long().reshape(-1)
+    x0, nx = box(x, w)
+    y0, ny = box(y, h)
+    counts = nx * ny                                             # (B*F,)
+    live = torch.nonzero(counts > 0).squeeze(1)                  # flat (batch, face) ids with candidates
     if live.numel() == 0:
         return torch.full((bsz, h, w), -1, dtype=torch.int64, device=device)
     counts_live = counts[live]
@@ -230,34 +222,61 @@ def _visible_faces_pytorch(pverts: torch.Tensor, faces: torch.Tensor, h: int, w:
         at = torch.cat([ends.new_zeros(1), ends])[torch.tensor(bounds, device=device)]
         chunk_pairs = (at[1:] - at[:-1]).tolist()
 
-    # Per-face table, gathered once per candidate: edge data with the winding folded in
-    # (w_k >= 0 inside for either winding), fill-rule ownership, corner depths.
-    edges = _edge_table(xy, faces.expand(bsz, -1, -1))
-    edges = torch.cat([edges[..., :2], edges[..., 2:] * torch.sign(area)[..., None, None]], dim=-1)
-    owns = _owns_edge(xy, area).to(xy.dtype)
-    z = tri[..., 2]
-    table = torch.cat([edges.flatten(-2), owns, z[..., :1], z[..., 1:] - z[..., :1]], dim=-1).reshape(bsz * nf, 18)
+    # Tables of the live faces, one column each (gathered once per candidate): per edge k
+    # (opposite corner k) its canonical start and direction (_edge_table) with the winding
+    # folded in (w_k >= 0 inside for either winding); whether pixel centres exactly on it
+    # belong to this face (the top-left rule: its inward normal sign(area) (-dy, dx), for
+    # the edge from corner k+1 to corner k+2, points right, or down when horizontal; a
+    # neighbour sharing the edge has the opposite normal, so exactly one of the two owns
+    # it); and the depth at corner 0 with its differences to corners 1 and 2.
+    face_ids = live % nf
+    xs = [c.reshape(-1)[live] for c in x]
+    ys = [c.reshape(-1)[live] for c in y]
+    zs = [c.reshape(-1)[live] for c in z]
+    sign = torch.sign(area.reshape(-1)[live])
+    ids = corner_ids[:, face_ids]                                # (3, L) vertex indices
+    columns = []
+    owns = []
+    for k in range(3):
+        i, j = (k + 1) % 3, (k + 2) % 3
+        swap = ids[i] > ids[j]
+        sx, sy = torch.where(swap, xs[j], xs[i]), torch.where(swap, ys[j], ys[i])
+        # where(swap, -d, d) * sign, as a product with +-1 (exact either way).
+        flip = torch.where(swap, -sign, sign)
+        columns += [sx, sy, (torch.where(swap, xs[i], xs[j]) - sx) * flip, (torch.where(swap, ys[i], ys[j]) - sy) * flip]
+        normal_x, normal_y = -(ys[j] - ys[i]) * sign, (xs[j] - xs[i]) * sign
+        owns.append(((normal_x > 0) | ((normal_x == 0) & (normal_y > 0))).to(sign.dtype))
+    # Column tables (one row per quantity): a candidate's values are gathered into
+    # contiguous rows, and the elementwise work on them runs vectorised (on a (P, 18)
+    # row gather, every column is a strided view, several times slower).
+    table = torch.stack(columns + owns + [zs[0], zs[1] - zs[0], zs[2] - zs[0]])                # (18, L)
+    batch_pixel0 = torch.div(live, nf, rounding_mode='floor') * (h * w)
+    boxes = torch.stack([nx[live], x0[live], y0[live], face_ids, batch_pixel0])                 # (5, L) int64
 
-    boxes = torch.stack([nx, x0, y0], dim=1)                     # (B*F, 3) int64
+    keys = torch.full((bsz * h * w,), _EMPTY_KEY, dtype=torch.int64, device=device)
     for start, stop, num_pairs in zip(bounds[:-1], bounds[1:], chunk_pairs):
-        ids = live[start:stop]                                   # flat (batch, face) ids
         cnt = counts_live[start:stop]
-        pair_face = torch.repeat_interleave(ids, cnt, output_size=num_pairs)   # output_size: no host sync
+        rows = torch.arange(start, stop, device=device)
+        pair_row = torch.repeat_interleave(rows, cnt, output_size=num_pairs)   # output_size: no host sync
         first = torch.cumsum(cnt, 0) - cnt
         local = torch.arange(num_pairs, device=device) - torch.repeat_interleave(first, cnt, output_size=num_pairs)
-        box = boxes.index_select(0, pair_face)                   # (P, 3) row gathers: much
-        t = table.index_select(0, pair_face)                     # (P, 18) faster than t[idx]
-        row = torch.div(local, box[:, 0], rounding_mode='floor')
-        pix_x = box[:, 1] + (local - row * box[:, 0])
-        pix_y = box[:, 2] + row
-        wk = _edge_values(t[:, :12].view(-1, 3, 4), pix_x.to(t.dtype), pix_y.to(t.dtype))
-        inside = ((wk > 0) | ((wk == 0) & (t[:, 12:15] > 0))).all(dim=1)
-        wsum = wk.sum(dim=1)
-        depth = t[:, 15] + (wk[:, 1] * t[:, 16] + wk[:, 2] * t[:, 17]) / wsum
-        key = (_ordered_depth_bits(depth) << 32) | (pair_face % nf)
+        box_w, box_x0, box_y0, face_id, pixel0 = boxes.index_select(1, pair_row)
+        t = table.index_select(1, pair_row)                      # (18, P)
+        row = torch.div(local, box_w, rounding_mode='floor')
+        pix_x = box_x0 + (local - row * box_w)
+        pix_y = box_y0 + row
+        px, py = pix_x.to(t.dtype), pix_y.to(t.dtype)
+        # Edge functions as _edge_values, and the fill rule for pixel centres on an edge.
+        wk = [t[4 * k + 2] * (py - t[4 * k + 1]) - t[4 * k + 3] * (px - t[4 * k]) for k in range(3)]
+        inside = None
+        for k in range(3):
+            inside_k = (wk[k] > 0) | ((wk[k] == 0) & (t[12 + k] > 0))
+            inside = inside_k if inside is None else inside & inside_k
+        wsum = wk[0] + wk[1] + wk[2]
+        depth = t[15] + (wk[1] * t[16] + wk[2] * t[17]) / wsum
+        key = (_ordered_depth_bits(depth) << 32) | face_id
         key = torch.where(inside, key, torch.full_like(key, _EMPTY_KEY))
-        pix = (torch.div(pair_face, nf, rounding_mode='floor') * h + pix_y) * w + pix_x
-        keys.scatter_reduce_(0, pix, key, reduce='amin', include_self=True)
+        keys.scatter_reduce_(0, pixel0 + pix_y * w + pix_x, key, reduce='amin', include_self=True)
 
     face = torch.where(keys == _EMPTY_KEY, torch.full_like(keys, -1), keys & 0xFFFFFFFF)
     return face.reshape(bsz, h, w)
