@@ -248,26 +248,32 @@ class TexturePlaneRasterizer(torch.nn.Module):
         # Sample at every pixel of the 4B renders at once: no host sync, no loop over the
         # batch. Empty pixels get a grid point far outside [-1, 1], which grid_sample's zero
         # padding reads as 0 (and which passes no gradient).
-        face = frag.pix_to_face.reshape(4, bsz, res * res)
-        covered = (face >= 0)[..., None]                                                  # (4, B, HW, 1)
+        # Each pixel's grid point, computed in (B, 4, HW) order (what bilinear_mean reads:
+        # image b's four views), one coordinate at a time on contiguous arrays.
+        face = frag.pix_to_face.reshape(4, bsz, res * res).transpose(0, 1)               # (B, 4, HW)
+        covered = face >= 0
+        index = face.clamp(min=0).reshape(-1)
+        bary = frag.bary.reshape(4, bsz, res * res, 3).permute(3, 1, 0, 2).reshape(3, -1)   # (3, B 4 HW)
         # Interpolate the corners' grid_sample coordinates (OBJ v is up), not their UVs: the
         # same when the barycentrics sum to 1, and what the released code does when they
         # do not (pytorch3d_bary).
-        corner_grid = torch.stack([self.uvcoords[:, 0] * 2 - 1, 1 - self.uvcoords[:, 1] * 2], dim=-1)
-        corner_grid = corner_grid[uvfaces][face.clamp(min=0)]                              # (4, B, HW, 3, 2)
-        grid = (frag.bary.reshape(4, bsz, res * res, 3)[..., None] * corner_grid).sum(-2).to(texture.dtype)
-        grid = torch.where(covered, grid, torch.full_like(grid, _OUTSIDE_GRID))
+        grid = []
+        for corner_coord in (self.uvcoords[:, 0] * 2 - 1, 1 - self.uvcoords[:, 1] * 2):
+            per_face = corner_coord[uvfaces.t()]                                           # (3, F)
+            value = bary[0] * per_face[0][index] + bary[1] * per_face[1][index] + bary[2] * per_face[2][index]
+            grid.append(torch.where(covered.reshape(-1), value, torch.full_like(value, _OUTSIDE_GRID)).to(texture.dtype))
+        grid = torch.stack(grid, dim=-1).reshape(bsz, 1, 4 * res * res, 2)
         sample = lambda img, g: F.grid_sample(img, g, mode='bilinear', padding_mode='zeros', align_corners=False)
         # Image b reads texture b: (B, 4 HW, C) rows (on the CPU a weighted sum of 4 texels per pixel) -> (4, B, C, HW).
-        render = bilinear_mean.bilinear_mean(texture[:, None], grid.transpose(0, 1).reshape(bsz, 1, 4 * res * res, 2))
+        render = bilinear_mean.bilinear_mean(texture[:, None], grid)
         render = render.reshape(bsz, 4, res * res, -1).permute(1, 0, 3, 2)
         if self.layout == 'released':                            # empty pixels: texture at the UV centre
             centre = F.grid_sample(texture, texture.new_zeros(bsz, 1, 1, 2), align_corners=False)[:, :, 0, 0]
-            render = torch.where(covered.transpose(2, 3), render, centre[None, :, :, None])
+            render = torch.where(covered.transpose(0, 1)[:, :, None, :], render, centre[None, :, :, None])
         render = render.reshape(4, bsz, texture.shape[1], res, res)
-        alpha = sample(self.uv_mask.to(texture.dtype), grid.reshape(1, 1, -1, 2)).view(4 * bsz, 1, res, res)
+        alpha = sample(self.uv_mask.to(texture.dtype), grid.reshape(1, 1, -1, 2)).view(bsz * 4, 1, res, res)
         alpha = fill_enclosed(alpha)
-        alpha = alpha.reshape(4, bsz, *alpha.shape[1:])
+        alpha = alpha.reshape(bsz, 4, *alpha.shape[1:]).transpose(0, 1)
         # unbind, not render[i]: the backward of four selects would zero-fill four copies of all renders.
         return dict(zip(VIEW_NAMES, zip(render.unbind(0), alpha.unbind(0))))
 
