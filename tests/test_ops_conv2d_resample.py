@@ -51,18 +51,17 @@ def test_fused_matches_naive(kernel, up, down, padding, groups, flip_weight, fli
     assert torch.allclose(y, expected, rtol=1e-11, atol=1e-11)
 
 
+@pytest.mark.parametrize('grad', [False, True])
 @pytest.mark.parametrize('kernel, up, down, padding, groups, flip_weight, flip_filter, taps', CASES)
-def test_inference_runs_channels_last_with_the_same_values(kernel, up, down, padding, groups, flip_weight, flip_filter, taps):
-    """Without autograd on the CPU the convolution runs channels last (oneDNN's layout);
-    the values are those of the training path."""
-    x = torch.randn(2, 4, 8, 9)
+def test_cpu_runs_channels_last_with_the_same_values(kernel, up, down, padding, groups, flip_weight, flip_filter, taps, grad):
+    """On the CPU the convolution runs channels last (oneDNN's layout), with autograd or
+    without; the values are the NCHW composition's."""
+    x = torch.randn(2, 4, 8, 9, requires_grad=grad)
     w = torch.randn(6, 4 // groups, *kernel)
     f = None if taps is None else U.setup_filter(taps)
-    kwargs = dict(up=up, down=down, padding=padding, groups=groups, flip_weight=flip_weight, flip_filter=flip_filter)
-    expected = CR.conv2d_resample(x, w, f, **kwargs)
+    y = CR.conv2d_resample(x, w, f, up=up, down=down, padding=padding, groups=groups, flip_weight=flip_weight, flip_filter=flip_filter)
+    expected = _naive(x.detach(), w, f, up, down, padding, groups, flip_weight, flip_filter)
     assert expected.is_contiguous()
-    with torch.no_grad():
-        y = CR.conv2d_resample(x, w, f, **kwargs)
     assert y.shape == expected.shape
     assert torch.allclose(y, expected, rtol=1e-5, atol=1e-5)
     if kernel != (1, 1) and up == 1 and down == 1:                  # the convolution is the last step
