@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from training import mouth
 from training.mouth import box_mask, crop_mouth, fit_box, mouth_box_from_landmarks, paste_mouth
 
 
@@ -132,3 +133,18 @@ def test_half_precision_front():
     pasted = paste_mouth(front.to(torch.bfloat16), reference.to(torch.bfloat16), box)
     mask = box_mask(box, 256, 256).expand_as(front)
     assert torch.equal(pasted[~mask], front.to(torch.bfloat16)[~mask])
+
+
+def test_covered_window_equals_the_whole_image_products(monkeypatch):
+    """On the CPU the products run over the rows and columns some box covers; the whole-image
+    products (what other devices run) give the same crop and paste."""
+    torch.manual_seed(0)
+    front = torch.rand(3, 2, 40, 36, dtype=torch.float64)
+    patch = torch.rand(3, 2, 8, 8, dtype=torch.float64)
+    box = torch.tensor([[5, 7, 12], [10, 3, 16], [4, 20, 9]])
+    assert mouth._covered(box[:, 1], box[:, 2], 40) == slice(3, 29)
+    windowed = crop_mouth(front, box, 8), paste_mouth(front, patch, box)
+    monkeypatch.setattr(mouth, '_covered', lambda start, side, size: slice(0, size))
+    whole = crop_mouth(front, box, 8), paste_mouth(front, patch, box)
+    for a, b in zip(windowed, whole):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=0)

@@ -10,7 +10,10 @@ tent((j + 0.5 - c_i) / max(s, 1)), normalised to sum to 1 (tent(t) = max(0, 1 - 
 antialiased (a tent widened by s) when reducing, bilinear when enlarging.
 
 Every sample has its own box, so the resizes are per-sample separable matrices applied
-with batched matrix products: no host sync, no loop over samples.
+with batched matrix products: no host sync, no loop over samples. On the CPU (where reading
+the boxes costs nothing) the products run only over the rows and columns that some box
+covers: a small128 mouth box is 18 of the render's 128 pixels wide, and the full-image
+products took 4% of an inference.
 """
 
 import torch
@@ -92,6 +95,14 @@ def _pixels(size: int, device) -> torch.Tensor:
     return torch.arange(size, device=device, dtype=torch.int64)
 
 
+def _covered(start: torch.Tensor, side: torch.Tensor, size: int) -> slice:
+    """The pixels [min start, max start + side) that some sample's box covers on the CPU; all
+    `size` pixels elsewhere (reading the boxes would be a host sync on a GPU)."""
+    if start.device.type != 'cpu':
+        return slice(0, size)
+    return slice(int(start.min()), int((start + side).max()))
+
+
 def crop_mouth(front: torch.Tensor, box: torch.Tensor, out_size: int = 64) -> torch.Tensor:
     """Each sample's box of `front`, resized to out_size x out_size.
 
@@ -110,11 +121,12 @@ def crop_mouth(front: torch.Tensor, box: torch.Tensor, out_size: int = 64) -> to
     _check_box(box, batch_size)
     x0, y0, side = fit_box(box.long(), height, width).reshape(batch_size, 3, 1, 1).unbind(dim=1)   # each (B, 1, 1)
     dtype = _geometry_dtype(front)
+    ys, xs = _covered(y0, side, height), _covered(x0, side, width)          # weights elsewhere are 0
     out = _pixels(out_size, front.device).reshape(1, -1, 1)
-    rows = _resize_weights(out, _pixels(height, front.device).reshape(1, 1, -1) - y0, torch.tensor(out_size), side, dtype)
-    cols = _resize_weights(out, _pixels(width, front.device).reshape(1, 1, -1) - x0, torch.tensor(out_size), side, dtype)
-    rows, cols = rows.to(front.dtype), cols.to(front.dtype)                 # (B, out, H), (B, out, W)
-    return rows.unsqueeze(1) @ front @ cols.transpose(1, 2).unsqueeze(1)
+    rows = _resize_weights(out, _pixels(height, front.device)[ys].reshape(1, 1, -1) - y0, torch.tensor(out_size), side, dtype)
+    cols = _resize_weights(out, _pixels(width, front.device)[xs].reshape(1, 1, -1) - x0, torch.tensor(out_size), side, dtype)
+    rows, cols = rows.to(front.dtype), cols.to(front.dtype)                 # (B, out, H'), (B, out, W')
+    return rows.unsqueeze(1) @ front[:, :, ys, xs] @ cols.transpose(1, 2).unsqueeze(1)
 
 
 def box_mask(box: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -150,10 +162,15 @@ def paste_mouth(front: torch.Tensor, patch: torch.Tensor, box: torch.Tensor) -> 
     x0, y0, side = box.reshape(batch_size, 3, 1, 1).unbind(dim=1)
     dtype = _geometry_dtype(front)
     patch_h, patch_w = patch.shape[2:]
-    rows = _resize_weights(_pixels(height, front.device).reshape(1, -1, 1) - y0, _pixels(patch_h, front.device).reshape(1, 1, -1),
+    ys, xs = _covered(y0, side, height), _covered(x0, side, width)          # the pixels that change
+    rows = _resize_weights(_pixels(height, front.device)[ys].reshape(1, -1, 1) - y0, _pixels(patch_h, front.device).reshape(1, 1, -1),
                            side, torch.tensor(patch_h), dtype)
-    cols = _resize_weights(_pixels(width, front.device).reshape(1, -1, 1) - x0, _pixels(patch_w, front.device).reshape(1, 1, -1),
+    cols = _resize_weights(_pixels(width, front.device)[xs].reshape(1, -1, 1) - x0, _pixels(patch_w, front.device).reshape(1, 1, -1),
                            side, torch.tensor(patch_w), dtype)
-    rows, cols = rows.to(front.dtype), cols.to(front.dtype)                 # (B, H, h), (B, W, w)
+    rows, cols = rows.to(front.dtype), cols.to(front.dtype)                 # (B, H', h), (B, W', w)
     pasted = rows.unsqueeze(1) @ patch.to(front.dtype) @ cols.transpose(1, 2).unsqueeze(1)
-    return torch.where(box_mask(box, height, width), pasted, front)
+    if (ys.stop - ys.start, xs.stop - xs.start) == (height, width):
+        return torch.where(box_mask(box, height, width), pasted, front)
+    out = front.clone()
+    out[:, :, ys, xs] = torch.where(box_mask(box, height, width)[:, :, ys, xs], pasted, front[:, :, ys, xs])
+    return out
