@@ -89,3 +89,19 @@ def test_half_precision_images_sample_in_float32():
 def test_bad_shapes():
     with pytest.raises(AssertionError):
         BM.bilinear_mean(torch.zeros(1, 3, 2, 4, 4), torch.zeros(1, 2, 10, 2))
+
+
+def test_texel_table_of_channels_last_images():
+    """Images whose channels are innermost in memory (the output of channels-last
+    convolutions, e.g. a tri-plane (B, 3, C, H, W) laid out (B, H, W, 3, C)) are copied into
+    the table in one pass; the table equals the one built by transposing NCHW images, and
+    sampling from it equals grid_sample."""
+    images = torch.randn(2, 3, 5, 8, 6, dtype=torch.float64)
+    interleaved = images.permute(0, 3, 4, 1, 2).contiguous().permute(0, 3, 4, 1, 2)     # (B, H, W, P, C) in memory
+    assert interleaved.stride(2) == 1 and torch.equal(interleaved, images)
+    table = BM._texel_table(interleaved)
+    assert torch.equal(table, BM._texel_table(images.contiguous()))
+    padded = torch.nn.functional.pad(images.reshape(6, 5, 8, 6), [BM.BORDER] * 4)
+    assert torch.equal(table, padded.reshape(6, 5, -1).transpose(1, 2))
+    grid = make_grid(2, 3, 90, seed=4)
+    torch.testing.assert_close(BM.bilinear_mean(interleaved, grid), grid_sample_mean(images, grid), atol=1e-12, rtol=0)

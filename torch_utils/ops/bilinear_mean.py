@@ -121,10 +121,17 @@ BORDER = 2      # zero texels around each image in the CPU path's table: far-awa
 
 def _texel_table(images: torch.Tensor) -> torch.Tensor:
     """The CPU path's table: images (B, P, C, H, W) zero-bordered and channels last,
-    (B P, (H + 2 BORDER) (W + 2 BORDER), C). Per image a 2-D transpose, which PyTorch
-    copies blockwise (a batched strided copy is twice as slow)."""
+    (B P, (H + 2 BORDER) (W + 2 BORDER), C). Images already channels last in memory (what
+    channels-last convolutions produce) are copied into the table's interior in one pass;
+    others are transposed image by image, a 2-D transpose that PyTorch copies blockwise (a
+    batched strided copy is twice as slow)."""
     batch_size, num_images, channels, height, width = images.shape
-    bordered = torch.nn.functional.pad(images.detach().reshape(batch_size * num_images, channels, height, width), [BORDER] * 4)
+    images = images.detach()
+    if images.stride(2) == 1:
+        table = images.new_zeros(batch_size, num_images, height + 2 * BORDER, width + 2 * BORDER, channels)
+        table[:, :, BORDER:-BORDER, BORDER:-BORDER] = images.permute(0, 1, 3, 4, 2)
+        return table.reshape(batch_size * num_images, -1, channels)
+    bordered = torch.nn.functional.pad(images.reshape(batch_size * num_images, channels, height, width), [BORDER] * 4)
     bordered = bordered.reshape(batch_size * num_images, channels, -1)
     table = images.new_empty(batch_size * num_images, bordered.shape[2], channels)
     for i in range(batch_size * num_images):
