@@ -600,6 +600,8 @@ def main(original_src, eg3d_src, pairs, batch, which, original_allocator, outdir
         f'- machine: {device_name(torch.device("cpu")).rsplit(" (", 1)[0]}, {os.cpu_count()} CPUs; each worker 1 thread',
         f'- system load average (1 min) before / after: {load_before:.1f} / {load_average():.1f}; total {time.time() - start:.0f} s',
         f'- batch {batch}; small128 sizes (output 128, raw 64, 24 + 24 samples per ray); medians over {pairs} interleaved pairs',
+        f'- host memory: ours keeps freed memory in the heap (torch_utils/host_memory.py, as train.py and the scripts do); '
+        f"original: {'the same policy' if original_allocator == 'ours' else 'glibc defaults'}",
         '', '| preset | measurement | ours (s) | original (s) | ours / original | speed-up |', '|---|---|---|---|---|---|',
     ] + [f'| {p} | {m} | {a:.3f} | {b:.3f} | {r:.2f} | {1 / r:.2f}x |' for p, m, a, b, r in all_rows] + [''] + all_detail)
     click.echo(text)
