@@ -148,3 +148,9 @@ def test_covered_window_equals_the_whole_image_products(monkeypatch):
     whole = crop_mouth(front, box, 8), paste_mouth(front, patch, box)
     for a, b in zip(windowed, whole):
         torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
+
+
+def test_empty_batch():
+    front, box = torch.rand(0, 2, 16, 16), torch.zeros(0, 3, dtype=torch.long)
+    assert crop_mouth(front, box, 4).shape == (0, 2, 4, 4)
+    assert paste_mouth(front, torch.rand(0, 2, 4, 4), box).shape == (0, 2, 16, 16)

@@ -98,7 +98,7 @@ def _pixels(size: int, device) -> torch.Tensor:
 def _covered(start: torch.Tensor, side: torch.Tensor, size: int) -> slice:
     """The pixels [min start, max start + side) that some sample's box covers on the CPU; all
     `size` pixels elsewhere (reading the boxes would be a host sync on a GPU)."""
-    if start.device.type != 'cpu':
+    if start.device.type != 'cpu' or start.numel() == 0:
         return slice(0, size)
     return slice(int(start.min()), int((start + side).max()))
 
