@@ -200,7 +200,7 @@ def _visible_faces_pytorch(pverts: torch.Tensor, faces: torch.Tensor, h: int, w:
     live = torch.nonzero(counts > 0).squeeze(1)                  # flat (batch, face) ids with candidates
     if live.numel() == 0:
         return torch.full((bsz, h, w), -1, dtype=torch.int64, device=device)
-    counts_live = counts[live]
+    counts_live = counts.index_select(0, live)
     ends = torch.cumsum(counts_live, 0)
     total = int(ends[-1])
     # Chunk boundaries: faces [start, stop) with at most _MAX_PAIRS candidates (one face
@@ -230,11 +230,10 @@ def _visible_faces_pytorch(pverts: torch.Tensor, faces: torch.Tensor, h: int, w:
     # neighbour sharing the edge has the opposite normal, so exactly one of the two owns
     # it); and the depth at corner 0 with its differences to corners 1 and 2.
     face_ids = live % nf
-    xs = [c.reshape(-1)[live] for c in x]
-    ys = [c.reshape(-1)[live] for c in y]
-    zs = [c.reshape(-1)[live] for c in z]
-    sign = torch.sign(area.reshape(-1)[live])
-    ids = corner_ids[:, face_ids]                                # (3, L) vertex indices
+    take = lambda a: a.reshape(-1).index_select(0, live)         # index_select: several times faster than a[live]
+    xs, ys, zs = [take(c) for c in x], [take(c) for c in y], [take(c) for c in z]
+    sign = torch.sign(take(area))
+    ids = corner_ids.index_select(1, face_ids)                   # (3, L) vertex indices
     columns = []
     owns = []
     for k in range(3):
@@ -251,7 +250,7 @@ def _visible_faces_pytorch(pverts: torch.Tensor, faces: torch.Tensor, h: int, w:
     # row gather, every column is a strided view, several times slower).
     table = torch.stack(columns + owns + [zs[0], zs[1] - zs[0], zs[2] - zs[0]])                # (18, L)
     batch_pixel0 = torch.div(live, nf, rounding_mode='floor') * (h * w)
-    boxes = torch.stack([nx[live], x0[live], y0[live], face_ids, batch_pixel0])                 # (5, L) int64
+    boxes = torch.stack([take(nx), take(x0), take(y0), face_ids, batch_pixel0])                 # (5, L) int64
 
     keys = torch.full((bsz * h * w,), _EMPTY_KEY, dtype=torch.int64, device=device)
     for start, stop, num_pairs in zip(bounds[:-1], bounds[1:], chunk_pairs):
@@ -402,12 +401,13 @@ def _fragments_from_faces(verts: torch.Tensor, faces: torch.Tensor, pix_to_face:
     pverts = _to_pixels(verts.to(work), h, w)
     flat = pix_to_face.reshape(-1)
     pix = torch.nonzero(flat >= 0).squeeze(1)                    # covered pixels
-    f = flat[pix]
+    f = flat.index_select(0, pix)
     b = torch.div(pix, h * w, rounding_mode='floor')
     jj = (pix % w).to(work)
     ii = torch.div(pix % (h * w), w, rounding_mode='floor').to(work)
-    corners = faces[f]                                           # (P, 3)
-    tri = pverts[b[:, None], corners]                            # (P, 3, 3)
+    corners = faces.index_select(0, f)                           # (P, 3)
+    rows = (b[:, None] * pverts.shape[1] + corners).reshape(-1)  # row gathers: faster than pverts[b, corners]
+    tri = pverts.reshape(-1, 3).index_select(0, rows).view(-1, 3, 3)                                 # (P, 3, 3)
     wk = _edge_values(_edge_table(tri[..., :2], corners), jj, ii)
     bary_c = wk / wk.sum(dim=-1, keepdim=True)
     depth_c = _depth(bary_c, tri[..., 2])

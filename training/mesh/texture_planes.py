@@ -260,7 +260,8 @@ class TexturePlaneRasterizer(torch.nn.Module):
         grid = []
         for corner_coord in (self.uvcoords[:, 0] * 2 - 1, 1 - self.uvcoords[:, 1] * 2):
             per_face = corner_coord[uvfaces.t()]                                           # (3, F)
-            value = bary[0] * per_face[0][index] + bary[1] * per_face[1][index] + bary[2] * per_face[2][index]
+            at = [per_face[k].index_select(0, index) for k in range(3)]                    # several times faster than [index]
+            value = bary[0] * at[0] + bary[1] * at[1] + bary[2] * at[2]
             grid.append(torch.where(covered.reshape(-1), value, torch.full_like(value, _OUTSIDE_GRID)).to(texture.dtype))
         grid = torch.stack(grid, dim=-1).reshape(bsz, 1, 4 * res * res, 2)
         sample = lambda img, g: F.grid_sample(img, g, mode='bilinear', padding_mode='zeros', align_corners=False)
