@@ -702,3 +702,17 @@ def test_renderer_and_mouth_on_cuda_match_cpu():
     torch.testing.assert_close(gpu_paste.cpu(), paste_mouth(front, patch, box), atol=1e-5, rtol=1e-5)
     for a, b in zip(*seeded):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize('plane_axes', sorted(coords.PLANE_AXES))
+def test_project_onto_planes_picks_each_planes_axes(plane_axes):
+    """Plane k's grid point is the point's coordinates on the axes PLANE_AXES[k], scaled by
+    2 / box_warp; the index of those axes is made once per device, not on every call."""
+    pts = torch.randn(2, 7, 3)
+    grid = coords.project_onto_planes(pts, plane_axes=plane_axes, box_warp=0.5)
+    assert grid.shape == (2, 3, 7, 2)
+    for k, (a, b) in enumerate(coords.PLANE_AXES[plane_axes]):
+        assert torch.equal(grid[:, k], torch.stack([pts[..., a], pts[..., b]], dim=-1) * 4)
+    index = coords._AXES_INDEX[(plane_axes, pts.device)]
+    coords.project_onto_planes(pts, plane_axes=plane_axes)
+    assert coords._AXES_INDEX[(plane_axes, pts.device)] is index

@@ -178,8 +178,9 @@ def _visible_faces_pytorch(pverts: torch.Tensor, faces: torch.Tensor, h: int, w:
     bsz, nf = pverts.shape[0], faces.shape[0]
     device = pverts.device
     corner_ids = faces.t()                                       # (3, F)
-    # Corner coordinates, (B, F) each: x[k], y[k], z[k] of corner k.
-    x, y, z = (pverts[..., i][:, corner_ids].unbind(1) for i in range(3))
+    # Corner coordinates, (B, F) each: x[k], y[k], z[k] of corner k (index_select: several
+    # times faster than pverts[..., i][:, corner_ids]).
+    x, y, z = (pverts[..., i].index_select(1, corner_ids.reshape(-1)).view(bsz, 3, nf).unbind(1) for i in range(3))
     area = (x[1] - x[0]) * (y[2] - y[0]) - (y[1] - y[0]) * (x[2] - x[0])      # as _face_setup
     valid = area != 0
     for coord in (*x, *y, *z):

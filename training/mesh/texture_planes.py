@@ -252,6 +252,7 @@ class TexturePlaneRasterizer(torch.nn.Module):
         # image b's four views), one coordinate at a time on contiguous arrays.
         face = frag.pix_to_face.reshape(4, bsz, res * res).transpose(0, 1)               # (B, 4, HW)
         covered = face >= 0
+        covered_flat = covered.reshape(-1)
         index = face.clamp(min=0).reshape(-1)
         bary = frag.bary.reshape(4, bsz, res * res, 3).permute(3, 1, 0, 2).reshape(3, -1)   # (3, B 4 HW)
         # Interpolate the corners' grid_sample coordinates (OBJ v is up), not their UVs: the
@@ -262,7 +263,7 @@ class TexturePlaneRasterizer(torch.nn.Module):
             per_face = corner_coord[uvfaces.t()]                                           # (3, F)
             at = [per_face[k].index_select(0, index) for k in range(3)]                    # several times faster than [index]
             value = bary[0] * at[0] + bary[1] * at[1] + bary[2] * at[2]
-            grid.append(torch.where(covered.reshape(-1), value, torch.full_like(value, _OUTSIDE_GRID)).to(texture.dtype))
+            grid.append(torch.where(covered_flat, value, torch.full_like(value, _OUTSIDE_GRID)).to(texture.dtype))
         grid = torch.stack(grid, dim=-1).reshape(bsz, 1, 4 * res * res, 2)
         sample = lambda img, g: F.grid_sample(img, g, mode='bilinear', padding_mode='zeros', align_corners=False)
         # Image b reads texture b: (B, 4 HW, C) rows (on the CPU a weighted sum of 4 texels per pixel) -> (4, B, C, HW).
