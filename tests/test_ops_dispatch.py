@@ -10,6 +10,7 @@ import math
 import os
 import warnings
 
+import numpy as np
 import pytest
 import torch
 
@@ -308,6 +309,17 @@ def test_self_check_accepts_a_correct_kernel_once_per_device(fresh_self_checks, 
         assert _build.kernel_available('upfirdn2d', U.SOURCES, torch.device('cpu'))     # incl. the adjoint (gradient) call
 
 
+def test_self_check_passes_when_first_use_is_under_inference_mode(fresh_self_checks, monkeypatch):
+    # Generation scripts may first call an op inside torch.inference_mode(): the checks'
+    # reference gradients must still work there, or a correct kernel would be turned off.
+    monkeypatch.setitem(_build._extensions, 'bias_act', _FakeBiasAct())
+    monkeypatch.setitem(_build._extensions, 'upfirdn2d', _FakeUpfirdn2d())
+    with warnings.catch_warnings(), torch.inference_mode():
+        warnings.simplefilter('error')
+        assert _build.kernel_available('bias_act', B.SOURCES, torch.device('cpu'))
+        assert _build.kernel_available('upfirdn2d', U.SOURCES, torch.device('cpu'))
+
+
 @pytest.mark.parametrize('fake, why', [
     (_FakeBiasAct(error=1e-3), r'bias_act \w+ forward: relative error'),
     (_FakeBiasAct(raises='CUDA error: no kernel image is available for execution on the device'), 'no kernel image is available'),
@@ -346,19 +358,46 @@ def test_stale_build_lock_times_out_and_the_op_falls_back(fresh_build_state, mon
     _build.wait_for_build_lock(str(build_dir), timeout=60, poll=0.01)
     assert not lock.exists()
 
-    def stuck(name, sources, build_dir):
-        raise TimeoutError(f'{build_dir}/lock: a build lock 700 s old')
-    monkeypatch.setattr(_build, '_load', stuck)
+    # Through the real build path, on a machine that looks CUDA-capable: the stale lock in
+    # the extension's own build folder stops it before torch's builder (which would wait on
+    # the lock forever) is reached, and the op falls back.
+    from torch.utils import cpp_extension
+    monkeypatch.setattr(torch.version, 'cuda', '12.4')
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    monkeypatch.setattr(torch.cuda, 'get_device_capability', lambda *a: (9, 0))
+    monkeypatch.setattr(cpp_extension, 'verify_ninja_availability', lambda: None)
+    monkeypatch.setattr(cpp_extension, 'load', lambda **kwargs: pytest.fail('the builder ran despite the stale lock'))
+    monkeypatch.setenv('NEXT3D_OPS_BUILD_TIMEOUT', '60')
+    real_dir = fresh_build_state / 'torch_extensions' / f'bias_act-{_build.build_key("bias_act", B.SOURCES)}'
+    real_dir.mkdir(parents=True)
+    (real_dir / _build.LOCK_NAME).write_text('')
+    os.utime(real_dir / _build.LOCK_NAME, (0, 0))
     with pytest.warns(RuntimeWarning, match='could not build the bias_act CUDA extension \\(TimeoutError: .*lock'):
         assert _build.get_extension('bias_act', B.SOURCES) is None
+    assert _build.get_extension('bias_act', B.SOURCES) is None          # remembered: no second wait
 
 
 def test_negative_gain_with_a_separable_filter_stays_real(pretend_kernels):
+    # A 1-D filter (8 taps: separable by default) runs once per axis; the gain's sign must
+    # be applied once, on both the kernel path and the reference.
     x = torch.randn(1, 2, 6, 6, dtype=torch.float64)
-    f = U.setup_filter([1, 3, 3, 1])
-    got = U.upfirdn2d(x, f, up=2, padding=2, gain=-3.0)
-    assert not got.is_complex()
-    torch.testing.assert_close(got, U.upfirdn2d(x, f, up=2, padding=2, gain=-3.0, impl='ref'))
+    f = U.setup_filter(np.arange(1.0, 9.0))
+    assert f.ndim == 1
+    expected = -U.upfirdn2d(x, f.ger(f), up=2, padding=4, gain=3.0, impl='ref')
+    for impl in (None, 'ref'):
+        got = U.upfirdn2d(x, f, up=2, padding=4, gain=-3.0, impl=impl)
+        assert not got.is_complex()
+        torch.testing.assert_close(got, expected.to(got.dtype))
+    f2 = U.setup_filter([1, 3, 3, 1])                        # 4 taps: made 2-D
+    assert f2.ndim == 2 and not U.upfirdn2d(x, f2, up=2, padding=2, gain=-3.0).is_complex()
+
+
+def test_setup_filter_refuses_a_negative_gain_for_a_separable_filter():
+    # A separable filter is applied on both axes: a negative gain cannot be baked into it.
+    with pytest.raises(ValueError, match='negative gain'):
+        U.setup_filter(np.arange(1.0, 9.0), gain=-2.0)
+    torch.testing.assert_close(U.setup_filter([1, 1], gain=-4.0), torch.full([2, 2], -1.0))
+    torch.testing.assert_close(U.setup_filter(np.ones(8), gain=4.0), torch.full([8], 0.25))
 
 
 # --- per-call work of the kernel paths (the CUDA plugin itself cannot run here) ----------

@@ -176,7 +176,9 @@ def passes_self_check(name: str, ext: ModuleType, device: torch.device) -> bool:
         check = _self_checks.get(name)
         try:
             if check is not None:
-                with torch.no_grad():
+                # Outside inference_mode (a first use may be inside it), so that the checks'
+                # reference gradients can be taken; no graph kept otherwise.
+                with torch.inference_mode(False), torch.no_grad():
                     check(ext, torch.device(device))
                 if torch.device(device).type == 'cuda':
                     torch.cuda.synchronize(device)

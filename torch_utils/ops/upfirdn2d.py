@@ -23,7 +23,7 @@ reference, which is used whenever f requires grad.
 """
 
 import math
-from typing import Optional, Sequence, Union
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -101,6 +101,9 @@ def setup_filter(
         f = f / f.sum()
     if flip_filter:
         f = f.flip(list(range(f.ndim)))
+    if f.ndim == 1 and gain < 0:
+        raise ValueError(f'setup_filter: a separable filter runs once per axis, so a negative gain ({gain}) cannot be '
+                         'baked into it: pass the gain to upfirdn2d instead')
     f = f * (gain ** (f.ndim / 2))
     return f.to(device=device)
 
@@ -166,17 +169,28 @@ def _upfirdn2d_ref(x: torch.Tensor, f: Optional[torch.Tensor], up: Scaling, down
 
     # FIR filter as a depthwise correlation (a true convolution flips the kernel first);
     # decimation = the convolution's stride.
-    f = _scaled_filter(f, x, gain, flip=not flip_filter)
-    if f.ndim == 2:
+    f, fy = _scaled_filter(f, x, gain, flip=not flip_filter)
+    if fy is None:
         return F.conv2d(x, f[None, None].expand(channels, 1, *f.shape), stride=(downy, downx), padding=conv_pad, groups=channels)
     x = F.conv2d(x, f[None, None, None, :].expand(channels, 1, 1, f.shape[0]), stride=(1, downx), padding=(0, conv_pad[1]), groups=channels)
-    return F.conv2d(x, f[None, None, :, None].expand(channels, 1, f.shape[0], 1), stride=(downy, 1), padding=(conv_pad[0], 0), groups=channels)
+    return F.conv2d(x, fy[None, None, :, None].expand(channels, 1, fy.shape[0], 1), stride=(downy, 1), padding=(conv_pad[0], 0), groups=channels)
 
 
-def _scaled_filter(f: torch.Tensor, x: torch.Tensor, gain: float, flip: bool) -> torch.Tensor:
-    """f in x's dtype and device with overall gain `gain` (per pass for a 1-D filter), flipped if asked."""
-    f = f.to(device=x.device, dtype=x.dtype) * (gain ** (f.ndim / 2))
-    return f.flip(list(range(f.ndim))) if flip else f
+def axis_gains(gain: float) -> Tuple[float, float]:
+    """A 1-D filter's gains for its x and y passes: their product is `gain`, its sign in the x
+    pass (sqrt of a negative gain would be complex)."""
+    return math.copysign(abs(gain) ** 0.5, gain), abs(gain) ** 0.5
+
+
+def _scaled_filter(f: torch.Tensor, x: torch.Tensor, gain: float, flip: bool) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """f in x's dtype and device, flipped if asked, with overall gain `gain`: (2-D filter, None),
+    or a 1-D filter's (x pass, y pass) filters."""
+    f = f.to(device=x.device, dtype=x.dtype)
+    f = f.flip(list(range(f.ndim))) if flip else f
+    if f.ndim == 2:
+        return f * gain, None
+    gain_x, gain_y = axis_gains(gain)
+    return f * gain_x, f * gain_y
 
 
 def _upsample_transposed(x: torch.Tensor, f: torch.Tensor, up: tuple, padding: tuple, flip_filter: bool, gain: float) -> Optional[torch.Tensor]:
@@ -202,12 +216,12 @@ def _upsample_transposed(x: torch.Tensor, f: torch.Tensor, up: tuple, padding: t
     channels = x.shape[1]
     # A transposed convolution scatters with its kernel as given: the true convolution's
     # kernel is f itself (a correlation's, f flipped).
-    f = _scaled_filter(f, x, gain, flip=flip_filter)
-    if f.ndim == 2:
+    f, fy = _scaled_filter(f, x, gain, flip=flip_filter)
+    if fy is None:
         w = f[None, None].expand(channels, 1, fh, fw)
         return F.conv_transpose2d(x, w, stride=(upy, upx), padding=(cy, cx), output_padding=(oy, ox), groups=channels)
     x = F.conv_transpose2d(x, f[None, None, None, :].expand(channels, 1, 1, fw), stride=(1, upx), padding=(0, cx), output_padding=(0, ox), groups=channels)
-    return F.conv_transpose2d(x, f[None, None, :, None].expand(channels, 1, fh, 1), stride=(upy, 1), padding=(cy, 0), output_padding=(oy, 0), groups=channels)
+    return F.conv_transpose2d(x, fy[None, None, :, None].expand(channels, 1, fh, 1), stride=(upy, 1), padding=(cy, 0), output_padding=(oy, 0), groups=channels)
 
 
 def upfirdn2d(
@@ -302,7 +316,7 @@ def _upfirdn2d_kernel(x, f, up, down, padding, flip_filter, gain) -> torch.Tenso
         f = _identity_filter(x.device)
     if f.ndim == 2:
         return _upfirdn2d_op(x, f, upx, upy, downx, downy, padx0, padx1, pady0, pady1, flip_filter, float(gain))
-    gain_x, gain_y = math.copysign(abs(gain) ** 0.5, gain), abs(gain) ** 0.5      # the sign once: sqrt of a negative gain is complex
+    gain_x, gain_y = axis_gains(gain)
     x = _upfirdn2d_op(x, f[None, :], upx, 1, downx, 1, padx0, padx1, 0, 0, flip_filter, gain_x)
     return _upfirdn2d_op(x, f[:, None], 1, upy, 1, downy, 0, 0, pady0, pady1, flip_filter, gain_y)
 
