@@ -43,7 +43,10 @@ pair gives a ratio; the table shows the median of the ratios over `--pairs` pair
 time and of process CPU time (with one thread, CPU time is the work done; it is less
 disturbed than wall time by other load on a shared machine). Then each side runs one
 training step (all four phases once) under torch.profiler: top 10 ops by self CPU time;
-and reports its peak resident memory.
+and reports its peak resident memory. Last, each side runs the four phases and one
+inference once more with the time inside its convolutions recorded (forward and backward,
+oneDNN on both sides, ours channels last), which bounds the speed-up: our convolutions alone against
+the original's whole step (not with --compile).
 
 The result goes to benchmarks/results/vs_original-cpu-<date>-<HHMM>.md (UTC; command,
 commit, CPU, load before and after).
@@ -390,6 +393,34 @@ class OursSide:
         self.G.train()
 
 
+def convolution_seconds(side_obj) -> dict:
+    """CPU seconds inside convolutions (aten.convolution and convolution_backward, i.e. every
+    conv2d and conv_transpose2d, forward and backward) in each phase run once and in one
+    inference: {phase name or 'infer': seconds}. Only those calls are timed, by a dispatch
+    mode; the mode's own overhead on the other ops falls outside them."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+    conv_ops = (torch.ops.aten.convolution.default, torch.ops.aten.convolution_backward.default)
+    spent = [0.0]
+
+    class ConvolutionTimer(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func not in conv_ops:
+                return func(*args, **(kwargs or {}))
+            start = time.process_time()
+            out = func(*args, **(kwargs or {}))
+            spent[0] += time.process_time() - start
+            return out
+
+    seconds = {}
+    with ConvolutionTimer():
+        for name, interval in PHASES + (('infer', None),):
+            spent[0] = 0.0
+            side_obj.infer() if interval is None else side_obj.phase(name, interval)
+            seconds[name] = spent[0]
+    return seconds
+
+
 def run_worker(side: str, cfg_path: str):
     """Serve the parent: one JSON request per line on stdin, one JSON reply per line."""
     reply_stream = os.fdopen(os.dup(1), 'w')
@@ -433,7 +464,10 @@ def run_worker(side: str, cfg_path: str):
             events.sort(key=lambda e: -e.self_cpu_time_total)
             return dict(total_ms=total / 1e3, top=[(e.key, e.self_cpu_time_total / 1e3, e.count) for e in events[:10]])
 
-        handlers = dict(train=train_step, infer=infer, profile=profile,
+        def convolutions():
+            return convolution_seconds(side_obj)
+
+        handlers = dict(train=train_step, infer=infer, profile=profile, convolutions=convolutions,
                         info=lambda: dict(params=n_params, peak_rss_gib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20))
         reply_stream.write(json.dumps(dict(ready=True)) + '\n')
         reply_stream.flush()
@@ -508,6 +542,9 @@ def run_preset(preset: str, cfg: dict, tmp: str, pairs: int, log):
             log(f'{preset} pair {i + 1}/{pairs}: train step ours {step_time(t[0], 0):.2f} s, original {step_time(t[1], 0):.2f} s (wall)')
         profiles = {side: w.call('profile') for side, w in workers.items()}
         info = {side: w.call('info') for side, w in workers.items()}
+        if cfg.get('compile', 'none') == 'none':     # a dispatch mode around compiled graphs would time something else
+            for side, w in workers.items():
+                info[side]['convolutions'] = w.call('convolutions')
     finally:
         for w in workers.values():
             w.close()
@@ -537,6 +574,19 @@ def summarise(preset: str, samples: dict, profiles: dict, info: dict) -> list:
                f'{info["original"]["params"][0]:,} (incl. sub-networks its forward never runs), D {info["original"]["params"][1]:,}. '
                f'Peak resident memory of the worker: ours {info["ours"]["peak_rss_gib"]:.2f} GiB, original '
                f'{info["original"]["peak_rss_gib"]:.2f} GiB.', '']
+    if 'convolutions' in info['ours']:
+        conv = {side: info[side]['convolutions'] for side in ('ours', 'original')}
+        conv_step = {side: sum(conv[side][name] / interval for name, interval in PHASES) for side in conv}
+        step = {'ours': median([step_time(a, 1) for a in ours['train']]), 'original': median([step_time(b, 1) for b in orig['train']])}
+        infer = {'ours': median([a[1] for a in ours['infer']]), 'original': median([b[1] for b in orig['infer']])}
+        detail += [f'### {preset}: time inside convolutions (CPU seconds, forward and backward, one run under a timer of those ops)', '',
+                   '| measurement | ours: convolutions | ours: the rest | original: convolutions | original: the rest | ceiling |',
+                   '|---|---|---|---|---|---|']
+        for label, c, total in (('training step', conv_step, step), ('inference', {s: conv[s]['infer'] for s in conv}, infer)):
+            detail.append(f'| {label} | {c["ours"]:.3f} | {total["ours"] - c["ours"]:.3f} | {c["original"]:.3f} | '
+                          f'{total["original"] - c["original"]:.3f} | {total["original"] / c["ours"]:.2f}x |')
+        detail += ['', 'The rest = the median time of the table above minus the convolutions. Ceiling = the original\'s time '
+                   'over our convolutions alone: the speed-up if everything else on our side took no time.', '']
     if info['ours'].get('compile_log'):
         detail += [f'torch.compile on our side ({len(info["ours"]["compile_log"])} lines of the worker\'s log):', '']
         detail += [f'- {line}' for line in info['ours']['compile_log']] + ['']

@@ -70,3 +70,44 @@ def test_summarise_amortises_phases_and_reports_the_compile_log():
     assert all(f'- {line}' in detail for line in compile_log)
     info['ours'].pop('compile_log')
     assert 'torch.compile' not in '\n'.join(vs_original.summarise('next3d', samples, profiles, info)[1])
+
+
+def test_convolution_seconds_times_only_convolutions():
+    import time
+    import torch
+
+    class Side:       # Gmain: a convolution forward and backward; Greg: no convolution, only slow other work
+        def __init__(self):
+            self.weight = torch.randn(8, 4, 3, 3, requires_grad=True)
+
+        def phase(self, name, interval):
+            x = torch.randn(2, 4, 32, 32, requires_grad=True)
+            if name == 'Gmain':
+                torch.nn.functional.conv2d(x, self.weight, padding=1).square().sum().backward()
+            elif name == 'Greg':
+                end = time.process_time() + 0.05
+                while time.process_time() < end:
+                    x = x.mul(1.0)
+
+        def infer(self):
+            with torch.no_grad():
+                torch.nn.functional.conv_transpose2d(torch.randn(1, 8, 16, 16), self.weight, stride=2)
+
+    seconds = vs_original.convolution_seconds(Side())
+    assert set(seconds) == {'Gmain', 'Greg', 'Dmain', 'Dreg', 'infer'}
+    assert seconds['Gmain'] > 0 and seconds['infer'] > 0
+    assert seconds['Greg'] == 0 and seconds['Dmain'] == 0 and seconds['Dreg'] == 0
+
+
+def test_summarise_reports_the_convolution_ceiling():
+    phases = lambda g: {'Gmain': (g, g), 'Greg': (4.0, 4.0), 'Dmain': (1.0, 1.0), 'Dreg': (16.0, 16.0)}
+    samples = dict(ours=dict(train=[phases(1.0)] * 3, infer=[(0.5, 0.5)] * 3),
+                   original=dict(train=[phases(7.0)] * 3, infer=[(2.0, 2.0)] * 3))
+    profiles = {side: dict(total_ms=10.0, top=[]) for side in ('ours', 'original')}
+    conv = lambda g: {'Gmain': g, 'Greg': 2.0, 'Dmain': 0.5, 'Dreg': 8.0, 'infer': 0.25}
+    info = dict(ours=dict(params=[1, 1], peak_rss_gib=1.0, convolutions=conv(0.5)),
+                original=dict(params=[1, 1], peak_rss_gib=1.0, convolutions=conv(1.0)))
+    text = '\n'.join(vs_original.summarise('next3d', samples, profiles, info)[1])
+    # ours: step 1 + 1 + 1 + 1 = 4, convolutions 0.5 + 0.5 + 0.5 + 0.5 = 2; original: step 10, convolutions 2.5.
+    assert '| training step | 2.000 | 2.000 | 2.500 | 7.500 | 5.00x |' in text
+    assert '| inference | 0.250 | 0.250 | 0.250 | 1.750 | 8.00x |' in text
