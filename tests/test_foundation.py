@@ -257,3 +257,19 @@ def test_atomic_write_keeps_old_file_on_crash(tmp_path, monkeypatch, allow_test_
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ['snap.pkl']     # no temp file left behind
     assert persistence.load_checkpoint(str(path))['G'].scale == 1.0
+
+
+def test_keep_gradient_layout_hands_the_gradient_back_in_the_input_layout():
+    from torch_utils import misc
+    x = torch.randn(2, 6, 5, 4, dtype=torch.float64).contiguous(memory_format=torch.channels_last).requires_grad_()
+    weight = torch.randn(2, 6, 5, 4, dtype=torch.float64)
+    for keep in (False, True):
+        y = misc.keep_gradient_layout(x) if keep else x
+        parts = torch.cat([y[:1], y[1:]])          # cat's backward slices a contiguous gradient
+        grad, = torch.autograd.grad((parts * weight).sum(), x)
+        torch.testing.assert_close(grad, weight, atol=0, rtol=0)
+        assert grad.is_contiguous(memory_format=torch.channels_last) == keep
+    detached = x.detach()
+    assert misc.keep_gradient_layout(detached) is detached
+    contiguous = torch.randn(3, 2, requires_grad=True)
+    assert misc.keep_gradient_layout(contiguous) is contiguous

@@ -105,3 +105,16 @@ def test_texel_table_of_channels_last_images():
     assert torch.equal(table, padded.reshape(6, 5, -1).transpose(1, 2))
     grid = make_grid(2, 3, 90, seed=4)
     torch.testing.assert_close(BM.bilinear_mean(interleaved, grid), grid_sample_mean(images, grid), atol=1e-12, rtol=0)
+
+
+def test_cpu_path_gradient_keeps_the_images_layout():
+    # Planes viewed from a channels-last convolution's output: the gradient must come back in
+    # that layout (a contiguous one reaches the convolution's backward in the other layout).
+    conv_out = torch.randn(2, 3 * 5, 8, 6, dtype=torch.float64).contiguous(memory_format=torch.channels_last).requires_grad_()
+    grid = make_grid(2, 3, 90, seed=5)
+    assert grid.shape[2] >= 8 * 6                                 # the CPU table path
+    grad, = torch.autograd.grad(BM.bilinear_mean(conv_out.view(2, 3, 5, 8, 6), grid).square().sum(), conv_out)
+    assert grad.is_contiguous(memory_format=torch.channels_last) and not grad.is_contiguous()
+    plain = conv_out.detach().contiguous().requires_grad_()
+    ref, = torch.autograd.grad(grid_sample_mean(plain.view(2, 3, 5, 8, 6), grid).square().sum(), plain)
+    torch.testing.assert_close(grad, ref, atol=1e-12, rtol=0)

@@ -269,6 +269,7 @@ class ImportanceRenderer(torch.nn.Module):
         # One view per item (the texel table cache is tied to it), by split: its backward
         # concatenates the items' gradients once, where each slice's would zero-fill a
         # gradient of the whole batch.
+        planes = misc.keep_gradient_layout(planes)    # the split's backward concatenates contiguously
         item_planes = planes.split(1) if len(items) > 1 else [planes]
         caches = [{} for _ in items]                # both passes sample the same planes: one texel table per item
         coarse = [self._run_along_rays(p, decoder, ray_origins[i], ray_directions[i], depths[i], opts, generator, cache)
@@ -315,6 +316,8 @@ class ImportanceRenderer(torch.nn.Module):
         Returns:
             dict(rgb=(B, M, C'), sigma=(B, M, 1)) with sigma the raw density.
         """
+        if table_cache is None:     # (forward keeps the layout of the planes it splits, and its items share a cache)
+            planes = misc.keep_gradient_layout(planes)    # grid_sample's backward writes a contiguous gradient
         decode_plane_mean = getattr(decoder, 'forward_plane_mean', None)
         if decode_plane_mean is not None:     # a decoder that reads only the planes' mean (OSGDecoder): the fused sampler
             out = decode_plane_mean(sample_plane_mean(planes, sample_coordinates, plane_axes=self.plane_axes,
