@@ -129,7 +129,10 @@ class Next3DGenerator(EG3DGenerator):
         """
         box = mouth.mouth_box_from_landmarks(self.rasterizer.project_landmarks_front(landmarks), image_size=self.plane_resolution)
         patch = mouth.crop_mouth(front, box, out_size=self.mouth_backbone.in_resolution)
-        front = mouth.paste_mouth(front, self.mouth_backbone(patch, eg3d_ws, **kwargs), box)
+        # The paste's backward is written contiguously: the mouth net's channels-last output
+        # layers would run their backward in the other layout.
+        mouth_image = misc.keep_gradient_layout(self.mouth_backbone(patch, eg3d_ws, **kwargs))
+        front = mouth.paste_mouth(front, mouth_image, box)
         return self.neural_blending(front, eg3d_ws, **kwargs)
 
     def make_planes(self, ws: torch.Tensor, v: Optional[torch.Tensor], update_emas: bool = False, noise_mode: str = 'random',
