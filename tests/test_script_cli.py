@@ -118,3 +118,18 @@ def test_make_dataset_default_workers_are_capped(tmp_path, monkeypatch):
     result = CliRunner().invoke(make_dataset.main, ['--outdir', str(tmp_path / 'd')])
     assert result.exit_code == 0, result.output
     assert calls[0][4] == make_dataset.MAX_DEFAULT_WORKERS == 8
+
+
+def test_gpu_check_script_refuses_a_machine_without_a_gpu(tmp_path):
+    # benchmarks/gpu_check.sh (the checks to run when a GPU machine is at hand) on this one.
+    import subprocess
+    import sys
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip('a CUDA device is present: the script would run its checks')
+    out = tmp_path / 'out'
+    result = subprocess.run(['bash', os.path.join(ROOT, 'benchmarks', 'gpu_check.sh')], capture_output=True, text=True,
+                            env=dict(os.environ, PYTHON=sys.executable, OUT=str(out)), timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip() == f'Error: {sys.executable}: torch sees no CUDA device (or does not import); this script is for a GPU machine'
+    assert not out.exists()                      # nothing written

@@ -111,3 +111,4 @@ def test_summarise_reports_the_convolution_ceiling():
     # ours: step 1 + 1 + 1 + 1 = 4, convolutions 0.5 + 0.5 + 0.5 + 0.5 = 2; original: step 10, convolutions 2.5.
     assert '| training step | 2.000 | 2.000 | 2.500 | 7.500 | 5.00x |' in text
     assert '| inference | 0.250 | 0.250 | 0.250 | 1.750 | 8.00x |' in text
+
