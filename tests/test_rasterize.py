@@ -313,3 +313,31 @@ def test_default_barycentrics_are_exact():
     assert torch.allclose(exact.bary[0][hit].sum(-1), torch.ones((), dtype=torch.float64), atol=1e-12)
     # float32 vertices: computed in float64, rounded once at the end.
     assert (frag.bary[0][hit].double() - exact.bary[0][hit]).abs().max() < 1e-7
+
+
+def test_face_index_check_reads_a_faces_tensor_back_once_per_version(monkeypatch):
+    # The range check of `faces` is one host sync (on a GPU, a wait for all queued work): a
+    # model's faces buffer, the same tensor every forward, is read back once, and again
+    # only after a write to it.
+    reads = []
+    aminmax = torch.aminmax
+    monkeypatch.setattr(torch, 'aminmax', lambda t: reads.append(1) or aminmax(t))
+    verts = torch.tensor([[[-0.5, -0.5, 0.5], [0.5, -0.5, 0.5], [0.0, 0.5, 0.5]]])
+    faces = torch.tensor([[0, 1, 2]])
+    for _ in range(3):
+        rasterize(verts, faces, 8, cull_backfaces=False)
+    assert len(reads) == 1
+    faces[0, 2] = 3                                         # a write: checked again, and refused
+    with pytest.raises(ValueError, match=r'faces index vertices outside \[0, 3\)'):
+        rasterize(verts, faces, 8, cull_backfaces=False)
+    assert len(reads) == 2
+    with pytest.raises(ValueError, match=r'faces index vertices outside \[0, 3\)'):   # remembered as bad, still refused
+        rasterize(verts, faces, 8, cull_backfaces=False)
+    other = torch.tensor([[0, 1, 2]])
+    rasterize(verts, other, 8, cull_backfaces=False)            # another tensor: its own check
+    assert len(reads) == 3
+    with torch.inference_mode():                                 # no version counter: checked every time
+        inference_faces = torch.tensor([[0, 1, 2]])
+        rasterize(verts, inference_faces, 8, cull_backfaces=False)
+        rasterize(verts, inference_faces, 8, cull_backfaces=False)
+    assert len(reads) == 5

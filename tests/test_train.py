@@ -17,6 +17,7 @@ import PIL.Image
 import pytest
 import torch
 
+import dnnlib
 import legacy
 from tests import train_helpers as th
 from training import builders
@@ -344,6 +345,76 @@ def test_gradient_reduction_cleans_and_keeps_missing_gradients_missing():
     distributed.all_reduce_grads([a, b, c])
     assert a.grad.tolist() == [1.0, 0.0, 1e5] and c.grad.tolist() == [-1e5, 2.0, 3.0]
     assert b.grad is None            # Adam skips it, as EG3D
+
+
+def test_gradient_reduction_in_one_process_needs_no_device_copy(monkeypatch):
+    # One process: which parameters have a gradient is known on the host. (A tensor built
+    # from that list on a GPU is a copy and its .tolist() a sync, per phase.)
+    from training import distributed
+    a, b = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2))
+    a.grad = torch.tensor([1.0, float('nan')])
+
+    def no_tensor(*args, **kwargs):
+        raise AssertionError('all_reduce_grads built a tensor from a Python list')
+    monkeypatch.setattr(torch, 'tensor', no_tensor)
+    distributed.all_reduce_grads([a, b])
+    assert a.grad.tolist() == [1.0, 0.0] and b.grad is None
+
+
+def test_ema_update_equals_the_per_tensor_lerp():
+    # The multi-tensor update gives exactly p.lerp(p_ema, beta) per parameter, and copies buffers.
+    torch.manual_seed(0)
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = torch.nn.Parameter(torch.randn(3, 4))
+            self.b = torch.nn.Parameter(torch.randn(5, dtype=torch.float64))
+            self.c = torch.nn.Parameter(torch.randn(()))
+            self.register_buffer('w_avg', torch.randn(7))
+            self.register_buffer('faces', torch.randint(0, 9, (4, 3)))
+    G, G_ema = Net(), Net()
+    expected = {n: p.detach().lerp(dict(G_ema.named_parameters())[n].detach(), 0.5 ** (32 / 10000)) for n, p in G.named_parameters()}
+    tl.update_ema(G, G_ema, cur_nimg=10**9, batch_size=32, ema_kimg=10.0, ema_rampup=None)
+    for n, p in G_ema.named_parameters():
+        assert torch.equal(p.detach(), expected[n]) and p.dtype == expected[n].dtype, n
+    for n, b in G_ema.named_buffers():
+        assert torch.equal(b, dict(G.named_buffers())[n]), n
+
+
+def test_run_step_copies_only_the_due_phases_inputs_without_blocking():
+    # Every phase draws its generator inputs (the streams stay aligned), but only a due
+    # phase's are copied to the device, and every copy is non-blocking.
+    copies = []
+
+    class Recorded(torch.Tensor):
+        @classmethod
+        def __torch_function__(cls, func, types, args=(), kwargs=None):
+            if func is torch.Tensor.to and any(isinstance(a, torch.device) for a in args):     # not dtype conversions
+                copies.append(dict(kwargs or {}))
+            return super().__torch_function__(func, types, args, kwargs or {})
+
+    def batch(*shape):
+        return torch.zeros(*shape).as_subclass(Recorded)
+    drawn = []
+
+    def gen_iter():
+        while True:
+            drawn.append(1)
+            yield batch(4, 25), batch(4, 10, 3)
+    real_iter = iter([(torch.zeros(4, 3, 8, 8, dtype=torch.uint8).as_subclass(Recorded), batch(4, 25), batch(4, 10, 3))])
+    calls = []
+
+    class Loss:
+        def accumulate_gradients(self, phase, **kwargs):
+            calls.append(phase)
+    module = torch.nn.Linear(1, 1)
+    opt = torch.optim.SGD(module.parameters(), lr=0.1)
+    phases = [dnnlib.EasyDict(name=n, module=module, opt=opt, interval=i, batch_idx=1) for n, i in (('Gmain', 1), ('Greg', 4), ('Dmain', 1), ('Dreg', 16))]
+    tl.run_step(Loss(), phases, real_iter, gen_iter(), torch.device('cpu'), 2, 8, 0)
+    assert len(drawn) == 4 and calls == ['Gmain', 'Gmain', 'Dmain', 'Dmain']
+    assert len(copies) == 3 + 2 * 2                      # the reals, and two due phases' c and v
+    assert all(c.get('non_blocking') is True for c in copies)
 
 
 def test_auto_grid_size(toy_data):

@@ -97,10 +97,12 @@ def all_reduce_grads(params):
     if not params:
         return
     n = world_size()
-    has_grad = torch.tensor([float(p.grad is not None) for p in params], device=params[0].device)
-    if n > 1:
+    if n > 1:       # which parameters have a gradient on some rank (one round trip to the host)
+        has_grad = torch.tensor([float(p.grad is not None) for p in params], device=params[0].device)
         torch.distributed.all_reduce(has_grad)
-    params = [p for p, h in zip(params, has_grad.tolist()) if h > 0]
+        params = [p for p, h in zip(params, has_grad.tolist()) if h > 0]
+    else:           # one process: known on the host, no device copy and no sync
+        params = [p for p in params if p.grad is not None]
     if not params:
         return
     flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params])

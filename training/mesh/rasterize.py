@@ -82,6 +82,21 @@ def _image_hw(image_size) -> Tuple[int, int]:
     return h, w
 
 
+def _index_range(faces: torch.Tensor) -> Tuple[int, int]:
+    """(min, max) of a non-empty index tensor, in one host sync, remembered on the tensor for
+    its current version: a model's faces buffer (the same tensor every forward, changed only
+    by writes that bump its version) is read back once, not once per forward (a GPU sync)."""
+    cached = getattr(faces, '_next3d_index_range', None)
+    if cached is not None and cached[0] == faces._version:
+        return cached[1]
+    bounds = tuple(torch.stack(torch.aminmax(faces)).tolist())
+    try:
+        faces._next3d_index_range = (faces._version, bounds)
+    except (AttributeError, RuntimeError):      # tensors that take no attributes (e.g. under tracing)
+        pass
+    return bounds
+
+
 def _check_inputs(verts: torch.Tensor, faces: torch.Tensor):
     if verts.ndim != 3 or verts.shape[-1] != 3:
         raise ValueError(f'verts must be (B, V, 3), got {tuple(verts.shape)}')
@@ -92,7 +107,7 @@ def _check_inputs(verts: torch.Tensor, faces: torch.Tensor):
     if faces.dtype not in (torch.int32, torch.int64):
         raise ValueError(f'faces must be an integer tensor, got {faces.dtype}')
     if faces.numel() > 0:
-        lo, hi = torch.stack(torch.aminmax(faces)).tolist()     # both bounds in one host sync
+        lo, hi = _index_range(faces)
         if lo < 0 or hi >= verts.shape[1]:
             raise ValueError(f'faces index vertices outside [0, {verts.shape[1]})')
     if faces.shape[0] >= 2**31:
