@@ -243,6 +243,16 @@ def augment(x, seed=0, p=1.0, **strengths):
     return pipe(x)
 
 
+def test_augment_luma_constants_are_made_once_per_device():
+    from training import augment
+    vv, k = augment._luma('cpu')
+    v = torch.ones(3) / 3 ** 0.5
+    x = torch.randn(3)
+    torch.testing.assert_close(vv, torch.outer(v, v), atol=0, rtol=0)
+    torch.testing.assert_close(k @ x, torch.linalg.cross(v, x))
+    assert augment._luma(torch.device('cpu'))[1] is k
+
+
 def test_augment_p0_is_identity():
     x = torch.rand(3, 6, 8, 8) * 2 - 1
     assert torch.equal(augment(x, p=0.0, **BGC), x)

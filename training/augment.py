@@ -29,6 +29,18 @@ BGC = dict(xflip=1, rotate90=1, xint=1, scale=1, rotate=1, aniso=1, xfrac=1,
            brightness=1, contrast=1, lumaflip=1, hue=1, saturation=1)
 
 _LUMA = torch.tensor([1.0, 1.0, 1.0]) / math.sqrt(3)
+_luma_constants = {}     # device -> (v v^T, v's cross-product matrix) of the luma axis v
+
+
+def _luma(device) -> tuple:
+    """v v^T and the cross-product matrix [v]x of the luma axis v, on `device`, made there once
+    (a copy per call, or a matrix built from a device tensor's elements, waits for the GPU)."""
+    key = str(device)
+    if key not in _luma_constants:
+        v = _LUMA
+        cross = torch.tensor([[0, -v[2], v[1]], [v[2], 0, -v[0]], [-v[1], v[0], 0]])
+        _luma_constants[key] = (torch.outer(v, v).to(device), cross.to(device))
+    return _luma_constants[key]
 
 
 def _rotation(theta: torch.Tensor) -> torch.Tensor:
@@ -132,8 +144,7 @@ class AugmentPipe(torch.nn.Module):
         """(B, 4, 4) homogeneous map of RGB values in [-1, 1]."""
         eye = torch.eye(4, device=device).repeat(b, 1, 1)
         m = eye
-        v = _LUMA.to(device)
-        vv = torch.outer(v, v)
+        vv, k = _luma(device)
         eye3 = torch.eye(3, device=device)
 
         def where(enabled, mat):
@@ -149,8 +160,7 @@ class AugmentPipe(torch.nn.Module):
             m = where(self._enabled('lumaflip', b, device), _color_matrix(eye3 - 2 * vv * i[:, None, None])) @ m
         if self.strength['hue'] > 0:
             theta = (torch.rand([b], device=device) * 2 - 1) * math.pi * self.hue_max
-            # Rodrigues rotation about the luma axis.
-            k = torch.tensor([[0, -v[2], v[1]], [v[2], 0, -v[0]], [-v[1], v[0], 0]], device=device)
+            # Rodrigues rotation about the luma axis (k: its cross-product matrix).
             rot = eye3 + torch.sin(theta)[:, None, None] * k + (1 - torch.cos(theta))[:, None, None] * (k @ k)
             m = where(self._enabled('hue', b, device), _color_matrix(rot)) @ m
         if self.strength['saturation'] > 0:
@@ -167,7 +177,9 @@ class AugmentPipe(torch.nn.Module):
         geo = self.geometric_matrix(b, w, h, device)
         if not torch.equal(geo, torch.eye(3, device=device).expand_as(geo)):
             # Output pixel q samples the input at geo^-1 q.
-            inv = torch.linalg.inv(geo)[:, :2, :].to(images.dtype)
+            # inv_ex: the same inverse without inv's singularity check, a sync on a GPU (the
+            # matrices are products of rotations, nonzero scalings and translations).
+            inv = torch.linalg.inv_ex(geo).inverse[:, :2, :].to(images.dtype)
             grid = F.affine_grid(inv, [b, ch, h, w], align_corners=False)
             images = F.grid_sample(images, grid, mode='bilinear', padding_mode='reflection', align_corners=False)
         col = self.color_matrix(b, device).to(images.dtype)
