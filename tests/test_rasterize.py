@@ -334,10 +334,17 @@ def test_face_index_check_reads_a_faces_tensor_back_once_per_version(monkeypatch
     with pytest.raises(ValueError, match=r'faces index vertices outside \[0, 3\)'):   # remembered as bad, still refused
         rasterize(verts, faces, 8, cull_backfaces=False)
     other = torch.tensor([[0, 1, 2]])
+    other[0, 0] = 0                                             # (version 1)
     rasterize(verts, other, 8, cull_backfaces=False)            # another tensor: its own check
     assert len(reads) == 3
+    import copy
+    duplicate = copy.deepcopy(other)                            # a copy (with the attribute), then written
+    duplicate[0, 0] = 5                                         # (version 1 too)
+    with pytest.raises(ValueError, match=r'faces index vertices outside \[0, 3\)'):
+        rasterize(verts, duplicate, 8, cull_backfaces=False)
+    reads.clear()
     with torch.inference_mode():                                 # no version counter: checked every time
         inference_faces = torch.tensor([[0, 1, 2]])
         rasterize(verts, inference_faces, 8, cull_backfaces=False)
         rasterize(verts, inference_faces, 8, cull_backfaces=False)
-    assert len(reads) == 5
+    assert len(reads) == 2

@@ -158,6 +158,25 @@ def test_released_layout_assignment_and_orientation():
     assert abs(float(rows.max()) + 0.5 - float(lms[0, 0, 1])) < 2.5
 
 
+@pytest.mark.parametrize('layout', ['aligned', 'released'])
+def test_faces_range_is_read_back_once_per_topology(monkeypatch, layout):
+    # The rasterizer checks the faces' range with a host read (a GPU sync): a module's faces,
+    # mirrored or not, are checked once, and again after a new topology is loaded.
+    verts, faces = ellipsoid(subdivisions=1)
+    mod, uv = make_module(verts, faces, 16, layout=layout)
+    reads = []
+    aminmax = torch.aminmax
+    monkeypatch.setattr(torch, 'aminmax', lambda t: reads.append(1) or aminmax(t))
+    tex = torch.randn(1, 4, 8, 8)
+    first = [mod(verts[None], tex) for _ in range(3)][0]
+    assert len(reads) == 1
+    mod.load_topology(faces, torch.arange(len(uv)).view(-1, 3), uv)
+    again = mod(verts[None], tex)
+    assert len(reads) == 2
+    for k in first:
+        assert torch.equal(first[k], again[k]), k
+
+
 def test_aligned_front_is_upright_and_landmarks_hand_computed():
     mod = TexturePlaneRasterizer(num_faces=1, num_uvs=3, image_size=256)
     lms = torch.tensor([[[0.0, 0.01, 0.0], [0.02, 0.05, 0.3]]])

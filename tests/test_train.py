@@ -382,6 +382,18 @@ def test_ema_update_equals_the_per_tensor_lerp():
         assert torch.equal(b, dict(G.named_buffers())[n]), n
 
 
+@pytest.mark.gpu
+def test_ema_update_on_cuda_equals_the_per_tensor_lerp():
+    # On a GPU the float32 parameters take the fused multi-tensor kernel: still bit for bit.
+    torch.manual_seed(0)
+    G, G_ema = (torch.nn.Sequential(torch.nn.Linear(64, 33), torch.nn.Conv2d(3, 8, 3)).cuda() for _ in range(2))
+    beta = 0.5 ** (32 / 10000)
+    expected = [p.detach().lerp(q.detach(), beta) for p, q in zip(G.parameters(), G_ema.parameters())]
+    tl.update_ema(G, G_ema, cur_nimg=10**9, batch_size=32, ema_kimg=10.0, ema_rampup=None)
+    for p, e in zip(G_ema.parameters(), expected):
+        assert torch.equal(p.detach(), e)
+
+
 def test_run_step_copies_only_the_due_phases_inputs_without_blocking():
     # Every phase draws its generator inputs (the streams stay aligned), but only a due
     # phase's are copied to the device, and every copy is non-blocking.

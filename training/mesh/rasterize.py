@@ -84,16 +84,22 @@ def _image_hw(image_size) -> Tuple[int, int]:
 
 def _index_range(faces: torch.Tensor) -> Tuple[int, int]:
     """(min, max) of a non-empty index tensor, in one host sync, remembered on the tensor for
-    its current version: a model's faces buffer (the same tensor every forward, changed only
-    by writes that bump its version) is read back once, not once per forward (a GPU sync)."""
+    its memory and version: a model's faces buffer (the same tensor every forward, changed
+    only by writes that bump its version) is read back once, not once per forward (a GPU
+    sync)."""
+    try:
+        key = (faces.data_ptr(), faces._version)
+    except RuntimeError:                        # inference tensors keep no version counter
+        key = None
     cached = getattr(faces, '_next3d_index_range', None)
-    if cached is not None and cached[0] == faces._version:
+    if key is not None and cached is not None and cached[0] == key:
         return cached[1]
     bounds = tuple(torch.stack(torch.aminmax(faces)).tolist())
-    try:
-        faces._next3d_index_range = (faces._version, bounds)
-    except (AttributeError, RuntimeError):      # tensors that take no attributes (e.g. under tracing)
-        pass
+    if key is not None:
+        try:
+            faces._next3d_index_range = (key, bounds)
+        except (AttributeError, RuntimeError):  # tensors that take no attributes (e.g. under tracing)
+            pass
     return bounds
 
 

@@ -231,6 +231,22 @@ class TexturePlaneRasterizer(torch.nn.Module):
         lin, off = self.view_lin.to(points.dtype), self.view_off.to(points.dtype)
         return torch.einsum('vij,bnj->vbni', lin, points) + off[:, None, None, :]
 
+    def _render_faces(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """faces and uvfaces as the renders use them: 'released' mirrors the views, so its
+        faces run 0, 2, 1 to keep front faces front. Those are made once per state of the
+        buffers and reused, so that the rasterizer checks their range once (on a GPU, a sync
+        per forward otherwise)."""
+        if self.layout != 'released':
+            return self.faces, self.uvfaces
+        try:
+            key = tuple((t.data_ptr(), t._version) for t in (self.faces, self.uvfaces))
+        except RuntimeError:            # buffers made under inference_mode keep no version counter
+            key = None
+        if key is None or getattr(self, '_mirrored_faces_key', None) != key:
+            self._mirrored_faces = (self.faces[:, [0, 2, 1]], self.uvfaces[:, [0, 2, 1]])
+            self._mirrored_faces_key = key
+        return self._mirrored_faces
+
     def render_views(self, verts: torch.Tensor, texture: torch.Tensor) -> Dict[str, Tuple[torch.Tensor, torch.Tensor]]:
         """Render the four views: {name: (render (B, C, H, W), alpha (B, 1, H, W))}.
 
@@ -241,9 +257,7 @@ class TexturePlaneRasterizer(torch.nn.Module):
         misc.assert_shape(texture, [verts.shape[0], None, None, None], 'texture')
         bsz, res = verts.shape[0], self.image_size
         ndc = self.to_view_ndc(verts).reshape(4 * bsz, -1, 3)
-        faces, uvfaces = self.faces, self.uvfaces
-        if self.layout == 'released':                            # mirrored views: keep front faces front
-            faces, uvfaces = faces[:, [0, 2, 1]], uvfaces[:, [0, 2, 1]]
+        faces, uvfaces = self._render_faces()
         frag = rasterize(ndc, faces, res, cull_backfaces=True, pytorch3d_bary=self.layout == 'released')
         # Sample at every pixel of the 4B renders at once: no host sync, no loop over the
         # batch. Empty pixels get a grid point far outside [-1, 1], which grid_sample's zero
