@@ -273,3 +273,24 @@ def test_keep_gradient_layout_hands_the_gradient_back_in_the_input_layout():
     assert misc.keep_gradient_layout(detached) is detached
     contiguous = torch.randn(3, 2, requires_grad=True)
     assert misc.keep_gradient_layout(contiguous) is contiguous
+
+
+def test_device_constant_is_made_once_outside_inference_mode_and_remade_after_a_write(monkeypatch):
+    from torch_utils import misc
+    from training import coords
+    monkeypatch.setattr(misc, '_device_constants', {})
+    made = []
+    make = lambda d: made.append(d) or torch.arange(3.0, device=d)
+    with torch.inference_mode():                          # a first use inside inference_mode ...
+        first = misc.device_constant('test.arange', 'cpu', make)
+    assert not first.is_inference()                       # ... still gives a tensor autograd can save
+    assert misc.device_constant('test.arange', torch.device('cpu'), make) is first and len(made) == 1
+    first.add_(1)                                         # written into: made again
+    again = misc.device_constant('test.arange', 'cpu', make)
+    assert again is not first and again.tolist() == [0.0, 1.0, 2.0] and len(made) == 2
+    # project_onto_planes' axes index, made first under inference_mode, serves a backward.
+    with torch.inference_mode():
+        coords.project_onto_planes(torch.randn(1, 5, 3))
+    points = torch.randn(1, 5, 3, requires_grad=True)
+    coords.project_onto_planes(points).sum().backward()
+    assert points.grad.shape == points.shape

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from torch_utils import misc
 from torch_utils.ops import _build
 from torch_utils.ops import bias_act as B
 from torch_utils.ops import conv2d_resample as CR
@@ -435,7 +436,7 @@ def test_upfirdn2d_kernel_path_prepares_no_filter_per_call(pretend_kernels, monk
     U.upfirdn2d(torch.empty(1, 1, 4, 4, device='meta'), None)
     assert rec.filters[-1].device.type == 'meta'
     # Made first under inference_mode (e.g. by a metric), it still serves a training step.
-    monkeypatch.setattr(U, '_IDENTITY_FILTERS', {})
+    monkeypatch.setattr(misc, '_device_constants', {})
     with torch.inference_mode():
         U.upfirdn2d(x, None, up=2)
     xg = x.clone().requires_grad_(True)

@@ -739,6 +739,8 @@ def test_project_onto_planes_picks_each_planes_axes(plane_axes):
     assert grid.shape == (2, 3, 7, 2)
     for k, (a, b) in enumerate(coords.PLANE_AXES[plane_axes]):
         assert torch.equal(grid[:, k], torch.stack([pts[..., a], pts[..., b]], dim=-1) * 4)
-    index = coords._AXES_INDEX[(plane_axes, pts.device)]
+    from torch_utils import misc
+    key = (f'coords.plane_axes.{plane_axes}', pts.device)
+    index = misc._device_constants[key]
     coords.project_onto_planes(pts, plane_axes=plane_axes)
-    assert coords._AXES_INDEX[(plane_axes, pts.device)] is index
+    assert misc._device_constants[key] is index

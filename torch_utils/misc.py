@@ -1,4 +1,5 @@
-"""Shape checks, relative errors, the infinite distributed sampler, parameter copying, module summaries and gradient layout."""
+"""Shape checks, relative errors, the infinite distributed sampler, parameter copying, module summaries,
+constants per device and gradient layout."""
 
 import contextlib
 import re
@@ -205,3 +206,24 @@ def keep_gradient_layout(x: torch.Tensor) -> torch.Tensor:
     if not x.requires_grad or x.is_contiguous():
         return x
     return _GradientInLayout.apply(x)
+
+
+_device_constants = {}      # (name, device) -> tensor made by device_constant
+
+
+def device_constant(name: str, device, make) -> torch.Tensor:
+    """`make(device)`'s tensor, made once per (name, device) and reused: a constant that the
+    forward would otherwise build on every call (on a GPU a copy from the host each time).
+
+    Made outside inference_mode, so that autograd can save it whatever mode the first call
+    was in; made again if anything wrote into it; under torch.compile made afresh (a
+    constant of the graph)."""
+    if torch.compiler.is_compiling():
+        return make(device)
+    key = (name, torch.device(device))
+    t = _device_constants.get(key)
+    if t is None or t._version != 0:
+        with torch.inference_mode(False):
+            t = make(device)
+        _device_constants[key] = t
+    return t

@@ -22,6 +22,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from torch_utils import misc
 from torch_utils import persistence
 
 # ADA's 'bgc' pipeline (blit + geometric + colour): the one EG3D uses.
@@ -29,18 +30,13 @@ BGC = dict(xflip=1, rotate90=1, xint=1, scale=1, rotate=1, aniso=1, xfrac=1,
            brightness=1, contrast=1, lumaflip=1, hue=1, saturation=1)
 
 _LUMA = torch.tensor([1.0, 1.0, 1.0]) / math.sqrt(3)
-_luma_constants = {}     # device -> (v v^T, v's cross-product matrix) of the luma axis v
-
-
 def _luma(device) -> tuple:
     """v v^T and the cross-product matrix [v]x of the luma axis v, on `device`, made there once
     (a copy per call, or a matrix built from a device tensor's elements, waits for the GPU)."""
-    key = str(device)
-    if key not in _luma_constants:
-        v = _LUMA
-        cross = torch.tensor([[0, -v[2], v[1]], [v[2], 0, -v[0]], [-v[1], v[0], 0]])
-        _luma_constants[key] = (torch.outer(v, v).to(device), cross.to(device))
-    return _luma_constants[key]
+    v = _LUMA
+    return (misc.device_constant('augment.luma_outer', device, lambda d: torch.outer(v, v).to(d)),
+            misc.device_constant('augment.luma_cross', device, lambda d: torch.tensor(
+                [[0, -v[2], v[1]], [v[2], 0, -v[0]], [-v[1], v[0], 0]]).to(d)))
 
 
 def _rotation(theta: torch.Tensor) -> torch.Tensor:

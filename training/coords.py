@@ -25,6 +25,8 @@ import math
 
 import torch
 
+from torch_utils import misc
+
 # --- Camera (FFHQ as processed by EG3D) -------------------------------------------------
 FOCAL_LENGTH = 4.2647                    # normalised by image size
 FOV_DEG = 18.837                         # EG3D's --fov-deg for FFHQ (see fov_to_focal)
@@ -102,19 +104,15 @@ def world_to_mesh(points: torch.Tensor) -> torch.Tensor:
     return points / MESH_TO_WORLD_SCALE - shift
 
 
-_AXES_INDEX = {}     # (plane_axes, device) -> flat index of PLANE_AXES[plane_axes], for project_onto_planes
-
-
 def project_onto_planes(coords: torch.Tensor, plane_axes: str = 'next3d', box_warp: float = BOX_WARP) -> torch.Tensor:
     """World points (B, N, 3) -> grid_sample coordinates (B, 3, N, 2) on the three planes.
 
     A view of the points-first (B, N, 3, 2) gather (one pass; the layout that
     ops.bilinear_mean's CPU path reads)."""
-    key = (plane_axes, coords.device)
-    if key not in _AXES_INDEX:                  # made once per device: no copy to a GPU on every call
-        _AXES_INDEX[key] = torch.tensor(PLANE_AXES[plane_axes], device=coords.device).reshape(-1)
+    axes = misc.device_constant(f'coords.plane_axes.{plane_axes}', coords.device,
+                                lambda d: torch.tensor(PLANE_AXES[plane_axes], device=d).reshape(-1))
     # index_select (not [..., axes]): ~4x faster on the CPU, the same values.
-    gathered = (coords * (2 / box_warp)).index_select(-1, _AXES_INDEX[key])
+    gathered = (coords * (2 / box_warp)).index_select(-1, axes)
     return gathered.view(*coords.shape[:-1], 3, 2).permute(0, 2, 1, 3)
 
 

@@ -28,6 +28,8 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 
+from torch_utils import misc
+
 from . import _build
 
 SOURCES = ('upfirdn2d.cpp', 'upfirdn2d.cu')
@@ -288,20 +290,9 @@ def _output_format(x: torch.Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
-_IDENTITY_FILTERS = {}     # device -> the [[1]] filter that f=None means, made once per device
-
-
 def _identity_filter(device: torch.device) -> torch.Tensor:
-    """The float32 [[1]] filter on `device`, cached (made again if anything wrote into it)."""
-    if torch.compiler.is_compiling():
-        return torch.ones([1, 1], dtype=torch.float32, device=device)     # a constant of the graph
-    f = _IDENTITY_FILTERS.get(device)
-    if f is None or f._version != 0:
-        # Never an inference tensor (if first made under inference_mode): autograd saves it.
-        with torch.inference_mode(False):
-            f = torch.ones([1, 1], dtype=torch.float32, device=device)
-        _IDENTITY_FILTERS[device] = f
-    return f
+    """The float32 [[1]] filter that f=None means, on `device`, made once."""
+    return misc.device_constant('upfirdn2d.identity_filter', device, lambda d: torch.ones([1, 1], dtype=torch.float32, device=d))
 
 
 def _upfirdn2d_kernel(x, f, up, down, padding, flip_filter, gain) -> torch.Tensor:
