@@ -127,41 +127,48 @@ def _to_pixels(verts: torch.Tensor, h: int, w: int) -> torch.Tensor:
     return torch.stack([px, py, verts[..., 2]], dim=-1)
 
 
-def _face_setup(pverts: torch.Tensor, faces: torch.Tensor, cull_backfaces: bool):
-    """Per-face data for the edge tests.
+def _corner_coords(pverts: torch.Tensor, faces: torch.Tensor):
+    """Corner coordinates of every face: x, y, z, each a tuple over the 3 corners of (B, F)
+    arrays (index_select: several times faster than pverts[:, faces])."""
+    bsz, nf = pverts.shape[0], faces.shape[0]
+    flat_ids = faces.t().reshape(-1)
+    return tuple(pverts[..., c].index_select(1, flat_ids).view(bsz, 3, nf).unbind(1) for c in range(3))
 
-    Returns corner positions (B, F, 3, 3), the twice-signed screen area (B, F) and, per
-    edge k (opposite corner k), its canonical start corner index (F, 3) and a sign (F, 3)
-    such that w_k = sign * E(start -> end) with E evaluated from the lower-index vertex.
-    """
-    tri = pverts[:, faces]                                       # (B, F, 3, 3)
-    a, b, c = tri.unbind(2)
-    area = (b[..., 0] - a[..., 0]) * (c[..., 1] - a[..., 1]) - (b[..., 1] - a[..., 1]) * (c[..., 0] - a[..., 0])
-    valid = torch.isfinite(tri).all(dim=(-1, -2)) & (area != 0)
+
+def _face_area_valid(x, y, z, cull_backfaces: bool):
+    """Twice the signed screen area (B, F) of each face, and whether it is drawn: finite
+    corners, nonzero area, and (culling) counter-clockwise on screen (area < 0)."""
+    area = (x[1] - x[0]) * (y[2] - y[0]) - (y[1] - y[0]) * (x[2] - x[0])
+    valid = area != 0
+    for coord in (*x, *y, *z):
+        valid &= torch.isfinite(coord)
     if cull_backfaces:
         valid &= area < 0
-    return tri, area, valid
+    return area, valid
 
 
-def _edge_table(tri_xy: torch.Tensor, corner_ids: torch.Tensor) -> torch.Tensor:
-    """Canonical edge data (..., 3, 4) = (sx, sy, dx, dy) per edge k (opposite corner k).
-
-    tri_xy: (..., 3, 2) corner positions; corner_ids: (..., 3) vertex indices. Edge k runs
-    from corner k+1 to corner k+2; it is stored from its lower-index vertex (start s,
-    direction d) and negated when that reverses it, so that
+def _canonical_edge(xs, ys, ids, k: int):
+    """Edge k (opposite corner k, from corner k+1 to corner k+2) as (sx, sy, dx, dy): stored
+    from its lower-index vertex (start s, direction d) and negated when that reverses it, so
+    that
         w_k(p) = dx * (py - sy) - dy * (px - sx)
     is the signed double area of (corner k+1, corner k+2, p), and a neighbour sharing the
     edge computes bitwise the opposite value (negation is exact in floating point).
+
+    xs, ys: the 3 corners' coordinates; ids: their vertex indices (any matching shapes).
     """
-    rows = []
-    for k in range(3):
-        i, j = (k + 1) % 3, (k + 2) % 3
-        swap = (corner_ids[..., i] > corner_ids[..., j])[..., None]
-        start = torch.where(swap, tri_xy[..., j, :], tri_xy[..., i, :])
-        end = torch.where(swap, tri_xy[..., i, :], tri_xy[..., j, :])
-        d = end - start
-        rows.append(torch.cat([start, torch.where(swap, -d, d)], dim=-1))
-    return torch.stack(rows, dim=-2)
+    i, j = (k + 1) % 3, (k + 2) % 3
+    swap = ids[i] > ids[j]
+    sx, sy = torch.where(swap, xs[j], xs[i]), torch.where(swap, ys[j], ys[i])
+    dx, dy = torch.where(swap, xs[i], xs[j]) - sx, torch.where(swap, ys[i], ys[j]) - sy
+    return sx, sy, torch.where(swap, -dx, dx), torch.where(swap, -dy, dy)
+
+
+def _edge_table(tri_xy: torch.Tensor, corner_ids: torch.Tensor) -> torch.Tensor:
+    """Canonical edge data (..., 3, 4) = (sx, sy, dx, dy) per edge k (_canonical_edge) of
+    triangles with corner positions tri_xy (..., 3, 2) and vertex indices corner_ids (..., 3)."""
+    xs, ys, ids = tri_xy[..., 0].unbind(-1), tri_xy[..., 1].unbind(-1), corner_ids.unbind(-1)
+    return torch.stack([torch.stack(_canonical_edge(xs, ys, ids, k), dim=-1) for k in range(3)], dim=-2)
 
 
 def _edge_values(table: torch.Tensor, px: torch.Tensor, py: torch.Tensor) -> torch.Tensor:
@@ -198,16 +205,8 @@ def _visible_faces_pytorch(pverts: torch.Tensor, faces: torch.Tensor, h: int, w:
     """
     bsz, nf = pverts.shape[0], faces.shape[0]
     device = pverts.device
-    corner_ids = faces.t()                                       # (3, F)
-    # Corner coordinates, (B, F) each: x[k], y[k], z[k] of corner k (index_select: several
-    # times faster than pverts[..., i][:, corner_ids]).
-    x, y, z = (pverts[..., i].index_select(1, corner_ids.reshape(-1)).view(bsz, 3, nf).unbind(1) for i in range(3))
-    area = (x[1] - x[0]) * (y[2] - y[0]) - (y[1] - y[0]) * (x[2] - x[0])      # as _face_setup
-    valid = area != 0
-    for coord in (*x, *y, *z):
-        valid &= torch.isfinite(coord)
-    if cull_backfaces:
-        valid &= area < 0
+    x, y, z = _corner_coords(pverts, faces)                      # (B, F) per corner
+    area, valid = _face_area_valid(x, y, z, cull_backfaces)
 
     # Inclusive pixel boxes of the pixel centres that may lie inside each face.
     def box(c, size):
@@ -245,7 +244,7 @@ def _visible_faces_pytorch(pverts: torch.Tensor, faces: torch.Tensor, h: int, w:
         chunk_pairs = (at[1:] - at[:-1]).tolist()
 
     # Tables of the live faces, one column each (gathered once per candidate): per edge k
-    # (opposite corner k) its canonical start and direction (_edge_table) with the winding
+    # (opposite corner k) its canonical start and direction (_canonical_edge) with the winding
     # folded in (w_k >= 0 inside for either winding); whether pixel centres exactly on it
     # belong to this face (the top-left rule: its inward normal sign(area) (-dy, dx), for
     # the edge from corner k+1 to corner k+2, points right, or down when horizontal; a
@@ -255,16 +254,13 @@ def _visible_faces_pytorch(pverts: torch.Tensor, faces: torch.Tensor, h: int, w:
     take = lambda a: a.reshape(-1).index_select(0, live)         # index_select: several times faster than a[live]
     xs, ys, zs = [take(c) for c in x], [take(c) for c in y], [take(c) for c in z]
     sign = torch.sign(take(area))
-    ids = corner_ids.index_select(1, face_ids)                   # (3, L) vertex indices
+    ids = faces.t().index_select(1, face_ids)                    # (3, L) vertex indices
     columns = []
     owns = []
     for k in range(3):
+        sx, sy, dx, dy = _canonical_edge(xs, ys, ids, k)
+        columns += [sx, sy, dx * sign, dy * sign]                # sign = +-1 for live faces: exact
         i, j = (k + 1) % 3, (k + 2) % 3
-        swap = ids[i] > ids[j]
-        sx, sy = torch.where(swap, xs[j], xs[i]), torch.where(swap, ys[j], ys[i])
-        # where(swap, -d, d) * sign, as a product with +-1 (exact either way).
-        flip = torch.where(swap, -sign, sign)
-        columns += [sx, sy, (torch.where(swap, xs[i], xs[j]) - sx) * flip, (torch.where(swap, ys[i], ys[j]) - sy) * flip]
         normal_x, normal_y = -(ys[j] - ys[i]) * sign, (xs[j] - xs[i]) * sign
         owns.append(((normal_x > 0) | ((normal_x == 0) & (normal_y > 0))).to(sign.dtype))
     # Column tables (one row per quantity): a candidate's values are gathered into
@@ -344,7 +340,7 @@ def _visible_faces_nvdiffrast(pverts: torch.Tensor, verts: torch.Tensor, faces: 
     bsz, nf = verts.shape[0], faces.shape[0]
     if nf == 0:
         return torch.full((bsz, h, w), -1, dtype=torch.int64, device=verts.device)
-    _, _, valid = _face_setup(pverts, faces, cull_backfaces)
+    _, valid = _face_area_valid(*_corner_coords(pverts, faces), cull_backfaces)
     ctx = _NVDIFFRAST_CONTEXTS.get(verts.device)
     if ctx is None:
         ctx = _NVDIFFRAST_CONTEXTS[verts.device] = dr.RasterizeCudaContext(device=verts.device)
@@ -375,7 +371,7 @@ def _visible_faces_pytorch3d(pverts: torch.Tensor, verts: torch.Tensor, faces: t
     bsz, nf = verts.shape[0], faces.shape[0]
     if nf == 0:
         return torch.full((bsz, h, w), -1, dtype=torch.int64, device=verts.device)
-    _, _, valid = _face_setup(pverts, faces, cull_backfaces)
+    _, valid = _face_area_valid(*_corner_coords(pverts, faces), cull_backfaces)
     # pytorch3d's NDC has +x left and +y up, the shorter image side spanning [-1, 1], and
     # only draws z > 0.
     v = verts.float()
