@@ -294,3 +294,14 @@ def test_device_constant_is_made_once_outside_inference_mode_and_remade_after_a_
     points = torch.randn(1, 5, 3, requires_grad=True)
     coords.project_onto_planes(points).sum().backward()
     assert points.grad.shape == points.shape
+
+
+def test_version_key_follows_writes_and_skips_inference_tensors():
+    from torch_utils import misc
+    t = torch.zeros(3)
+    key = misc.version_key(t)
+    assert misc.version_key(t) == key
+    t.add_(1)
+    assert misc.version_key(t) != key and misc.version_key(t.clone()) != misc.version_key(t)
+    with torch.inference_mode():
+        assert misc.version_key(torch.zeros(3)) is None

@@ -181,19 +181,36 @@ def nan_to_num_grads(params):
             torch.nan_to_num(p.grad, nan=0, posinf=1e5, neginf=-1e5, out=p.grad)
 
 
+def version_key(t: torch.Tensor):
+    """(address, version) of t, which changes when t is written in place; None for inference
+    tensors (they keep no version counter). For caches of values derived from a tensor."""
+    try:
+        return t.data_ptr(), t._version
+    except RuntimeError:
+        return None
+
+
+def dense_stride(x: torch.Tensor) -> tuple:
+    """The strides of a dense tensor with x's shape and dimension order (x's own if dense)."""
+    return torch.empty_like(x, device='meta').stride()
+
+
+def copy_with_stride(src: torch.Tensor, stride: tuple) -> torch.Tensor:
+    """A copy of src laid out with the given (dense) strides."""
+    return torch.empty_strided(src.shape, stride, dtype=src.dtype, device=src.device).copy_(src)
+
+
 class _GradientInLayout(torch.autograd.Function):
     """Identity whose backward hands the gradient on in the input's memory layout."""
 
     @staticmethod
     def forward(ctx, x):
-        ctx.stride = torch.empty_like(x, device='meta').stride()      # x's dimension order, dense
+        ctx.stride = dense_stride(x)
         return x.view_as(x)
 
     @staticmethod
     def backward(ctx, grad):
-        if grad.stride() == ctx.stride:
-            return grad
-        return torch.empty_strided(grad.shape, ctx.stride, dtype=grad.dtype, device=grad.device).copy_(grad)
+        return grad if grad.stride() == ctx.stride else copy_with_stride(grad, ctx.stride)
 
 
 def keep_gradient_layout(x: torch.Tensor) -> torch.Tensor:

@@ -102,7 +102,7 @@ class _BilinearMeanCPU(torch.autograd.Function):
         # The images' gradient gets their memory layout (a channels-last convolution's output
         # viewed as planes stays channels last): a contiguous gradient would reach that
         # convolution's backward in the other layout, 2-3x slower there.
-        ctx.images_stride = torch.empty_like(images, device='meta').stride()
+        ctx.images_stride = misc.dense_stride(images)
         return out.reshape(batch_size, num_points, channels)
 
     @staticmethod
@@ -117,9 +117,7 @@ class _BilinearMeanCPU(torch.autograd.Function):
             rows = torch.mul(grad[i:i + chunk, None, :], weights[i:i + chunk, :, None])
             table.index_add_(0, texel[i:i + chunk].reshape(-1).to(torch.int64), rows.reshape(-1, channels))
         table = table.reshape(batch_size, num_images, height + 2 * pad, width + 2 * pad, channels)
-        grad_images = torch.empty_strided(ctx.images_shape, ctx.images_stride, dtype=grad.dtype, device=grad.device)
-        grad_images.copy_(table[:, :, pad:-pad, pad:-pad].permute(0, 1, 4, 2, 3))
-        return grad_images, None, None
+        return misc.copy_with_stride(table[:, :, pad:-pad, pad:-pad].permute(0, 1, 4, 2, 3), ctx.images_stride), None, None
 
 
 BORDER = 2      # zero texels around each image in the CPU path's table: far-away points are clamped onto them

@@ -52,6 +52,7 @@ from typing import NamedTuple, Tuple, Union
 import torch
 
 import dnnlib
+from torch_utils import misc
 from training import coords
 
 
@@ -87,10 +88,7 @@ def _index_range(faces: torch.Tensor) -> Tuple[int, int]:
     its memory and version: a model's faces buffer (the same tensor every forward, changed
     only by writes that bump its version) is read back once, not once per forward (a GPU
     sync)."""
-    try:
-        key = (faces.data_ptr(), faces._version)
-    except RuntimeError:                        # inference tensors keep no version counter
-        key = None
+    key = misc.version_key(faces)               # None for inference tensors: checked every time
     cached = getattr(faces, '_next3d_index_range', None)
     if key is not None and cached is not None and cached[0] == key:
         return cached[1]

@@ -238,11 +238,8 @@ class TexturePlaneRasterizer(torch.nn.Module):
         per forward otherwise)."""
         if self.layout != 'released':
             return self.faces, self.uvfaces
-        try:
-            key = tuple((t.data_ptr(), t._version) for t in (self.faces, self.uvfaces))
-        except RuntimeError:            # buffers made under inference_mode keep no version counter
-            key = None
-        if key is None or getattr(self, '_mirrored_faces_key', None) != key:
+        key = (misc.version_key(self.faces), misc.version_key(self.uvfaces))
+        if None in key or getattr(self, '_mirrored_faces_key', None) != key:
             self._mirrored_faces = (self.faces[:, [0, 2, 1]], self.uvfaces[:, [0, 2, 1]])
             self._mirrored_faces_key = key
         return self._mirrored_faces
