@@ -416,7 +416,10 @@ def convolution_seconds(side_obj) -> dict:
     with ConvolutionTimer():
         for name, interval in PHASES + (('infer', None),):
             spent[0] = 0.0
-            side_obj.infer() if interval is None else side_obj.phase(name, interval)
+            if interval is None:
+                side_obj.infer()
+            else:
+                side_obj.phase(name, interval)
             seconds[name] = spent[0]
     return seconds
 
