@@ -58,11 +58,14 @@ def device_name(device: torch.device) -> str:
 
 
 def git_commit(*paths: str) -> str:
-    """Short HEAD commit, marked '(modified)' when any of `paths` has uncommitted changes."""
+    """Short HEAD commit, marked '(modified)' when any of `paths` has uncommitted changes.
+
+    In a copy of the tree without git (e.g. sent to a GPU machine), NEXT3D_COMMIT names it, else 'unknown'.
+    """
     try:
         out = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], cwd=ROOT, capture_output=True, text=True, check=True)
     except (OSError, subprocess.CalledProcessError):
-        return 'unknown'
+        return os.environ.get('NEXT3D_COMMIT', '').strip() or 'unknown'
     dirty = paths and subprocess.run(['git', 'status', '--porcelain', '--', *paths], cwd=ROOT,
                                      capture_output=True, text=True).stdout.strip()
     return out.stdout.strip() + (' (modified)' if dirty else '')

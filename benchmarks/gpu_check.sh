@@ -1,22 +1,29 @@
 #!/usr/bin/env bash
-# Every check that needs a CUDA device, as one run that fits a short loan of a GPU machine
-# (at most 9 minutes by the steps' limits, 520 s plus up to 15 s per step to stop a hung one):
+# Every check that needs a CUDA device, as one run that fits a short loan of a GPU machine.
+# The whole run keeps to GPU_CHECK_SECONDS (default 540): each step gets its own limit, cut
+# to what is left of the whole, and a step with under 10 s left is skipped. Steps, most
+# important first:
 #   1. the environment: nvidia-smi, torch and CUDA versions, the commit;
 #   2. the CUDA extensions' first build and their self-checks on the device (a step of its
-#      own, so that a slow build cannot eat the tests' time);
-#   3. the GPU tests (pytest -m gpu): the CUDA ops against their references (forward and
-#      gradient), their first-use self-checks, and the renderer, rasterizer, FLAME and
-#      networks on CUDA against the CPU;
-#   4. benchmarks/ops.py on CUDA: kernels vs references (without its torch.compile column,
-#      whose compiles would not fit);
-#   5. benchmarks/train_step.py on CUDA: small128 Next3D (bundled head mesh) and EG3D at
-#      FFHQ sizes (ffhq512-eg3d; Next3D at FFHQ sizes needs the user's FLAME template).
-# Each step has its own time limit; a failing step does not stop the others. Results go to
-# $OUT if it is set (a remote runner's collection folder), else to
-# benchmarks/results/gpu-check-<UTC date>-<HHMM>/: log.txt, environment.txt and the
-# benchmarks' tables. Exit status: 0 if every step passed, 1 if one failed, 2 without a GPU.
+#      own, so that a slow build cannot eat the tests' time). With ORIGINAL_SRC / EG3D_SRC
+#      set, the original's CUDA plugins build at the same time, in the background;
+#   3. the GPU tests (pytest -m gpu; over several processes where pytest-xdist is
+#      installed): the CUDA ops against their references (forward and gradient), their
+#      first-use self-checks, and the renderer, rasterizer, FLAME and networks on CUDA
+#      against the CPU;
+#   4. with ORIGINAL_SRC (a checkout of MrTornado24/Next3D) and/or EG3D_SRC (of NVlabs/eg3d):
+#      benchmarks/vs_original.py --device cuda, this project against the original side by side;
+#   5. benchmarks/train_step.py on CUDA: EG3D at FFHQ sizes (ffhq512-eg3d; Next3D at FFHQ
+#      sizes needs the user's FLAME template) and small128 Next3D (bundled head mesh);
+#   6. benchmarks/rasterize.py on CUDA: 4 heads x 4 views at 256;
+#   7. benchmarks/ops.py on CUDA: kernels vs references (without its torch.compile column,
+#      whose compiles would not fit).
+# A failing step does not stop the others. Results go to $OUT if it is set (a remote
+# runner's collection folder), else to benchmarks/results/gpu-check-<UTC date>-<HHMM>/:
+# log.txt, environment.txt and the benchmarks' tables. Exit status: 0 if every step passed,
+# 1 if one failed or was skipped, 2 without a GPU.
 #
-#     bash benchmarks/gpu_check.sh              (PYTHON=... to choose the interpreter)
+#     [ORIGINAL_SRC=DIR] [EG3D_SRC=DIR] [PYTHON=...] [GPU_CHECK_SECONDS=540] bash benchmarks/gpu_check.sh
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -25,32 +32,66 @@ if ! "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1
     echo "Error: $PY: torch sees no CUDA device (or does not import); this script is for a GPU machine" >&2
     exit 2
 fi
+budget=${GPU_CHECK_SECONDS:-540}
 dest=${OUT:-benchmarks/results/gpu-check-$(date -u +%Y-%m-%d-%H%M)}
 mkdir -p "$dest"
 {
     nvidia-smi
     "$PY" -c 'import torch; print("torch", torch.__version__, "CUDA", torch.version.cuda, "device", torch.cuda.get_device_name())'
-    echo "commit $(git rev-parse HEAD 2>/dev/null || echo unknown)"
+    echo "commit $(git rev-parse HEAD 2>/dev/null || echo "${NEXT3D_COMMIT:-unknown}")"
 } > "$dest/environment.txt" 2>&1
 
 failed=0
 step() {                        # step NAME SECONDS COMMAND...: run with a time limit, log, report
     local name=$1 limit=$2 start=$SECONDS status
     shift 2
+    local left=$((budget - SECONDS - 5))
+    [ "$limit" -le "$left" ] || limit=$left
+    if [ "$limit" -lt 10 ]; then
+        echo "== $name: skipped, the run's $budget s are spent" | tee -a "$dest/log.txt"
+        failed=1
+        return
+    fi
     echo "== $name (limit ${limit} s): $*" | tee -a "$dest/log.txt"
-    timeout -k 15 "$limit" "$@" >> "$dest/log.txt" 2>&1
+    timeout -k 10 "$limit" "$@" >> "$dest/log.txt" 2>&1
     status=$?
     echo "== $name: exit $status after $((SECONDS - start)) s" | tee -a "$dest/log.txt"
     [ "$status" -eq 0 ] || failed=1
 }
+
+# The original's CUDA plugins (bias_act, upfirdn2d; the same sources in both checkouts), built
+# into torch's extension cache while ours build, so that vs_original finds them built.
+original_build=""
+for src in "${EG3D_SRC:+$EG3D_SRC/eg3d}" "${ORIGINAL_SRC:-}"; do
+    if [ -n "$src" ] && [ -d "$src/torch_utils/ops" ]; then
+        (cd "$src" && timeout -k 10 240 "$PY" -c 'import sys; sys.path.insert(0, ".")
+from torch_utils.ops import bias_act, upfirdn2d
+print("the original plugins built:", bias_act._init(), upfirdn2d._init())') > "$dest/original-build.txt" 2>&1 &
+        original_build=$!
+        break
+    fi
+done
+
 step build 150 "$PY" -c 'import sys, torch
 from torch_utils.ops import _build, bias_act, upfirdn2d
 ok = [_build.kernel_available(n, m.SOURCES, torch.device("cuda")) for n, m in (("bias_act", bias_act), ("upfirdn2d", upfirdn2d))]
 print("kernels built and self-checked (bias_act, upfirdn2d):", ok)
 sys.exit(0 if all(ok) else 1)'
-step pytest-gpu 150 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests
-step ops 80 "$PY" benchmarks/ops.py --device cuda --no-compile --outdir "$dest"
-step train-small128 60 "$PY" benchmarks/train_step.py --cfg small128 --batch 8 --device cuda --outdir "$dest"
-step train-ffhq512-eg3d 80 "$PY" benchmarks/train_step.py --cfg ffhq512-eg3d --batch 4 --device cuda --outdir "$dest"
+workers=()
+"$PY" -c 'import xdist' 2>/dev/null && workers=(-n 6)
+step pytest-gpu 150 "$PY" -m pytest -q -m gpu -p no:cacheprovider --continue-on-collection-errors --durations=10 "${workers[@]}" tests
+if [ -n "$original_build" ]; then
+    wait "$original_build"
+    { echo "== the original's plugin build (background, exit $?):"; cat "$dest/original-build.txt"; } >> "$dest/log.txt"
+    rm -f "$dest/original-build.txt"
+fi
+sources=()
+[ -n "${ORIGINAL_SRC:-}" ] && sources+=(--original-src "$ORIGINAL_SRC")
+[ -n "${EG3D_SRC:-}" ] && sources+=(--eg3d-src "$EG3D_SRC")
+[ ${#sources[@]} -gt 0 ] && step vs-original 150 "$PY" benchmarks/vs_original.py --device cuda "${sources[@]}" --pairs 5 --batch 8 --outdir "$dest"
+step train-ffhq512-eg3d 70 "$PY" benchmarks/train_step.py --cfg ffhq512-eg3d --batch 4 --device cuda --outdir "$dest"
+step train-small128 45 "$PY" benchmarks/train_step.py --cfg small128 --batch 8 --device cuda --outdir "$dest"
+step rasterize 30 "$PY" benchmarks/rasterize.py --device cuda --batch 4 --resolution 256
+step ops 60 "$PY" benchmarks/ops.py --device cuda --no-compile --outdir "$dest"
 echo "results in $dest"
 exit "$failed"

@@ -1,6 +1,6 @@
-"""Side-by-side speed of this project and the original Next3D / EG3D code on the CPU.
+"""Side-by-side speed of this project and the original Next3D / EG3D code, on the CPU or a GPU.
 
-    python benchmarks/vs_original.py --original-src DIR [--eg3d-src DIR] [--pairs 5]
+    python benchmarks/vs_original.py --original-src DIR [--eg3d-src DIR] [--pairs 5] [--device cuda]
 
 DIR is a checkout of MrTornado24/Next3D (and of NVlabs/eg3d for the EG3D rows) that you
 fetched yourself; nothing of it is part of this repository. Both sides run in their own
@@ -25,8 +25,17 @@ these substitutions so that it imports and runs on a CPU without pytorch3d or Op
                       4-connected, fixed range from the seed, as OpenCV's flags ask);
   turtle, requests, pydantic, matplotlib.image, torchvision.utils: empty stubs (imported,
                       never called);
-  custom ops          bias_act / upfirdn2d / filtered_lrelu forced onto their reference
-                      paths (as on any CPU), conv2d_gradfix disabled.
+  custom ops          on the CPU: bias_act / upfirdn2d / filtered_lrelu on their reference
+                      paths (as on any CPU), conv2d_gradfix disabled. On a GPU the original
+                      builds and uses its own CUDA plugins (bias_act, upfirdn2d) and its
+                      conv2d_gradfix, as its training loop does; a plugin that fails to build
+                      falls back to its reference and the result says so.
+
+On a GPU (`--device cuda`) both sides run as their training loops set the device up: cuDNN
+benchmark mode on, TF32 off for matmuls and convolutions (full float32); ours uses its own
+CUDA kernels. Times are wall clock with the device synchronised around every phase; the
+peak memory is the GPU memory allocated by PyTorch; the profiles rank ops by their time on
+the GPU.
 
 Host memory: our side keeps freed tensors in malloc's heap (torch_utils/host_memory.py), as
 our training loop and scripts do; the original runs with glibc's defaults unless
@@ -43,13 +52,13 @@ pair gives a ratio; the table shows the median of the ratios over `--pairs` pair
 time and of process CPU time (with one thread, CPU time is the work done; it is less
 disturbed than wall time by other load on a shared machine). Then each side runs one
 training step (all four phases once) under torch.profiler: top 10 ops by self CPU time;
-and reports its peak resident memory. Last, each side runs the four phases and one
+and reports its peak resident memory. Last, on the CPU, each side runs the four phases and one
 inference once more with the time inside its convolutions recorded (forward and backward,
 oneDNN on both sides, ours channels last), which bounds the speed-up: our convolutions alone against
 the original's whole step (not with --compile).
 
-The result goes to benchmarks/results/vs_original-cpu-<date>-<HHMM>.md (UTC; command,
-commit, CPU, load before and after).
+The result goes to benchmarks/results/vs_original-<cpu|cuda>-<date>-<HHMM>.md (UTC; command,
+commit, device, load before and after).
 """
 
 import datetime
@@ -296,17 +305,29 @@ class OriginalSide:
         sys.path.insert(0, workdir)
         install_stubs(rasterize_fn, read_obj_fn)
         import dnnlib
-        from torch_utils.ops import bias_act, conv2d_gradfix, filtered_lrelu, upfirdn2d
-        for op in (bias_act, upfirdn2d, filtered_lrelu):
-            op._init = lambda: False            # reference paths
-        conv2d_gradfix.enabled = False
+        from torch_utils.ops import bias_act, conv2d_gradfix, filtered_lrelu, grid_sample_gradfix, upfirdn2d
+        self.device = torch.device(cfg['device'])
+        self.plugins = {}
+        filtered_lrelu._init = lambda: False    # not used by these networks
+        for name, op in (('bias_act', bias_act), ('upfirdn2d', upfirdn2d)):
+            self.plugins[name] = 'reference (CPU)'
+            if self.device.type == 'cuda':      # build and load now, outside any timing
+                try:
+                    op._init()
+                    self.plugins[name] = 'CUDA plugin'
+                    continue
+                except Exception as e:          # the original raises on a failed build: keep going on its reference
+                    self.plugins[name] = f'reference (its CUDA plugin failed: {str(e).strip().splitlines()[-1][:200]})'
+            op._init = lambda: False
+        conv2d_gradfix.enabled = self.device.type == 'cuda'     # as its training loop (a no-op off the GPU)
+        grid_sample_gradfix.enabled = False
         self.next3d = cfg['preset'] == 'next3d'
         common = dict(c_dim=25, img_resolution=cfg['img_resolution'], img_channels=3)
-        self.G = dnnlib.util.construct_class_by_name(**off['G'], **common).train().requires_grad_(False)
-        self.D = dnnlib.util.construct_class_by_name(**off['D'], **common).train().requires_grad_(False)
+        self.G = dnnlib.util.construct_class_by_name(**off['G'], **common).train().requires_grad_(False).to(self.device)
+        self.D = dnnlib.util.construct_class_by_name(**off['D'], **common).train().requires_grad_(False).to(self.device)
         loss_class = ('training_avatar_texture' if self.next3d else 'training') + '.loss.StyleGAN2Loss'
         self.loss = dnnlib.util.construct_class_by_name(
-            class_name=loss_class, device=torch.device('cpu'), G=self.G, D=self.D, r1_gamma=cfg['r1_gamma'],
+            class_name=loss_class, device=self.device, G=self.G, D=self.D, r1_gamma=cfg['r1_gamma'],
             gpc_reg_prob=cfg['gpc_reg_prob'], neural_rendering_resolution_initial=cfg['raw'], dual_discrimination=True,
             filter_mode='antialiased', blur_init_sigma=0)
         self.opts = {}
@@ -321,7 +342,7 @@ class OriginalSide:
         import torch
         real, c, v = self.inputs['real'], self.inputs['c'], self.inputs['v']
         module, opt = (self.G, self.opts['G']) if name[0] == 'G' else (self.D, self.opts['D'])
-        z = torch.randn([len(real), self.z_dim])
+        z = torch.randn([len(real), self.z_dim], device=self.device)
         opt.zero_grad(set_to_none=True)
         module.requires_grad_(True)
         if self.next3d:
@@ -339,7 +360,7 @@ class OriginalSide:
 
     def infer(self):
         import torch
-        z = torch.randn([len(self.inputs['c']), self.z_dim])
+        z = torch.randn([len(self.inputs['c']), self.z_dim], device=self.device)
         self.G.eval()
         with torch.no_grad():
             if self.next3d:
@@ -361,9 +382,11 @@ class OursSide:
         from torch_utils import host_memory
         host_memory.keep_freed_memory()         # as training_loop does
         ours = cfg['ours']
-        self.G = configs.make_generator(ours['G_cfg'], **ours['G']).train().requires_grad_(False)
-        self.D = configs.make_discriminator('small128').train().requires_grad_(False)
-        self.loss = Next3DLoss(torch.device('cpu'), self.G, self.D, r1_gamma=cfg['r1_gamma'], gpc_reg_prob=cfg['gpc_reg_prob'],
+        self.device = torch.device(cfg['device'])
+        self.plugins = {}
+        self.G = configs.make_generator(ours['G_cfg'], **ours['G']).train().requires_grad_(False).to(self.device)
+        self.D = configs.make_discriminator('small128').train().requires_grad_(False).to(self.device)
+        self.loss = Next3DLoss(self.device, self.G, self.D, r1_gamma=cfg['r1_gamma'], gpc_reg_prob=cfg['gpc_reg_prob'],
                                neural_rendering_resolution_initial=cfg['raw'])
         self.phases = {p.name: p for p in setup_phases(self.G, self.D, dict(ADAM), dict(ADAM_D), 4, 16)}
         self.loss.compile_networks(cfg.get('compile', 'none'), log=lambda line: print(line, file=sys.stderr))
@@ -375,7 +398,7 @@ class OursSide:
         import torch
         real, c = self.inputs['real'], self.inputs['c']
         phase = self.phases[name]
-        z = torch.randn([len(real), self.G.z_dim])
+        z = torch.randn([len(real), self.G.z_dim], device=self.device)
         phase.opt.zero_grad(set_to_none=True)
         phase.module.requires_grad_(True)
         self.loss.accumulate_gradients(name, real, c, self.v, z, c, self.v, gain=interval, cur_nimg=CUR_NIMG)
@@ -385,7 +408,7 @@ class OursSide:
 
     def infer(self):
         import torch
-        z = torch.randn([len(self.inputs['c']), self.G.z_dim])
+        z = torch.randn([len(self.inputs['c']), self.G.z_dim], device=self.device)
         self.G.eval()
         with torch.no_grad():      # G's forward, through the loss's (maybe compiled) synthesis
             ws = self.G.mapping(z, self.inputs['c'])
@@ -434,7 +457,13 @@ def run_worker(side: str, cfg_path: str):
     torch.set_num_threads(1)
     with open(cfg_path) as f:
         cfg = json.load(f)
-    inputs = {k: torch.from_numpy(v) for k, v in np.load(cfg['inputs']).items()}
+    device = torch.device(cfg['device'])
+    if device.type == 'cuda':                   # as both training loops set the device up
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == 'cuda' else (lambda: None)
+    inputs = {k: torch.from_numpy(v).to(device) for k, v in np.load(cfg['inputs']).items()}
     torch.manual_seed(0)
     if side == 'original' and cfg.get('original_allocator') == 'ours':
         sys.path.insert(0, ROOT)
@@ -448,30 +477,45 @@ def run_worker(side: str, cfg_path: str):
         def train_step():
             times = {}
             for name, interval in PHASES:
+                sync()
                 wall, cpu = time.perf_counter(), time.process_time()
                 side_obj.phase(name, interval)
+                sync()
                 times[name] = (time.perf_counter() - wall, time.process_time() - cpu)
             return times
 
         def infer():
+            sync()
             wall, cpu = time.perf_counter(), time.process_time()
             side_obj.infer()
+            sync()
             return time.perf_counter() - wall, time.process_time() - cpu
 
         def profile():
             from torch.profiler import ProfilerActivity, profile as torch_profile
-            with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == 'cuda' else [])
+            with torch_profile(activities=activities) as prof:
                 train_step()
-            events = [e for e in prof.key_averages() if e.self_cpu_time_total > 0]
-            total = sum(e.self_cpu_time_total for e in events)
-            events.sort(key=lambda e: -e.self_cpu_time_total)
-            return dict(total_ms=total / 1e3, top=[(e.key, e.self_cpu_time_total / 1e3, e.count) for e in events[:10]])
+            if device.type == 'cuda':
+                self_time = lambda e: getattr(e, 'self_device_time_total', None) or getattr(e, 'self_cuda_time_total', 0)
+            else:
+                self_time = lambda e: e.self_cpu_time_total
+            events = [e for e in prof.key_averages() if self_time(e) > 0]
+            total = sum(self_time(e) for e in events)
+            events.sort(key=lambda e: -self_time(e))
+            return dict(total_ms=total / 1e3, top=[(e.key, self_time(e) / 1e3, e.count) for e in events[:10]])
 
         def convolutions():
             return convolution_seconds(side_obj)
 
-        handlers = dict(train=train_step, infer=infer, profile=profile, convolutions=convolutions,
-                        info=lambda: dict(params=n_params, peak_rss_gib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20))
+        def info():
+            out = dict(params=n_params, peak_rss_gib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+                       plugins=side_obj.plugins)
+            if device.type == 'cuda':
+                out['peak_gpu_gib'] = torch.cuda.max_memory_allocated(device) / 2**30
+            return out
+
+        handlers = dict(train=train_step, infer=infer, profile=profile, convolutions=convolutions, info=info)
         reply_stream.write(json.dumps(dict(ready=True)) + '\n')
         reply_stream.flush()
         for line in sys.stdin:
@@ -545,7 +589,8 @@ def run_preset(preset: str, cfg: dict, tmp: str, pairs: int, log):
             log(f'{preset} pair {i + 1}/{pairs}: train step ours {step_time(t[0], 0):.2f} s, original {step_time(t[1], 0):.2f} s (wall)')
         profiles = {side: w.call('profile') for side, w in workers.items()}
         info = {side: w.call('info') for side, w in workers.items()}
-        if cfg.get('compile', 'none') == 'none':     # a dispatch mode around compiled graphs would time something else
+        # A dispatch mode around compiled graphs would time something else; on a GPU it would time launches.
+        if cfg.get('compile', 'none') == 'none' and cfg.get('device', 'cpu') == 'cpu':
             for side, w in workers.items():
                 info[side]['convolutions'] = w.call('convolutions')
     finally:
@@ -556,27 +601,38 @@ def run_preset(preset: str, cfg: dict, tmp: str, pairs: int, log):
     return samples, profiles, info
 
 
-def summarise(preset: str, samples: dict, profiles: dict, info: dict) -> list:
+def summarise(preset: str, samples: dict, profiles: dict, info: dict, device: str = 'cpu') -> list:
+    """(rows of the ratio table, lines of the details). On the CPU the rows give wall and CPU
+    time and the phases CPU time; on a GPU, where the host waits for the device, wall time only."""
     ours, orig = samples['ours'], samples['original']
+    clocks = ((0, 'wall'), (1, 'CPU')) if device == 'cpu' else ((0, 'wall'),)
+    main_clock, main_label = clocks[-1][0], ('CPU' if device == 'cpu' else 'wall-clock')
     rows = []
-    for which, label in ((0, 'wall'), (1, 'CPU')):
+    for which, label in clocks:
         ratios = [step_time(a, which) / step_time(b, which) for a, b in zip(ours['train'], orig['train'])]
         rows.append((preset, f'training step ({label})', median([step_time(a, which) for a in ours['train']]),
                      median([step_time(b, which) for b in orig['train']]), median(ratios)))
-    for which, label in ((0, 'wall'), (1, 'CPU')):
+    for which, label in clocks:
         ratios = [a[which] / b[which] for a, b in zip(ours['infer'], orig['infer'])]
         rows.append((preset, f'inference ({label})', median([a[which] for a in ours['infer']]),
                      median([b[which] for b in orig['infer']]), median(ratios)))
     lines = []
     for name, _ in PHASES:
-        ratios = [a[name][1] / b[name][1] for a, b in zip(ours['train'], orig['train'])]
-        lines.append(f'| {name} | {median([a[name][1] for a in ours["train"]]):.3f} | {median([b[name][1] for b in orig["train"]]):.3f} | {median(ratios):.2f} |')
-    detail = [f'### {preset}: phases (CPU seconds, median; each phase once per pair)', '',
+        ours_t, orig_t = [a[name][main_clock] for a in ours['train']], [b[name][main_clock] for b in orig['train']]
+        ratios = [a / b for a, b in zip(ours_t, orig_t)]
+        lines.append(f'| {name} | {median(ours_t):.3f} | {median(orig_t):.3f} | {median(ratios):.2f} |')
+    detail = [f'### {preset}: phases ({main_label} seconds, median; each phase once per pair)', '',
               '| phase | ours | original | ours / original |', '|---|---|---|---|'] + lines + ['']
+    memory = (f'Peak resident memory of the worker: ours {info["ours"]["peak_rss_gib"]:.2f} GiB, original '
+              f'{info["original"]["peak_rss_gib"]:.2f} GiB.')
+    if 'peak_gpu_gib' in info['ours']:
+        memory = (f'Peak GPU memory allocated: ours {info["ours"]["peak_gpu_gib"]:.2f} GiB, original '
+                  f'{info["original"]["peak_gpu_gib"]:.2f} GiB. ' + memory)
     detail += [f'Parameters: ours G {info["ours"]["params"][0]:,}, D {info["ours"]["params"][1]:,}; original G '
                f'{info["original"]["params"][0]:,} (incl. sub-networks its forward never runs), D {info["original"]["params"][1]:,}. '
-               f'Peak resident memory of the worker: ours {info["ours"]["peak_rss_gib"]:.2f} GiB, original '
-               f'{info["original"]["peak_rss_gib"]:.2f} GiB.', '']
+               + memory, '']
+    if info['original'].get('plugins'):
+        detail += ["The original's custom ops: " + ', '.join(f'{k}: {v}' for k, v in info['original']['plugins'].items()) + '.', '']
     if 'convolutions' in info['ours']:
         conv = {side: info[side]['convolutions'] for side in ('ours', 'original')}
         conv_step = {side: sum(conv[side][name] / interval for name, interval in PHASES) for side in conv}
@@ -593,10 +649,11 @@ def summarise(preset: str, samples: dict, profiles: dict, info: dict) -> list:
     if info['ours'].get('compile_log'):
         detail += [f'torch.compile on our side ({len(info["ours"]["compile_log"])} lines of the worker\'s log):', '']
         detail += [f'- {line}' for line in info['ours']['compile_log']] + ['']
+    where = 'CPU' if device == 'cpu' else 'GPU'
     for side in ('ours', 'original'):
         p = profiles[side]
-        detail += [f'### {preset}, {side}: top 10 ops by self CPU time (one step, all four phases once; total {p["total_ms"] / 1e3:.1f} s)', '',
-                   '| op | self CPU ms | share | calls |', '|---|---|---|---|']
+        detail += [f'### {preset}, {side}: top 10 ops by self {where} time (one step, all four phases once; total {p["total_ms"] / 1e3:.3f} s)', '',
+                   f'| op | self {where} ms | share | calls |', '|---|---|---|---|']
         detail += [f'| `{k}` | {ms:.0f} | {100 * ms / p["total_ms"]:.1f}% | {n} |' for k, ms, n in p['top']] + ['']
     return rows, detail
 
@@ -610,10 +667,12 @@ def summarise(preset: str, samples: dict, profiles: dict, info: dict) -> list:
               help='Our side through torch.compile (train.py --compile; the first, compiling calls are the warm-up)')
 @click.option('--original-allocator', type=click.Choice(['default', 'ours']), default='default', show_default=True,
               help="The original's host memory policy: glibc's default, or ours (torch_utils/host_memory.py, which our scripts set)")
+@click.option('--device', type=click.Choice(['cpu', 'cuda']), default='cpu', show_default=True,
+              help="Where both sides run (on cuda: each side's CUDA kernels, wall-clock time)")
 @click.option('--outdir', help='Folder for the result table (markdown)', default=os.path.join(ROOT, 'benchmarks', 'results'), show_default='benchmarks/results')
 @click.option('--worker', type=click.Choice(['ours', 'original']), hidden=True)
 @click.option('--worker-config', hidden=True)
-def main(original_src, eg3d_src, pairs, batch, which, original_allocator, outdir, worker, worker_config):
+def main(original_src, eg3d_src, pairs, batch, which, original_allocator, device, outdir, worker, worker_config):
     """Compare training and inference speed with the original code, side by side."""
     if worker is not None:
         run_worker(worker, worker_config)
@@ -624,6 +683,8 @@ def main(original_src, eg3d_src, pairs, batch, which, original_allocator, outdir
     from benchmarks.common import device_name, git_commit, load_average
     import torch
     torch.set_num_threads(1)
+    if device == 'cuda' and not torch.cuda.is_available():
+        raise click.ClickException('--device cuda: this PyTorch sees no CUDA device')
     presets = [(p, src) for p, src in (('next3d', original_src), ('eg3d', eg3d_src)) if src is not None]
     for preset, src in presets:
         if not os.path.isfile(os.path.join(src, CHECKOUT_MARKERS[preset])):
@@ -637,30 +698,40 @@ def main(original_src, eg3d_src, pairs, batch, which, original_allocator, outdir
             cfg['inputs'] = os.path.join(tmp, 'inputs.npz')
             cfg['compile'] = which
             cfg['original_allocator'] = original_allocator
+            cfg['device'] = device
             make_inputs(cfg['inputs'], batch, cfg['img_resolution'])
-            rows, detail = summarise(preset, *run_preset(preset, cfg, tmp, pairs, click.echo))
+            rows, detail = summarise(preset, *run_preset(preset, cfg, tmp, pairs, click.echo), device=device)
             all_rows += rows
             all_detail += detail
     now = datetime.datetime.now(datetime.timezone.utc)
     command = 'python benchmarks/vs_original.py' + ''.join(
         f' {flag}' for flag, on in (('--original-src=<Next3D checkout>', original_src), ('--eg3d-src=<eg3d checkout>', eg3d_src)) if on) + \
         f' --pairs={pairs} --batch={batch}' + (f' --compile={which}' if which != 'none' else '') + \
-        (f' --original-allocator={original_allocator}' if original_allocator != 'default' else '')
+        (f' --original-allocator={original_allocator}' if original_allocator != 'default' else '') + \
+        (f' --device={device}' if device != 'cpu' else '')
+    if device == 'cuda':
+        title = 'one GPU'
+        machine = (f'{device_name(torch.device("cuda"))} (CUDA {torch.version.cuda}); host: '
+                   f'{device_name(torch.device("cpu")).rsplit(" (", 1)[0]}, {os.cpu_count()} CPUs; each worker 1 CPU thread')
+    else:
+        title = 'CPU, one thread each'
+        machine = f'{device_name(torch.device("cpu")).rsplit(" (", 1)[0]}, {os.cpu_count()} CPUs; each worker 1 thread'
+    digits = 3 if device == 'cpu' else 4
     text = '\n'.join([
-        "# This project vs the original code, CPU, one thread each", '',
+        f"# This project vs the original code, {title}", '',
         f'- command: `{command}`',
         f'- date: {now:%Y-%m-%d %H:%M} UTC; git commit: {git_commit()}; torch {torch.__version__}',
-        f'- machine: {device_name(torch.device("cpu")).rsplit(" (", 1)[0]}, {os.cpu_count()} CPUs; each worker 1 thread',
+        f'- machine: {machine}',
         f'- system load average (1 min) before / after: {load_before:.1f} / {load_average():.1f}; total {time.time() - start:.0f} s',
         f'- batch {batch}; small128 sizes (output 128, raw 64, 24 + 24 samples per ray); medians over {pairs} interleaved pairs',
         f'- host memory: ours keeps freed memory in the heap (torch_utils/host_memory.py, as train.py and the scripts do); '
         f"original: {'the same policy' if original_allocator == 'ours' else 'glibc defaults'}",
         '', '| preset | measurement | ours (s) | original (s) | ours / original | speed-up |', '|---|---|---|---|---|---|',
-    ] + [f'| {p} | {m} | {a:.3f} | {b:.3f} | {r:.2f} | {1 / r:.2f}x |' for p, m, a, b, r in all_rows] + [''] + all_detail)
+    ] + [f'| {p} | {m} | {a:.{digits}f} | {b:.{digits}f} | {r:.2f} | {1 / r:.2f}x |' for p, m, a, b, r in all_rows] + [''] + all_detail)
     click.echo(text)
     os.makedirs(outdir, exist_ok=True)
     suffix = (f'-compile-{which}' if which != 'none' else '') + ('-same-allocator' if original_allocator == 'ours' else '')
-    path = os.path.join(outdir, f'vs_original-cpu-{now:%Y-%m-%d-%H%M}{suffix}.md')        # one file per run
+    path = os.path.join(outdir, f'vs_original-{device}-{now:%Y-%m-%d-%H%M}{suffix}.md')        # one file per run
     with open(path + '.tmp', 'w') as f:
         f.write(text)
     os.replace(path + '.tmp', path)

@@ -1,6 +1,7 @@
 """benchmarks/vs_original.py: the parts that do not need the original code."""
 
 import numpy as np
+import pytest
 
 from benchmarks import vs_original
 
@@ -112,3 +113,48 @@ def test_summarise_reports_the_convolution_ceiling():
     assert '| training step | 2.000 | 2.000 | 2.500 | 7.500 | 5.00x |' in text
     assert '| inference | 0.250 | 0.250 | 0.250 | 1.750 | 8.00x |' in text
 
+
+
+def test_summarise_on_a_gpu_reports_wall_time_gpu_memory_and_the_plugins():
+    # On a GPU the host waits for the device: wall time only, phases in wall seconds, GPU memory.
+    phases = lambda s: {'Gmain': (1.0 * s, 9.0), 'Greg': (4.0 * s, 9.0), 'Dmain': (0.5 * s, 9.0), 'Dreg': (16.0 * s, 9.0)}
+    samples = dict(ours=dict(train=[phases(1)] * 3, infer=[(0.5, 9.0)] * 3),
+                   original=dict(train=[phases(4)] * 3, infer=[(2.0, 9.0)] * 3))
+    profiles = {side: dict(total_ms=12.5, top=[('ampere_sgemm', 5.0, 2)]) for side in ('ours', 'original')}
+    info = dict(ours=dict(params=[1, 1], peak_rss_gib=1.0, peak_gpu_gib=0.5, plugins={}),
+                original=dict(params=[1, 1], peak_rss_gib=2.0, peak_gpu_gib=0.75,
+                              plugins={'bias_act': 'CUDA plugin', 'upfirdn2d': 'reference (its CUDA plugin failed: boom)'}))
+    rows, detail = vs_original.summarise('eg3d', samples, profiles, info, device='cuda')
+    assert [(m, a, b, r) for _, m, a, b, r in rows] == [('training step (wall)', 3.5, 14.0, 0.25), ('inference (wall)', 0.5, 2.0, 0.25)]
+    text = '\n'.join(detail)
+    assert 'phases (wall-clock seconds' in text and '| Gmain | 1.000 | 4.000 | 0.25 |' in text
+    assert 'Peak GPU memory allocated: ours 0.50 GiB, original 0.75 GiB.' in text
+    assert "The original's custom ops: bias_act: CUDA plugin, upfirdn2d: reference (its CUDA plugin failed: boom)." in text
+    assert 'top 10 ops by self GPU time' in text and '| op | self GPU ms | share | calls |' in text
+
+
+def test_main_on_cuda_without_a_gpu_is_one_clear_error(tmp_path):
+    import torch
+    from click.testing import CliRunner
+    if torch.cuda.is_available():
+        pytest.skip('a CUDA device is present')
+    (tmp_path / 'eg3d' / 'training').mkdir(parents=True)
+    (tmp_path / 'eg3d' / 'training' / 'triplane.py').write_text('')
+    result = CliRunner().invoke(vs_original.main, ['--eg3d-src', str(tmp_path), '--device', 'cuda', '--outdir', str(tmp_path / 'out')])
+    assert result.exit_code == 1
+    assert result.output.strip() == 'Error: --device cuda: this PyTorch sees no CUDA device'
+    assert not (tmp_path / 'out').exists()
+
+
+def test_git_commit_of_a_copy_without_git_comes_from_the_environment(monkeypatch):
+    # A tree copied to a GPU machine has no .git: the result files name NEXT3D_COMMIT's commit.
+    import subprocess
+    from benchmarks import common
+
+    def no_git(*args, **kwargs):
+        raise subprocess.CalledProcessError(128, args[0])
+    monkeypatch.setattr(common.subprocess, 'run', no_git)
+    monkeypatch.delenv('NEXT3D_COMMIT', raising=False)
+    assert common.git_commit() == 'unknown'
+    monkeypatch.setenv('NEXT3D_COMMIT', 'abc1234')
+    assert common.git_commit() == 'abc1234'
