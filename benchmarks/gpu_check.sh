@@ -6,7 +6,8 @@
 #   1. the environment: nvidia-smi, torch and CUDA versions, the commit;
 #   2. the CUDA extensions' first build and their self-checks on the device (a step of its
 #      own, so that a slow build cannot eat the tests' time). With ORIGINAL_SRC / EG3D_SRC
-#      set, the original's CUDA plugins build at the same time, in the background;
+#      set, the original's CUDA plugins build at the same time, in the background
+#      (vs_original.py --prepare);
 #   3. the GPU tests (pytest -m gpu; over several processes where pytest-xdist is
 #      installed): the CUDA ops against their references (forward and gradient), their
 #      first-use self-checks, and the renderer, rasterizer, FLAME and networks on CUDA
@@ -59,18 +60,16 @@ step() {                        # step NAME SECONDS COMMAND...: run with a time 
     [ "$status" -eq 0 ] || failed=1
 }
 
-# The original's CUDA plugins (bias_act, upfirdn2d; the same sources in both checkouts), built
-# into torch's extension cache while ours build, so that vs_original finds them built.
+# The original's CUDA plugins, built (benchmarks/vs_original.py --prepare) while ours build, so
+# that vs_original finds them built.
+sources=()
+[ -n "${ORIGINAL_SRC:-}" ] && sources+=(--original-src "$ORIGINAL_SRC")
+[ -n "${EG3D_SRC:-}" ] && sources+=(--eg3d-src "$EG3D_SRC")
 original_build=""
-for src in "${EG3D_SRC:+$EG3D_SRC/eg3d}" "${ORIGINAL_SRC:-}"; do
-    if [ -n "$src" ] && [ -d "$src/torch_utils/ops" ]; then
-        (cd "$src" && timeout -k 10 240 "$PY" -c 'import sys; sys.path.insert(0, ".")
-from torch_utils.ops import bias_act, upfirdn2d
-print("the original plugins built:", bias_act._init(), upfirdn2d._init())') > "$dest/original-build.txt" 2>&1 &
-        original_build=$!
-        break
-    fi
-done
+if [ ${#sources[@]} -gt 0 ]; then
+    timeout -k 10 240 "$PY" benchmarks/vs_original.py --device cuda --prepare "${sources[@]}" > "$dest/original-build.txt" 2>&1 &
+    original_build=$!
+fi
 
 step build 150 "$PY" -c 'import sys, torch
 from torch_utils.ops import _build, bias_act, upfirdn2d
@@ -85,9 +84,6 @@ if [ -n "$original_build" ]; then
     { echo "== the original's plugin build (background, exit $?):"; cat "$dest/original-build.txt"; } >> "$dest/log.txt"
     rm -f "$dest/original-build.txt"
 fi
-sources=()
-[ -n "${ORIGINAL_SRC:-}" ] && sources+=(--original-src "$ORIGINAL_SRC")
-[ -n "${EG3D_SRC:-}" ] && sources+=(--eg3d-src "$EG3D_SRC")
 [ ${#sources[@]} -gt 0 ] && step vs-original 150 "$PY" benchmarks/vs_original.py --device cuda "${sources[@]}" --pairs 5 --batch 8 --outdir "$dest"
 step train-ffhq512-eg3d 70 "$PY" benchmarks/train_step.py --cfg ffhq512-eg3d --batch 4 --device cuda --outdir "$dest"
 step train-small128 45 "$PY" benchmarks/train_step.py --cfg small128 --batch 8 --device cuda --outdir "$dest"

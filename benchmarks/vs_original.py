@@ -29,7 +29,10 @@ these substitutions so that it imports and runs on a CPU without pytorch3d or Op
                       paths (as on any CPU), conv2d_gradfix disabled. On a GPU the original
                       builds and uses its own CUDA plugins (bias_act, upfirdn2d) and its
                       conv2d_gradfix, as its training loop does; a plugin that fails to build
-                      falls back to its reference and the result says so.
+                      falls back to its reference and the result says so. Its plugin loader
+                      gets one edit: it looks the built module up in sys.modules, where
+                      PyTorch 2's cpp_extension.load no longer puts it ("No module named
+                      'bias_act_plugin'"); it uses the module that load returns instead.
 
 On a GPU (`--device cuda`) both sides run as their training loops set the device up: cuDNN
 benchmark mode on, TF32 off for matmuls and convolutions (full float32); ours uses its own
@@ -162,11 +165,19 @@ def official_patches(preset: str, s: dict) -> dict:
     # image that super-resolution's first block then adds into in place (img.add_): autograd
     # refuses the backward. A copy keeps every value as the original computes it.
     raw_copy = ('rgb_image = feature_image[:, :3]', 'rgb_image = feature_image[:, :3].clone()', 1)
+    # PyTorch 2's cpp_extension.load returns the built module without putting it in
+    # sys.modules, where the original's plugin loader looks it up: use what load returns.
+    plugins = {'torch_utils/custom_ops.py': [
+        ('            torch.utils.cpp_extension.load(name=module_name, build_directory=cached_build_dir,',
+         '            module = torch.utils.cpp_extension.load(name=module_name, build_directory=cached_build_dir,', 1),
+        ('            torch.utils.cpp_extension.load(name=module_name, verbose=verbose_build, sources=sources, **build_kwargs)',
+         '            module = torch.utils.cpp_extension.load(name=module_name, verbose=verbose_build, sources=sources, **build_kwargs)', 1),
+        ('        module = importlib.import_module(module_name)\n', '', 1)]}
     if preset == 'eg3d':
-        return {'training/superresolution.py': sr, 'training/triplane.py': [
+        return {**plugins, 'training/superresolution.py': sr, 'training/triplane.py': [
             ('img_resolution=256, img_channels=32*3,', f'img_resolution={s["plane"]}, img_channels=32*3,', 1), raw_copy]}
     p, t, half = s['plane'], s['texture'], s['plane'] // 2
-    return {'training_avatar_texture/superresolution.py': sr, 'training_avatar_texture/triplane_next3d.py': [
+    return {**plugins, 'training_avatar_texture/superresolution.py': sr, 'training_avatar_texture/triplane_next3d.py': [
         ('StyleGAN2Backbone(z_dim, c_dim, w_dim, img_resolution=256, img_channels=32, mapping_kwargs',
          f'StyleGAN2Backbone(z_dim, c_dim, w_dim, img_resolution={t}, img_channels=32, mapping_kwargs', 1),
         ('img_resolution=256, img_channels=32, in_size=64, final_size=4, cond_channels=32, num_cond_res=64,',
@@ -669,10 +680,12 @@ def summarise(preset: str, samples: dict, profiles: dict, info: dict, device: st
               help="The original's host memory policy: glibc's default, or ours (torch_utils/host_memory.py, which our scripts set)")
 @click.option('--device', type=click.Choice(['cpu', 'cuda']), default='cpu', show_default=True,
               help="Where both sides run (on cuda: each side's CUDA kernels, wall-clock time)")
+@click.option('--prepare', is_flag=True, help="Only build the original's CUDA plugins (with --device cuda), then exit: "
+              'the slow first step, for a script to run while it does other work')
 @click.option('--outdir', help='Folder for the result table (markdown)', default=os.path.join(ROOT, 'benchmarks', 'results'), show_default='benchmarks/results')
 @click.option('--worker', type=click.Choice(['ours', 'original']), hidden=True)
 @click.option('--worker-config', hidden=True)
-def main(original_src, eg3d_src, pairs, batch, which, original_allocator, device, outdir, worker, worker_config):
+def main(original_src, eg3d_src, pairs, batch, which, original_allocator, device, prepare, outdir, worker, worker_config):
     """Compare training and inference speed with the original code, side by side."""
     if worker is not None:
         run_worker(worker, worker_config)
@@ -685,11 +698,26 @@ def main(original_src, eg3d_src, pairs, batch, which, original_allocator, device
     torch.set_num_threads(1)
     if device == 'cuda' and not torch.cuda.is_available():
         raise click.ClickException('--device cuda: this PyTorch sees no CUDA device')
+    if prepare and device != 'cuda':
+        raise click.ClickException("--prepare builds the original's CUDA plugins: give --device cuda")
     presets = [(p, src) for p, src in (('next3d', original_src), ('eg3d', eg3d_src)) if src is not None]
     for preset, src in presets:
         if not os.path.isfile(os.path.join(src, CHECKOUT_MARKERS[preset])):
             raise click.ClickException(f'{src}: no {CHECKOUT_MARKERS[preset]}; is this a checkout of '
                                        f'{"MrTornado24/Next3D" if preset == "next3d" else "NVlabs/eg3d"}?')
+    if prepare:                 # the plugins' sources are the same in both checkouts: one build serves both
+        preset, src = presets[0]
+        with tempfile.TemporaryDirectory() as tmp:
+            cfg = dict(make_config(preset, batch, os.path.abspath(src)), inputs=os.path.join(tmp, 'inputs.npz'), device=device)
+            make_inputs(cfg['inputs'], batch, cfg['img_resolution'])
+            cfg_path = os.path.join(tmp, f'{preset}.json')
+            with open(cfg_path, 'w') as f:
+                json.dump(cfg, f)
+            worker = Worker('original', cfg_path, os.path.join(tmp, 'original.log'))
+            plugins = worker.call('info')['plugins']
+            worker.close()
+        click.echo("The original's custom ops: " + ', '.join(f'{k}: {v}' for k, v in plugins.items()))
+        sys.exit(0 if all(v == 'CUDA plugin' for v in plugins.values()) else 1)
     load_before, start = load_average(), time.time()
     all_rows, all_detail = [], []
     with tempfile.TemporaryDirectory() as tmp:

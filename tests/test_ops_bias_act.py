@@ -108,3 +108,21 @@ def test_gradients(act, clamp):
     fn = lambda x, b: B.bias_act(x, b, act=act, alpha=0.25, gain=1.3, clamp=clamp)
     assert torch.autograd.gradcheck(fn, (x, b))
     assert torch.autograd.gradgradcheck(fn, (x, b))
+
+
+@pytest.mark.parametrize('act', ['relu', 'lrelu'])
+def test_gradient_at_the_kink_takes_pytorchs_side(act):
+    # At x + b == 0 exactly the op (the kernel, and its CPU twin here) takes the side of
+    # PyTorch's own relu / leaky_relu: act'(0) = 0, resp. alpha. The GPU tests keep their
+    # inputs off the kink, where the fused reference's rounding picks a side at random.
+    b = torch.tensor([0.5, -1.25, 3.0], dtype=torch.float64)
+    x = -b.reshape(1, 3).repeat(2, 1)
+    dy = torch.tensor([[1.0, -2.0, 3.0], [0.5, 0.25, -4.0]], dtype=torch.float64)
+    spec = B.ACTIVATIONS[act]
+    got = B._bias_act_grad_op(dy, x, b, 1, act, spec.alpha, spec.gain, -1.0)
+    xr = x.clone().requires_grad_(True)
+    z = xr + b
+    y = (torch.nn.functional.relu(z) if act == 'relu' else torch.nn.functional.leaky_relu(z, spec.alpha)) * spec.gain
+    expected, = torch.autograd.grad(y, [xr], dy)
+    assert torch.allclose(got, expected, rtol=1e-14, atol=0)        # (products in another order)
+    assert torch.allclose(expected, dy * (0.0 if act == 'relu' else spec.alpha) * spec.gain, rtol=1e-14, atol=0)

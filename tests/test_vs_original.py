@@ -158,3 +158,23 @@ def test_git_commit_of_a_copy_without_git_comes_from_the_environment(monkeypatch
     assert common.git_commit() == 'unknown'
     monkeypatch.setenv('NEXT3D_COMMIT', 'abc1234')
     assert common.git_commit() == 'abc1234'
+
+
+def test_prepare_needs_the_gpu_option(tmp_path):
+    from click.testing import CliRunner
+    (tmp_path / 'eg3d' / 'training').mkdir(parents=True)
+    (tmp_path / 'eg3d' / 'training' / 'triplane.py').write_text('')
+    result = CliRunner().invoke(vs_original.main, ['--eg3d-src', str(tmp_path), '--prepare'])
+    assert result.exit_code == 1
+    assert result.output.strip() == "Error: --prepare builds the original's CUDA plugins: give --device cuda"
+
+
+def test_the_plugin_loader_edit_uses_what_load_returns():
+    # The original's custom_ops looks the built module up in sys.modules, where PyTorch 2's
+    # cpp_extension.load no longer puts it: the edit must take load's return value instead.
+    sizes = dict(plane=64, texture=64, channels=32, mouth_in=32, mouth_bottleneck=4, blend_bottleneck=8,
+                 sr_channels=[32, 16], w_dim=64, num_vertices=4977, img=128, raw=64)
+    for preset in ('next3d', 'eg3d'):
+        edits = vs_original.official_patches(preset, sizes)['torch_utils/custom_ops.py']
+        assert all(new.lstrip().startswith('module = torch.utils.cpp_extension.load(') for old, new, _ in edits[:2])
+        assert edits[2] == ('        module = importlib.import_module(module_name)\n', '', 1)
