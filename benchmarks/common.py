@@ -60,12 +60,15 @@ def device_name(device: torch.device) -> str:
 def git_commit(*paths: str) -> str:
     """Short HEAD commit, marked '(modified)' when any of `paths` has uncommitted changes.
 
-    In a copy of the tree without git (e.g. sent to a GPU machine), NEXT3D_COMMIT names it, else 'unknown'.
+    NEXT3D_COMMIT, when set, names the commit instead: for a copy of the tree sent to another
+    machine, whose git metadata may be missing or older than its files. 'unknown' without either.
     """
+    if os.environ.get('NEXT3D_COMMIT', '').strip():
+        return os.environ['NEXT3D_COMMIT'].strip()
     try:
         out = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], cwd=ROOT, capture_output=True, text=True, check=True)
     except (OSError, subprocess.CalledProcessError):
-        return os.environ.get('NEXT3D_COMMIT', '').strip() or 'unknown'
+        return 'unknown'
     dirty = paths and subprocess.run(['git', 'status', '--porcelain', '--', *paths], cwd=ROOT,
                                      capture_output=True, text=True).stdout.strip()
     return out.stdout.strip() + (' (modified)' if dirty else '')

@@ -25,6 +25,9 @@
 # 1 if one failed or was skipped, 2 without a GPU.
 #
 #     [ORIGINAL_SRC=DIR] [EG3D_SRC=DIR] [PYTHON=...] [GPU_CHECK_SECONDS=540] bash benchmarks/gpu_check.sh
+#
+# NEXT3D_COMMIT names the commit in the results when the tree was copied to the GPU machine
+# (its git metadata there may be missing or stale).
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -39,7 +42,7 @@ mkdir -p "$dest"
 {
     nvidia-smi
     "$PY" -c 'import torch; print("torch", torch.__version__, "CUDA", torch.version.cuda, "device", torch.cuda.get_device_name())'
-    echo "commit $(git rev-parse HEAD 2>/dev/null || echo "${NEXT3D_COMMIT:-unknown}")"
+    echo "commit ${NEXT3D_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}"
 } > "$dest/environment.txt" 2>&1
 
 failed=0

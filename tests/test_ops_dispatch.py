@@ -404,10 +404,10 @@ def test_setup_filter_refuses_a_negative_gain_for_a_separable_filter():
 # --- per-call work of the kernel paths (the CUDA plugin itself cannot run here) ----------
 
 class _RecordingUpfirdn2dOp:
-    """Stands in for the torch.library op that the CUDA path calls: records the filters it gets."""
+    """Stands in for the op call of the CUDA path: records the filters it gets."""
 
     def __init__(self):
-        self.op, self.filters = U._upfirdn2d_op, []
+        self.op, self.filters = U._upfirdn2d_call, []
 
     def __call__(self, x, f, *args):
         self.filters.append(f)
@@ -416,7 +416,7 @@ class _RecordingUpfirdn2dOp:
 
 def test_upfirdn2d_kernel_path_prepares_no_filter_per_call(pretend_kernels, monkeypatch):
     rec = _RecordingUpfirdn2dOp()
-    monkeypatch.setattr(U, '_upfirdn2d_op', rec)
+    monkeypatch.setattr(U, '_upfirdn2d_call', rec)
     x = torch.randn(2, 3, 6, 7)
     for _ in range(3):
         torch.testing.assert_close(U.upfirdn2d(x, None, up=2, padding=1), U.upfirdn2d(x, None, up=2, padding=1, impl='ref'))
@@ -447,10 +447,35 @@ def test_upfirdn2d_kernel_path_prepares_no_filter_per_call(pretend_kernels, monk
 def test_bias_act_kernel_path_passes_its_operands_as_they_are(pretend_kernels, monkeypatch):
     # Odd strides where a size is 1 are no reason to copy (the kernel ignores them; see test_ops_gpu).
     seen = []
-    op = B._bias_act_op
-    monkeypatch.setattr(B, '_bias_act_op', lambda x, b, *args: seen.append((x, b)) or op(x, b, *args))
+    op = B._bias_act_call
+    monkeypatch.setattr(B, '_bias_act_call', lambda x, b, *args: seen.append((x, b)) or op(x, b, *args))
     x = torch.randn(135).as_strided((3, 5, 1, 9), (45, 9, 777, 1))
     b = torch.randn(5)
     y = B.bias_act(x, b, act='lrelu')
     assert len(seen) == 1 and seen[0][0] is x and seen[0][1] is b
     torch.testing.assert_close(y, B.bias_act(x, b, act='lrelu', impl='ref'))
+
+
+def test_kernel_path_runs_functions_in_eager_mode_and_the_ops_under_compile(pretend_kernels):
+    # Eager mode: plain autograd Functions (a torch.library op costs more host time per call);
+    # torch.compile: the registered ops, which it traces with their fake kernels.
+    x = torch.randn(2, 3, 8, 8, requires_grad=True)
+    b = torch.randn(3, requires_grad=True)
+    f = U.setup_filter([1, 3, 3, 1])
+
+    def fn(x, b):
+        return U.upsample2d(B.bias_act(x, b, act='lrelu'), f)
+    y = fn(x, b)
+    assert type(y.grad_fn).__name__ == '_Upfirdn2dFunctionBackward'
+    assert type(y.grad_fn.next_functions[0][0]).__name__ == '_BiasActFunctionBackward'
+    targets = []
+
+    def recording_backend(gm, example_inputs):
+        targets.extend(str(node.target) for node in gm.graph.nodes if node.op == 'call_function')
+        return gm.forward
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, backend=recording_backend, fullgraph=True)
+    torch.testing.assert_close(compiled(x, b), y)
+    assert 'next3d.bias_act.default' in targets and 'next3d.upfirdn2d.default' in targets
+    assert not any('Function' in t for t in targets)
+    torch._dynamo.reset()

@@ -146,18 +146,22 @@ def test_main_on_cuda_without_a_gpu_is_one_clear_error(tmp_path):
     assert not (tmp_path / 'out').exists()
 
 
-def test_git_commit_of_a_copy_without_git_comes_from_the_environment(monkeypatch):
-    # A tree copied to a GPU machine has no .git: the result files name NEXT3D_COMMIT's commit.
+def test_git_commit_of_a_copied_tree_comes_from_the_environment(monkeypatch):
+    # A tree copied to a GPU machine may have no git metadata, or an older commit's (seen on
+    # the first GPU run): NEXT3D_COMMIT, when set, names the commit in the result files.
     import subprocess
     from benchmarks import common
+    monkeypatch.delenv('NEXT3D_COMMIT', raising=False)
+    from_git = common.git_commit()
+    monkeypatch.setenv('NEXT3D_COMMIT', 'abc1234')
+    assert common.git_commit() == 'abc1234' != from_git
 
     def no_git(*args, **kwargs):
         raise subprocess.CalledProcessError(128, args[0])
     monkeypatch.setattr(common.subprocess, 'run', no_git)
-    monkeypatch.delenv('NEXT3D_COMMIT', raising=False)
-    assert common.git_commit() == 'unknown'
-    monkeypatch.setenv('NEXT3D_COMMIT', 'abc1234')
     assert common.git_commit() == 'abc1234'
+    monkeypatch.delenv('NEXT3D_COMMIT')
+    assert common.git_commit() == 'unknown'
 
 
 def test_prepare_needs_the_gpu_option(tmp_path):
