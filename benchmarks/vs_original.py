@@ -507,14 +507,19 @@ def run_worker(side: str, cfg_path: str):
             activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == 'cuda' else [])
             with torch_profile(activities=activities) as prof:
                 train_step()
-            if device.type == 'cuda':
-                self_time = lambda e: getattr(e, 'self_device_time_total', None) or getattr(e, 'self_cuda_time_total', 0)
-            else:
-                self_time = lambda e: e.self_cpu_time_total
-            events = [e for e in prof.key_averages() if self_time(e) > 0]
-            total = sum(self_time(e) for e in events)
-            events.sort(key=lambda e: -self_time(e))
-            return dict(total_ms=total / 1e3, top=[(e.key, self_time(e) / 1e3, e.count) for e in events[:10]])
+
+            def top(events, self_time):
+                events = sorted((e for e in events if self_time(e) > 0), key=lambda e: -self_time(e))
+                return dict(total_ms=sum(self_time(e) for e in events) / 1e3,
+                            top=[(e.key, self_time(e) / 1e3, e.count) for e in events[:10]])
+            averages = prof.key_averages()
+            host = top([e for e in averages if e.device_type == torch.autograd.DeviceType.CPU], lambda e: e.self_cpu_time_total)
+            if device.type != 'cuda':
+                return host
+            # On the GPU: the kernels by their time on the device, and the host's ops by CPU time.
+            kernels = [e for e in averages if e.device_type == torch.autograd.DeviceType.CUDA]
+            gpu = top(kernels, lambda e: getattr(e, 'self_device_time_total', None) or getattr(e, 'self_cuda_time_total', 0))
+            return dict(gpu, host=host, kernels=sum(e.count for e in kernels))
 
         def convolutions():
             return convolution_seconds(side_obj)
@@ -660,12 +665,17 @@ def summarise(preset: str, samples: dict, profiles: dict, info: dict, device: st
     if info['ours'].get('compile_log'):
         detail += [f'torch.compile on our side ({len(info["ours"]["compile_log"])} lines of the worker\'s log):', '']
         detail += [f'- {line}' for line in info['ours']['compile_log']] + ['']
-    where = 'CPU' if device == 'cpu' else 'GPU'
     for side in ('ours', 'original'):
         p = profiles[side]
-        detail += [f'### {preset}, {side}: top 10 ops by self {where} time (one step, all four phases once; total {p["total_ms"] / 1e3:.3f} s)', '',
-                   f'| op | self {where} ms | share | calls |', '|---|---|---|---|']
-        detail += [f'| `{k}` | {ms:.0f} | {100 * ms / p["total_ms"]:.1f}% | {n} |' for k, ms, n in p['top']] + ['']
+        if device == 'cpu':
+            tables = [(f'top 10 ops by self CPU time (one step, all four phases once; total {p["total_ms"] / 1e3:.3f} s)', 'self CPU ms', p)]
+        else:
+            tables = [(f'top 10 GPU kernels by time (one step, all four phases once; {p["kernels"]:,} kernels, '
+                       f'{p["total_ms"] / 1e3:.3f} s on the device)', 'GPU ms', p),
+                      (f'top 10 host ops by self CPU time (the same step; total {p["host"]["total_ms"] / 1e3:.3f} s)', 'self CPU ms', p['host'])]
+        for title, unit, t in tables:
+            detail += [f'### {preset}, {side}: {title}', '', f'| op | {unit} | share | calls |', '|---|---|---|---|']
+            detail += [f'| `{k[:120]}` | {ms:.1f} | {100 * ms / t["total_ms"]:.1f}% | {n} |' for k, ms, n in t['top']] + ['']
     return rows, detail
 
 

@@ -120,7 +120,8 @@ def test_summarise_on_a_gpu_reports_wall_time_gpu_memory_and_the_plugins():
     phases = lambda s: {'Gmain': (1.0 * s, 9.0), 'Greg': (4.0 * s, 9.0), 'Dmain': (0.5 * s, 9.0), 'Dreg': (16.0 * s, 9.0)}
     samples = dict(ours=dict(train=[phases(1)] * 3, infer=[(0.5, 9.0)] * 3),
                    original=dict(train=[phases(4)] * 3, infer=[(2.0, 9.0)] * 3))
-    profiles = {side: dict(total_ms=12.5, top=[('ampere_sgemm', 5.0, 2)]) for side in ('ours', 'original')}
+    profiles = {side: dict(total_ms=12.5, top=[('ampere_sgemm', 5.0, 2)], kernels=1234,
+                           host=dict(total_ms=40.0, top=[('aten::mul', 10.0, 300)])) for side in ('ours', 'original')}
     info = dict(ours=dict(params=[1, 1], peak_rss_gib=1.0, peak_gpu_gib=0.5, plugins={}),
                 original=dict(params=[1, 1], peak_rss_gib=2.0, peak_gpu_gib=0.75,
                               plugins={'bias_act': 'CUDA plugin', 'upfirdn2d': 'reference (its CUDA plugin failed: boom)'}))
@@ -130,7 +131,8 @@ def test_summarise_on_a_gpu_reports_wall_time_gpu_memory_and_the_plugins():
     assert 'phases (wall-clock seconds' in text and '| Gmain | 1.000 | 4.000 | 0.25 |' in text
     assert 'Peak GPU memory allocated: ours 0.50 GiB, original 0.75 GiB.' in text
     assert "The original's custom ops: bias_act: CUDA plugin, upfirdn2d: reference (its CUDA plugin failed: boom)." in text
-    assert 'top 10 ops by self GPU time' in text and '| op | self GPU ms | share | calls |' in text
+    assert '1,234 kernels, 0.013 s on the device' in text and '| `ampere_sgemm` | 5.0 | 40.0% | 2 |' in text
+    assert 'top 10 host ops by self CPU time (the same step; total 0.040 s)' in text and '| `aten::mul` | 10.0 | 25.0% | 300 |' in text
 
 
 def test_main_on_cuda_without_a_gpu_is_one_clear_error(tmp_path):
