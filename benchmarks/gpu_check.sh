@@ -15,7 +15,9 @@
 #   4. with ORIGINAL_SRC (a checkout of MrTornado24/Next3D) and/or EG3D_SRC (of NVlabs/eg3d):
 #      benchmarks/vs_original.py --device cuda, this project against the original side by side;
 #   5. benchmarks/train_step.py on CUDA: EG3D at FFHQ sizes (ffhq512-eg3d; Next3D at FFHQ
-#      sizes needs the user's FLAME template) and small128 Next3D (bundled head mesh);
+#      sizes needs the user's FLAME template) and small128 Next3D (bundled head mesh), with
+#      the profiles of its Gmain (batch 8) and of its R1 phase at batch 32, where ours was
+#      2.3x slower than the original's on an H200 (a slow cuDNN kernel);
 #   6. benchmarks/rasterize.py on CUDA: 4 heads x 4 views at 256;
 #   7. benchmarks/ops.py on CUDA: kernels vs references (without its torch.compile column,
 #      whose compiles would not fit).
@@ -89,7 +91,8 @@ if [ -n "$original_build" ]; then
 fi
 [ ${#sources[@]} -gt 0 ] && step vs-original 150 "$PY" benchmarks/vs_original.py --device cuda "${sources[@]}" --pairs 5 --batch 8 --outdir "$dest"
 step train-ffhq512-eg3d 70 "$PY" benchmarks/train_step.py --cfg ffhq512-eg3d --batch 4 --device cuda --outdir "$dest"
-step train-small128 45 "$PY" benchmarks/train_step.py --cfg small128 --batch 8 --device cuda --outdir "$dest"
+step train-small128 45 "$PY" benchmarks/train_step.py --cfg small128 --batch 8 --device cuda --profile Gmain --outdir "$dest"
+step profile-dreg-small128 45 "$PY" benchmarks/train_step.py --cfg small128 --batch 32 --device cuda --repeats 1 --profile Dreg --outdir "$dest"
 step rasterize 30 "$PY" benchmarks/rasterize.py --device cuda --batch 4 --resolution 256
 step ops 60 "$PY" benchmarks/ops.py --device cuda --no-compile --outdir "$dest"
 echo "results in $dest"

@@ -10,11 +10,16 @@ orbit; the bundled head model's mesh for Next3D presets), so no dataset is neede
 (torch_utils/compiled.py), timed interleaved with the eager ones on the same networks, and
 the compile time (the checked first calls) reported.
 
+`--profile PHASE` runs that phase once more under torch.profiler and adds its top ops with
+their input shapes (by time on the GPU, or CPU time on the CPU) and, on a GPU, its top
+kernels and their count: where a phase's time goes, convolution by convolution.
+
 Prints a markdown table and writes it to benchmarks/results/train_step-<preset>-<device>-<date>.md.
 
     python benchmarks/train_step.py --cfg small128 --batch 4 --device cpu
     python benchmarks/train_step.py --cfg tiny64 --batch 8 --threads 1 --compile D
     python benchmarks/train_step.py --cfg ffhq512 --batch 4 --device cuda --template data/flame/head_template.obj
+    python benchmarks/train_step.py --cfg small128 --batch 32 --device cuda --profile Dreg
 """
 
 import datetime
@@ -76,6 +81,29 @@ def time_phase(losses, phase, module, opt, inputs, z_dim, device, repeats):
     return [float(np.median(t)) for t in times]
 
 
+def profile_phase(loss, phase, inputs, z_dim, device, top: int = 15) -> list:
+    """Markdown lines: one run of `phase` under torch.profiler, its top ops by input shape and (GPU) kernels."""
+    from torch.profiler import ProfilerActivity, profile
+    on_gpu = device.type == 'cuda'
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else []), record_shapes=True) as prof:
+        time_phase([loss], phase.name, phase.module, phase.opt, inputs, z_dim, device, 1)
+    device_time = lambda e: (getattr(e, 'self_device_time_total', None) or getattr(e, 'self_cuda_time_total', 0)) / 1e3
+    cost = device_time if on_gpu else (lambda e: e.self_cpu_time_total / 1e3)
+    unit = 'GPU ms (kernels it launched)' if on_gpu else 'self CPU ms'
+    ops = [e for e in prof.key_averages(group_by_input_shape=True) if e.device_type == torch.autograd.DeviceType.CPU and cost(e) > 0]
+    ops.sort(key=lambda e: -cost(e))
+    lines = [f'### {phase.name}: top {top} ops by {unit}, with their input shapes (one run, total {sum(cost(e) for e in ops):.1f} ms)', '',
+             f'| op | input shapes | calls | {unit} |', '|---|---|---|---|']
+    lines += [f'| `{e.key}` | `{str(e.input_shapes)[:160]}` | {e.count} | {cost(e):.2f} |' for e in ops[:top]] + ['']
+    if on_gpu:
+        kernels = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA and device_time(e) > 0]
+        kernels.sort(key=lambda e: -device_time(e))
+        lines += [f'### {phase.name}: top {top} GPU kernels ({sum(e.count for e in kernels):,} launches, '
+                  f'{sum(device_time(e) for e in kernels):.1f} ms on the device)', '', '| kernel | calls | GPU ms |', '|---|---|---|']
+        lines += [f'| `{e.key[:160]}` | {e.count} | {device_time(e):.2f} |' for e in kernels[:top]] + ['']
+    return lines
+
+
 @click.command()
 @click.option('--cfg', help='Network preset', type=click.Choice(sorted(configs.PRESETS)), default='small128', show_default=True)
 @click.option('--batch', help='Batch size of one step', type=click.IntRange(min=1), default=4, show_default=True)
@@ -84,8 +112,9 @@ def time_phase(losses, phase, module, opt, inputs, z_dim, device, repeats):
 @click.option('--template', help='Mesh template (default: the bundled head model for the small presets)', metavar='PATH')
 @click.option('--threads', help='CPU threads (default: all)', type=int, default=None)
 @click.option('--compile', 'which', help='Also time the phases with these networks through torch.compile', type=click.Choice(loss_lib.COMPILE_CHOICES), default='none', show_default=True)
+@click.option('--profile', 'profiled', help='Also profile one run of this phase (eager)', type=click.Choice(['none', 'Gmain', 'Greg', 'Dmain', 'Dreg']), default='none', show_default=True)
 @click.option('--outdir', help='Where to write the result', default=RESULTS_DIR, show_default='benchmarks/results')
-def main(cfg, batch, device, repeats, template, threads, which, outdir):
+def main(cfg, batch, device, repeats, template, threads, which, profiled, outdir):
     """Benchmark training steps of a preset."""
     device = torch.device(device)
     if threads is not None:
@@ -112,6 +141,8 @@ def main(cfg, batch, device, repeats, template, threads, which, outdir):
         time_phase(losses, phase.name, phase.module, phase.opt, inputs, G.z_dim, device, 1)          # warm-up (compiles)
         secs = time_phase(losses, phase.name, phase.module, phase.opt, inputs, G.z_dim, device, repeats)
         rows.append((phase.name, interval, secs))
+    phases = {p.name: p for p in (g_main, g_reg, d_main, d_reg)}
+    profile_lines = [] if profiled == 'none' else profile_phase(losses[0], phases[profiled], inputs, G.z_dim, device)
     steps = [sum(secs[i] / interval for _, interval, secs in rows) for i in range(len(losses))]
     step = steps[0]
     sec_per_kimg = step / batch * 1000
@@ -144,11 +175,11 @@ def main(cfg, batch, device, repeats, template, threads, which, outdir):
         f'**{step:.3f} s per step, {sec_per_kimg:.1f} s/kimg (eager), peak memory {peak_memory_gib(device):.2f} GiB** '
         f'({"GPU allocated" if device.type == "cuda" else "process RSS"})',
         '',
-    ]
+    ] + profile_lines
     text = '\n'.join(lines)
     print(text)
     os.makedirs(outdir, exist_ok=True)
-    suffix = '' if which == 'none' else f'-compile-{which}'
+    suffix = ('' if which == 'none' else f'-compile-{which}') + ('' if profiled == 'none' else f'-profile-{profiled}')
     path = os.path.join(outdir, f'train_step-{cfg}{suffix}-{device.type}-{now:%Y-%m-%d}.md')
     atomic_write_bytes(path, text.encode())
     print(f'Wrote {path}')

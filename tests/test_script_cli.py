@@ -133,3 +133,19 @@ def test_gpu_check_script_refuses_a_machine_without_a_gpu(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip() == f'Error: {sys.executable}: torch sees no CUDA device (or does not import); this script is for a GPU machine'
     assert not out.exists()                      # nothing written
+
+
+def test_train_step_benchmark_profiles_a_phase(tmp_path):
+    # benchmarks/train_step.py --profile: the phase's top ops with their input shapes, written with the timings.
+    from click.testing import CliRunner
+    from benchmarks import train_step
+    result = CliRunner().invoke(train_step.main, ['--cfg', 'tiny64', '--batch', '2', '--device', 'cpu', '--repeats', '1',
+                                                  '--profile', 'Dreg', '--outdir', str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    files = os.listdir(tmp_path)
+    assert len(files) == 1 and files[0].startswith('train_step-tiny64-profile-Dreg-cpu-')
+    text = (tmp_path / files[0]).read_text()
+    assert '### Dreg: top 15 ops by self CPU ms, with their input shapes' in text
+    rows = [line for line in text.splitlines() if line.startswith('| `aten::')]
+    assert len(rows) >= 5 and any('convolution' in row for row in rows)
+    assert all(row.count('|') >= 5 for row in rows)
