@@ -20,13 +20,16 @@
 #      2.3x slower than the original's on an H200 (a slow cuDNN kernel);
 #   6. benchmarks/rasterize.py on CUDA: 4 heads x 4 views at 256;
 #   7. benchmarks/ops.py on CUDA: kernels vs references (without its torch.compile column,
-#      whose compiles would not fit).
+#      whose compiles would not fit);
+#   8. with GPU_CHECK_COMPILE=1 and ORIGINAL_SRC: vs_original.py --compile all on CUDA (our
+#      networks through torch.compile; the small128 step is bound by the host on an H200,
+#      which is what compiled graphs cut), if the run's time allows.
 # A failing step does not stop the others. Results go to $OUT if it is set (a remote
 # runner's collection folder), else to benchmarks/results/gpu-check-<UTC date>-<HHMM>/:
 # log.txt, environment.txt and the benchmarks' tables. Exit status: 0 if every step passed,
 # 1 if one failed or was skipped, 2 without a GPU.
 #
-#     [ORIGINAL_SRC=DIR] [EG3D_SRC=DIR] [PYTHON=...] [GPU_CHECK_SECONDS=540] bash benchmarks/gpu_check.sh
+#     [ORIGINAL_SRC=DIR] [EG3D_SRC=DIR] [PYTHON=...] [GPU_CHECK_SECONDS=540] [GPU_CHECK_COMPILE=1] bash benchmarks/gpu_check.sh
 #
 # NEXT3D_COMMIT names the commit in the results when the tree was copied to the GPU machine
 # (its git metadata there may be missing or stale).
@@ -95,5 +98,8 @@ step train-small128 45 "$PY" benchmarks/train_step.py --cfg small128 --batch 8 -
 step profile-dreg-small128 45 "$PY" benchmarks/train_step.py --cfg small128 --batch 32 --device cuda --repeats 1 --profile Dreg --outdir "$dest"
 step rasterize 30 "$PY" benchmarks/rasterize.py --device cuda --batch 4 --resolution 256
 step ops 60 "$PY" benchmarks/ops.py --device cuda --no-compile --outdir "$dest"
+if [ -n "${GPU_CHECK_COMPILE:-}" ] && [ -n "${ORIGINAL_SRC:-}" ]; then     # opt-in: Triton compiles take minutes
+    step vs-original-compiled 300 "$PY" benchmarks/vs_original.py --device cuda --original-src "$ORIGINAL_SRC" --compile all --pairs 3 --batch 8 --outdir "$dest"
+fi
 echo "results in $dest"
 exit "$failed"
