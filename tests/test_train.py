@@ -54,6 +54,26 @@ def test_lazy_regularization_correction():
     assert [p.name for p in both] == ['Gboth', 'Dboth'] and both[0].opt.param_groups[0]['lr'] == 0.1
 
 
+def test_adam_is_fused_unless_the_options_choose():
+    # One fused update for all tensors (no per-tensor host work); the same step up to rounding.
+    G, D = torch.nn.Linear(3, 2), torch.nn.Linear(2, 2)
+    adam = dict(lr=0.01, betas=[0, 0.99], eps=1e-8)
+    phases = tl.setup_phases(G, D, adam, dict(adam, foreach=False), 4, 16)
+    assert phases[0].opt.param_groups[0]['fused'] is True and not phases[2].opt.param_groups[0]['fused']
+    torch.manual_seed(0)
+    grads = [torch.randn_like(p) for p in G.parameters()]
+    reference = torch.nn.Linear(3, 2)
+    reference.load_state_dict(G.state_dict())
+    ref_opt = torch.optim.Adam(reference.parameters(), lr=0.01 * 4 / 5, betas=(0.0, 0.99 ** (4 / 5)), eps=1e-8, foreach=False)
+    for _ in range(3):
+        for p, q, g in zip(G.parameters(), reference.parameters(), grads):
+            p.grad, q.grad = g.clone(), g.clone()
+        phases[0].opt.step()
+        ref_opt.step()
+    for p, q in zip(G.parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+
 def test_ema_half_life_and_rampup():
     G, G_ema = torch.nn.Linear(1, 1, bias=False), torch.nn.Linear(1, 1, bias=False)
     G.weight.data.fill_(1.0)
