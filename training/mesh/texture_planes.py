@@ -76,14 +76,21 @@ def view_transform(name: str, layout: str = 'aligned') -> Tuple[torch.Tensor, to
     return lin, s * flip_out @ shift
 
 
-def _image_axes(name: str, layout: str):
-    """((column axis, sign), (row axis, sign)) of a view's image in mesh axes."""
-    lin, _ = view_transform(name, layout)
+def _axes_of(lin: torch.Tensor):
     out = []
     for r in range(2):
         a = int(lin[r].abs().argmax())
         out.append((a, 1 if lin[r, a] > 0 else -1))
     return tuple(out)
+
+
+# Made once: each forward asks several times, and each answer costs dozens of small ops and four scalar reads.
+_IMAGE_AXES = {(name, layout): _axes_of(view_transform(name, layout)[0]) for name in VIEW_NAMES for layout in LAYOUTS}
+
+
+def _image_axes(name: str, layout: str):
+    """((column axis, sign), (row axis, sign)) of a view's image in mesh axes."""
+    return _IMAGE_AXES[(name, layout)]
 
 
 # Eager under torch.compile: the number of rounds depends on the image (a host sync), and
