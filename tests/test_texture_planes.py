@@ -219,6 +219,27 @@ def test_enclosed_hole_gets_alpha_one(gap):
     assert alpha[0].abs().max() == 0 and alpha[:, 0].abs().max() == 0
 
 
+def test_spread_along_runs_marks_whole_runs():
+    # Each run of passable pixels along a line becomes reachable as a whole if any pixel of it
+    # is; impassable pixels never are. Against a loop over the lines, rectangular images.
+    from training.mesh.texture_planes import _spread_along_runs
+    g = torch.Generator().manual_seed(3)
+    passable = torch.rand(3, 7, 11, generator=g) > 0.3
+    reach = torch.rand(3, 7, 11, generator=g) > 0.8
+    for dim in (1, 2):
+        expected = torch.zeros_like(passable)
+        p, r, e = (t.movedim(dim, -1) for t in (passable, reach, expected))
+        for i in range(p.shape[0]):
+            for j in range(p.shape[1]):
+                start = 0
+                for k in range(p.shape[2] + 1):
+                    if k == p.shape[2] or not p[i, j, k]:
+                        if bool((r[i, j, start:k] & p[i, j, start:k]).any()):
+                            e[i, j, start:k] = True
+                        start = k + 1
+        assert torch.equal(_spread_along_runs(reach, passable, dim), expected)
+
+
 def test_fill_enclosed_matches_connected_components():
     # Random blobs plus a spiral wall: compare with scipy's 4-connected labelling.
     g = torch.Generator().manual_seed(1)

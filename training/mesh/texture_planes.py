@@ -130,23 +130,20 @@ def fill_enclosed(alpha: torch.Tensor, max_rounds: int = 1024) -> torch.Tensor:
 def _spread_along_runs(reach: torch.Tensor, passable: torch.Tensor, dim: int) -> torch.Tensor:
     """Mark a whole run of passable pixels along `dim` reachable if any pixel of it is.
 
-    Pointer doubling: after the step with shift s, a pixel knows whether a reachable pixel
-    lies within the 2s - 1 pixels before it with only passable pixels between (`run`: the
-    last 2s pixels are all passable). Both directions at once (the backward one on a
-    flipped copy): log2(size) steps of a few elementwise ops.
+    The runs of each line are numbered by the impassable pixels before them (a cumulative
+    sum); one sum per run of its reachable pixels, read back at every pixel of the run.
+    A dozen ops whatever the size (pointer doubling took ~80 for 64 pixels: on a GPU each
+    is a launch), the same booleans, and a little faster on the CPU.
     """
-    n = passable.shape[dim]
     reach = reach & passable
-    r = torch.stack([reach, reach.flip(dim)])
-    run = torch.stack([passable, passable.flip(dim)])
-    d = dim + 1 if dim >= 0 else dim
-    s = 1
-    while s < n:
-        # Pixel i looks at pixel i - s; the right-hand sides are computed before writing.
-        r.narrow(d, s, n - s).logical_or_(r.narrow(d, 0, n - s) & run.narrow(d, s, n - s))
-        run.narrow(d, s, n - s).copy_(run.narrow(d, s, n - s) & run.narrow(d, 0, n - s))
-        s *= 2
-    return r[0] | r[1].flip(dim)
+    n = passable.shape[dim]
+    run = (~passable).cumsum(dim, dtype=torch.int32).movedim(dim, -1)        # pixels of one run share a number
+    reach = reach.movedim(dim, -1)
+    lines = reach.numel() // n
+    first = torch.arange(0, lines * (n + 1), n + 1, dtype=torch.int32, device=run.device).view(*reach.shape[:-1], 1)
+    index = (run + first).reshape(-1)                                       # (line, run) slots, n + 1 per line
+    hits = torch.zeros(lines * (n + 1), dtype=torch.int32, device=run.device).index_add_(0, index, reach.reshape(-1).to(torch.int32))
+    return (hits.index_select(0, index).view(reach.shape) > 0).movedim(-1, dim) & passable
 
 
 @persistence.persistent_class
