@@ -294,30 +294,13 @@ _bias_act_op.register_autograd(_bias_act_backward, setup_context=_bias_act_setup
 _bias_act_grad_op.register_autograd(_bias_act_grad_backward, setup_context=_bias_act_grad_setup)
 
 
-# In eager mode the same bodies and backward formulas run as plain autograd Functions: a
-# torch.library op costs ~50 us more per call in Python (measured on the CPU twin), which on
-# a GPU is host time per call, and a training step makes about a thousand such calls.
-
-class _BiasActFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, *inputs):
-        _bias_act_setup(ctx, inputs, None)
-        return _bias_act_impl(*inputs)
-
-    @staticmethod
-    def backward(ctx, dy):
-        return _bias_act_backward(ctx, dy, grad_op=_BiasActGradFunction.apply)
-
-
-class _BiasActGradFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, *inputs):
-        _bias_act_grad_setup(ctx, inputs, None)
-        return _bias_act_grad_impl(*inputs)
-
-    @staticmethod
-    def backward(ctx, g):
-        return _bias_act_grad_backward(ctx, g, grad_op=_BiasActGradFunction.apply)
+# Eager mode: the same bodies and formulas as plain autograd Functions (see _build.eager_function).
+_BiasActGradFunction = _build.eager_function(
+    '_BiasActGradFunction', _bias_act_grad_impl, _bias_act_grad_setup,
+    lambda ctx, g: _bias_act_grad_backward(ctx, g, grad_op=_BiasActGradFunction.apply))
+_BiasActFunction = _build.eager_function(
+    '_BiasActFunction', _bias_act_impl, _bias_act_setup,
+    lambda ctx, dy: _bias_act_backward(ctx, dy, grad_op=_BiasActGradFunction.apply))
 
 
 def _bias_act_call(*inputs):

@@ -368,17 +368,10 @@ def _upfirdn2d_backward(ctx, dy, op=_upfirdn2d_op):
 _upfirdn2d_op.register_autograd(_upfirdn2d_backward, setup_context=_upfirdn2d_setup)
 
 
-class _Upfirdn2dFunction(torch.autograd.Function):
-    """The op's body and backward as a plain autograd Function, for eager mode: ~50 us less
-    per call than a torch.library op, which on a GPU is host time (see bias_act.py)."""
-    @staticmethod
-    def forward(ctx, *inputs):
-        _upfirdn2d_setup(ctx, inputs, None)
-        return _upfirdn2d_impl(*inputs)
-
-    @staticmethod
-    def backward(ctx, dy):
-        return _upfirdn2d_backward(ctx, dy, op=_Upfirdn2dFunction.apply)
+# Eager mode: the same body and formula as a plain autograd Function (see _build.eager_function).
+_Upfirdn2dFunction = _build.eager_function(
+    '_Upfirdn2dFunction', _upfirdn2d_impl, _upfirdn2d_setup,
+    lambda ctx, dy: _upfirdn2d_backward(ctx, dy, op=_Upfirdn2dFunction.apply))
 
 
 def _upfirdn2d_call(*inputs):
