@@ -4,6 +4,7 @@ Loop-level tests use toy-sized EG3D networks (tests/train_helpers.py); train.py 
 real `tiny64` presets (Next3D, and EG3D where only the loop mechanics matter).
 """
 
+import copy
 import json
 import os
 import signal
@@ -72,6 +73,19 @@ def test_adam_is_fused_unless_the_options_choose():
         ref_opt.step()
     for p, q in zip(G.parameters(), reference.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+    # A state saved by an unfused Adam (snapshots from before) resumes unfused, bit for bit.
+    resumed = tl.setup_phases(reference, D, adam, adam, 4, 16)[0].opt
+    resumed.load_state_dict(copy.deepcopy(ref_opt.state_dict()))
+    assert not resumed.param_groups[0]['fused']
+    twin = torch.nn.Linear(3, 2)
+    twin.load_state_dict(reference.state_dict())
+    for p, q, g in zip(reference.parameters(), twin.parameters(), grads):
+        p.grad, q.grad = g.clone(), g.clone()
+    resumed.step()
+    ref_twin = torch.optim.Adam(twin.parameters(), foreach=False)
+    ref_twin.load_state_dict(copy.deepcopy(ref_opt.state_dict()))
+    ref_twin.step()
+    assert all(torch.equal(p, q) for p, q in zip(reference.parameters(), twin.parameters()))
 
 
 def test_ema_half_life_and_rampup():
