@@ -75,7 +75,7 @@ sources=()
 [ -n "${EG3D_SRC:-}" ] && sources+=(--eg3d-src "$EG3D_SRC")
 original_build=""
 if [ ${#sources[@]} -gt 0 ]; then
-    timeout -k 10 240 "$PY" benchmarks/vs_original.py --device cuda --prepare "${sources[@]}" > "$dest/original-build.txt" 2>&1 &
+    timeout -k 10 $((budget < 480 ? budget / 2 : 240)) "$PY" benchmarks/vs_original.py --device cuda --prepare "${sources[@]}" > "$dest/original-build.txt" 2>&1 &
     original_build=$!
 fi
 

@@ -141,6 +141,7 @@ def main(cfg, batch, device, repeats, template, threads, which, profiled, outdir
         time_phase(losses, phase.name, phase.module, phase.opt, inputs, G.z_dim, device, 1)          # warm-up (compiles)
         secs = time_phase(losses, phase.name, phase.module, phase.opt, inputs, G.z_dim, device, repeats)
         rows.append((phase.name, interval, secs))
+    peak_gib = peak_memory_gib(device)              # before the profiler adds its own
     phases = {p.name: p for p in (g_main, g_reg, d_main, d_reg)}
     profile_lines = [] if profiled == 'none' else profile_phase(losses[0], phases[profiled], inputs, G.z_dim, device)
     steps = [sum(secs[i] / interval for _, interval, secs in rows) for i in range(len(losses))]
@@ -172,7 +173,7 @@ def main(cfg, batch, device, repeats, template, threads, which, profiled, outdir
                   if f.failed is None else f'- {name}: not compiled, eager: {f.failed}' for name, f in parts]
     lines += [
         '',
-        f'**{step:.3f} s per step, {sec_per_kimg:.1f} s/kimg (eager), peak memory {peak_memory_gib(device):.2f} GiB** '
+        f'**{step:.3f} s per step, {sec_per_kimg:.1f} s/kimg (eager), peak memory {peak_gib:.2f} GiB** '
         f'({"GPU allocated" if device.type == "cuda" else "process RSS"})',
         '',
     ] + profile_lines

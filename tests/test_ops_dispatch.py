@@ -182,6 +182,21 @@ def test_upfirdn2d_op_gradients(pretend_kernels, up, down, padding, flip_filter,
     assert torch.autograd.gradgradcheck(fn, (x,))
 
 
+def test_library_ops_gradients_directly():
+    # What torch.compile traces: the library ops' own autograd (eager mode runs the same
+    # formulas as autograd Functions, which the tests above go through), to second order.
+    x = torch.randn(2, 3, 4, dtype=torch.float64)
+    x = (x.sign() * (x.abs() + 0.05)).requires_grad_(True)
+    b = (0.01 * torch.randn(3, dtype=torch.float64)).requires_grad_(True)
+    for act, clamp in (('lrelu', 0.7), ('swish', -1.0), ('softplus', -1.0)):
+        fn = lambda x, b: B._bias_act_op(x, b, 1, act, 0.25, 1.3, clamp)
+        assert torch.autograd.gradcheck(fn, (x, b)) and torch.autograd.gradgradcheck(fn, (x, b))
+    x = torch.randn(1, 2, 4, 5, dtype=torch.float64, requires_grad=True)
+    f = U.setup_filter([[1, 0.5], [-2, 3], [0.25, 1]], normalize=False)
+    fn = lambda x: U._upfirdn2d_op(x, f, 2, 2, 1, 2, 1, -1, 2, 0, True, 1.5)
+    assert torch.autograd.gradcheck(fn, (x,)) and torch.autograd.gradgradcheck(fn, (x,))
+
+
 def test_filtered_lrelu_and_conv_gradients(pretend_kernels):
     x = torch.randn(1, 2, 4, 5, dtype=torch.float64)
     x = (x.sign() * (x.abs() + 0.05)).requires_grad_(True)

@@ -238,6 +238,8 @@ def test_spread_along_runs_marks_whole_runs():
                             e[i, j, start:k] = True
                         start = k + 1
         assert torch.equal(_spread_along_runs(reach, passable, dim), expected)
+    empty = torch.zeros(2, 0, 5, dtype=torch.bool)
+    assert _spread_along_runs(empty, empty, 1).shape == (2, 0, 5) and _spread_along_runs(empty, empty, 2).shape == (2, 0, 5)
 
 
 def test_fill_enclosed_matches_connected_components():

@@ -73,19 +73,36 @@ def test_adam_is_fused_unless_the_options_choose():
         ref_opt.step()
     for p, q in zip(G.parameters(), reference.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
-    # A state saved by an unfused Adam (snapshots from before) resumes unfused, bit for bit.
-    resumed = tl.setup_phases(reference, D, adam, adam, 4, 16)[0].opt
-    resumed.load_state_dict(copy.deepcopy(ref_opt.state_dict()))
-    assert not resumed.param_groups[0]['fused']
-    twin = torch.nn.Linear(3, 2)
-    twin.load_state_dict(reference.state_dict())
-    for p, q, g in zip(reference.parameters(), twin.parameters(), grads):
+
+
+@pytest.mark.parametrize('fused', [False, True])
+def test_resume_keeps_the_snapshots_adam(fused):
+    # restore_training_state: a snapshot from an unfused Adam (before it became the default)
+    # resumes unfused, a fused one fused; either continues bit for bit like the uninterrupted
+    # run, with this run's learning rate. (A fused Adam given an unfused state would keep its
+    # step counts on the host, which CUDA's fused kernel refuses.)
+    torch.manual_seed(0)
+    G, D = torch.nn.Linear(3, 2), torch.nn.Linear(2, 2)
+    grads = [[torch.randn_like(p) for p in G.parameters()] for _ in range(3)]
+    run = torch.nn.Linear(3, 2)
+    run.load_state_dict(G.state_dict())
+    uninterrupted = torch.optim.Adam(run.parameters(), lr=0.008, betas=(0.0, 0.99 ** 0.8), eps=1e-8, fused=fused, foreach=False if not fused else None)
+    for step_grads in grads[:2]:
+        for p, g in zip(run.parameters(), step_grads):
+            p.grad = g.clone()
+        uninterrupted.step()
+    G.load_state_dict(run.state_dict())
+    snapshot = dict(cur_nimg=0, cur_tick=0, batch_idx=0, optimizers={'G': copy.deepcopy(uninterrupted.state_dict())})
+    phases = tl.setup_phases(G, D, dict(lr=0.01, betas=[0, 0.99], eps=1e-8), dict(lr=0.01, betas=[0, 0.99], eps=1e-8), 4, 16)
+    tl.restore_training_state(snapshot, dnnlib.EasyDict(ada_kimg=500), phases, None, print)
+    resumed = phases[0].opt
+    assert bool(resumed.param_groups[0]['fused']) == fused
+    assert resumed.param_groups[0]['lr'] == pytest.approx(0.01 * 4 / 5)
+    for p, q, g in zip(G.parameters(), run.parameters(), grads[2]):
         p.grad, q.grad = g.clone(), g.clone()
     resumed.step()
-    ref_twin = torch.optim.Adam(twin.parameters(), foreach=False)
-    ref_twin.load_state_dict(copy.deepcopy(ref_opt.state_dict()))
-    ref_twin.step()
-    assert all(torch.equal(p, q) for p, q in zip(reference.parameters(), twin.parameters()))
+    uninterrupted.step()
+    assert all(torch.equal(p, q) for p, q in zip(G.parameters(), run.parameters()))
 
 
 def test_ema_half_life_and_rampup():

@@ -617,6 +617,9 @@ def lock_run_folder(run_dir, resume_pkl, log) -> run_folder.RunFolderLock:
     return lock
 
 
+OPTIMIZER_IMPLEMENTATION_KEYS = ('params', 'fused', 'foreach', 'capturable', 'differentiable')
+
+
 def restore_training_state(resume_state, state, phases, augment_pipe, log):
     """Counters, optimizers and augmentation probability from a snapshot's resume_state."""
     state.cur_nimg = int(resume_state['cur_nimg'])
@@ -625,8 +628,11 @@ def restore_training_state(resume_state, state, phases, augment_pipe, log):
     for phase in phases:
         opt_state = resume_state['optimizers'].get(phase.name[0])
         if opt_state is not None and phase.name.endswith(('main', 'both')):
-            # Moments and step counts from the snapshot; learning rates and betas from this run's options.
-            hyper = [{k: v for k, v in g.items() if k != 'params'} for g in phase.opt.param_groups]
+            # Moments and step counts from the snapshot; learning rates and betas from this run's
+            # options. How the update runs (fused, foreach, ...) stays the snapshot's: its state
+            # is laid out for it (a fused Adam keeps its step counts on the parameters' device),
+            # and the continuation stays bit-identical.
+            hyper = [{k: v for k, v in g.items() if k not in OPTIMIZER_IMPLEMENTATION_KEYS} for g in phase.opt.param_groups]
             phase.opt.load_state_dict(opt_state)
             for group, h in zip(phase.opt.param_groups, hyper):
                 group.update(h)

@@ -175,7 +175,8 @@ def eager_function(name: str, impl, setup_context, backward) -> type:
     def forward(ctx, *inputs):
         setup_context(ctx, inputs, None)
         return impl(*inputs)
-    return type(name, (torch.autograd.Function,), dict(forward=staticmethod(forward), backward=staticmethod(backward)))
+    return type(name, (torch.autograd.Function,), dict(forward=staticmethod(forward), backward=staticmethod(backward),
+                                                       __module__=impl.__module__, __qualname__=name))
 
 
 def register_self_check(name: str, check):

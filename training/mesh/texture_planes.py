@@ -137,6 +137,8 @@ def _spread_along_runs(reach: torch.Tensor, passable: torch.Tensor, dim: int) ->
     """
     reach = reach & passable
     n = passable.shape[dim]
+    if reach.numel() == 0:
+        return reach
     run = (~passable).cumsum(dim, dtype=torch.int32).movedim(dim, -1)        # pixels of one run share a number
     reach = reach.movedim(dim, -1)
     lines = reach.numel() // n
