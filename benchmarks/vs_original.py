@@ -24,7 +24,8 @@ these substitutions so that it imports and runs on a CPU without pytorch3d or Op
   cv2                 `imread` (PIL) and the mouth's `floodFill` (scipy.ndimage.label,
                       4-connected, fixed range from the seed, as OpenCV's flags ask);
   turtle, requests, pydantic, matplotlib.image, torchvision.utils: empty stubs (imported,
-                      never called);
+                      never called); distutils.util and imp likewise, where this Python
+                      no longer has them;
   custom ops          on the CPU: bias_act / upfirdn2d / filtered_lrelu on their reference
                       paths (as on any CPU), conv2d_gradfix disabled. On a GPU the original
                       builds and uses its own CUDA plugins (bias_act, upfirdn2d) and its
@@ -65,6 +66,7 @@ commit, device, load before and after).
 """
 
 import datetime
+import importlib
 import json
 import os
 import shutil
@@ -294,6 +296,15 @@ def install_stubs(rasterize_fn, read_obj_fn):
     _stub('matplotlib.image', composite_images=_never_called)
     _stub('torchvision', __path__=[])
     _stub('torchvision.utils', save_image=_never_called)
+    # Modules the original imports that current Python removed (distutils in 3.12 where
+    # setuptools does not provide it, imp in 3.12): stand-ins only where they are missing.
+    for name, attrs in (('distutils.util', dict(strtobool=_never_called)), ('imp', dict(load_module=_never_called))):
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            if '.' in name:
+                _stub(name.split('.')[0], __path__=[])
+            _stub(name, **attrs)
 
 
 class OriginalSide:

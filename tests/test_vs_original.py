@@ -184,3 +184,33 @@ def test_the_plugin_loader_edit_uses_what_load_returns():
         edits = vs_original.official_patches(preset, sizes)['torch_utils/custom_ops.py']
         assert all(new.lstrip().startswith('module = torch.utils.cpp_extension.load(') for old, new, _ in edits[:2])
         assert edits[2] == ('        module = importlib.import_module(module_name)\n', '', 1)
+
+
+def test_stubs_stand_in_for_modules_this_python_removed(monkeypatch):
+    # The original imports distutils.util (gone from Python 3.12 without setuptools) and imp
+    # (gone in 3.12): stand-ins where they are missing, the real modules where present.
+    import importlib
+    import importlib.util
+    import sys
+    real_import = importlib.import_module
+
+    def without_removed(name, *args):
+        if name in ('imp', 'distutils.util'):
+            raise ImportError(f'No module named {name!r}')
+        return real_import(name, *args)
+    before = dict(sys.modules)
+    try:
+        monkeypatch.setattr(importlib, 'import_module', without_removed)
+        vs_original.install_stubs(lambda *a, **k: None, lambda path: None)
+        assert sys.modules['imp'].load_module is vs_original._never_called
+        assert sys.modules['distutils.util'].strtobool is vs_original._never_called
+        monkeypatch.setattr(importlib, 'import_module', real_import)
+        for name in ('imp', 'distutils', 'distutils.util'):
+            sys.modules.pop(name, None)
+        vs_original.install_stubs(lambda *a, **k: None, lambda path: None)
+        if importlib.util.find_spec('imp') is not None:           # Python < 3.12: the real module is kept
+            assert sys.modules['imp'].load_module is not vs_original._never_called
+    finally:
+        for name in set(sys.modules) - set(before):
+            del sys.modules[name]
+        sys.modules.update(before)
