@@ -405,7 +405,6 @@ class OursSide:
         host_memory.keep_freed_memory()         # as training_loop does
         ours = cfg['ours']
         self.device = torch.device(cfg['device'])
-        self.plugins = {}
         self.G = configs.make_generator(ours['G_cfg'], **ours['G']).train().requires_grad_(False).to(self.device)
         self.D = configs.make_discriminator('small128').train().requires_grad_(False).to(self.device)
         self.loss = Next3DLoss(self.device, self.G, self.D, r1_gamma=cfg['r1_gamma'], gpc_reg_prob=cfg['gpc_reg_prob'],
@@ -537,7 +536,7 @@ def run_worker(side: str, cfg_path: str):
 
         def info():
             out = dict(params=n_params, peak_rss_gib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-                       plugins=side_obj.plugins)
+                       plugins=getattr(side_obj, 'plugins', None))     # the original's custom ops
             if device.type == 'cuda':
                 out['peak_gpu_gib'] = torch.cuda.max_memory_allocated(device) / 2**30
             return out

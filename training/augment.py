@@ -30,6 +30,8 @@ BGC = dict(xflip=1, rotate90=1, xint=1, scale=1, rotate=1, aniso=1, xfrac=1,
            brightness=1, contrast=1, lumaflip=1, hue=1, saturation=1)
 
 _LUMA = torch.tensor([1.0, 1.0, 1.0]) / math.sqrt(3)
+
+
 def _luma(device) -> tuple:
     """v v^T and the cross-product matrix [v]x of the luma axis v, on `device`, made there once
     (a copy per call, or a matrix built from a device tensor's elements, waits for the GPU)."""

@@ -617,7 +617,9 @@ def lock_run_folder(run_dir, resume_pkl, log) -> run_folder.RunFolderLock:
     return lock
 
 
-OPTIMIZER_IMPLEMENTATION_KEYS = ('params', 'fused', 'foreach', 'capturable', 'differentiable')
+# Parameter-group entries a resume leaves as the snapshot has them: the parameters, and how the
+# update runs (its state is laid out for that); the rest (learning rate, betas, ...) is this run's.
+KEPT_ON_RESUME = ('params', 'fused', 'foreach', 'capturable', 'differentiable')
 
 
 def restore_training_state(resume_state, state, phases, augment_pipe, log):
@@ -632,7 +634,7 @@ def restore_training_state(resume_state, state, phases, augment_pipe, log):
             # options. How the update runs (fused, foreach, ...) stays the snapshot's: its state
             # is laid out for it (a fused Adam keeps its step counts on the parameters' device),
             # and the continuation stays bit-identical.
-            hyper = [{k: v for k, v in g.items() if k not in OPTIMIZER_IMPLEMENTATION_KEYS} for g in phase.opt.param_groups]
+            hyper = [{k: v for k, v in g.items() if k not in KEPT_ON_RESUME} for g in phase.opt.param_groups]
             phase.opt.load_state_dict(opt_state)
             for group, h in zip(phase.opt.param_groups, hyper):
                 group.update(h)
