@@ -404,6 +404,10 @@ def test_negative_gain_with_a_separable_filter_stays_real(pretend_kernels):
         got = U.upfirdn2d(x, f, up=2, padding=4, gain=-3.0, impl=impl)
         assert not got.is_complex()
         torch.testing.assert_close(got, expected.to(got.dtype))
+    # Without upsampling the reference filters with two strided depthwise convolutions.
+    expected = -U.upfirdn2d(x, f.ger(f), down=2, padding=[4, 3, 3, 4], gain=3.0, impl='ref')
+    for impl in (None, 'ref'):
+        torch.testing.assert_close(U.upfirdn2d(x, f, down=2, padding=[4, 3, 3, 4], gain=-3.0, impl=impl), expected)
     f2 = U.setup_filter([1, 3, 3, 1])                        # 4 taps: made 2-D
     assert f2.ndim == 2 and not U.upfirdn2d(x, f2, up=2, padding=2, gain=-3.0).is_complex()
 

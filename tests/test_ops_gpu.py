@@ -92,6 +92,20 @@ def test_bias_act_backward(dtype, act):
     assert_close(gb, rb, TOL[dtype] * 10)      # a sum over 3 * 7 * 9 terms in the output dtype
 
 
+@pytest.mark.parametrize('dtype', DTYPES)
+@pytest.mark.parametrize('act', ['relu', 'lrelu'])
+def test_bias_act_kernel_gradient_at_the_kink(dtype, act):
+    # x + b == 0 exactly (test_bias_act_backward keeps off it): the kernel takes PyTorch's side,
+    # act'(0) = 0 for relu and alpha for lrelu.
+    b = torch.tensor([0.5, -1.25, 3.0], device='cuda', dtype=dtype)
+    x = (-b).reshape(1, 3, 1, 1).repeat(2, 1, 4, 5).requires_grad_(True)
+    dy = _inputs(x.shape, dtype, seed=4)
+    spec = B.ACTIVATIONS[act]
+    got, = torch.autograd.grad(B.bias_act(x, b, act=act, impl='cuda'), [x], dy)
+    slope = 0.0 if act == 'relu' else spec.alpha
+    assert_close(got, dy.double() * slope * spec.gain, TOL[dtype])
+
+
 @pytest.mark.parametrize('act', sorted(B.ACTIVATIONS))
 def test_bias_act_gradcheck(act):
     x = _inputs((2, 3, 4), torch.float64)

@@ -86,7 +86,8 @@ def test_resume_keeps_the_snapshots_adam(fused):
     grads = [[torch.randn_like(p) for p in G.parameters()] for _ in range(3)]
     run = torch.nn.Linear(3, 2)
     run.load_state_dict(G.state_dict())
-    uninterrupted = torch.optim.Adam(run.parameters(), lr=0.008, betas=(0.0, 0.99 ** 0.8), eps=1e-8, fused=fused, foreach=False if not fused else None)
+    # The snapshot's run had other hyperparameters than this one: those become this run's.
+    uninterrupted = torch.optim.Adam(run.parameters(), lr=0.02, betas=(0.5, 0.9), eps=1e-8, fused=fused, foreach=False if not fused else None)
     for step_grads in grads[:2]:
         for p, g in zip(run.parameters(), step_grads):
             p.grad = g.clone()
@@ -97,7 +98,9 @@ def test_resume_keeps_the_snapshots_adam(fused):
     tl.restore_training_state(snapshot, dnnlib.EasyDict(ada_kimg=500), phases, None, print)
     resumed = phases[0].opt
     assert bool(resumed.param_groups[0]['fused']) == fused
-    assert resumed.param_groups[0]['lr'] == pytest.approx(0.01 * 4 / 5)
+    group = resumed.param_groups[0]
+    assert group['lr'] == pytest.approx(0.01 * 4 / 5) and group['betas'] == pytest.approx((0.0, 0.99 ** 0.8))
+    uninterrupted.param_groups[0].update(lr=group['lr'], betas=group['betas'])
     for p, q, g in zip(G.parameters(), run.parameters(), grads[2]):
         p.grad, q.grad = g.clone(), g.clone()
     resumed.step()
@@ -405,10 +408,12 @@ def test_gradient_reduction_in_one_process_needs_no_device_copy(monkeypatch):
     a, b = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2))
     a.grad = torch.tensor([1.0, float('nan')])
 
-    def no_tensor(*args, **kwargs):
-        raise AssertionError('all_reduce_grads built a tensor from a Python list')
-    monkeypatch.setattr(torch, 'tensor', no_tensor)
+    def no_host_round_trip(*args, **kwargs):
+        raise AssertionError('all_reduce_grads made a tensor from a Python list or read one back')
+    for owner, name in ((torch, 'tensor'), (torch, 'as_tensor'), (torch.Tensor, 'tolist'), (torch.Tensor, 'item')):
+        monkeypatch.setattr(owner, name, no_host_round_trip)
     distributed.all_reduce_grads([a, b])
+    monkeypatch.undo()
     assert a.grad.tolist() == [1.0, 0.0] and b.grad is None
 
 
@@ -474,7 +479,13 @@ def test_run_step_copies_only_the_due_phases_inputs_without_blocking():
     module = torch.nn.Linear(1, 1)
     opt = torch.optim.SGD(module.parameters(), lr=0.1)
     phases = [dnnlib.EasyDict(name=n, module=module, opt=opt, interval=i, batch_idx=1) for n, i in (('Gmain', 1), ('Greg', 4), ('Dmain', 1), ('Dreg', 16))]
+    torch.manual_seed(0)
     tl.run_step(Loss(), phases, real_iter, gen_iter(), torch.device('cpu'), 2, 8, 0)
+    after_step = torch.randn(3)
+    torch.manual_seed(0)
+    for _ in phases:                                      # what four phases' latents leave in the stream
+        torch.randn([4, 8])
+    assert torch.equal(after_step, torch.randn(3))
     assert len(drawn) == 4 and calls == ['Gmain', 'Gmain', 'Dmain', 'Dmain']
     assert len(copies) == 3 + 2 * 2                      # the reals, and two due phases' c and v
     assert all(c.get('non_blocking') is True for c in copies)
