@@ -669,7 +669,7 @@ def test_decoder_cpu_path_gradcheck(monkeypatch):
     features = torch.randn(1, 10, 3, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda f: tuple(decoder.forward_plane_mean(f, None).values()), (features,))
     assert torch.autograd.gradcheck(
-        lambda f, w1, b1, w2, b2: triplane_decoder._DecodeCPU.apply(f.reshape(-1, 3), w1, b1, w2, b2),
+        lambda f, w1, b1, w2, b2: triplane_decoder._DecodeCPU.apply(f.reshape(-1, 3), w1, b1, w2, b2, True),
         (features, torch.randn(4, 3, dtype=torch.float64, requires_grad=True), torch.randn(4, dtype=torch.float64, requires_grad=True),
          torch.randn(3, 4, dtype=torch.float64, requires_grad=True), torch.randn(3, dtype=torch.float64, requires_grad=True)))
 

@@ -105,7 +105,7 @@ class _Composite(torch.autograd.Function):
         grad = grad.contiguous().unsqueeze(-2)                                          # (B, N, 1, C)
         grad_colors = grad_weights = None
         if ctx.needs_input_grad[0]:
-            grad_colors = torch.matmul(sample_weights.unsqueeze(-1), grad)              # (B, N, S, C)
+            grad_colors = sample_weights.unsqueeze(-1) * grad                          # (B, N, S, C)
         if ctx.needs_input_grad[1]:
             grad_weights = torch.matmul(grad, colors.transpose(-1, -2)).squeeze(-2)     # (B, N, S)
         return grad_colors, grad_weights

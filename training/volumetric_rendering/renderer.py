@@ -267,10 +267,9 @@ class ImportanceRenderer(torch.nn.Module):
         # density noise, drawn inside run_model, keeps the whole batch together.
         items = [slice(b, b + 1) for b in range(planes.shape[0])] if per_image(planes, opts) else [slice(None)]
         # One view per item (the texel table cache is tied to it), by split: its backward
-        # concatenates the items' gradients once, where each slice's would zero-fill a
-        # gradient of the whole batch.
-        planes = misc.keep_gradient_layout(planes)    # the split's backward concatenates contiguously
-        item_planes = planes.split(1) if len(items) > 1 else [planes]
+        # writes the items' gradients into one gradient in the planes' layout, where each
+        # slice's would zero-fill a gradient of the whole batch.
+        item_planes = misc.unbind_keeping_gradient_layout(planes) if len(items) > 1 else [misc.keep_gradient_layout(planes)]
         caches = [{} for _ in items]                # both passes sample the same planes: one texel table per item
         coarse = [self._run_along_rays(p, decoder, ray_origins[i], ray_directions[i], depths[i], opts, generator, cache)
                   for i, p, cache in zip(items, item_planes, caches)]
