@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from torch_utils import compiled
 from torch_utils import training_stats
+from torch_utils.ops import conv2d_double_backward
 from training.dual_discriminator import filtered_resizing as resize_antialiased   # D's own filter, so reals and fakes match
 
 PHASES = ('Gmain', 'Greg', 'Gboth', 'Dmain', 'Dreg', 'Dboth')
@@ -42,8 +43,8 @@ def gaussian_blur(img: torch.Tensor, sigma: float) -> torch.Tensor:
     f = (x / sigma).square().neg().exp2()
     f = f / f.sum()
     c = img.shape[1]
-    img = F.conv2d(img, f.view(1, 1, 1, -1).expand(c, 1, 1, -1), padding=(0, radius), groups=c)
-    return F.conv2d(img, f.view(1, 1, -1, 1).expand(c, 1, -1, 1), padding=(radius, 0), groups=c)
+    img = conv2d_double_backward.conv2d(img, f.view(1, 1, 1, -1).expand(c, 1, 1, -1), padding=(0, radius), groups=c)
+    return conv2d_double_backward.conv2d(img, f.view(1, 1, -1, 1).expand(c, 1, -1, 1), padding=(radius, 0), groups=c)
 
 
 def blur_sigma_at(cur_nimg: int, blur_init_sigma: float, blur_fade_kimg: float) -> float:
@@ -147,8 +148,16 @@ class Next3DLoss:
     def run_D(self, img: dict, c: torch.Tensor, blur_sigma: float = 0, update_emas: bool = False, double_backward: bool = False) -> torch.Tensor:
         """D's logits (B, 1) for dict(image, image_raw); blur and augmentation applied first.
 
-        double_backward: the logits' gradient will itself be differentiated (R1): the eager D.
+        double_backward: the logits' gradient will itself be differentiated (R1): the eager D,
+        its convolutions from torch_utils/ops/conv2d_double_backward.py.
         """
+        if double_backward:     # R1's second derivative through weight-gradient kernels (blur and augmentation included)
+            with conv2d_double_backward.twice_differentiable():
+                return self.D(self._prepare_D_input(img, blur_sigma), c, update_emas=update_emas)
+        return self.D_forward(self._prepare_D_input(img, blur_sigma), c, update_emas=update_emas)
+
+    def _prepare_D_input(self, img: dict, blur_sigma: float) -> dict:
+        """dict(image, image_raw): blurred and augmented as D reads them."""
         img = dict(image=img['image'], image_raw=img['image_raw'])
         if blur_sigma > 0:
             img['image'] = gaussian_blur(img['image'], blur_sigma)
@@ -160,8 +169,7 @@ class Next3DLoss:
             n = img['image'].shape[1]
             img['image'] = pair[:, :n]
             img['image_raw'] = resize_antialiased(pair[:, n:], raw_size)
-        D = self.D if double_backward else self.D_forward
-        return D(img, c, update_emas=update_emas)
+        return img
 
     def compile_networks(self, which: str, backend: str = None, log=print):
         """Run D and/or G.synthesis through torch.compile in the phases (which: one of COMPILE_CHOICES).

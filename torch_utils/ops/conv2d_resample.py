@@ -19,8 +19,8 @@ strided convolution for down.
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
+from . import conv2d_double_backward
 from . import upfirdn2d as upfirdn2d_mod
 
 
@@ -37,12 +37,12 @@ def _conv(x: torch.Tensor, w: torch.Tensor, stride: int = 1, padding=(0, 0), gro
         # step 0.98x (backward convolutions gain less than forward ones).
         x, w = x.contiguous(memory_format=torch.channels_last), w.contiguous(memory_format=torch.channels_last)
     if not transpose:
-        return F.conv2d(x, w, stride=stride, padding=padding, groups=groups)
+        return conv2d_double_backward.conv2d(x, w, stride=stride, padding=padding, groups=groups)
     # conv_transpose2d wants [in, out / groups, kh, kw].
     out_channels, in_per_group, kh, kw = w.shape
     w = w.reshape(groups, out_channels // groups, in_per_group, kh, kw).transpose(1, 2)
     w = w.reshape(groups * in_per_group, out_channels // groups, kh, kw)
-    return F.conv_transpose2d(x, w, stride=stride, padding=padding, groups=groups)
+    return conv2d_double_backward.conv_transpose2d(x, w, stride=stride, padding=padding, groups=groups)
 
 
 def conv2d_resample(

@@ -26,11 +26,11 @@ import math
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
-import torch.nn.functional as F
 
 from torch_utils import misc
 
 from . import _build
+from . import conv2d_double_backward
 
 SOURCES = ('upfirdn2d.cpp', 'upfirdn2d.cu')
 
@@ -173,9 +173,9 @@ def _upfirdn2d_ref(x: torch.Tensor, f: Optional[torch.Tensor], up: Scaling, down
     # decimation = the convolution's stride.
     f, fy = _scaled_filter(f, x, gain, flip=not flip_filter)
     if fy is None:
-        return F.conv2d(x, f[None, None].expand(channels, 1, *f.shape), stride=(downy, downx), padding=conv_pad, groups=channels)
-    x = F.conv2d(x, f[None, None, None, :].expand(channels, 1, 1, f.shape[0]), stride=(1, downx), padding=(0, conv_pad[1]), groups=channels)
-    return F.conv2d(x, fy[None, None, :, None].expand(channels, 1, fy.shape[0], 1), stride=(downy, 1), padding=(conv_pad[0], 0), groups=channels)
+        return conv2d_double_backward.conv2d(x, f[None, None].expand(channels, 1, *f.shape), stride=(downy, downx), padding=conv_pad, groups=channels)
+    x = conv2d_double_backward.conv2d(x, f[None, None, None, :].expand(channels, 1, 1, f.shape[0]), stride=(1, downx), padding=(0, conv_pad[1]), groups=channels)
+    return conv2d_double_backward.conv2d(x, fy[None, None, :, None].expand(channels, 1, fy.shape[0], 1), stride=(downy, 1), padding=(conv_pad[0], 0), groups=channels)
 
 
 def axis_gains(gain: float) -> Tuple[float, float]:
@@ -221,9 +221,9 @@ def _upsample_transposed(x: torch.Tensor, f: torch.Tensor, up: tuple, padding: t
     f, fy = _scaled_filter(f, x, gain, flip=flip_filter)
     if fy is None:
         w = f[None, None].expand(channels, 1, fh, fw)
-        return F.conv_transpose2d(x, w, stride=(upy, upx), padding=(cy, cx), output_padding=(oy, ox), groups=channels)
-    x = F.conv_transpose2d(x, f[None, None, None, :].expand(channels, 1, 1, fw), stride=(1, upx), padding=(0, cx), output_padding=(0, ox), groups=channels)
-    return F.conv_transpose2d(x, fy[None, None, :, None].expand(channels, 1, fh, 1), stride=(upy, 1), padding=(cy, 0), output_padding=(oy, 0), groups=channels)
+        return conv2d_double_backward.conv_transpose2d(x, w, stride=(upy, upx), padding=(cy, cx), output_padding=(oy, ox), groups=channels)
+    x = conv2d_double_backward.conv_transpose2d(x, f[None, None, None, :].expand(channels, 1, 1, fw), stride=(1, upx), padding=(0, cx), output_padding=(0, ox), groups=channels)
+    return conv2d_double_backward.conv_transpose2d(x, fy[None, None, :, None].expand(channels, 1, fh, 1), stride=(upy, 1), padding=(cy, 0), output_padding=(oy, 0), groups=channels)
 
 
 def upfirdn2d(
