@@ -135,3 +135,32 @@ def test_r1_of_the_dual_discriminator_matches_torch_double_backward(device):
         assert (a is None) == (b is None), name
         if a is not None:
             torch.testing.assert_close(b, a, atol=1e-5 * float(a.abs().max()), rtol=1e-4, msg=name)
+
+
+def test_r1_first_derivative_computes_no_weight_gradients():
+    """r1_penalty asks for the inputs' gradients only: no convolution's weight gradient is
+    computed then (our convolutions cannot see that from autograd), while the second
+    derivative still reaches the weights."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from training.loss import r1_penalty
+    masks = []
+
+    class Log(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.__name__.startswith('convolution_backward'):
+                masks.append(tuple(args[-1]))
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8, requires_grad=True)
+    w1, w2 = torch.randn(4, 3, 3, 3, requires_grad=True), torch.randn(1, 4, 3, 3, requires_grad=True)
+    with cdb.twice_differentiable():
+        logits = cdb.conv2d(torch.nn.functional.leaky_relu(cdb.conv2d(x, w1 * 1.0, padding=1), 0.2), w2 * 1.0, stride=2).mean([1, 2, 3])
+    with Log():
+        penalty = r1_penalty(logits, [x]).sum()
+    assert masks == [] or all(not m[1] for m in masks), masks
+    got = torch.autograd.grad(penalty, [w1, w2])
+    ref_logits = torch.nn.functional.conv2d(torch.nn.functional.leaky_relu(torch.nn.functional.conv2d(x, w1, padding=1), 0.2), w2, stride=2).mean([1, 2, 3])
+    ref = torch.autograd.grad(r1_penalty(ref_logits, [x]).sum(), [w1, w2])
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -293,6 +293,9 @@ def test_unbind_keeping_gradient_layout_writes_the_items_gradients_in_the_input_
     assert ref.is_contiguous() and not grad.is_contiguous()
     with torch.no_grad():
         assert all(t.grad_fn is None for t in misc.unbind_keeping_gradient_layout(x))
+    # Differentiable twice (its backward is a copy into slices).
+    small = torch.randn(3, 2, 2, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(lambda t: torch.cat([u.square() for u in misc.unbind_keeping_gradient_layout(t)[::2]]), (small,))
 
 
 def test_device_constant_is_made_once_outside_inference_mode_and_remade_after_a_write(monkeypatch):

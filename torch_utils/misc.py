@@ -229,7 +229,7 @@ def unbind_keeping_gradient_layout(x: torch.Tensor) -> tuple:
     """x.split(1) (views of its items along dim 0) whose backward writes the items' gradients
     into one gradient in x's memory layout: split's own backward concatenates them
     contiguously, and a channels-last x would then need a second, transposing copy
-    (keep_gradient_layout). Items without a gradient get zeros. Differentiable once."""
+    (keep_gradient_layout). Items without a gradient get zeros."""
     if not x.requires_grad or not torch.is_grad_enabled():
         return x.split(1)
     return _UnbindInLayout.apply(x)
@@ -239,12 +239,14 @@ class _UnbindInLayout(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x):
         ctx.shape, ctx.stride = x.shape, dense_stride(x)
+        ctx.set_materialize_grads(False)
         return tuple(x.split(1))
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, *grads):
-        like = next(g for g in grads if g is not None)
+    def backward(ctx, *grads):          # (differentiable: a copy into slices of a new tensor)
+        like = next((g for g in grads if g is not None), None)
+        if like is None:
+            return None
         out = torch.empty_strided(ctx.shape, ctx.stride, dtype=like.dtype, device=like.device)
         for i, g in enumerate(grads):
             if g is None:

@@ -72,7 +72,8 @@ def neural_rendering_resolution_at(cur_nimg: int, initial: int, final: int = Non
 
 def r1_penalty(logits: torch.Tensor, inputs) -> torch.Tensor:
     """(B,) sum over `inputs` of |d sum(logits) / d input|^2 per sample (create_graph for the backward)."""
-    grads = torch.autograd.grad(outputs=[logits.sum()], inputs=inputs, create_graph=True, only_inputs=True)
+    with conv2d_double_backward.no_weight_gradients():     # only the inputs' gradients are wanted here
+        grads = torch.autograd.grad(outputs=[logits.sum()], inputs=inputs, create_graph=True, only_inputs=True)
     return sum(g.square().sum(dim=[1, 2, 3]) for g in grads)
 
 

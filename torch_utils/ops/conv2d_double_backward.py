@@ -18,7 +18,8 @@ and conv^T(dy, g) for x; conv^T's are those of a convolution with the roles swap
 Everything is built from `_Conv` and `_WeightGrad`, so it differentiates to any order.
 
 Only the convolutions made inside `twice_differentiable()` take this path (the loss's R1
-forward of D); elsewhere `conv2d` and `conv_transpose2d` are torch's own.
+forward of D); elsewhere `conv2d` and `conv_transpose2d` are torch's own. R1's first
+derivative runs inside `no_weight_gradients()`, as StyleGAN2's does.
 """
 
 import contextlib
@@ -27,7 +28,8 @@ from typing import Tuple
 import torch
 import torch.nn.functional as F
 
-_active = [0]       # nesting depth of twice_differentiable()
+_active = [0]               # nesting depth of twice_differentiable()
+_no_weight_grads = [0]      # nesting depth of no_weight_gradients()
 
 
 @contextlib.contextmanager
@@ -39,6 +41,18 @@ def twice_differentiable():
         yield
     finally:
         _active[0] -= 1
+
+
+@contextlib.contextmanager
+def no_weight_gradients():
+    """Backward passes run inside compute no weight gradients for those convolutions: for
+    R1's first derivative, which asks for the input's gradient only (autograd cannot tell a
+    custom function that a weight's gradient will be dropped)."""
+    _no_weight_grads[0] += 1
+    try:
+        yield
+    finally:
+        _no_weight_grads[0] -= 1
 
 
 def _wanted(x: torch.Tensor, w: torch.Tensor) -> bool:
@@ -93,7 +107,7 @@ class _Conv(torch.autograd.Function):
         x, w = ctx.saved_tensors
         need_x, need_w, _ = ctx.needs_input_grad
         dx = _input_grad(dy, w, x.shape, ctx.spec) if need_x else None
-        dw = _WeightGrad.apply(dy, x, w, ctx.spec) if need_w else None
+        dw = _WeightGrad.apply(dy, x, w, ctx.spec) if need_w and not _no_weight_grads[0] else None
         return dx, dw, None
 
 
