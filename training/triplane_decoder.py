@@ -100,17 +100,20 @@ class _DecodeCPU(torch.autograd.Function):
         rgb = x.new_empty(len(x), w2.shape[0] - 1)
         if keep:
             hidden, slope = x.new_empty(len(x), w1.shape[0]), x.new_empty(len(x), w1.shape[0])
+        # The output layer as a matrix-vector product for sigma and a 32-wide product for
+        # the colours, written in place: faster than one 33-wide product and two copies.
+        w1_t, w_sigma, b_sigma, w_rgb_t, b_rgb = w1.t(), w2[0], b2[:1], w2[1:].t(), b2[1:]
         for i in range(0, len(x), _DecodeCPU.CHUNK):
             rows = slice(i, i + _DecodeCPU.CHUNK)
-            pre = torch.addmm(b1, x[rows], w1.t())
+            pre = torch.addmm(b1, x[rows], w1_t)
             if keep:
                 torch.sigmoid(pre, out=slope[rows])                          # softplus' derivative
                 hidden_chunk = torch.ops.aten.softplus.out(pre, 1, 20, out=hidden[rows])
             else:
                 hidden_chunk = torch.ops.aten.softplus.out(pre, 1, 20, out=pre)
-            out = torch.addmm(b2, hidden_chunk, w2.t())
-            sigma[rows] = out[:, :1]
-            widened_sigmoid(out[:, 1:], out=rgb[rows])
+            torch.addmv(b_sigma, hidden_chunk, w_sigma, out=sigma[rows, 0])
+            rgb_chunk = torch.addmm(b_rgb, hidden_chunk, w_rgb_t, out=rgb[rows])
+            widened_sigmoid(rgb_chunk, out=rgb_chunk)
         if keep:
             ctx.save_for_backward(x, w1, w2, hidden, slope, rgb)
         return sigma, rgb
@@ -134,8 +137,7 @@ class _DecodeCPU(torch.autograd.Function):
             grad_out[:, :1] = grad_sigma[rows]
             # widened sigmoid: d rgb / d logit = GAIN * s * (1 - s), s = (rgb + OFFSET) / GAIN
             s = rgb[rows].add(SIGMOID_OFFSET).div_(SIGMOID_GAIN)
-            grad_logit = torch.mul(grad_rgb[rows], SIGMOID_GAIN, out=grad_out[:, 1:]).mul_(s)
-            grad_logit.mul_(s.neg_().add_(1))
+            torch.ops.aten.sigmoid_backward.grad_input(grad_rgb[rows] * SIGMOID_GAIN, s, grad_input=grad_out[:, 1:])
             grad_w2.addmm_(grad_out.t(), hidden_chunk)
             grad_b2 += grad_out.sum(0)
             grad_hidden = grad_out.mm(w2).mul_(slope[rows])
