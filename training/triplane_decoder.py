@@ -87,8 +87,9 @@ class _DecodeCPU(torch.autograd.Function):
     about twice as fast as whole-tensor operations there. When a backward will follow
     (`keep`), the forward keeps the hidden layer and softplus' derivative there (M, H each),
     and the backward reads the colour sigmoid's derivative off the colour: no second pass
-    through the layers (small128 Gmain, batch 4, one thread: 0.92x the time of recomputing
-    them).
+    through the layers (forward + backward of 98,304 points, one thread: 0.74x the time of
+    recomputing them). softplus' derivative is sigmoid(pre) also above torch's linear
+    threshold (20), where it is 1 in float32 and 1 - 2e-9 in float64.
 
     x (M, C), w1 (H, C), b1 (H,), w2 (1 + D, H), b2 (1 + D,), keep (bool) -> sigma (M, 1), rgb (M, D)."""
 
