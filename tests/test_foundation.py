@@ -275,13 +275,13 @@ def test_keep_gradient_layout_hands_the_gradient_back_in_the_input_layout():
     assert misc.keep_gradient_layout(contiguous) is contiguous
 
 
-def test_unbind_keeping_gradient_layout_writes_the_items_gradients_in_the_input_layout():
+def test_split_keeping_gradient_layout_writes_the_items_gradients_in_the_input_layout():
     from torch_utils import misc
     # Planes-like strides: (B, 3, C, H, W) viewed from a channels-last (B, 3 C, H, W) tensor.
     x = torch.randn(3, 2, 4, 5, 6, dtype=torch.float64).permute(0, 3, 4, 1, 2).contiguous().permute(0, 3, 4, 1, 2)
     x.requires_grad_()
     weights = [torch.randn(1, 2, 4, 5, 6, dtype=torch.float64) for _ in range(3)]
-    items = misc.unbind_keeping_gradient_layout(x)
+    items = misc.split_keeping_gradient_layout(x)
     assert len(items) == 3 and all(torch.equal(a, b) for a, b in zip(items, x.split(1)))
     # Item 1 takes no part: its gradient is zero (an uninitialised buffer would show).
     grad, = torch.autograd.grad((items[0] * weights[0]).sum() + (items[2] * weights[2]).sum(), x)
@@ -292,10 +292,10 @@ def test_unbind_keeping_gradient_layout_writes_the_items_gradients_in_the_input_
     torch.testing.assert_close(grad, ref, atol=0, rtol=0)
     assert ref.is_contiguous() and not grad.is_contiguous()
     with torch.no_grad():
-        assert all(t.grad_fn is None for t in misc.unbind_keeping_gradient_layout(x))
+        assert all(t.grad_fn is None for t in misc.split_keeping_gradient_layout(x))
     # Differentiable twice (its backward is a copy into slices).
     small = torch.randn(3, 2, 2, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradgradcheck(lambda t: torch.cat([u.square() for u in misc.unbind_keeping_gradient_layout(t)[::2]]), (small,))
+    assert torch.autograd.gradgradcheck(lambda t: torch.cat([u.square() for u in misc.split_keeping_gradient_layout(t)[::2]]), (small,))
 
 
 def test_device_constant_is_made_once_outside_inference_mode_and_remade_after_a_write(monkeypatch):

@@ -225,17 +225,19 @@ def keep_gradient_layout(x: torch.Tensor) -> torch.Tensor:
     return _GradientInLayout.apply(x)
 
 
-def unbind_keeping_gradient_layout(x: torch.Tensor) -> tuple:
+def split_keeping_gradient_layout(x: torch.Tensor) -> tuple:
     """x.split(1) (views of its items along dim 0) whose backward writes the items' gradients
     into one gradient in x's memory layout: split's own backward concatenates them
     contiguously, and a channels-last x would then need a second, transposing copy
     (keep_gradient_layout). Items without a gradient get zeros."""
     if not x.requires_grad or not torch.is_grad_enabled():
         return x.split(1)
-    return _UnbindInLayout.apply(x)
+    return _SplitInLayout.apply(x)
 
 
-class _UnbindInLayout(torch.autograd.Function):
+class _SplitInLayout(torch.autograd.Function):
+    """x.split(1); the backward copies the items' gradients into one tensor with x's strides."""
+
     @staticmethod
     def forward(ctx, x):
         ctx.shape, ctx.stride = x.shape, dense_stride(x)

@@ -121,16 +121,12 @@ class _DecodeCPU(torch.autograd.Function):
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_sigma, grad_rgb, _grad_keep=None):
+    def backward(ctx, grad_sigma, grad_rgb):             # (autograd passes zeros for an unused output)
         x, w1, w2, hidden, slope, rgb = ctx.saved_tensors
         need_x, need_w1, need_b1, need_w2, need_b2, _ = ctx.needs_input_grad
         grad_x = torch.empty_like(x) if need_x else None
         grad_w1, grad_w2 = torch.zeros_like(w1), torch.zeros_like(w2)
         grad_b1, grad_b2 = w1.new_zeros(w1.shape[0]), w2.new_zeros(w2.shape[0])
-        if grad_sigma is None:
-            grad_sigma = x.new_zeros(len(x), 1)
-        if grad_rgb is None:
-            grad_rgb = x.new_zeros(len(x), w2.shape[0] - 1)
         for i in range(0, len(x), _DecodeCPU.CHUNK):
             rows = slice(i, i + _DecodeCPU.CHUNK)
             x_chunk, hidden_chunk = x[rows], hidden[rows]

@@ -293,10 +293,10 @@ class TexturePlaneRasterizer(torch.nn.Module):
         alpha = sample(self.uv_mask.to(texture.dtype), grid.reshape(1, 1, -1, 2)).view(bsz * 4, 1, res, res)
         alpha = fill_enclosed(alpha)
         alpha = alpha.reshape(bsz, 4, *alpha.shape[1:]).transpose(0, 1)
-        # The renders are channels-last views of the sampled rows. One gradient for the four
-        # views, in that layout: the backward of four selects would zero-fill four copies
+        # One gradient for the four views, in the renders' layout (on the CPU channels-last
+        # views of the sampled rows): the backward of four selects would zero-fill four copies
         # of all renders, and unbind's stacks them contiguously (a transposing copy back).
-        render = [view.squeeze(0) for view in misc.unbind_keeping_gradient_layout(render)]
+        render = [view.squeeze(0) for view in misc.split_keeping_gradient_layout(render)]
         return dict(zip(VIEW_NAMES, zip(render, alpha.unbind(0))))
 
     def mirror_right_view(self, right: torch.Tensor) -> torch.Tensor:

@@ -269,7 +269,7 @@ class ImportanceRenderer(torch.nn.Module):
         # One view per item (the texel table cache is tied to it), by split: its backward
         # writes the items' gradients into one gradient in the planes' layout, where each
         # slice's would zero-fill a gradient of the whole batch.
-        item_planes = misc.unbind_keeping_gradient_layout(planes) if len(items) > 1 else [misc.keep_gradient_layout(planes)]
+        item_planes = misc.split_keeping_gradient_layout(planes) if len(items) > 1 else [misc.keep_gradient_layout(planes)]
         caches = [{} for _ in items]                # both passes sample the same planes: one texel table per item
         coarse = [self._run_along_rays(p, decoder, ray_origins[i], ray_directions[i], depths[i], opts, generator, cache)
                   for i, p, cache in zip(items, item_planes, caches)]
