@@ -31,3 +31,12 @@ def pytest_collection_modifyitems(config, items):
 def _seed_everything():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture
+def pretend_kernels(monkeypatch):
+    """Route every custom op through its torch.library op, as on a GPU (whose CPU twin then runs)."""
+    from torch_utils.ops import _build
+    monkeypatch.delenv('NEXT3D_OPS_REF', raising=False)
+    monkeypatch.setattr(_build, 'want_kernel', lambda op, impl, *tensors: impl != 'ref')
+    monkeypatch.setattr(_build, 'kernel_available', lambda name, sources, device=None: True)

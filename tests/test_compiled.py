@@ -271,11 +271,46 @@ def phase_gradients(loss, phases, inputs, seed):
     return grads
 
 
-def test_next3d_training_phases_with_a_compiled_D_give_eager_gradients():
+class Filtered(torch.nn.Module):
+    """A weight times a constant buffer that the product saves for its backward, as the CUDA
+    upfirdn2d op saves a FIR filter buffer."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.randn(4, 4))
+        self.register_buffer('fir', torch.randn(4, 4))
+
+    def forward(self, x):
+        return (x * self.weight) * self.fir
+
+
+def test_the_check_leaves_constant_buffers_that_graphs_saved_intact():
+    """The check replays eager from the buffers' starting values. Writing them back when they had not
+    changed bumped their version, so the compiled graph, and a caller's graph, that had saved one for
+    the backward could not run it (on an H200 both D and G.synthesis fell back to eager this way)."""
+    torch.manual_seed(0)
+    module = Filtered()
+    fast = compiled.Compiled(module, module, 'filtered', backend='aot_eager', log=lambda line: None)
+    x = torch.randn(4, 4, requires_grad=True)
+    before = x * module.fir                 # the caller's graph has saved the buffer too
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')      # no fallback
+        y = fast(x)
+        (y.sum() + before.sum()).backward()
+    assert fast.failed is None and len(fast.checked) == 1
+    torch.testing.assert_close(x.grad, module.weight.detach() * module.fir + module.fir)
+    torch.testing.assert_close(module.weight.grad, x.detach() * module.fir)
+
+
+@pytest.mark.parametrize('ops', ['reference', 'kernels'])
+def test_next3d_training_phases_with_a_compiled_D_give_eager_gradients(ops, request):
     """tiny64: G main, density reg, D main with the compiled D; R1 with the eager D (double backward).
+    ops: the CPU reference ops, or the custom ops of the GPU path (their CPU twins).
 
     (Tracing the Next3D synthesis takes minutes even with aot_eager; the loop test below compiles a toy G.)
     """
+    if ops == 'kernels':
+        request.getfixturevalue('pretend_kernels')
     cfg = 'tiny64'
     from benchmarks.train_step import make_inputs
     template = configs.default_template(cfg)

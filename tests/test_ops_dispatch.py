@@ -2,7 +2,7 @@
 
 The ops' CUDA implementations cannot run without a GPU, but everything around them can:
 on CPU tensors each torch.library op runs a PyTorch twin of its kernel, so with the
-dispatch pretending the kernels are available (`pretend_kernels`) these tests exercise
+dispatch pretending the kernels are available (`pretend_kernels`, conftest.py) these tests exercise
 the ops' autograd formulas, fake kernels and torch.compile tracing exactly as on a GPU.
 """
 
@@ -46,14 +46,6 @@ def fresh_build_state(monkeypatch, tmp_path):
     monkeypatch.setenv('NEXT3D_CACHE_DIR', str(tmp_path))
     monkeypatch.delenv('NEXT3D_OPS_REF', raising=False)
     return tmp_path
-
-
-@pytest.fixture
-def pretend_kernels(monkeypatch):
-    """Route every op through its torch.library op (whose CPU twin then runs)."""
-    monkeypatch.delenv('NEXT3D_OPS_REF', raising=False)
-    monkeypatch.setattr(_build, 'want_kernel', lambda op, impl, *tensors: impl != 'ref')
-    monkeypatch.setattr(_build, 'kernel_available', lambda name, sources, device=None: True)
 
 
 def test_cuda_sources_present():

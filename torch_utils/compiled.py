@@ -249,7 +249,10 @@ def _set_rng_state(state):
 
 
 def _set_buffers(module: torch.nn.Module, values):
+    """Write back the buffers that differ from `values`. A constant one (a FIR filter) is left
+    alone: a graph may have saved it for its backward, and a write would bump its version."""
     with torch.no_grad():
         for b, v in zip(module.buffers(), values):
-            b.copy_(v)
+            if not torch.equal(b, v):
+                b.copy_(v)
 
