@@ -23,13 +23,16 @@
 #      whose compiles would not fit);
 #   8. with GPU_CHECK_COMPILE=1 and ORIGINAL_SRC: vs_original.py --compile all on CUDA (our
 #      networks through torch.compile; the small128 step is bound by the host on an H200,
-#      which is what compiled graphs cut), if the run's time allows.
+#      which is what compiled graphs cut), if the run's time allows. Its warm-up (Triton
+#      compiles of D and of G.synthesis for three input signatures, each checked against
+#      eager) outlasted 285 s on an H200, so a short loan wants GPU_CHECK_COMPILE=only:
+#      steps 1, 2 and 8 alone, step 8 with the rest of the run's time.
 # A failing step does not stop the others. Results go to $OUT if it is set (a remote
 # runner's collection folder), else to benchmarks/results/gpu-check-<UTC date>-<HHMM>/:
 # log.txt, environment.txt and the benchmarks' tables. Exit status: 0 if every step passed,
 # 1 if one failed or was skipped, 2 without a GPU.
 #
-#     [ORIGINAL_SRC=DIR] [EG3D_SRC=DIR] [PYTHON=...] [GPU_CHECK_SECONDS=540] [GPU_CHECK_COMPILE=1] bash benchmarks/gpu_check.sh
+#     [ORIGINAL_SRC=DIR] [EG3D_SRC=DIR] [PYTHON=...] [GPU_CHECK_SECONDS=540] [GPU_CHECK_COMPILE=1|only] bash benchmarks/gpu_check.sh
 #
 # NEXT3D_COMMIT names the commit in the results when the tree was copied to the GPU machine
 # (its git metadata there may be missing or stale).
@@ -84,22 +87,27 @@ from torch_utils.ops import _build, bias_act, upfirdn2d
 ok = [_build.kernel_available(n, m.SOURCES, torch.device("cuda")) for n, m in (("bias_act", bias_act), ("upfirdn2d", upfirdn2d))]
 print("kernels built and self-checked (bias_act, upfirdn2d):", ok)
 sys.exit(0 if all(ok) else 1)'
-workers=()
-"$PY" -c 'import xdist' 2>/dev/null && workers=(-n 6)
-step pytest-gpu 150 "$PY" -m pytest -q -m gpu -p no:cacheprovider --continue-on-collection-errors --durations=10 "${workers[@]}" tests
+compile_only=$([ "${GPU_CHECK_COMPILE:-}" = only ] && echo 1)
+if [ -z "$compile_only" ]; then
+    workers=()
+    "$PY" -c 'import xdist' 2>/dev/null && workers=(-n 6)
+    step pytest-gpu 150 "$PY" -m pytest -q -m gpu -p no:cacheprovider --continue-on-collection-errors --durations=10 "${workers[@]}" tests
+fi
 if [ -n "$original_build" ]; then
     wait "$original_build"
     { echo "== the original's plugin build (background, exit $?):"; cat "$dest/original-build.txt"; } >> "$dest/log.txt"
     rm -f "$dest/original-build.txt"
 fi
-[ ${#sources[@]} -gt 0 ] && step vs-original 150 "$PY" benchmarks/vs_original.py --device cuda "${sources[@]}" --pairs 5 --batch 8 --outdir "$dest"
-step train-ffhq512-eg3d 70 "$PY" benchmarks/train_step.py --cfg ffhq512-eg3d --batch 4 --device cuda --outdir "$dest"
-step train-small128 45 "$PY" benchmarks/train_step.py --cfg small128 --batch 8 --device cuda --profile Gmain --outdir "$dest"
-step profile-dreg-small128 45 "$PY" benchmarks/train_step.py --cfg small128 --batch 32 --device cuda --repeats 1 --profile Dreg --outdir "$dest"
-step rasterize 30 "$PY" benchmarks/rasterize.py --device cuda --batch 4 --resolution 256
-step ops 60 "$PY" benchmarks/ops.py --device cuda --no-compile --outdir "$dest"
+if [ -z "$compile_only" ]; then
+    [ ${#sources[@]} -gt 0 ] && step vs-original 150 "$PY" benchmarks/vs_original.py --device cuda "${sources[@]}" --pairs 5 --batch 8 --outdir "$dest"
+    step train-ffhq512-eg3d 70 "$PY" benchmarks/train_step.py --cfg ffhq512-eg3d --batch 4 --device cuda --outdir "$dest"
+    step train-small128 45 "$PY" benchmarks/train_step.py --cfg small128 --batch 8 --device cuda --profile Gmain --outdir "$dest"
+    step profile-dreg-small128 45 "$PY" benchmarks/train_step.py --cfg small128 --batch 32 --device cuda --repeats 1 --profile Dreg --outdir "$dest"
+    step rasterize 30 "$PY" benchmarks/rasterize.py --device cuda --batch 4 --resolution 256
+    step ops 60 "$PY" benchmarks/ops.py --device cuda --no-compile --outdir "$dest"
+fi
 if [ -n "${GPU_CHECK_COMPILE:-}" ] && [ -n "${ORIGINAL_SRC:-}" ]; then     # opt-in: Triton compiles take minutes
-    step vs-original-compiled 300 "$PY" benchmarks/vs_original.py --device cuda --original-src "$ORIGINAL_SRC" --compile all --pairs 3 --batch 8 --outdir "$dest"
+    step vs-original-compiled $budget "$PY" benchmarks/vs_original.py --device cuda --original-src "$ORIGINAL_SRC" --compile all --pairs 3 --batch 8 --outdir "$dest"
 fi
 echo "results in $dest"
 exit "$failed"

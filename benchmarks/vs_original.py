@@ -560,6 +560,7 @@ class Worker:
         self.side, self.log_path = side, log_path
         env = dict(os.environ, OMP_NUM_THREADS='1', MKL_NUM_THREADS='1', PYTHONHASHSEED='0')
         self.log = open(log_path, 'w')
+        self.log_offset = 0                     # how far new_log_lines() has read
         self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), '--worker', side, '--worker-config', cfg_path],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True, env=env)
         self._read()
@@ -577,6 +578,16 @@ class Worker:
         self.proc.stdin.write(json.dumps(dict(cmd=cmd)) + '\n')
         self.proc.stdin.flush()
         return self._read()
+
+    def new_log_lines(self) -> list:
+        """The lines the worker logged since the last call (its stderr)."""
+        self.log.flush()
+        with open(self.log_path, 'rb') as f:
+            f.seek(self.log_offset)
+            data = f.read()
+        complete = data[:data.rfind(b'\n') + 1]
+        self.log_offset += len(complete)
+        return complete.decode(errors='replace').splitlines()
 
     def close(self):
         if self.proc.poll() is None:
@@ -602,9 +613,14 @@ def run_preset(preset: str, cfg: dict, tmp: str, pairs: int, log):
     log(f'{preset}: starting the workers ...')
     workers = {side: Worker(side, cfg_path, os.path.join(tmp, f'{preset}-{side}.log')) for side in ('ours', 'original')}
     try:
-        for w in workers.values():              # warm-up
-            w.call('train')
-            w.call('infer')
+        for side, w in workers.items():         # warm-up (with --compile: the compiles), reported as it goes
+            for what in ('train', 'infer'):
+                start = time.time()
+                w.call(what)
+                log(f'{preset}: {side} warm-up {what} in {time.time() - start:.1f} s')
+                for line in w.new_log_lines():
+                    if 'torch.compile' in line:
+                        log(f'  {line.strip()}')
         samples = {side: dict(train=[], infer=[]) for side in workers}
         for i in range(pairs):
             order = ('ours', 'original') if i % 2 == 0 else ('original', 'ours')

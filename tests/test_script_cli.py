@@ -135,6 +135,27 @@ def test_gpu_check_script_refuses_a_machine_without_a_gpu(tmp_path):
     assert not out.exists()                      # nothing written
 
 
+@pytest.mark.parametrize('compile_mode', ['', '1', 'only'])
+def test_gpu_check_script_runs_its_steps_in_order(tmp_path, compile_mode):
+    """The steps gpu_check.sh runs, with a stand-in Python that says it sees a GPU and logs its arguments;
+    GPU_CHECK_COMPILE=only keeps the build and the compiled comparison, which gets the rest of the time."""
+    import subprocess
+    fake = tmp_path / 'python'
+    calls = tmp_path / 'calls.txt'
+    fake.write_text(f'#!/usr/bin/env bash\necho "$*" | head -c 60 | tr -d "\\n" >> {calls}; echo >> {calls}\n')
+    fake.chmod(0o755)
+    out = tmp_path / 'out'
+    env = dict(os.environ, PYTHON=str(fake), OUT=str(out), ORIGINAL_SRC=str(tmp_path), GPU_CHECK_COMPILE=compile_mode)
+    result = subprocess.run(['bash', os.path.join(ROOT, 'benchmarks', 'gpu_check.sh')], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    steps = [line.split(' (limit')[0][3:] for line in result.stdout.splitlines() if line.startswith('== ') and '(limit' in line]
+    everything = ['build', 'pytest-gpu', 'vs-original', 'train-ffhq512-eg3d', 'train-small128', 'profile-dreg-small128', 'rasterize', 'ops']
+    assert steps == {'': everything, '1': everything + ['vs-original-compiled'], 'only': ['build', 'vs-original-compiled']}[compile_mode]
+    if compile_mode == 'only':
+        assert 'vs-original-compiled (limit 5' in result.stdout             # the 540 s run's time less the build's
+    assert 'benchmarks/vs_original.py --device cuda --prepare' in calls.read_text()
+
+
 def test_train_step_benchmark_profiles_a_phase(tmp_path):
     # benchmarks/train_step.py --profile: the phase's top ops with their input shapes, written with the timings.
     from click.testing import CliRunner

@@ -214,3 +214,50 @@ def test_stubs_stand_in_for_modules_this_python_removed(monkeypatch):
         for name in set(sys.modules) - set(before):
             del sys.modules[name]
         sys.modules.update(before)
+
+
+def test_a_workers_new_log_lines_come_once_and_whole(tmp_path):
+    """The warm-up reports the worker's torch.compile lines as they come (a run cut short by a time limit
+    still shows how far the compiles got): each complete line once, a partial one when it is complete."""
+    worker = vs_original.Worker.__new__(vs_original.Worker)
+    worker.log_path = str(tmp_path / 'w.log')
+    worker.log = open(worker.log_path, 'w')
+    worker.log_offset = 0
+    try:
+        worker.log.write('torch.compile: D compiled in 1.0 s\nhalf a li')
+        assert worker.new_log_lines() == ['torch.compile: D compiled in 1.0 s']
+        worker.log.write('ne, ünïcode\nnext\n')
+        assert worker.new_log_lines() == ['half a line, ünïcode', 'next']
+        assert worker.new_log_lines() == []
+    finally:
+        worker.log.close()
+
+
+def test_run_preset_reports_each_warm_up_call_and_its_compile_lines(tmp_path, monkeypatch):
+    phase_times = {name: (0.5, 0.5) for name, _ in vs_original.PHASES}
+
+    class FakeWorker(vs_original.Worker):
+        def __init__(self, side, cfg_path, log_path):
+            self.side, self.log_path, self.log_offset = side, log_path, 0
+            self.log = open(log_path, 'w')
+            self.compiled = set()
+
+        def call(self, cmd):
+            if self.side == 'ours' and cmd in ('train', 'infer') and cmd not in self.compiled:      # the first call compiles
+                self.compiled.add(cmd)
+                self.log.write(f'torch.compile: G.synthesis compiled for {cmd}\nother output\n')
+            return dict(train=phase_times, infer=(0.1, 0.1), profile={}, info={}).get(cmd)
+
+        def close(self):
+            self.log.close()
+
+    monkeypatch.setattr(vs_original, 'Worker', FakeWorker)
+    lines = []
+    samples, _, info = vs_original.run_preset('next3d', dict(compile='all', device='cuda'), str(tmp_path), 1, lines.append)
+    warm_up = [line for line in lines if 'warm-up' in line or line.startswith('  ')]
+    assert [line.split(' in ')[0] for line in warm_up] == [
+        'next3d: ours warm-up train', '  torch.compile: G.synthesis compiled for train',
+        'next3d: ours warm-up infer', '  torch.compile: G.synthesis compiled for infer',
+        'next3d: original warm-up train', 'next3d: original warm-up infer']
+    assert info['ours']['compile_log'] == ['torch.compile: G.synthesis compiled for train', 'torch.compile: G.synthesis compiled for infer']
+    assert samples['ours']['train'] == [phase_times]
