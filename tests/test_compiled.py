@@ -228,6 +228,56 @@ def test_a_gradient_is_judged_against_eagers_own_sensitivity(monkeypatch, wrong_
         assert fast.failed is not None
 
 
+class Kinked(torch.nn.Module):
+    """s's gradient counts the inputs above their thresholds, and x[k] sits on its own: a nudge moves the
+    gradient by one count or not at all as x[k]'s sign falls (pixel coverage and importance samples make
+    Next3D's gradients so). `with_error(e)` is the same function with e more at x[k] in s's gradient."""
+
+    def __init__(self, x, k):
+        super().__init__()
+        self.s = torch.nn.Parameter(torch.tensor(1.5))
+        thresholds = x + torch.where(torch.arange(len(x)) % 2 == 0, -1.0, 1.0)
+        thresholds[k] = x[k]
+        self.register_buffer('thresholds', thresholds)
+        self.k = k
+
+    def forward(self, x):
+        return dict(out=self.s * (x > self.thresholds).to(x.dtype))
+
+    def with_error(self, x, e):
+        at_k = torch.zeros_like(x)
+        at_k[self.k] = e
+        return dict(out=self.s * (x > self.thresholds).to(x.dtype) + (self.s - self.s.detach()) * at_k)
+
+
+@pytest.mark.parametrize('error', [2.0, 100.0])
+def test_eagers_sensitivity_is_the_largest_over_several_nudges(monkeypatch, error):
+    """The first nudge leaves x[k] below its threshold (s's gradient does not move), the second lifts it
+    (the gradient moves by one count): a compiled gradient off by twice that passes, one off by 100 times
+    falls back after NUDGES nudges."""
+    x = torch.rand(8, generator=torch.Generator().manual_seed(4)) + 0.5
+    signs = [torch.randint(0, 2, x.shape, generator=compiled.nudge_generator(a)) * 2 - 1 for a in range(2)]
+    k = next(i for i in range(len(x)) if signs[0][i] < 0 and signs[1][i] > 0)
+    module = Kinked(x, k)
+    monkeypatch.setattr(torch, 'compile', fake_compile(lambda m: lambda x: m.with_error(x, error)))
+    lines = []
+    fast = compiled.Compiled(module, module, 'kinked', log=lines.append)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        fast(x)
+    messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    if error == 2.0:
+        assert not messages and fast.failed is None and len(lines) == 1, messages
+    else:
+        assert len(messages) == 1 and 'gradient error' in messages[0] and f'in {compiled.NUDGES} nudges' in messages[0], messages
+    monkeypatch.setattr(compiled, 'NUDGES', 1)           # the first nudge alone would have refused the first
+    monkeypatch.setattr(torch, 'compile', fake_compile(lambda m: lambda x: m.with_error(x, 2.0)))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        compiled.Compiled(module, module, 'kinked', log=lines.append)(x)
+    assert any('gradient error' in str(w.message) for w in caught)
+
+
 def test_a_compiler_error_on_a_later_call_falls_back(monkeypatch):
     calls = []
 

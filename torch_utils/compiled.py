@@ -21,7 +21,10 @@ whole feature map) then differs by far more than the tolerance in relative terms
 rest match to 1e-5. So a gradient that misses the tolerance is judged against how much eager's
 own gradient moves when every weight and input moves by NUDGE (relative, random signs; a
 training step moves the weights by ~1e-3): the compiled gradient passes if it is within
-NUDGE_FACTOR times that of eager's.
+NUDGE_FACTOR times that of eager's. Next3D's gradients are not smooth at that scale (pixel
+coverage, importance samples, leaky ReLU branches): one nudge moved a noise strength's
+gradient by 8% and another by several times that, so up to NUDGES nudges, each with other
+signs, are tried for a gradient that misses, and the largest change counts.
 
 Double backward (R1's gradient penalty) does not go through compiled graphs: callers use
 the eager module there.
@@ -40,6 +43,7 @@ DEFAULT_BACKEND = 'inductor'
 FORWARD_TOL = 1e-3                          # |compiled - eager| <= tol x (1 + |eager|) on every output element
 GRADIENT_TOL = 1e-3                         # ||g_compiled - g_eager|| <= tol x ||g_eager|| for every gradient, or
 NUDGE, NUDGE_FACTOR = 1e-5, 10              # <= factor x ||g_eager(weights, inputs x (1 +- NUDGE)) - g_eager||
+NUDGES = 3                                  # nudges tried at most (other random signs each), the largest change counts
 
 
 def _describe(x):
@@ -137,10 +141,10 @@ class Compiled:
         buffers_after = [b.detach().clone() for b in self.module.buffers()]
         ref = from_start(self.fn, check_args, check_kwargs)
 
-        def eager_nudged(projections):
+        def eager_nudged(projections, attempt=0):
             """Gradients (parameters, then inputs) of eager from the same state with the floating
-            parameters and inputs x (1 +- NUDGE), random signs."""
-            gen = torch.Generator().manual_seed(1)
+            parameters and inputs x (1 +- NUDGE), random signs (other ones for each attempt)."""
+            gen = nudge_generator(attempt)
             def nudged(x):
                 signs = torch.randint(0, 2, x.shape, generator=gen).to(x.device, x.dtype) * 2 - 1
                 return x.detach() * (1 + NUDGE * signs)
@@ -180,8 +184,9 @@ class Compiled:
         """(output error, gradient error, the name of the parameter or input it is at); raises
         CompileCheckFailed on a mismatch.
 
-        eager_nudged(projections) -> the gradients of eager with the weights and inputs
-        x (1 +- NUDGE); called only when a gradient misses GRADIENT_TOL.
+        eager_nudged(projections, attempt) -> the gradients of eager with the weights and inputs
+        x (1 +- NUDGE), signs drawn by nudge_generator(attempt); called only when a gradient
+        misses GRADIENT_TOL, up to NUDGES times while one still misses.
         """
         outs, out_spec = pytree.tree_flatten(out)
         refs, ref_spec = pytree.tree_flatten(ref)
@@ -205,13 +210,23 @@ class Compiled:
             want = _gradients([r for _, r in differentiable], projections, leaves)
             errors = [_gradient_error(g, w) for g, w in zip(got, want)]
             gradient_error, where = max(zip(errors, names), default=(0.0, None))
-            if not gradient_error <= GRADIENT_TOL:
-                floors = [_gradient_error(g, w) for g, w in zip(eager_nudged(projections), want)]
-                for error, floor, name in zip(errors, floors, names):
-                    if not (error <= GRADIENT_TOL or error <= NUDGE_FACTOR * floor):
-                        raise CompileCheckFailed(f'gradient error {error:.3g} at {name} > {GRADIENT_TOL:g} and > {NUDGE_FACTOR} x '
-                                                 f'{floor:.3g} (eager\'s change for weights and inputs x (1 +- {NUDGE:g}))')
+            floors = [0.0] * len(errors)
+            missing = lambda: [i for i, error in enumerate(errors) if not (error <= GRADIENT_TOL or error <= NUDGE_FACTOR * floors[i])]
+            for attempt in range(NUDGES):
+                if not missing():
+                    break
+                floors = [max(floor, _gradient_error(g, w)) for floor, g, w in zip(floors, eager_nudged(projections, attempt), want)]
+            for i in missing():
+                raise CompileCheckFailed(f'gradient error {errors[i]:.3g} at {names[i]} > {GRADIENT_TOL:g} and > {NUDGE_FACTOR} x '
+                                         f'{floors[i]:.3g} (the largest change of eager\'s in {NUDGES} nudges of its weights and '
+                                         f'inputs x (1 +- {NUDGE:g}))')
         return forward_error, gradient_error, where
+
+
+def nudge_generator(attempt: int) -> torch.Generator:
+    """The CPU generator that draws the signs of nudge number `attempt` (0, 1, ...): the
+    floating inputs' first, in pytree order, then the floating parameters'."""
+    return torch.Generator().manual_seed(1 + attempt)
 
 
 def _grad_tensors(tree) -> list:
