@@ -16,17 +16,19 @@
 #      benchmarks/vs_original.py --device cuda, this project against the original side by side;
 #   5. benchmarks/train_step.py on CUDA: EG3D at FFHQ sizes (ffhq512-eg3d; Next3D at FFHQ
 #      sizes needs the user's FLAME template) and small128 Next3D (bundled head mesh), with
-#      the profiles of its Gmain (batch 8) and of its R1 phase at batch 32, where ours was
-#      2.3x slower than the original's on an H200 (a slow cuDNN kernel);
+#      the profiles of its Gmain (batch 8) and of its R1 phase at batch 32 (once 2.3x slower
+#      than the original's on an H200, a slow cuDNN kernel; 0.87x since our own double
+#      backward of the convolutions);
 #   6. benchmarks/rasterize.py on CUDA: 4 heads x 4 views at 256;
 #   7. benchmarks/ops.py on CUDA: kernels vs references (without its torch.compile column,
 #      whose compiles would not fit);
 #   8. with GPU_CHECK_COMPILE=1 and ORIGINAL_SRC: vs_original.py --compile all on CUDA (our
 #      networks through torch.compile; the small128 step is bound by the host on an H200,
 #      which is what compiled graphs cut), if the run's time allows. Its warm-up (Triton
-#      compiles of D and of G.synthesis for three input signatures, each checked against
-#      eager) outlasted 285 s on an H200, so a short loan wants GPU_CHECK_COMPILE=only:
-#      steps 1, 2 and 8 alone, step 8 with the rest of the run's time.
+#      compiles of D and of G.synthesis, each new input signature checked against eager)
+#      did not end within 285 s on an H200, so a short loan wants GPU_CHECK_COMPILE=only:
+#      steps 1, 2 and 8 alone, step 8 with the rest of the run's time. Step 8 fails when a
+#      network fell back to eager (vs_original.py exits 1 then).
 # A failing step does not stop the others. Results go to $OUT if it is set (a remote
 # runner's collection folder), else to benchmarks/results/gpu-check-<UTC date>-<HHMM>/:
 # log.txt, environment.txt and the benchmarks' tables. Exit status: 0 if every step passed,
@@ -44,6 +46,11 @@ if ! "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1
     echo "Error: $PY: torch sees no CUDA device (or does not import); this script is for a GPU machine" >&2
     exit 2
 fi
+case "${GPU_CHECK_COMPILE:-}" in
+    ''|1) ;;
+    only) [ -n "${ORIGINAL_SRC:-}" ] || { echo "Error: GPU_CHECK_COMPILE=only: the compiled comparison needs ORIGINAL_SRC (a checkout of MrTornado24/Next3D)" >&2; exit 2; } ;;
+    *) echo "Error: GPU_CHECK_COMPILE=${GPU_CHECK_COMPILE}: expected 1 or only (or nothing)" >&2; exit 2 ;;
+esac
 budget=${GPU_CHECK_SECONDS:-540}
 dest=${OUT:-benchmarks/results/gpu-check-$(date -u +%Y-%m-%d-%H%M)}
 mkdir -p "$dest"

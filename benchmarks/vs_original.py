@@ -69,6 +69,7 @@ import datetime
 import importlib
 import json
 import os
+import select
 import shutil
 import subprocess
 import sys
@@ -556,8 +557,14 @@ def run_worker(side: str, cfg_path: str):
 # Parent
 
 class Worker:
-    def __init__(self, side: str, cfg_path: str, log_path: str):
-        self.side, self.log_path = side, log_path
+    """One side's worker process: commands on its stdin, one JSON line per reply on its
+    stdout, its stderr into log_path. echo: called with each torch.compile line the worker
+    logs, while it works (a run cut short by a time limit still shows how far the compiles got)."""
+
+    POLL_SECONDS = 5        # how often a waiting parent looks at the log for echo
+
+    def __init__(self, side: str, cfg_path: str, log_path: str, echo=None):
+        self.side, self.log_path, self.echo = side, log_path, echo
         env = dict(os.environ, OMP_NUM_THREADS='1', MKL_NUM_THREADS='1', PYTHONHASHSEED='0')
         self.log = open(log_path, 'w')
         self.log_offset = 0                     # how far new_log_lines() has read
@@ -565,8 +572,18 @@ class Worker:
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True, env=env)
         self._read()
 
+    def _echo_compile_lines(self):
+        for line in self.new_log_lines():
+            if 'torch.compile' in line:
+                self.echo(line.strip())
+
     def _read(self):
+        if self.echo is not None:               # the reply is one line: nothing sits in stdout's buffer while we wait
+            while not select.select([self.proc.stdout], [], [], self.POLL_SECONDS)[0]:
+                self._echo_compile_lines()
         line = self.proc.stdout.readline()
+        if self.echo is not None:
+            self._echo_compile_lines()
         if not line:
             self.log.flush()
             with open(self.log_path) as f:
@@ -580,8 +597,7 @@ class Worker:
         return self._read()
 
     def new_log_lines(self) -> list:
-        """The lines the worker logged since the last call (its stderr)."""
-        self.log.flush()
+        """The complete lines the worker logged (its stderr) since the last call."""
         with open(self.log_path, 'rb') as f:
             f.seek(self.log_offset)
             data = f.read()
@@ -611,16 +627,15 @@ def run_preset(preset: str, cfg: dict, tmp: str, pairs: int, log):
     with open(cfg_path, 'w') as f:
         json.dump(cfg, f)
     log(f'{preset}: starting the workers ...')
-    workers = {side: Worker(side, cfg_path, os.path.join(tmp, f'{preset}-{side}.log')) for side in ('ours', 'original')}
+    echo = lambda line: log(f'  {line}')     # our torch.compile lines (compile times, any fallback) as they come
+    workers = {side: Worker(side, cfg_path, os.path.join(tmp, f'{preset}-{side}.log'), echo if side == 'ours' else None)
+               for side in ('ours', 'original')}
     try:
         for side, w in workers.items():         # warm-up (with --compile: the compiles), reported as it goes
             for what in ('train', 'infer'):
                 start = time.time()
                 w.call(what)
                 log(f'{preset}: {side} warm-up {what} in {time.time() - start:.1f} s')
-                for line in w.new_log_lines():
-                    if 'torch.compile' in line:
-                        log(f'  {line.strip()}')
         samples = {side: dict(train=[], infer=[]) for side in workers}
         for i in range(pairs):
             order = ('ours', 'original') if i % 2 == 0 else ('original', 'ours')
@@ -755,7 +770,7 @@ def main(original_src, eg3d_src, pairs, batch, which, original_allocator, device
         click.echo("The original's custom ops: " + ', '.join(f'{k}: {v}' for k, v in plugins.items()))
         sys.exit(0 if all(v == 'CUDA plugin' for v in plugins.values()) else 1)
     load_before, start = load_average(), time.time()
-    all_rows, all_detail = [], []
+    all_rows, all_detail, all_compile_logs = [], [], []
     with tempfile.TemporaryDirectory() as tmp:
         for preset, src in presets:
             cfg = make_config(preset, batch, os.path.abspath(src))
@@ -764,7 +779,9 @@ def main(original_src, eg3d_src, pairs, batch, which, original_allocator, device
             cfg['original_allocator'] = original_allocator
             cfg['device'] = device
             make_inputs(cfg['inputs'], batch, cfg['img_resolution'])
-            rows, detail = summarise(preset, *run_preset(preset, cfg, tmp, pairs, click.echo), device=device)
+            samples, profiles, info = run_preset(preset, cfg, tmp, pairs, click.echo)
+            all_compile_logs += info['ours'].get('compile_log', [])
+            rows, detail = summarise(preset, samples, profiles, info, device=device)
             all_rows += rows
             all_detail += detail
     now = datetime.datetime.now(datetime.timezone.utc)
@@ -800,6 +817,10 @@ def main(original_src, eg3d_src, pairs, batch, which, original_allocator, device
         f.write(text)
     os.replace(path + '.tmp', path)
     click.echo(f'Wrote {path}')
+    fallbacks = [line for line in all_compile_logs if 'running it eagerly' in line]
+    if fallbacks:               # the table then times eager networks, not compiled ones
+        click.echo(f'Error: --compile={which}: {len(fallbacks)} network(s) fell back to eager mode (the compile log in {path})', err=True)
+        sys.exit(1)
 
 
 if __name__ == '__main__':

@@ -225,20 +225,46 @@ def test_a_workers_new_log_lines_come_once_and_whole(tmp_path):
     worker.log_offset = 0
     try:
         worker.log.write('torch.compile: D compiled in 1.0 s\nhalf a li')
+        worker.log.flush()
         assert worker.new_log_lines() == ['torch.compile: D compiled in 1.0 s']
         worker.log.write('ne, ünïcode\nnext\n')
+        worker.log.flush()
         assert worker.new_log_lines() == ['half a line, ünïcode', 'next']
         assert worker.new_log_lines() == []
     finally:
         worker.log.close()
 
 
+def test_a_waiting_parent_echoes_the_workers_compile_lines_as_they_come(tmp_path, monkeypatch):
+    """A call that compiles for minutes: its torch.compile lines reach echo while the worker still works."""
+    import subprocess
+    import sys
+    import time
+    monkeypatch.setattr(vs_original.Worker, 'POLL_SECONDS', 0.1)
+    worker = vs_original.Worker.__new__(vs_original.Worker)
+    worker.side, worker.log_path, worker.log_offset = 'ours', str(tmp_path / 'w.log'), 0
+    echoed = []
+    worker.echo = lambda line: echoed.append((line, time.time()))
+    worker.log = open(worker.log_path, 'w')
+    script = ('import sys, time; print("torch.compile: D compiled in 2.0 s", file=sys.stderr, flush=True); '
+              'print("unrelated", file=sys.stderr, flush=True); time.sleep(1.5); print(\'{"result": 7}\', flush=True)')
+    worker.proc = subprocess.Popen([sys.executable, '-c', script], stdout=subprocess.PIPE, stderr=worker.log, text=True)
+    try:
+        assert worker._read() == 7
+        replied = time.time()
+    finally:
+        worker.proc.wait()
+        worker.log.close()
+    assert [line for line, _ in echoed] == ['torch.compile: D compiled in 2.0 s']
+    assert replied - echoed[0][1] > 1.0                 # echoed while the worker slept, not after its reply
+
+
 def test_run_preset_reports_each_warm_up_call_and_its_compile_lines(tmp_path, monkeypatch):
     phase_times = {name: (0.5, 0.5) for name, _ in vs_original.PHASES}
 
     class FakeWorker(vs_original.Worker):
-        def __init__(self, side, cfg_path, log_path):
-            self.side, self.log_path, self.log_offset = side, log_path, 0
+        def __init__(self, side, cfg_path, log_path, echo=None):
+            self.side, self.log_path, self.log_offset, self.echo = side, log_path, 0, echo
             self.log = open(log_path, 'w')
             self.compiled = set()
 
@@ -246,6 +272,9 @@ def test_run_preset_reports_each_warm_up_call_and_its_compile_lines(tmp_path, mo
             if self.side == 'ours' and cmd in ('train', 'infer') and cmd not in self.compiled:      # the first call compiles
                 self.compiled.add(cmd)
                 self.log.write(f'torch.compile: G.synthesis compiled for {cmd}\nother output\n')
+                self.log.flush()
+            if self.echo is not None:
+                self._echo_compile_lines()
             return dict(train=phase_times, infer=(0.1, 0.1), profile={}, info={}).get(cmd)
 
         def close(self):
@@ -256,8 +285,35 @@ def test_run_preset_reports_each_warm_up_call_and_its_compile_lines(tmp_path, mo
     samples, _, info = vs_original.run_preset('next3d', dict(compile='all', device='cuda'), str(tmp_path), 1, lines.append)
     warm_up = [line for line in lines if 'warm-up' in line or line.startswith('  ')]
     assert [line.split(' in ')[0] for line in warm_up] == [
-        'next3d: ours warm-up train', '  torch.compile: G.synthesis compiled for train',
-        'next3d: ours warm-up infer', '  torch.compile: G.synthesis compiled for infer',
+        '  torch.compile: G.synthesis compiled for train', 'next3d: ours warm-up train',
+        '  torch.compile: G.synthesis compiled for infer', 'next3d: ours warm-up infer',
         'next3d: original warm-up train', 'next3d: original warm-up infer']
     assert info['ours']['compile_log'] == ['torch.compile: G.synthesis compiled for train', 'torch.compile: G.synthesis compiled for infer']
     assert samples['ours']['train'] == [phase_times]
+
+
+@pytest.mark.parametrize('fell_back', [False, True])
+def test_a_compiled_run_whose_network_fell_back_writes_its_table_and_fails(tmp_path, monkeypatch, fell_back):
+    """--compile: a network that fell back to eager makes the table time eager code; the run says so and exits 1."""
+    from click.testing import CliRunner
+    checkout = tmp_path / 'next3d'
+    (checkout / 'training_avatar_texture').mkdir(parents=True)
+    (checkout / 'training_avatar_texture' / 'triplane_next3d.py').write_text('')
+    compile_log = ['torch.compile: D compiled for a new input signature in 3.0 s (matches eager)']
+    if fell_back:
+        compile_log.append('RuntimeWarning: torch.compile: G.synthesis failed its check against eager (...); running it eagerly from now on.')
+    phases = {name: (1.0, 1.0) for name, _ in vs_original.PHASES}
+    samples = {side: dict(train=[phases], infer=[(1.0, 1.0)]) for side in ('ours', 'original')}
+    profiles = {side: dict(total_ms=1.0, top=[]) for side in ('ours', 'original')}
+    info = dict(ours=dict(params=[1, 1], peak_rss_gib=1.0, compile_log=compile_log), original=dict(params=[1, 1], peak_rss_gib=1.0))
+    monkeypatch.setattr(vs_original, 'make_inputs', lambda *a: None)
+    monkeypatch.setattr(vs_original, 'run_preset', lambda *a: (samples, profiles, info))
+    outdir = tmp_path / 'out'
+    result = CliRunner().invoke(vs_original.main, ['--original-src', str(checkout), '--compile', 'all', '--pairs', '1',
+                                                   '--outdir', str(outdir)])
+    assert len(list(outdir.glob('vs_original-cpu-*-compile-all.md'))) == 1         # the table is written either way
+    if fell_back:
+        assert result.exit_code == 1
+        assert result.stderr.strip().startswith('Error: --compile=all: 1 network(s) fell back to eager mode (the compile log in ')
+    else:
+        assert result.exit_code == 0, result.output
