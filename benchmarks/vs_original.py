@@ -558,32 +558,35 @@ def run_worker(side: str, cfg_path: str):
 
 class Worker:
     """One side's worker process: commands on its stdin, one JSON line per reply on its
-    stdout, its stderr into log_path. echo: called with each torch.compile line the worker
-    logs, while it works (a run cut short by a time limit still shows how far the compiles got)."""
+    stdout, its stderr into log_path. The torch.compile lines it logs are collected in
+    compile_lines while it works, and passed to echo if given (a run cut short by a time
+    limit still shows how far the compiles got)."""
 
-    POLL_SECONDS = 5        # how often a waiting parent looks at the log for echo
+    POLL_SECONDS = 5        # how often a waiting parent reads the log
 
     def __init__(self, side: str, cfg_path: str, log_path: str, echo=None):
         self.side, self.log_path, self.echo = side, log_path, echo
         env = dict(os.environ, OMP_NUM_THREADS='1', MKL_NUM_THREADS='1', PYTHONHASHSEED='0')
         self.log = open(log_path, 'w')
         self.log_offset = 0                     # how far new_log_lines() has read
+        self.compile_lines = []
         self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), '--worker', side, '--worker-config', cfg_path],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True, env=env)
         self._read()
 
-    def _echo_compile_lines(self):
+    def _collect_compile_lines(self):
         for line in self.new_log_lines():
             if 'torch.compile' in line:
-                self.echo(line.strip())
+                self.compile_lines.append(line.strip())
+                if self.echo is not None:
+                    self.echo(line.strip())
 
     def _read(self):
-        if self.echo is not None:               # the reply is one line: nothing sits in stdout's buffer while we wait
-            while not select.select([self.proc.stdout], [], [], self.POLL_SECONDS)[0]:
-                self._echo_compile_lines()
+        # The reply is one line: nothing sits in stdout's buffer while we wait.
+        while not select.select([self.proc.stdout], [], [], self.POLL_SECONDS)[0]:
+            self._collect_compile_lines()
         line = self.proc.stdout.readline()
-        if self.echo is not None:
-            self._echo_compile_lines()
+        self._collect_compile_lines()
         if not line:
             self.log.flush()
             with open(self.log_path) as f:
@@ -653,8 +656,7 @@ def run_preset(preset: str, cfg: dict, tmp: str, pairs: int, log):
     finally:
         for w in workers.values():
             w.close()
-    with open(workers['ours'].log_path) as f:     # what torch.compile said: compile times, any fallback
-        info['ours']['compile_log'] = [line.strip() for line in f if 'torch.compile' in line]
+    info['ours']['compile_log'] = workers['ours'].compile_lines     # what torch.compile said: compile times, any fallback
     return samples, profiles, info
 
 

@@ -242,7 +242,7 @@ def test_a_waiting_parent_echoes_the_workers_compile_lines_as_they_come(tmp_path
     import time
     monkeypatch.setattr(vs_original.Worker, 'POLL_SECONDS', 0.1)
     worker = vs_original.Worker.__new__(vs_original.Worker)
-    worker.side, worker.log_path, worker.log_offset = 'ours', str(tmp_path / 'w.log'), 0
+    worker.side, worker.log_path, worker.log_offset, worker.compile_lines = 'ours', str(tmp_path / 'w.log'), 0, []
     echoed = []
     worker.echo = lambda line: echoed.append((line, time.time()))
     worker.log = open(worker.log_path, 'w')
@@ -255,7 +255,7 @@ def test_a_waiting_parent_echoes_the_workers_compile_lines_as_they_come(tmp_path
     finally:
         worker.proc.wait()
         worker.log.close()
-    assert [line for line, _ in echoed] == ['torch.compile: D compiled in 2.0 s']
+    assert [line for line, _ in echoed] == worker.compile_lines == ['torch.compile: D compiled in 2.0 s']
     assert replied - echoed[0][1] > 1.0                 # echoed while the worker slept, not after its reply
 
 
@@ -264,7 +264,7 @@ def test_run_preset_reports_each_warm_up_call_and_its_compile_lines(tmp_path, mo
 
     class FakeWorker(vs_original.Worker):
         def __init__(self, side, cfg_path, log_path, echo=None):
-            self.side, self.log_path, self.log_offset, self.echo = side, log_path, 0, echo
+            self.side, self.log_path, self.log_offset, self.echo, self.compile_lines = side, log_path, 0, echo, []
             self.log = open(log_path, 'w')
             self.compiled = set()
 
@@ -273,8 +273,7 @@ def test_run_preset_reports_each_warm_up_call_and_its_compile_lines(tmp_path, mo
                 self.compiled.add(cmd)
                 self.log.write(f'torch.compile: G.synthesis compiled for {cmd}\nother output\n')
                 self.log.flush()
-            if self.echo is not None:
-                self._echo_compile_lines()
+            self._collect_compile_lines()
             return dict(train=phase_times, infer=(0.1, 0.1), profile={}, info={}).get(cmd)
 
         def close(self):
