@@ -674,6 +674,32 @@ def test_decoder_cpu_path_gradcheck(monkeypatch):
          torch.randn(3, 4, dtype=torch.float64, requires_grad=True), torch.randn(3, dtype=torch.float64, requires_grad=True)))
 
 
+def test_decoder_cpu_softplus_matches_torch():
+    """The decoder's exp2-based softplus: within 1e-6 of float64's from -20 up (torch's own
+    float32 is within 1.2e-7), within 1e-14 below, torch's identity above the threshold, in
+    place or not."""
+    x = torch.linspace(-60, 19.9, 200001, dtype=torch.float32)
+    exact = torch.nn.functional.softplus(x.double())
+    got = triplane_decoder.softplus_cpu(x, torch.empty_like(x))
+    relative = (got.double() - exact).abs() / exact
+    assert relative[x >= -20].max() < 1e-6
+    assert relative[x >= -20].max() > 2e-7           # not torch's softplus itself
+    assert (got.double() - exact)[x < -20].abs().max() < 1e-14
+    in_place = x.clone()
+    assert triplane_decoder.softplus_cpu(in_place, in_place) is in_place
+    torch.testing.assert_close(in_place, got, atol=0, rtol=0)
+    # A chunk with values past the threshold: torch's softplus, identity there, also in place.
+    y = torch.tensor([-3.0, 0.5, 20.5, 1e4, float('inf'), float('-inf'), float('nan')])
+    want = torch.nn.functional.softplus(y)
+    torch.testing.assert_close(triplane_decoder.softplus_cpu(y, torch.empty_like(y)), want, atol=0, rtol=0, equal_nan=True)
+    y_in_place = y.clone()
+    torch.testing.assert_close(triplane_decoder.softplus_cpu(y_in_place, y_in_place), want, atol=0, rtol=0, equal_nan=True)
+    assert triplane_decoder.softplus_cpu(y, torch.empty_like(y))[3] == 1e4
+    small = torch.tensor([-200.0, float('nan'), 0.0])
+    got = triplane_decoder.softplus_cpu(small, torch.empty_like(small))
+    assert got[0] == 0 and got[1].isnan() and abs(got[2] - math.log(2)) < 1e-7
+
+
 def test_decoder_matches_explicit_mlp():
     decoder = OSGDecoder(n_features=5, hidden_dim=7, decoder_output_dim=2, decoder_lr_mul=0.25).double()
     features = torch.randn(1, 3, 4, 5, dtype=torch.float64)
