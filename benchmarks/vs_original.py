@@ -662,7 +662,9 @@ def run_preset(preset: str, cfg: dict, tmp: str, pairs: int, log):
 
 def summarise(preset: str, samples: dict, profiles: dict, info: dict, device: str = 'cpu') -> list:
     """(rows of the ratio table, lines of the details). On the CPU the rows give wall and CPU
-    time and the phases CPU time; on a GPU, where the host waits for the device, wall time only."""
+    time and the phases CPU time; on a GPU, where the host waits for the device, wall time only.
+    A row: (preset, measurement, ours' median, the original's median, the median of the pairs'
+    ratios ours / original, (their lowest, their highest))."""
     ours, orig = samples['ours'], samples['original']
     clocks = ((0, 'wall'), (1, 'CPU')) if device == 'cpu' else ((0, 'wall'),)
     main_clock, main_label = clocks[-1][0], ('CPU' if device == 'cpu' else 'wall-clock')
@@ -670,11 +672,11 @@ def summarise(preset: str, samples: dict, profiles: dict, info: dict, device: st
     for which, label in clocks:
         ratios = [step_time(a, which) / step_time(b, which) for a, b in zip(ours['train'], orig['train'])]
         rows.append((preset, f'training step ({label})', median([step_time(a, which) for a in ours['train']]),
-                     median([step_time(b, which) for b in orig['train']]), median(ratios)))
+                     median([step_time(b, which) for b in orig['train']]), median(ratios), (min(ratios), max(ratios))))
     for which, label in clocks:
         ratios = [a[which] / b[which] for a, b in zip(ours['infer'], orig['infer'])]
         rows.append((preset, f'inference ({label})', median([a[which] for a in ours['infer']]),
-                     median([b[which] for b in orig['infer']]), median(ratios)))
+                     median([b[which] for b in orig['infer']]), median(ratios), (min(ratios), max(ratios))))
     lines = []
     for name, _ in PHASES:
         ours_t, orig_t = [a[name][main_clock] for a in ours['train']], [b[name][main_clock] for b in orig['train']]
@@ -809,8 +811,10 @@ def main(original_src, eg3d_src, pairs, batch, which, original_allocator, device
         f'- batch {batch}; small128 sizes (output 128, raw 64, 24 + 24 samples per ray); medians over {pairs} interleaved pairs',
         f'- host memory: ours keeps freed memory in the heap (torch_utils/host_memory.py, as train.py and the scripts do); '
         f"original: {'the same policy' if original_allocator == 'ours' else 'glibc defaults'}",
-        '', '| preset | measurement | ours (s) | original (s) | ours / original | speed-up |', '|---|---|---|---|---|---|',
-    ] + [f'| {p} | {m} | {a:.{digits}f} | {b:.{digits}f} | {r:.2f} | {1 / r:.2f}x |' for p, m, a, b, r in all_rows] + [''] + all_detail)
+        '', '| preset | measurement | ours (s) | original (s) | ours / original | speed-up | speed-up, lowest-highest pair |',
+        '|---|---|---|---|---|---|---|',
+    ] + [f'| {p} | {m} | {a:.{digits}f} | {b:.{digits}f} | {r:.2f} | {1 / r:.2f}x | {1 / hi:.2f}-{1 / lo:.2f}x |'
+         for p, m, a, b, r, (lo, hi) in all_rows] + [''] + all_detail)
     click.echo(text)
     os.makedirs(outdir, exist_ok=True)
     suffix = (f'-compile-{which}' if which != 'none' else '') + ('-same-allocator' if original_allocator == 'ours' else '')

@@ -61,8 +61,9 @@ def test_summarise_amortises_phases_and_reports_the_compile_log():
     info = dict(ours=dict(params=[10, 20], peak_rss_gib=1.0, compile_log=compile_log),
                 original=dict(params=[10, 20], peak_rss_gib=2.0))
     rows, detail = vs_original.summarise('next3d', samples, profiles, info)
-    wall = dict((m, (a, b, r)) for _, m, a, b, r in rows)
+    wall = dict((m, (a, b, r)) for _, m, a, b, r, _ in rows)
     assert wall['training step (wall)'] == (3.5, 7.0, 0.5)      # 1 + 4/4 + 0.5 + 16/16; ratio median of 0.5, 1.5, 0.5
+    assert rows[0][5] == (0.5, 1.5) and rows[2][5] == (0.25, 0.5)     # the pairs' lowest and highest ratio
     assert abs(wall['training step (CPU)'][0] - 3.4) < 1e-12
     assert wall['inference (wall)'] == (1.0, 4.0, 0.25)
     text = '\n'.join(detail)
@@ -126,7 +127,7 @@ def test_summarise_on_a_gpu_reports_wall_time_gpu_memory_and_the_plugins():
                 original=dict(params=[1, 1], peak_rss_gib=2.0, peak_gpu_gib=0.75,
                               plugins={'bias_act': 'CUDA plugin', 'upfirdn2d': 'reference (its CUDA plugin failed: boom)'}))
     rows, detail = vs_original.summarise('eg3d', samples, profiles, info, device='cuda')
-    assert [(m, a, b, r) for _, m, a, b, r in rows] == [('training step (wall)', 3.5, 14.0, 0.25), ('inference (wall)', 0.5, 2.0, 0.25)]
+    assert [(m, a, b, r) for _, m, a, b, r, _ in rows] == [('training step (wall)', 3.5, 14.0, 0.25), ('inference (wall)', 0.5, 2.0, 0.25)]
     text = '\n'.join(detail)
     assert 'phases (wall-clock seconds' in text and '| Gmain | 1.000 | 4.000 | 0.25 |' in text
     assert 'Peak GPU memory allocated: ours 0.50 GiB, original 0.75 GiB.' in text
@@ -310,7 +311,9 @@ def test_a_compiled_run_whose_network_fell_back_writes_its_table_and_fails(tmp_p
     outdir = tmp_path / 'out'
     result = CliRunner().invoke(vs_original.main, ['--original-src', str(checkout), '--compile', 'all', '--pairs', '1',
                                                    '--outdir', str(outdir)])
-    assert len(list(outdir.glob('vs_original-cpu-*-compile-all.md'))) == 1         # the table is written either way
+    written = list(outdir.glob('vs_original-cpu-*-compile-all.md'))
+    assert len(written) == 1         # the table is written either way
+    assert '| next3d | inference (wall) | 1.000 | 1.000 | 1.00 | 1.00x | 1.00-1.00x |' in written[0].read_text()
     if fell_back:
         assert result.exit_code == 1
         assert result.stderr.strip().startswith('Error: --compile=all: 1 network(s) fell back to eager mode (the compile log in ')
