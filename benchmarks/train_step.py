@@ -10,6 +10,10 @@ orbit; the bundled head model's mesh for Next3D presets), so no dataset is neede
 (torch_utils/compiled.py), timed interleaved with the eager ones on the same networks, and
 the compile time (the checked first calls) reported.
 
+`--geometry-in-loader` adds a column for Next3D presets: the same phases given the meshes'
+geometry made beforehand (G.rasterizer.geometry, what training_loop.GeometryCollate makes
+in the data loader's workers when --workers > 0), i.e. the step without its rasterization.
+
 `--profile PHASE` runs that phase once more under torch.profiler and adds its top ops with
 their input shapes (by time on the GPU, or CPU time on the CPU) and, on a GPU, its top
 kernels and their count: where a phase's time goes, convolution by convolution.
@@ -62,18 +66,19 @@ def make_inputs(G, batch: int, template: str, device):
     return real, c, v
 
 
-def time_phase(losses, phase, module, opt, inputs, z_dim, device, repeats):
-    """Median seconds of one phase (zero_grad, accumulate, step) for each loss, the losses interleaved."""
+def time_phase(losses, phase, module, opt, inputs, z_dim, device, repeats, geometries=None):
+    """Median seconds of one phase (zero_grad, accumulate, step) for each loss, the losses interleaved.
+    geometries: for each loss, the meshes' geometry to give it (see --geometry-in-loader) or None."""
     real, c, v = inputs
     times = [[] for _ in losses]
     for _ in range(repeats):
-        for loss, t in zip(losses, times):
+        for loss, geometry, t in zip(losses, geometries or [None] * len(losses), times):
             z = torch.randn([len(real), z_dim], device=device)
             sync(device)
             start = time.perf_counter()
             opt.zero_grad(set_to_none=True)
             module.requires_grad_(True)
-            loss.accumulate_gradients(phase, real, c, v, z, c, v, gain=1, cur_nimg=10**7)
+            loss.accumulate_gradients(phase, real, c, v, z, c, v, gain=1, cur_nimg=10**7, gen_geometry=geometry)
             module.requires_grad_(False)
             opt.step()
             sync(device)
@@ -112,10 +117,13 @@ def profile_phase(loss, phase, inputs, z_dim, device, top: int = 15) -> list:
 @click.option('--template', help='Mesh template (default: the bundled head model for the small presets)', metavar='PATH')
 @click.option('--threads', help='CPU threads (default: all)', type=int, default=None)
 @click.option('--compile', 'which', help='Also time the phases with these networks through torch.compile', type=click.Choice(loss_lib.COMPILE_CHOICES), default='none', show_default=True)
+@click.option('--geometry-in-loader', is_flag=True, help="Also time the phases given the meshes' geometry made beforehand (Next3D)")
 @click.option('--profile', 'profiled', help='Also profile one run of this phase (eager)', type=click.Choice(['none', 'Gmain', 'Greg', 'Dmain', 'Dreg']), default='none', show_default=True)
 @click.option('--outdir', help='Where to write the result', default=RESULTS_DIR, show_default='benchmarks/results')
-def main(cfg, batch, device, repeats, template, threads, which, profiled, outdir):
+def main(cfg, batch, device, repeats, template, threads, which, geometry_in_loader, profiled, outdir):
     """Benchmark training steps of a preset."""
+    if which != 'none' and geometry_in_loader:
+        raise click.UsageError('--compile and --geometry-in-loader each add a column: give one of them')
     device = torch.device(device)
     if threads is not None:
         torch.set_num_threads(threads)
@@ -133,13 +141,21 @@ def main(cfg, batch, device, repeats, template, threads, which, profiled, outdir
     adam = dict(lr=0.0025, betas=[0, 0.99], eps=1e-8)
     g_main, g_reg, d_main, d_reg = setup_phases(G, D, adam, adam, 4, 16)
     inputs = make_inputs(G, batch, template, device)
+    geometries = None
+    if geometry_in_loader:
+        if not hasattr(G, 'rasterizer'):
+            raise click.UsageError(f'--geometry-in-loader: the {cfg} generator rasterizes no mesh (a Next3D preset does)')
+        with torch.no_grad():
+            geometry = G.rasterizer.geometry(inputs[2][:, :G.num_vertices])
+        losses.append(losses[0])
+        geometries = [None, geometry]
     if device.type == 'cuda':
         torch.cuda.reset_peak_memory_stats(device)
     start = time.time()
     rows = []
     for phase, interval in ((g_main, 1), (g_reg, 4), (d_main, 1), (d_reg, 16)):
-        time_phase(losses, phase.name, phase.module, phase.opt, inputs, G.z_dim, device, 1)          # warm-up (compiles)
-        secs = time_phase(losses, phase.name, phase.module, phase.opt, inputs, G.z_dim, device, repeats)
+        time_phase(losses, phase.name, phase.module, phase.opt, inputs, G.z_dim, device, 1, geometries)      # warm-up (compiles)
+        secs = time_phase(losses, phase.name, phase.module, phase.opt, inputs, G.z_dim, device, repeats, geometries)
         rows.append((phase.name, interval, secs))
     peak_gib = peak_memory_gib(device)              # before the profiler adds its own
     phases = {p.name: p for p in (g_main, g_reg, d_main, d_reg)}
@@ -164,11 +180,12 @@ def main(cfg, batch, device, repeats, template, threads, which, profiled, outdir
     if len(losses) == 1:
         lines += ['| phase | every N steps | seconds |', '|---|---|---|'] + [f'| {n} | {i} | {s[0]:.3f} |' for n, i, s in rows]
     else:
-        parts = [('D', losses[1].D_forward), ('G.synthesis', losses[1].synthesis_forward)]
-        parts = [(name, f) for name, f in parts if isinstance(f, compiled.Compiled)]
-        lines += [f'| phase | every N steps | eager seconds | --compile={which} seconds | ratio |', '|---|---|---|---|---|']
+        columns = ('rasterizing in the step', 'geometry given') if geometry_in_loader else ('eager', f'--compile={which}')
+        lines += [f'| phase | every N steps | {columns[0]} seconds | {columns[1]} seconds | ratio |', '|---|---|---|---|---|']
         lines += [f'| {n} | {i} | {s[0]:.3f} | {s[1]:.3f} | {s[1] / s[0]:.3f} |' for n, i, s in rows]
         lines += [f'| step (phases at their intervals) | | {steps[0]:.3f} | {steps[1]:.3f} | {steps[1] / steps[0]:.3f} |', '']
+        parts = [('D', losses[1].D_forward), ('G.synthesis', losses[1].synthesis_forward)]
+        parts = [(name, f) for name, f in parts if isinstance(f, compiled.Compiled)]
         lines += [f'- {name}: compiled in {f.compile_seconds:.0f} s wall ({len(f.checked)} input signatures, each checked against eager)'
                   if f.failed is None else f'- {name}: not compiled, eager: {f.failed}' for name, f in parts]
     lines += [
@@ -180,7 +197,8 @@ def main(cfg, batch, device, repeats, template, threads, which, profiled, outdir
     text = '\n'.join(lines)
     print(text)
     os.makedirs(outdir, exist_ok=True)
-    suffix = ('' if which == 'none' else f'-compile-{which}') + ('' if profiled == 'none' else f'-profile-{profiled}')
+    suffix = (('' if which == 'none' else f'-compile-{which}') + ('-geometry-in-loader' if geometry_in_loader else '')
+              + ('' if profiled == 'none' else f'-profile-{profiled}'))
     path = os.path.join(outdir, f'train_step-{cfg}{suffix}-{device.type}-{now:%Y-%m-%d}.md')
     atomic_write_bytes(path, text.encode())
     print(f'Wrote {path}')

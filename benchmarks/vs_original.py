@@ -61,6 +61,12 @@ inference once more with the time inside its convolutions recorded (forward and 
 oneDNN on both sides, ours channels last), which bounds the speed-up: our convolutions alone against
 the original's whole step (not with --compile).
 
+`--geometry-in-loader`: our Next3D training phases are given their meshes' geometry made
+beforehand and not timed (training_loop.GeometryCollate makes it in train.py's data loader
+workers when --workers > 0), i.e. our training step without its rasterization, as our
+training loop runs it; the original still rasterizes in its step, and inference on both
+sides. Our side then runs on more than one core in training: the table says so.
+
 The result goes to benchmarks/results/vs_original-<cpu|cuda>-<date>-<HHMM>.md (UTC; command,
 commit, device, load before and after).
 """
@@ -415,6 +421,10 @@ class OursSide:
         self.all_reduce_grads = distributed.all_reduce_grads
         self.inputs = inputs
         self.v = inputs['v'] if cfg['preset'] == 'next3d' else None
+        self.geometry = None
+        if cfg.get('geometry_in_loader') and self.v is not None:     # made once, untimed: train.py's loader workers make it
+            with torch.no_grad():
+                self.geometry = self.G.rasterizer.geometry(self.v[:, :self.G.num_vertices])
 
     def phase(self, name: str, interval: int):
         import torch
@@ -423,7 +433,7 @@ class OursSide:
         z = torch.randn([len(real), self.G.z_dim], device=self.device)
         phase.opt.zero_grad(set_to_none=True)
         phase.module.requires_grad_(True)
-        self.loss.accumulate_gradients(name, real, c, self.v, z, c, self.v, gain=interval, cur_nimg=CUR_NIMG)
+        self.loss.accumulate_gradients(name, real, c, self.v, z, c, self.v, gain=interval, cur_nimg=CUR_NIMG, gen_geometry=self.geometry)
         phase.module.requires_grad_(False)
         self.all_reduce_grads(list(phase.module.parameters()))
         phase.opt.step()
@@ -733,6 +743,9 @@ def summarise(preset: str, samples: dict, profiles: dict, info: dict, device: st
               help='Our side through torch.compile (train.py --compile; the first, compiling calls are the warm-up)')
 @click.option('--original-allocator', type=click.Choice(['default', 'ours']), default='default', show_default=True,
               help="The original's host memory policy: glibc's default, or ours (torch_utils/host_memory.py, which our scripts set)")
+@click.option('--geometry-in-loader', is_flag=True,
+              help="Our training phases get the meshes' geometry made beforehand, untimed (what train.py's loader workers make with "
+              '--workers > 0); inference still rasterizes')
 @click.option('--device', type=click.Choice(['cpu', 'cuda']), default='cpu', show_default=True,
               help="Where both sides run (on cuda: each side's CUDA kernels, wall-clock time)")
 @click.option('--prepare', is_flag=True, help="Only build the original's CUDA plugins (with --device cuda), then exit: "
@@ -740,7 +753,7 @@ def summarise(preset: str, samples: dict, profiles: dict, info: dict, device: st
 @click.option('--outdir', help='Folder for the result table (markdown)', default=os.path.join(ROOT, 'benchmarks', 'results'), show_default='benchmarks/results')
 @click.option('--worker', type=click.Choice(['ours', 'original']), hidden=True)
 @click.option('--worker-config', hidden=True)
-def main(original_src, eg3d_src, pairs, batch, which, original_allocator, device, prepare, outdir, worker, worker_config):
+def main(original_src, eg3d_src, pairs, batch, which, original_allocator, geometry_in_loader, device, prepare, outdir, worker, worker_config):
     """Compare training and inference speed with the original code, side by side."""
     if worker is not None:
         run_worker(worker, worker_config)
@@ -781,6 +794,7 @@ def main(original_src, eg3d_src, pairs, batch, which, original_allocator, device
             cfg['inputs'] = os.path.join(tmp, 'inputs.npz')
             cfg['compile'] = which
             cfg['original_allocator'] = original_allocator
+            cfg['geometry_in_loader'] = geometry_in_loader
             cfg['device'] = device
             make_inputs(cfg['inputs'], batch, cfg['img_resolution'])
             samples, profiles, info = run_preset(preset, cfg, tmp, pairs, click.echo)
@@ -793,6 +807,7 @@ def main(original_src, eg3d_src, pairs, batch, which, original_allocator, device
         f' {flag}' for flag, on in (('--original-src=<Next3D checkout>', original_src), ('--eg3d-src=<eg3d checkout>', eg3d_src)) if on) + \
         f' --pairs={pairs} --batch={batch}' + (f' --compile={which}' if which != 'none' else '') + \
         (f' --original-allocator={original_allocator}' if original_allocator != 'default' else '') + \
+        (' --geometry-in-loader' if geometry_in_loader else '') + \
         (f' --device={device}' if device != 'cpu' else '')
     if device == 'cuda':
         title = 'one GPU'
@@ -811,13 +826,17 @@ def main(original_src, eg3d_src, pairs, batch, which, original_allocator, device
         f'- batch {batch}; small128 sizes (output 128, raw 64, 24 + 24 samples per ray); medians over {pairs} interleaved pairs',
         f'- host memory: ours keeps freed memory in the heap (torch_utils/host_memory.py, as train.py and the scripts do); '
         f"original: {'the same policy' if original_allocator == 'ours' else 'glibc defaults'}",
+    ] + (["- ours (Next3D): each training phase is given its meshes' geometry made beforehand and not timed, as train.py's "
+          "data loader workers make it with --workers > 0 (the original rasterizes in its step); inference rasterizes"]
+         if geometry_in_loader else []) + [
         '', '| preset | measurement | ours (s) | original (s) | ours / original | speed-up | speed-up, lowest-highest pair |',
         '|---|---|---|---|---|---|---|',
     ] + [f'| {p} | {m} | {a:.{digits}f} | {b:.{digits}f} | {r:.2f} | {1 / r:.2f}x | {1 / hi:.2f}-{1 / lo:.2f}x |'
          for p, m, a, b, r, (lo, hi) in all_rows] + [''] + all_detail)
     click.echo(text)
     os.makedirs(outdir, exist_ok=True)
-    suffix = (f'-compile-{which}' if which != 'none' else '') + ('-same-allocator' if original_allocator == 'ours' else '')
+    suffix = ((f'-compile-{which}' if which != 'none' else '') + ('-same-allocator' if original_allocator == 'ours' else '')
+              + ('-geometry-in-loader' if geometry_in_loader else ''))
     path = os.path.join(outdir, f'vs_original-{device}-{now:%Y-%m-%d-%H%M}{suffix}.md')        # one file per run
     with open(path + '.tmp', 'w') as f:
         f.write(text)

@@ -437,3 +437,35 @@ def test_head_visible_points_sample_their_coordinates(head):
         feat = sample_plane(plane[k], pts[seen], k)
         err = (feat - pts[seen]).abs().max(dim=1).values
         assert err.max() < pixel, f'{name}: max error {err.max() * 1000:.2f} mm at {int(seen.sum())} points'
+
+
+# --- geometry made beforehand (the data loader's workers) ------------------------------------
+
+@pytest.mark.parametrize('layout', ['aligned', 'released'])
+def test_geometry_made_beforehand_gives_the_same_renders_and_splits_by_item(layout):
+    verts, faces = ellipsoid()
+    mod, uv = make_module(verts, faces, 32, layout=layout)
+    batch = torch.stack([verts, verts * 1.05 + 0.003])                          # two different meshes
+    tex = torch.randn(2, 5, 48, 48, requires_grad=True)
+    geometry = mod.geometry(batch)
+    assert geometry.grid.shape == (2, 4 * 32 * 32, 2) and geometry.covered.shape == (2, 4, 32 * 32)
+    assert geometry.alpha.shape == (2, 4, 1, 32, 32) and geometry.covered.any() and not geometry.covered.all()
+    inside = mod(batch, tex)
+    given = mod(batch, tex, geometry)
+    assert inside.keys() == given.keys()
+    for key in inside:
+        torch.testing.assert_close(given[key], inside[key], rtol=0, atol=0, msg=key)
+    grads = [torch.autograd.grad(sum(r[k].square().sum() for k in r), tex)[0] for r in (inside, given)]
+    torch.testing.assert_close(grads[1], grads[0], rtol=0, atol=0)
+    # Batch first: a batch's geometry is its items' geometry, concatenated.
+    for field, whole in zip(geometry._fields, geometry):
+        parts = [getattr(mod.geometry(batch[i:i + 1]), field) for i in range(2)]
+        torch.testing.assert_close(torch.cat(parts), whole, rtol=0, atol=0, msg=field)
+
+
+def test_geometry_of_another_size_is_refused():
+    verts, faces = ellipsoid()
+    mod, _ = make_module(verts, faces, 32)
+    other, _ = make_module(verts, faces, 16)
+    with pytest.raises(AssertionError, match='geometry.grid'):
+        mod(verts[None], torch.randn(1, 5, 48, 48), other.geometry(verts[None]))

@@ -212,7 +212,7 @@ def run_train(*args, timeout=600):
 def test_train_py_next3d_end_to_end(head_data, tmp_path):
     out = str(tmp_path / 'runs')
     proc = run_train('--outdir', out, '--cfg', 'tiny64', '--data', head_data, '--gpus', '1', '--batch', '2', '--gamma', '1',
-                     '--kimg', '0.002', '--tick', '0.002', '--snap', '1', '--workers', '0', '--grid', '1x1', '--metrics', 'none',
+                     '--kimg', '0.002', '--tick', '0.002', '--snap', '1', '--workers', '1', '--grid', '1x1', '--metrics', 'none',
                      '--mirror', 'True', '--gen_pose_cond', 'True', '--density_reg_every', '1', '--aug', 'ada', '--desc', 'e2e')
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     runs = os.listdir(out)
@@ -228,6 +228,7 @@ def test_train_py_next3d_end_to_end(head_data, tmp_path):
     assert options['ada_target'] == 0.6 and options['augment_kwargs']['class_name'] == 'training.augment.AugmentPipe'
     log = open(os.path.join(run, 'log.txt')).read()
     assert 'tick 0' in log and 'augment 0.000' in log
+    assert "Rasterizing the generator's meshes in the data loader's workers" in log      # --workers 1: GeometryCollate
     snap = legacy.load_network_pkl(os.path.join(run, 'network-snapshot-000000.002.pkl'))
     assert type(snap.G).__name__ == 'Next3DGenerator' and snap.resume_state.cur_nimg == 2
     assert type(snap.augment_pipe).__name__ == 'AugmentPipe' and snap.resume_state.augment_p == 0.0
@@ -802,3 +803,64 @@ def test_tf32_is_off_in_training_and_broadcast_object_works_without_a_group(toy_
     assert torch.backends.cudnn.allow_tf32 is False and torch.backends.cuda.matmul.allow_tf32 is False
     assert not distributed.is_initialized()
     assert distributed.broadcast_object({'run_dir': 'x'}) == {'run_dir': 'x'}
+
+
+def test_geometry_from_the_loaders_workers_gives_the_steps_own_gradients(head_data):
+    """GeometryCollate in a worker process: the batch's ViewGeometry equals the rasterizer's own,
+    and Next3D's phases given it compute the gradients they compute rasterizing themselves."""
+    from training.dataset import MeshImageDataset
+    from training.loss import Next3DLoss
+    G = configs.make_generator('tiny64', template_obj=configs.BUNDLED_TEMPLATE).train().requires_grad_(False)
+    D = configs.make_discriminator('tiny64').train().requires_grad_(False)
+    dataset = MeshImageDataset(head_data)
+    loader = torch.utils.data.DataLoader(tl.ConditionView(dataset), batch_size=2, num_workers=1,
+                                         collate_fn=tl.GeometryCollate(G.rasterizer, G.num_vertices))
+    c, v, geometry = next(iter(loader))
+    assert type(geometry).__name__ == 'ViewGeometry'
+    with torch.no_grad():
+        direct = G.rasterizer.geometry(v[:, :G.num_vertices])
+    for field, a, b in zip(geometry._fields, geometry, direct):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=field)
+    loss = Next3DLoss(torch.device('cpu'), G, D, r1_gamma=1.0, neural_rendering_resolution_initial=G.neural_rendering_resolution)
+    real = torch.rand([2, 3, 64, 64], generator=torch.Generator().manual_seed(1)) * 2 - 1
+    z = torch.randn([2, G.z_dim], generator=torch.Generator().manual_seed(2))
+    rasterized = []
+    own_geometry = G.rasterizer.geometry
+    G.rasterizer.geometry = lambda verts: rasterized.append(len(verts)) or own_geometry(verts)
+    for phase, module in (('Gmain', G), ('Greg', G), ('Dmain', D)):
+        grads = []
+        for geo in (None, geometry):
+            torch.manual_seed(0)
+            module.requires_grad_(True)
+            rasterized.clear()
+            loss.accumulate_gradients(phase, real, c, v, z, c, v, gain=1, cur_nimg=0, gen_geometry=geo)
+            assert rasterized == ([2] if geo is None else []), phase         # given the geometry, the step does not rasterize
+            module.requires_grad_(False)
+            grads.append({name: p.grad for name, p in module.named_parameters() if p.grad is not None})
+            for p in module.parameters():
+                p.grad = None
+        assert grads[0] and grads[0].keys() == grads[1].keys(), phase
+        for name in grads[0]:
+            torch.testing.assert_close(grads[1][name], grads[0][name], rtol=0, atol=0, msg=f'{phase} {name}')
+
+
+def test_run_step_gives_each_round_its_part_of_the_loaders_geometry():
+    from training.mesh.texture_planes import ViewGeometry
+    geometry = ViewGeometry(grid=torch.arange(4.0)[:, None, None].expand(4, 6, 2), covered=torch.ones(4, 4, 3, dtype=torch.bool),
+                            alpha=torch.arange(4.0)[:, None, None, None, None].expand(4, 4, 1, 2, 2))
+    gen_iter = iter([(torch.zeros(4, 25), torch.zeros(4, 10, 3), geometry)] * 4)
+    real_iter = iter([(torch.zeros(4, 3, 8, 8, dtype=torch.uint8), torch.zeros(4, 25), torch.zeros(4, 10, 3))])
+    seen = []
+
+    class Loss:
+        def accumulate_gradients(self, phase, gen_geometry=None, **kwargs):
+            seen.append((phase, gen_geometry))
+    module = torch.nn.Linear(1, 1)
+    opt = torch.optim.SGD(module.parameters(), lr=0.1)
+    phases = [dnnlib.EasyDict(name=n, module=module, opt=opt, interval=1, batch_idx=0) for n in ('Gmain', 'Dmain')]
+    tl.run_step(Loss(), phases, real_iter, gen_iter, torch.device('cpu'), 2, 8, 0)
+    assert [p for p, _ in seen] == ['Gmain', 'Gmain', 'Dmain', 'Dmain']
+    for i, (_, geo) in enumerate(seen):
+        assert isinstance(geo, ViewGeometry)
+        assert geo.grid[:, 0, 0].tolist() == [2.0 * (i % 2), 2.0 * (i % 2) + 1]          # rounds of batch_gpu = 2 items
+        assert geo.alpha.shape == (2, 4, 1, 2, 2) and geo.covered.shape == (2, 4, 3)

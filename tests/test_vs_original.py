@@ -319,3 +319,26 @@ def test_a_compiled_run_whose_network_fell_back_writes_its_table_and_fails(tmp_p
         assert result.stderr.strip().startswith('Error: --compile=all: 1 network(s) fell back to eager mode (the compile log in ')
     else:
         assert result.exit_code == 0, result.output
+
+
+def test_geometry_in_loader_reaches_our_side_and_is_said_in_the_table(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+    checkout = tmp_path / 'next3d'
+    (checkout / 'training_avatar_texture').mkdir(parents=True)
+    (checkout / 'training_avatar_texture' / 'triplane_next3d.py').write_text('')
+    phases = {name: (1.0, 1.0) for name, _ in vs_original.PHASES}
+    samples = {side: dict(train=[phases], infer=[(1.0, 1.0)]) for side in ('ours', 'original')}
+    profiles = {side: dict(total_ms=1.0, top=[]) for side in ('ours', 'original')}
+    info = dict(ours=dict(params=[1, 1], peak_rss_gib=1.0), original=dict(params=[1, 1], peak_rss_gib=1.0))
+    configs = []
+    monkeypatch.setattr(vs_original, 'make_inputs', lambda *a: None)
+    monkeypatch.setattr(vs_original, 'run_preset', lambda preset, cfg, *a: configs.append(dict(cfg)) or (samples, profiles, info))
+    outdir = tmp_path / 'out'
+    result = CliRunner().invoke(vs_original.main, ['--original-src', str(checkout), '--geometry-in-loader', '--pairs', '1',
+                                                   '--outdir', str(outdir)])
+    assert result.exit_code == 0, result.output
+    assert [c['geometry_in_loader'] for c in configs] == [True]
+    written = list(outdir.glob('vs_original-cpu-*-geometry-in-loader.md'))
+    assert len(written) == 1
+    text = written[0].read_text()
+    assert '--geometry-in-loader' in text and "given its meshes' geometry made beforehand and not timed" in text

@@ -140,9 +140,9 @@ class EG3DGenerator(torch.nn.Module):
 
     # --- tri-plane -----------------------------------------------------------------------
     def make_planes(self, ws: torch.Tensor, v: Optional[torch.Tensor], update_emas: bool = False, noise_mode: str = 'random',
-                    force_fp32: bool = False, fused_modconv=None) -> torch.Tensor:
-        """ws [N, num_ws, w_dim] -> tri-plane [N, 3, plane_channels, P, P] float32 (v ignored)."""
-        del v
+                    force_fp32: bool = False, fused_modconv=None, geometry=None) -> torch.Tensor:
+        """ws [N, num_ws, w_dim] -> tri-plane [N, 3, plane_channels, P, P] float32 (v and geometry ignored)."""
+        del v, geometry
         planes = self.backbone.synthesis(ws[:, :self.num_backbone_ws], update_emas=update_emas, noise_mode=noise_mode,
                                          force_fp32=force_fp32, fused_modconv=fused_modconv)
         return planes.view(len(planes), 3, self.plane_channels, planes.shape[-2], planes.shape[-1])
@@ -161,9 +161,10 @@ class EG3DGenerator(torch.nn.Module):
                   neural_rendering_resolution: Optional[int] = None, update_emas: bool = False,
                   cache_backbone: bool = False, use_cached_backbone: bool = False,
                   noise_mode: str = 'random', force_fp32: bool = False, fused_modconv=None,
-                  generator: Optional[torch.Generator] = None) -> dict:
+                  generator: Optional[torch.Generator] = None, geometry=None) -> dict:
         """ws [N, num_ws, w_dim], camera c [N, >= 25] (OpenCV cam2world + normalised intrinsics),
-        v [N, V + 68, 3] mesh condition (Next3D; ignored here) -> dict(
+        v [N, V + 68, 3] mesh condition (Next3D; ignored here), geometry: Next3D's
+        rasterizer.geometry(v's vertices) made beforehand, or None (ignored here) -> dict(
             image       [N, 3, R, R] float32, roughly [-1, 1],
             image_raw   [N, 3, r, r] float32 in [-1, 1],
             image_depth [N, 1, r, r] float32, world units along the ray).
@@ -176,7 +177,7 @@ class EG3DGenerator(torch.nn.Module):
         if c.shape[1] < 25:
             raise ValueError(f'c: the camera label needs 25 values (4x4 cam2world + 3x3 intrinsics), got {c.shape[1]}')
         nrr = self.neural_rendering_resolution if neural_rendering_resolution is None else int(neural_rendering_resolution)
-        kwargs = dict(noise_mode=noise_mode, force_fp32=force_fp32, fused_modconv=fused_modconv)
+        kwargs = dict(noise_mode=noise_mode, force_fp32=force_fp32, fused_modconv=fused_modconv, geometry=geometry)
         planes = self._planes(ws, v, update_emas, cache_backbone, use_cached_backbone, **kwargs)
 
         cam2world, intrinsics = coords.split_label(c)
@@ -214,10 +215,11 @@ class EG3DGenerator(torch.nn.Module):
 
     def sample_mixed(self, coordinates: torch.Tensor, directions: torch.Tensor, ws: torch.Tensor,
                      v: Optional[torch.Tensor] = None, update_emas: bool = False, noise_mode: str = 'random',
-                     force_fp32: bool = False, fused_modconv=None) -> dict:
-        """Like `sample`, from ws [N, num_ws, w_dim] instead of z."""
+                     force_fp32: bool = False, fused_modconv=None, geometry=None) -> dict:
+        """Like `sample`, from ws [N, num_ws, w_dim] instead of z; geometry as in `synthesis`."""
         misc.assert_shape(ws, [None, self.num_ws, self.w_dim], 'ws')
-        planes = self.make_planes(ws, v, update_emas=update_emas, noise_mode=noise_mode, force_fp32=force_fp32, fused_modconv=fused_modconv)
+        planes = self.make_planes(ws, v, update_emas=update_emas, noise_mode=noise_mode, force_fp32=force_fp32, fused_modconv=fused_modconv,
+                                  geometry=geometry)
         return self.renderer.run_model(planes, self.decoder, coordinates, directions, self.rendering_kwargs)
 
     def extra_repr(self):

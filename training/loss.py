@@ -70,6 +70,12 @@ def neural_rendering_resolution_at(cur_nimg: int, initial: int, final: int = Non
     return int(np.rint(initial * (1 - alpha) + final * alpha))
 
 
+def _geometry_kwargs(geometry) -> dict:
+    """G's keyword for precomputed mesh geometry, only when there is some (generators other
+    than Next3D's take none)."""
+    return {} if geometry is None else dict(geometry=geometry)
+
+
 def r1_penalty(logits: torch.Tensor, inputs) -> torch.Tensor:
     """(B,) sum over `inputs` of |d sum(logits) / d input|^2 per sample (create_graph for the backward)."""
     with conv2d_double_backward.no_weight_gradients():     # only the inputs' gradients are wanted here
@@ -139,11 +145,13 @@ class Next3DLoss:
             ws = torch.where(keep, ws, mixed)
         return ws
 
-    def run_G(self, z, c, v, swapping_prob, neural_rendering_resolution, update_emas=False):
-        """-> (dict(image, image_raw, image_depth), ws)."""
+    def run_G(self, z, c, v, swapping_prob, neural_rendering_resolution, update_emas=False, geometry=None):
+        """-> (dict(image, image_raw, image_depth), ws). geometry: G.rasterizer.geometry of v's
+        vertices made beforehand (Next3D), or None."""
         c = self.gen_label(c)
         ws = self.mapping(z, c, swapping_prob, update_emas=update_emas)
-        out = self.synthesis_forward(ws, c, v, neural_rendering_resolution=neural_rendering_resolution, update_emas=update_emas)
+        out = self.synthesis_forward(ws, c, v, neural_rendering_resolution=neural_rendering_resolution, update_emas=update_emas,
+                                     **_geometry_kwargs(geometry))
         return out, ws
 
     def run_D(self, img: dict, c: torch.Tensor, blur_sigma: float = 0, update_emas: bool = False, double_backward: bool = False) -> torch.Tensor:
@@ -193,11 +201,14 @@ class Next3DLoss:
             neural_rendering_resolution=neural_rendering_resolution_at(cur_nimg, self.nrr_initial, self.nrr_final, self.nrr_fade_kimg),
         )
 
-    def accumulate_gradients(self, phase: str, real_img, real_c, real_v, gen_z, gen_c, gen_v, gain: float, cur_nimg: int):
+    def accumulate_gradients(self, phase: str, real_img, real_c, real_v, gen_z, gen_c, gen_v, gain: float, cur_nimg: int,
+                             gen_geometry=None):
         """Backpropagate one phase's loss x gain for one batch.
 
         real_img (B, 3, R, R) float in [-1, 1]; real_c, gen_c (B, label_dim); real_v, gen_v
-        (B, V + 68, 3) mesh metres; gen_z (B, z_dim).
+        (B, V + 68, 3) mesh metres; gen_z (B, z_dim); gen_geometry: Next3D's
+        G.rasterizer.geometry of gen_v's vertices made beforehand (training_loop.GeometryCollate),
+        or None to rasterize here.
         """
         if phase not in PHASES:
             raise ValueError(f'unknown phase {phase!r}')
@@ -215,7 +226,7 @@ class Next3DLoss:
             training_stats.report0('Progress/swapping_prob', s['swapping_prob'])
 
         if phase in ('Gmain', 'Gboth'):
-            gen_img, _ws = self.run_G(gen_z, gen_c, gen_v, s['swapping_prob'], nrr)
+            gen_img, _ws = self.run_G(gen_z, gen_c, gen_v, s['swapping_prob'], nrr, geometry=gen_geometry)
             gen_logits = self.run_D(gen_img, gen_c, blur_sigma=s['blur_sigma'])
             training_stats.report('Loss/scores/fake', gen_logits)
             training_stats.report('Loss/signs/fake', gen_logits.sign())
@@ -224,11 +235,11 @@ class Next3DLoss:
             loss_G.mean().mul(gain).backward()
 
         if phase in ('Greg', 'Gboth'):
-            loss_reg = self.density_regularization(gen_z, gen_c, gen_v, s['swapping_prob'])
+            loss_reg = self.density_regularization(gen_z, gen_c, gen_v, s['swapping_prob'], geometry=gen_geometry)
             loss_reg.mul(gain).backward()
 
         if phase in ('Dmain', 'Dboth'):
-            gen_img, _ws = self.run_G(gen_z, gen_c, gen_v, s['swapping_prob'], nrr, update_emas=True)
+            gen_img, _ws = self.run_G(gen_z, gen_c, gen_v, s['swapping_prob'], nrr, update_emas=True, geometry=gen_geometry)
             gen_logits = self.run_D(gen_img, gen_c, blur_sigma=s['blur_sigma'], update_emas=True)
             training_stats.report('Loss/scores/fake', gen_logits)
             training_stats.report('Loss/signs/fake', gen_logits.sign())
@@ -258,7 +269,7 @@ class Next3DLoss:
                 loss = loss + loss_r1[:, None]
             loss.mean().mul(gain).backward()
 
-    def density_regularization(self, gen_z, gen_c, gen_v, swapping_prob) -> torch.Tensor:
+    def density_regularization(self, gen_z, gen_c, gen_v, swapping_prob, geometry=None) -> torch.Tensor:
         """EG3D's density regularization of the radiance field (a scalar, weight included).
 
         'l1': L1 between sigma at uniform points in [-1, 1]^3 and at the same points moved by
@@ -282,7 +293,7 @@ class Next3DLoss:
             behind = front + torch.tensor([0.0, 0.0, -1.0], device=ws.device) * (box_warp / 256)
             groups = [front, behind] + groups
         both = torch.cat(groups, dim=1)
-        sigma = self.G.sample_mixed(both, torch.randn_like(both), ws, gen_v)['sigma']
+        sigma = self.G.sample_mixed(both, torch.randn_like(both), ws, gen_v, **_geometry_kwargs(geometry))['sigma']
         loss = torch.zeros([], device=ws.device)
         if self.reg_type in monotonic_types:
             sigma_front, sigma_behind, sigma = sigma.split([MONOTONIC_POINTS, MONOTONIC_POINTS, 2 * DENSITY_REG_POINTS], dim=1)

@@ -136,8 +136,9 @@ class Next3DGenerator(EG3DGenerator):
         return self.neural_blending(front, eg3d_ws, **kwargs)
 
     def make_planes(self, ws: torch.Tensor, v: Optional[torch.Tensor], update_emas: bool = False, noise_mode: str = 'random',
-                    force_fp32: bool = False, fused_modconv=None) -> torch.Tensor:
-        """ws [N, num_ws, w_dim], v [N, V + 68, 3] -> tri-plane [N, 3, plane_channels, P, P] float32."""
+                    force_fp32: bool = False, fused_modconv=None, geometry=None) -> torch.Tensor:
+        """ws [N, num_ws, w_dim], v [N, V + 68, 3] -> tri-plane [N, 3, plane_channels, P, P] float32.
+        geometry: self.rasterizer.geometry(v's vertices) made beforehand (the same planes), or None."""
         if not self.topology_loaded:
             raise RuntimeError('Next3DGenerator: the mesh topology is not loaded: call '
                                'training.next3d_generator.load_topology(G, template_obj, uv_mask) after building it '
@@ -147,7 +148,7 @@ class Next3DGenerator(EG3DGenerator):
         kwargs = dict(noise_mode=noise_mode, force_fp32=force_fp32, fused_modconv=fused_modconv)
         eg3d_ws, texture_ws = ws[:, :self.num_backbone_ws], ws[:, self.num_backbone_ws:]
         texture = self.texture_backbone.synthesis(texture_ws, update_emas=update_emas, **kwargs)
-        r = self.rasterizer(verts, texture)
+        r = self.rasterizer(verts, texture, geometry)
         front = self.refine_front(r['front'], landmarks, eg3d_ws, **kwargs)
         static = super().make_planes(ws, None, update_emas=update_emas, **kwargs)
         rendered = self.rasterizer.to_planes(front, r['side'], r['top'])

@@ -39,7 +39,7 @@ original, which fills alpha only. Reachability is computed on the tensors' devic
 alternating row and column run propagation (see `fill_enclosed`).
 """
 
-from typing import Dict, Tuple
+from typing import Dict, NamedTuple, Optional, Tuple
 
 import numpy as np
 import torch
@@ -54,6 +54,13 @@ VIEW_NAMES = ('front', 'left', 'right', 'top')
 LAYOUTS = ('aligned', 'released')
 SIDE_ALPHA_MODES = ('or', 'released')
 _OUTSIDE_GRID = -4.0      # grid_sample coordinate of empty pixels: reads zero padding
+
+
+class ViewGeometry(NamedTuple):
+    """The four views' geometry (TexturePlaneRasterizer.geometry), P = image_size, batch first."""
+    grid: torch.Tensor          # (B, 4 P P, 2) float: grid_sample coordinates of each pixel on the texture, views in VIEW_NAMES order
+    covered: torch.Tensor       # (B, 4, P P) bool: a face covers the pixel
+    alpha: torch.Tensor         # (B, 4, 1, P, P) float: visibility x UV mask, enclosed holes 1
 
 
 def view_transform(name: str, layout: str = 'aligned') -> Tuple[torch.Tensor, torch.Tensor]:
@@ -250,21 +257,23 @@ class TexturePlaneRasterizer(torch.nn.Module):
             self._mirrored_faces_key = key
         return self._mirrored_faces
 
-    def render_views(self, verts: torch.Tensor, texture: torch.Tensor) -> Dict[str, Tuple[torch.Tensor, torch.Tensor]]:
-        """Render the four views: {name: (render (B, C, H, W), alpha (B, 1, H, W))}.
+    def geometry(self, verts: torch.Tensor) -> ViewGeometry:
+        """What the four views take from the mesh alone (not from the texture): where each
+        pixel reads the texture, which pixels a face covers, and the alphas (visibility x UV
+        mask, enclosed holes set to 1). verts (B, V, 3) mesh metres -> ViewGeometry, batch
+        first (a batch of them splits and concatenates along dim 0).
 
-        Each render is in its own image orientation (module docstring); the right view is
-        not mirrored here. alpha = visibility x UV mask, enclosed holes set to 1.
+        It depends on no weights, so it can be made before a training step, e.g. in the
+        data loader's workers (training_loop.GeometryCollate), and given to `forward`.
         """
         misc.assert_shape(verts, [None, None, 3], 'verts')
-        misc.assert_shape(texture, [verts.shape[0], None, None, None], 'texture')
         bsz, res = verts.shape[0], self.image_size
         ndc = self.to_view_ndc(verts).reshape(4 * bsz, -1, 3)
         faces, uvfaces = self._render_faces()
         frag = rasterize(ndc, faces, res, cull_backfaces=True, pytorch3d_bary=self.layout == 'released')
-        # Sample at every pixel of the 4B renders at once: no host sync, no loop over the
-        # batch. Empty pixels get a grid point far outside [-1, 1], which grid_sample's zero
-        # padding reads as 0 (and which passes no gradient).
+        # Every pixel of the 4B renders at once: no host sync, no loop over the batch. Empty
+        # pixels get a grid point far outside [-1, 1], which grid_sample's zero padding reads
+        # as 0 (and which passes no gradient).
         # Each pixel's grid point, computed in (B, 4, HW) order (what bilinear_mean reads:
         # image b's four views), one coordinate at a time on contiguous arrays.
         face = frag.pix_to_face.reshape(4, bsz, res * res).transpose(0, 1)               # (B, 4, HW)
@@ -280,19 +289,36 @@ class TexturePlaneRasterizer(torch.nn.Module):
             per_face = corner_coord[uvfaces.t()]                                           # (3, F)
             at = [per_face[k].index_select(0, index) for k in range(3)]                    # several times faster than [index]
             value = bary[0] * at[0] + bary[1] * at[1] + bary[2] * at[2]
-            grid.append(torch.where(covered_flat, value, torch.full_like(value, _OUTSIDE_GRID)).to(texture.dtype))
-        grid = torch.stack(grid, dim=-1).reshape(bsz, 1, 4 * res * res, 2)
-        sample = lambda img, g: F.grid_sample(img, g, mode='bilinear', padding_mode='zeros', align_corners=False)
+            grid.append(torch.where(covered_flat, value, torch.full_like(value, _OUTSIDE_GRID)))
+        grid = torch.stack(grid, dim=-1).reshape(bsz, 4 * res * res, 2)
+        alpha = F.grid_sample(self.uv_mask.to(grid.dtype), grid.reshape(1, 1, -1, 2), mode='bilinear', padding_mode='zeros',
+                              align_corners=False).view(bsz * 4, 1, res, res)
+        alpha = fill_enclosed(alpha).reshape(bsz, 4, 1, res, res)
+        return ViewGeometry(grid=grid, covered=covered, alpha=alpha)
+
+    def render_views(self, verts: torch.Tensor, texture: torch.Tensor,
+                     geometry: Optional[ViewGeometry] = None) -> Dict[str, Tuple[torch.Tensor, torch.Tensor]]:
+        """Render the four views: {name: (render (B, C, H, W), alpha (B, 1, H, W))}.
+
+        Each render is in its own image orientation (module docstring); the right view is
+        not mirrored here. alpha = visibility x UV mask, enclosed holes set to 1.
+        geometry: self.geometry(verts) made beforehand, or None to make it here.
+        """
+        misc.assert_shape(verts, [None, None, 3], 'verts')
+        misc.assert_shape(texture, [verts.shape[0], None, None, None], 'texture')
+        if geometry is None:
+            geometry = self.geometry(verts)
+        bsz, res = verts.shape[0], self.image_size
+        misc.assert_shape(geometry.grid, [bsz, 4 * res * res, 2], 'geometry.grid')
+        misc.assert_shape(geometry.alpha, [bsz, 4, 1, res, res], 'geometry.alpha')
         # Image b reads texture b: (B, 4 HW, C) rows (on the CPU a weighted sum of 4 texels per pixel) -> (4, B, C, HW).
-        render = bilinear_mean.bilinear_mean(texture[:, None], grid)
+        render = bilinear_mean.bilinear_mean(texture[:, None], geometry.grid[:, None].to(texture.dtype))
         render = render.reshape(bsz, 4, res * res, -1).permute(1, 0, 3, 2)
         if self.layout == 'released':                            # empty pixels: texture at the UV centre
             centre = F.grid_sample(texture, texture.new_zeros(bsz, 1, 1, 2), align_corners=False)[:, :, 0, 0]
-            render = torch.where(covered.transpose(0, 1)[:, :, None, :], render, centre[None, :, :, None])
+            render = torch.where(geometry.covered.transpose(0, 1)[:, :, None, :], render, centre[None, :, :, None])
         render = render.reshape(4, bsz, texture.shape[1], res, res)
-        alpha = sample(self.uv_mask.to(texture.dtype), grid.reshape(1, 1, -1, 2)).view(bsz * 4, 1, res, res)
-        alpha = fill_enclosed(alpha)
-        alpha = alpha.reshape(bsz, 4, *alpha.shape[1:]).transpose(0, 1)
+        alpha = geometry.alpha.to(texture.dtype).transpose(0, 1)
         # One gradient for the four views, in the renders' layout (on the CPU channels-last
         # views of the sampled rows): the backward of four selects would zero-fill four copies
         # of all renders, and unbind's stacks them contiguously (a transposing copy back).
@@ -311,10 +337,11 @@ class TexturePlaneRasterizer(torch.nn.Module):
         dims = [d for d, same in ((-1, lcs == rcs), (-2, lrs == rrs)) if not same]
         return right.flip(dims) if dims else right
 
-    def forward(self, verts: torch.Tensor, texture: torch.Tensor) -> Dict[str, torch.Tensor]:
+    def forward(self, verts: torch.Tensor, texture: torch.Tensor, geometry: Optional[ViewGeometry] = None) -> Dict[str, torch.Tensor]:
         """verts (B, V, 3) mesh metres, texture (B, C, Ht, Wt) -> dict of renders (B, C, H, W)
-        and alphas (B, 1, H, W): front, side (left + right), top, each with `<name>_alpha`."""
-        views = self.render_views(verts, texture)
+        and alphas (B, 1, H, W): front, side (left + right), top, each with `<name>_alpha`.
+        geometry: self.geometry(verts) made beforehand (the same result), or None."""
+        views = self.render_views(verts, texture, geometry)
         (front, front_a), (left, left_a), (right, right_a), (top, top_a) = [views[n] for n in VIEW_NAMES]
         side = left + self.mirror_right_view(right)
         if self.side_alpha == 'or':
