@@ -18,7 +18,9 @@
 #      sizes needs the user's FLAME template) and small128 Next3D (bundled head mesh), with
 #      the profiles of its Gmain (batch 8) and of its R1 phase at batch 32 (once 2.3x slower
 #      than the original's on an H200, a slow cuDNN kernel; 0.87x since our own double
-#      backward of the convolutions);
+#      backward of the convolutions), and small128 at batch 8 with the meshes' geometry
+#      given (--geometry-in-loader: what the loader's workers make; ~15% fewer ops per step,
+#      not yet timed on a GPU);
 #   6. benchmarks/rasterize.py on CUDA: 4 heads x 4 views at 256;
 #   7. benchmarks/ops.py on CUDA: kernels vs references (without its torch.compile column,
 #      whose compiles would not fit);
@@ -110,6 +112,7 @@ if [ -z "$compile_only" ]; then
     step train-ffhq512-eg3d 70 "$PY" benchmarks/train_step.py --cfg ffhq512-eg3d --batch 4 --device cuda --outdir "$dest"
     step train-small128 45 "$PY" benchmarks/train_step.py --cfg small128 --batch 8 --device cuda --profile Gmain --outdir "$dest"
     step profile-dreg-small128 45 "$PY" benchmarks/train_step.py --cfg small128 --batch 32 --device cuda --repeats 1 --profile Dreg --outdir "$dest"
+    step train-small128-geometry 45 "$PY" benchmarks/train_step.py --cfg small128 --batch 8 --device cuda --geometry-in-loader --outdir "$dest"
     step rasterize 30 "$PY" benchmarks/rasterize.py --device cuda --batch 4 --resolution 256
     step ops 60 "$PY" benchmarks/ops.py --device cuda --no-compile --outdir "$dest"
 fi

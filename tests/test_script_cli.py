@@ -150,7 +150,8 @@ def test_gpu_check_script_runs_its_steps_in_order(tmp_path, compile_mode):
     result = subprocess.run(['bash', script], capture_output=True, text=True, env=env, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
     steps = [line.split(' (limit')[0][3:] for line in result.stdout.splitlines() if line.startswith('== ') and '(limit' in line]
-    everything = ['build', 'pytest-gpu', 'vs-original', 'train-ffhq512-eg3d', 'train-small128', 'profile-dreg-small128', 'rasterize', 'ops']
+    everything = ['build', 'pytest-gpu', 'vs-original', 'train-ffhq512-eg3d', 'train-small128', 'profile-dreg-small128',
+                  'train-small128-geometry', 'rasterize', 'ops']
     assert steps == {'': everything, '1': everything + ['vs-original-compiled'], 'only': ['build', 'vs-original-compiled']}[compile_mode]
     if compile_mode == 'only':       # the run's 500 s less the build's (a moment here) and 5 s to spare
         limit = int(re.search(r'== vs-original-compiled \(limit (\d+) s\)', result.stdout).group(1))
@@ -160,6 +161,23 @@ def test_gpu_check_script_runs_its_steps_in_order(tmp_path, compile_mode):
         for bad, why in ((dict(ORIGINAL_SRC=''), 'needs ORIGINAL_SRC'), (dict(GPU_CHECK_COMPILE='0'), 'expected 1 or only')):
             result = subprocess.run(['bash', script], capture_output=True, text=True, env=dict(env, **bad), timeout=120)
             assert result.returncode == 2 and result.stderr.startswith('Error: GPU_CHECK_COMPILE=') and why in result.stderr, result.stderr
+
+
+def test_train_step_benchmark_times_the_step_given_the_meshes_geometry(tmp_path):
+    # benchmarks/train_step.py --geometry-in-loader: a second column, the phases given the geometry made beforehand.
+    from click.testing import CliRunner
+    from benchmarks import train_step
+    result = CliRunner().invoke(train_step.main, ['--cfg', 'tiny64', '--batch', '2', '--device', 'cpu', '--repeats', '1',
+                                                  '--geometry-in-loader', '--outdir', str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    files = os.listdir(tmp_path)
+    assert len(files) == 1 and files[0].startswith('train_step-tiny64-geometry-in-loader-cpu-')
+    text = (tmp_path / files[0]).read_text()
+    assert '| phase | every N steps | rasterizing in the step seconds | geometry given seconds | ratio |' in text
+    assert len([line for line in text.splitlines() if line.startswith(('| Gmain |', '| Greg |', '| Dmain |', '| Dreg |', '| step '))]) == 5
+    for args, message in ((['--cfg', 'tiny64-eg3d'], 'rasterizes no mesh'), (['--compile', 'D'], 'give one of them')):
+        result = CliRunner().invoke(train_step.main, args + ['--device', 'cpu', '--geometry-in-loader', '--outdir', str(tmp_path)])
+        assert result.exit_code == 2 and message in result.output, result.output
 
 
 def test_train_step_benchmark_profiles_a_phase(tmp_path):
