@@ -166,6 +166,7 @@ def build_config(opts: dnnlib.EasyDict) -> dnnlib.EasyDict:
     c.grid_size = opts.grid
     c.cudnn_benchmark = not opts.nobench
     c.compile = opts.compile
+    c.geometry_in_loader = opts.geometry_in_loader
     c.resume_pkl = opts.resume
     c.resume_kwargs = dict(resume_blur=opts.resume_blur)
 
@@ -372,6 +373,8 @@ def parse_grid(s):
 @click.option('--compile', help='torch.compile D, G\'s synthesis or both in the training phases (checked against eager at first use, eager if it fails; R1 stays eager)',
               type=click.Choice(loss_lib.COMPILE_CHOICES), default='none', show_default=True)
 @click.option('--workers', help='DataLoader worker processes', metavar='INT', type=click.IntRange(min=0), default=3, show_default=True)
+@click.option('--geometry-in-loader', 'geometry_in_loader', is_flag=True,
+              help="Next3D: rasterize the meshes in the data loader's workers instead of in the training step (needs --workers > 0)")
 @click.option('-n', '--dry-run', help='Print the options and model sizes and exit', is_flag=True)
 @click.option('--grid', help='Columns x rows of the image grids, e.g. 4x2 (default: EG3D\'s from the resolution; at most 8x4 on a CPU)', type=str, default='auto', show_default=True)
 # EG3D / Next3D.

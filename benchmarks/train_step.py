@@ -12,7 +12,8 @@ the compile time (the checked first calls) reported.
 
 `--geometry-in-loader` adds a column for Next3D presets: the same phases given the meshes'
 geometry made beforehand (G.rasterizer.geometry, what training_loop.GeometryCollate makes
-in the data loader's workers when --workers > 0), i.e. the step without its rasterization.
+in the data loader's workers under train.py --geometry-in-loader), i.e. the step without
+its rasterization.
 
 `--profile PHASE` runs that phase once more under torch.profiler and adds its top ops with
 their input shapes (by time on the GPU, or CPU time on the CPU) and, on a GPU, its top
@@ -123,7 +124,7 @@ def profile_phase(loss, phase, inputs, z_dim, device, top: int = 15) -> list:
 def main(cfg, batch, device, repeats, template, threads, which, geometry_in_loader, profiled, outdir):
     """Benchmark training steps of a preset."""
     if which != 'none' and geometry_in_loader:
-        raise click.UsageError('--compile and --geometry-in-loader each add a column: give one of them')
+        raise click.UsageError('--compile and --geometry-in-loader each add a column against eager: time them in separate runs')
     device = torch.device(device)
     if threads is not None:
         torch.set_num_threads(threads)

@@ -62,10 +62,11 @@ oneDNN on both sides, ours channels last), which bounds the speed-up: our convol
 the original's whole step (not with --compile).
 
 `--geometry-in-loader`: our Next3D training phases are given their meshes' geometry made
-beforehand and not timed (training_loop.GeometryCollate makes it in train.py's data loader
-workers when --workers > 0), i.e. our training step without its rasterization, as our
-training loop runs it; the original still rasterizes in its step, and inference on both
-sides. Our side then runs on more than one core in training: the table says so.
+beforehand and not timed (training_loop.GeometryCollate makes it in the data loader's
+workers under train.py --geometry-in-loader), i.e. our training step without its
+rasterization, as our training loop then runs it; the original still rasterizes in its
+step, and inference on both sides. Our side then runs on more than one core in training:
+the table says so.
 
 The result goes to benchmarks/results/vs_original-<cpu|cuda>-<date>-<HHMM>.md (UTC; command,
 commit, device, load before and after).
@@ -744,8 +745,8 @@ def summarise(preset: str, samples: dict, profiles: dict, info: dict, device: st
 @click.option('--original-allocator', type=click.Choice(['default', 'ours']), default='default', show_default=True,
               help="The original's host memory policy: glibc's default, or ours (torch_utils/host_memory.py, which our scripts set)")
 @click.option('--geometry-in-loader', is_flag=True,
-              help="Our training phases get the meshes' geometry made beforehand, untimed (what train.py's loader workers make with "
-              '--workers > 0); inference still rasterizes')
+              help="Our training phases get the meshes' geometry made beforehand, untimed (what the loader's workers make under "
+              'train.py --geometry-in-loader); inference still rasterizes')
 @click.option('--device', type=click.Choice(['cpu', 'cuda']), default='cpu', show_default=True,
               help="Where both sides run (on cuda: each side's CUDA kernels, wall-clock time)")
 @click.option('--prepare', is_flag=True, help="Only build the original's CUDA plugins (with --device cuda), then exit: "
@@ -826,8 +827,8 @@ def main(original_src, eg3d_src, pairs, batch, which, original_allocator, geomet
         f'- batch {batch}; small128 sizes (output 128, raw 64, 24 + 24 samples per ray); medians over {pairs} interleaved pairs',
         f'- host memory: ours keeps freed memory in the heap (torch_utils/host_memory.py, as train.py and the scripts do); '
         f"original: {'the same policy' if original_allocator == 'ours' else 'glibc defaults'}",
-    ] + (["- ours (Next3D): each training phase is given its meshes' geometry made beforehand and not timed, as train.py's "
-          "data loader workers make it with --workers > 0 (the original rasterizes in its step); inference rasterizes"]
+    ] + (["- ours (Next3D): each training phase is given its meshes' geometry made beforehand and not timed, as the data "
+          "loader's workers make it under train.py --geometry-in-loader (the original rasterizes in its step); inference rasterizes"]
          if geometry_in_loader else []) + [
         '', '| preset | measurement | ours (s) | original (s) | ours / original | speed-up | speed-up, lowest-highest pair |',
         '|---|---|---|---|---|---|---|',

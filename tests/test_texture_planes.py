@@ -457,6 +457,12 @@ def test_geometry_made_beforehand_gives_the_same_renders_and_splits_by_item(layo
         torch.testing.assert_close(given[key], inside[key], rtol=0, atol=0, msg=key)
     grads = [torch.autograd.grad(sum(r[k].square().sum() for k in r), tex)[0] for r in (inside, given)]
     torch.testing.assert_close(grads[1], grads[0], rtol=0, atol=0)
+    # The geometry given is the one used: another mesh's renders it, whatever the vertices passed.
+    other = mod(batch, tex, mod.geometry(batch.flip(0)))
+    flipped = mod(batch.flip(0), tex)
+    assert not torch.equal(other['front'], inside['front'])
+    for key in inside:
+        torch.testing.assert_close(other[key], flipped[key], rtol=0, atol=0, msg=key)
     # Batch first: a batch's geometry is its items' geometry, concatenated.
     for field, whole in zip(geometry._fields, geometry):
         parts = [getattr(mod.geometry(batch[i:i + 1]), field) for i in range(2)]

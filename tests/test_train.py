@@ -212,8 +212,8 @@ def run_train(*args, timeout=600):
 def test_train_py_next3d_end_to_end(head_data, tmp_path):
     out = str(tmp_path / 'runs')
     proc = run_train('--outdir', out, '--cfg', 'tiny64', '--data', head_data, '--gpus', '1', '--batch', '2', '--gamma', '1',
-                     '--kimg', '0.002', '--tick', '0.002', '--snap', '1', '--workers', '1', '--grid', '1x1', '--metrics', 'none',
-                     '--mirror', 'True', '--gen_pose_cond', 'True', '--density_reg_every', '1', '--aug', 'ada', '--desc', 'e2e')
+                     '--kimg', '0.002', '--tick', '0.002', '--snap', '1', '--workers', '1', '--geometry-in-loader', '--grid', '1x1',
+                     '--metrics', 'none', '--mirror', 'True', '--gen_pose_cond', 'True', '--density_reg_every', '1', '--aug', 'ada', '--desc', 'e2e')
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     runs = os.listdir(out)
     assert runs == ['00000-tiny64-data-gpus1-batch2-gamma1-e2e']
@@ -228,7 +228,8 @@ def test_train_py_next3d_end_to_end(head_data, tmp_path):
     assert options['ada_target'] == 0.6 and options['augment_kwargs']['class_name'] == 'training.augment.AugmentPipe'
     log = open(os.path.join(run, 'log.txt')).read()
     assert 'tick 0' in log and 'augment 0.000' in log
-    assert "Rasterizing the generator's meshes in the data loader's workers" in log      # --workers 1: GeometryCollate
+    assert "Rasterizing the generator's meshes in the data loader's workers" in log      # GeometryCollate
+    assert options['geometry_in_loader'] is True
     snap = legacy.load_network_pkl(os.path.join(run, 'network-snapshot-000000.002.pkl'))
     assert type(snap.G).__name__ == 'Next3DGenerator' and snap.resume_state.cur_nimg == 2
     assert type(snap.augment_pipe).__name__ == 'AugmentPipe' and snap.resume_state.augment_p == 0.0
@@ -813,9 +814,13 @@ def test_geometry_from_the_loaders_workers_gives_the_steps_own_gradients(head_da
     G = configs.make_generator('tiny64', template_obj=configs.BUNDLED_TEMPLATE).train().requires_grad_(False)
     D = configs.make_discriminator('tiny64').train().requires_grad_(False)
     dataset = MeshImageDataset(head_data)
-    loader = torch.utils.data.DataLoader(tl.ConditionView(dataset), batch_size=2, num_workers=1,
-                                         collate_fn=tl.GeometryCollate(G.rasterizer, G.num_vertices))
-    c, v, geometry = next(iter(loader))
+    # Draws 0-7: Gmain, Greg, Dmain, Dreg at step 0 (Greg due every 4th step), then at step 1.
+    phases = [(1, True), (4, True), (1, True), (16, False)]
+    loader = torch.utils.data.DataLoader(tl.ConditionView(dataset), sampler=tl.DrawNumbers([0, 1] * 8, 0, 2), batch_size=2,
+                                         num_workers=1, collate_fn=tl.GeometryCollate(G.rasterizer, G.num_vertices, phases))
+    batches = list(loader)
+    assert [len(b) for b in batches] == [3, 3, 3, 2, 3, 2, 3, 2]   # none for R1 (no G), nor for Greg when it is not due
+    c, v, geometry = batches[0]
     assert type(geometry).__name__ == 'ViewGeometry'
     with torch.no_grad():
         direct = G.rasterizer.geometry(v[:, :G.num_vertices])
@@ -846,9 +851,14 @@ def test_geometry_from_the_loaders_workers_gives_the_steps_own_gradients(head_da
 
 def test_run_step_gives_each_round_its_part_of_the_loaders_geometry():
     from training.mesh.texture_planes import ViewGeometry
-    geometry = ViewGeometry(grid=torch.arange(4.0)[:, None, None].expand(4, 6, 2), covered=torch.ones(4, 4, 3, dtype=torch.bool),
-                            alpha=torch.arange(4.0)[:, None, None, None, None].expand(4, 4, 1, 2, 2))
-    gen_iter = iter([(torch.zeros(4, 25), torch.zeros(4, 10, 3), geometry)] * 4)
+
+    def draw(k, with_geometry=True):      # draw k's items carry the marker 10 k + item
+        marker = 10.0 * k + torch.arange(4.0)
+        geometry = ViewGeometry(grid=marker[:, None, None].expand(4, 6, 2), covered=torch.ones(4, 4, 3, dtype=torch.bool),
+                                alpha=marker[:, None, None, None, None].expand(4, 4, 1, 2, 2))
+        return (torch.zeros(4, 25), torch.zeros(4, 10, 3)) + ((geometry,) if with_geometry else ())
+    # Gmain, Greg (not due at this step), Dmain (a draw without geometry: the step rasterizes), Dreg (not due).
+    gen_iter = iter([draw(0), draw(1), draw(2, with_geometry=False), draw(3)])
     real_iter = iter([(torch.zeros(4, 3, 8, 8, dtype=torch.uint8), torch.zeros(4, 25), torch.zeros(4, 10, 3))])
     seen = []
 
@@ -857,10 +867,27 @@ def test_run_step_gives_each_round_its_part_of_the_loaders_geometry():
             seen.append((phase, gen_geometry))
     module = torch.nn.Linear(1, 1)
     opt = torch.optim.SGD(module.parameters(), lr=0.1)
-    phases = [dnnlib.EasyDict(name=n, module=module, opt=opt, interval=1, batch_idx=0) for n in ('Gmain', 'Dmain')]
+    phases = [dnnlib.EasyDict(name=n, module=module, opt=opt, interval=i, batch_idx=1) for n, i in (('Gmain', 1), ('Greg', 4), ('Dmain', 1), ('Dreg', 16))]
     tl.run_step(Loss(), phases, real_iter, gen_iter, torch.device('cpu'), 2, 8, 0)
     assert [p for p, _ in seen] == ['Gmain', 'Gmain', 'Dmain', 'Dmain']
-    for i, (_, geo) in enumerate(seen):
+    for i, (_, geo) in enumerate(seen[:2]):
         assert isinstance(geo, ViewGeometry)
-        assert geo.grid[:, 0, 0].tolist() == [2.0 * (i % 2), 2.0 * (i % 2) + 1]          # rounds of batch_gpu = 2 items
-        assert geo.alpha.shape == (2, 4, 1, 2, 2) and geo.covered.shape == (2, 4, 3)
+        assert geo.grid[:, 0, 0].tolist() == [2.0 * i, 2.0 * i + 1]          # draw 0's items, in rounds of batch_gpu = 2
+        assert geo.alpha[:, 0, 0, 0, 0].tolist() == [2.0 * i, 2.0 * i + 1] and geo.covered.shape == (2, 4, 3)
+    assert seen[2][1] is None and seen[3][1] is None
+
+
+def test_the_loader_rasterizes_only_for_next3d_with_workers_and_our_rasterizer(monkeypatch):
+    phases = [dnnlib.EasyDict(name=n, interval=i) for n, i in (('Gmain', 1), ('Greg', 4), ('Dmain', 1), ('Dreg', 16))]
+    next3d = configs.make_generator('tiny64', template_obj=configs.BUNDLED_TEMPLATE)
+    collate, why = tl.geometry_collate(next3d, torch.device('cpu'), 2, phases)
+    assert why is None and collate.phases == ((1, True), (4, True), (1, True), (16, False))
+    assert collate.rasterizer is not next3d.rasterizer and torch.equal(collate.rasterizer.faces, next3d.rasterizer.faces)
+    assert tl.geometry_collate(configs.make_generator('tiny64-eg3d'), torch.device('cpu'), 2, phases) == (
+        None, '--geometry-in-loader: this generator rasterizes no mesh; nothing to move')
+    collate, why = tl.geometry_collate(next3d, torch.device('cpu'), 0, phases)
+    assert collate is None and 'no workers' in why
+    monkeypatch.setenv('NEXT3D_RASTERIZER', 'pytorch3d')
+    assert tl.geometry_collate(next3d, torch.device('cpu'), 2, phases)[0] is not None      # CPU tensors always use ours
+    collate, why = tl.geometry_collate(next3d, torch.device('cuda'), 2, phases)
+    assert collate is None and 'NEXT3D_RASTERIZER=pytorch3d rasterizes in the step' in why

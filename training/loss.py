@@ -71,8 +71,8 @@ def neural_rendering_resolution_at(cur_nimg: int, initial: int, final: int = Non
 
 
 def _geometry_kwargs(geometry) -> dict:
-    """G's keyword for precomputed mesh geometry, only when there is some (generators other
-    than Next3D's take none)."""
+    """G's keyword for precomputed mesh geometry, only when there is some (Next3D's generator
+    uses it, EG3D's accepts and ignores it, the Gaussian one has no such keyword)."""
     return {} if geometry is None else dict(geometry=geometry)
 
 

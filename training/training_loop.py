@@ -40,14 +40,15 @@ from training import resume as resume_lib
 from training import run_folder
 from training.loss import Next3DLoss
 from training.mesh import rasterize
-from training.mesh.texture_planes import TexturePlaneRasterizer
+from training.mesh.texture_planes import TexturePlaneRasterizer, ViewGeometry
 from training.network_pickle import load_network_pkl
 
 # ----------------------------------------------------------------------------------------
 # Data
 
 class ConditionView(torch.utils.data.Dataset):
-    """The dataset's (label, v) pairs without decoding images: what G is conditioned on."""
+    """The dataset's (label, v) pairs without decoding images: what G is conditioned on.
+    Given (draw, index) keys (DrawNumbers), the draw's number comes last: (label, v, draw)."""
 
     def __init__(self, dataset):
         self.dataset = dataset
@@ -55,29 +56,69 @@ class ConditionView(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.dataset)
 
-    def __getitem__(self, idx):
-        return self.dataset.get_label(idx), self.dataset.get_vertices(idx)
+    def __getitem__(self, key):
+        draw, idx = key if isinstance(key, tuple) else (None, key)
+        item = self.dataset.get_label(idx), self.dataset.get_vertices(idx)
+        return item if draw is None else (*item, draw)
+
+
+class DrawNumbers(torch.utils.data.Sampler):
+    """The indices of `sampler`, each with the number of the batch (the draw) it falls in,
+    counted from `first`: (draw, index)."""
+
+    def __init__(self, sampler, first: int, batch: int):
+        super().__init__()
+        self.sampler, self.first, self.batch = sampler, int(first), int(batch)
+
+    def __iter__(self):
+        for i, idx in enumerate(self.sampler):
+            yield self.first + i // self.batch, idx
 
 
 class GeometryCollate:
-    """Collates the conditions loader's (label, v) items and adds what Next3D's generator takes
-    from the meshes alone: G.rasterizer.geometry of the batch's vertices (four views'
-    rasterization and hole filling; no weights). As the DataLoader's collate_fn it runs in the
-    worker processes, next to the training step instead of inside it: on the CPU the step
-    no longer rasterizes (~60 ms of a small128 batch-4 forward), on a GPU ~480 of its ops
-    (host-bound there) leave each forward. A batch is then (label, v, ViewGeometry). Made for
-    every phase's draw, also for phases not due at that step (their draws keep the streams
-    aligned): the workers do ~1.75x the rasterization that the steps need."""
+    """The conditions loader's collate_fn (its items (label, v, draw), see DrawNumbers) that
+    adds G.rasterizer.geometry of the batch's meshes, made in the loader's workers: a batch is
+    (label, v, ViewGeometry), or (label, v) for a draw that no phase uses (run_step draws for
+    every phase, due or not, and R1 runs no G). See docs/TRAINING.md (mesh geometry in the
+    loader's workers).
 
-    def __init__(self, rasterizer: torch.nn.Module, num_vertices: int):
+    phases: (interval, runs G) of each phase in run_step's order: draw k serves phase
+    k % len(phases) at step k // len(phases).
+    """
+
+    def __init__(self, rasterizer: torch.nn.Module, num_vertices: int, phases):
         self.rasterizer = copy.deepcopy(rasterizer).cpu().eval().requires_grad_(False)
+        self.rasterizer.__dict__.pop('_mirrored_faces', None)         # a cache on the original's device
+        self.rasterizer.__dict__.pop('_mirrored_faces_key', None)
         self.num_vertices = int(num_vertices)
+        self.phases = tuple((int(interval), bool(runs_G)) for interval, runs_G in phases)
 
     def __call__(self, items):
-        c, v = torch.utils.data.default_collate(items)
+        c, v = torch.utils.data.default_collate([item[:2] for item in items])
+        draw = items[0][2]
+        interval, runs_G = self.phases[draw % len(self.phases)]
+        if not runs_G or (draw // len(self.phases)) % interval != 0:
+            return c, v
         with torch.no_grad():
-            geometry = self.rasterizer.geometry(v[:, :self.num_vertices].to(torch.float32))
+            geometry = self.rasterizer.geometry(v[:, :self.num_vertices])
         return c, v, geometry
+
+
+def geometry_collate(G, device: torch.device, num_workers: int, phases):
+    """(GeometryCollate for the conditions loader of these phases (setup_phases), or None
+    with a line saying why not).
+
+    Only Next3D's generator rasterizes meshes; the loader needs workers; a NEXT3D_RASTERIZER
+    backend on a GPU keeps the rasterization in the step (the workers have only ours)."""
+    if not isinstance(getattr(G, 'rasterizer', None), TexturePlaneRasterizer):
+        return None, '--geometry-in-loader: this generator rasterizes no mesh; nothing to move'
+    if num_workers == 0:
+        return None, '--geometry-in-loader: the data loader has no workers (--workers=0); the meshes are rasterized in the step'
+    backend = dnnlib.util.optional_backend(rasterize.BACKEND_ENV, rasterize.BACKENDS, 'mesh rasterizer', device.type == 'cuda')
+    if backend != 'pytorch':
+        return None, (f'--geometry-in-loader: {rasterize.BACKEND_ENV}={backend} rasterizes in the step '
+                      "(the loader's workers have only our CPU rasterizer)")
+    return GeometryCollate(G.rasterizer, G.num_vertices, [(p.interval, p.name != 'Dreg') for p in phases]), None
 
 
 class SkipSampler(torch.utils.data.Sampler):
@@ -98,10 +139,13 @@ def _ignore_stop_signals(_worker_id):
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
-def make_loader(dataset, rank, num_gpus, seed, batch, skip_batches, data_loader_kwargs):
-    """An endless iterator of batches of `dataset` for this rank, resumed after `skip_batches`."""
+def make_loader(dataset, rank, num_gpus, seed, batch, skip_batches, data_loader_kwargs, numbered: bool = False):
+    """An endless iterator of batches of `dataset` for this rank, resumed after `skip_batches`;
+    numbered: the dataset gets (draw, index) keys (DrawNumbers, the first draw skip_batches)."""
     sampler = misc.InfiniteSampler(dataset, rank=rank, num_replicas=num_gpus, seed=seed)
     sampler = SkipSampler(sampler, skip_batches * batch)
+    if numbered:
+        sampler = DrawNumbers(sampler, skip_batches, batch)
     kwargs = dict(data_loader_kwargs)
     if kwargs.get('num_workers', 0) > 0:
         kwargs.setdefault('worker_init_fn', _ignore_stop_signals)
@@ -238,15 +282,16 @@ def run_step(loss, phases, real_iter, gen_iter, device, batch_gpu, z_dim, cur_ni
     real_img = (to_device(real_img).to(torch.float32) / 127.5 - 1).split(batch_gpu)
     real_c, real_v = to_device(real_c).split(batch_gpu), to_device(real_v).split(batch_gpu)
     for phase in phases:
-        gen_c, gen_v, *geometry = next(gen_iter)     # drawn for every phase, due or not: keeps streams aligned
+        batch = next(gen_iter)              # drawn for every phase, due or not: keeps streams aligned
+        gen_c, gen_v = batch[:2]
         gen_z = torch.randn([len(gen_c), z_dim], device=device).split(batch_gpu)
         if phase.batch_idx % phase.interval != 0:
             continue
         gen_c, gen_v = to_device(gen_c).split(batch_gpu), to_device(gen_v).split(batch_gpu)
         gen_geometry = [None] * len(gen_c)
-        if geometry:                                    # made by GeometryCollate in the loader's workers
-            parts = [to_device(t).split(batch_gpu) for t in geometry[0]]
-            gen_geometry = [type(geometry[0])(*round_parts) for round_parts in zip(*parts)]
+        if len(batch) == 3:                 # (label, v, ViewGeometry) from GeometryCollate
+            parts = [to_device(t).split(batch_gpu) for t in batch[2]]
+            gen_geometry = [ViewGeometry(*round_parts) for round_parts in zip(*parts)]
         phase.opt.zero_grad(set_to_none=True)
         phase.module.requires_grad_(True)
         for r_img, r_c, r_v, g_z, g_c, g_v, g_geo in zip(real_img, real_c, real_v, gen_z, gen_c, gen_v, gen_geometry):
@@ -445,7 +490,7 @@ def training_loop(
     resume_kwargs: dict = None,         # dict(resume_blur=bool): keep the fade-ins when starting from other weights
     cudnn_benchmark: bool = True,       # torch.backends.cudnn.benchmark
     compile: str = 'none',              # torch.compile D and/or G.synthesis in the phases: 'none', 'D', 'G', 'all'
-    geometry_in_loader: bool = True,    # Next3D with loader workers: rasterize the meshes there (GeometryCollate)
+    geometry_in_loader: bool = False,   # Next3D: rasterize the meshes in the loader's workers (GeometryCollate)
     progress_fn=None,                   # callback(cur_nimg, total_nimg)
 ):
     """Train. Returns EasyDict(snapshot_pkl (rank 0's last snapshot or None), G, D, G_ema, cur_nimg, batch_idx, stopped)."""
@@ -494,16 +539,12 @@ def training_loop(
 
     batch_per_rank = batch_size // num_gpus
     real_iter = make_loader(training_set, rank, num_gpus, random_seed, batch_per_rank, state.batch_idx, data_loader_kwargs)
-    gen_loader_kwargs = data_loader_kwargs
-    if geometry_in_loader and data_loader_kwargs.get('num_workers', 0) > 0 and isinstance(getattr(G, 'rasterizer', None), TexturePlaneRasterizer):
-        if device.type == 'cuda' and os.environ.get(rasterize.BACKEND_ENV, '') not in ('', 'pytorch'):
-            log(f'{rasterize.BACKEND_ENV}={os.environ[rasterize.BACKEND_ENV]}: the meshes are rasterized in the training step, '
-                'by that backend (the loader\'s workers have only our CPU rasterizer)')
-        else:
-            gen_loader_kwargs = dict(data_loader_kwargs, collate_fn=GeometryCollate(G.rasterizer, G.num_vertices))
-            log('Rasterizing the generator\'s meshes in the data loader\'s workers')
-    gen_iter = make_loader(ConditionView(training_set), rank, num_gpus, random_seed + 1, batch_per_rank,
-                           state.batch_idx * len(phases), gen_loader_kwargs)
+    collate = None
+    if geometry_in_loader:
+        collate, why = geometry_collate(G, device, data_loader_kwargs.get('num_workers', 0), phases)
+        log(why or "Rasterizing the generator's meshes in the data loader's workers")
+    gen_iter = make_loader(ConditionView(training_set), rank, num_gpus, random_seed + 1, batch_per_rank, state.batch_idx * len(phases),
+                           data_loader_kwargs if collate is None else dict(data_loader_kwargs, collate_fn=collate), numbered=collate is not None)
 
     grid = grid_size_used = stats_writer = None
     if rank == 0:

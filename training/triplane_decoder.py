@@ -93,7 +93,7 @@ def softplus_cpu(pre: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     from pre = -20 up (torch's: 1.2e-7), absolute below 1e-14 under it. Chunks holding a
     value above the threshold (where softplus is the identity) or a NaN (which amax
     returns) take torch's own, and so does torch.compile (no branch on a value there)."""
-    if torch.compiler.is_compiling() or not pre.amax() <= 20:
+    if torch.compiler.is_compiling() or pre.numel() == 0 or not pre.amax() <= 20:
         return torch.ops.aten.softplus.out(pre, 1, 20, out=out)
     return torch.mul(pre, LOG2_E, out=out).exp2_().log1p_()
 

@@ -264,7 +264,9 @@ class TexturePlaneRasterizer(torch.nn.Module):
         first (a batch of them splits and concatenates along dim 0).
 
         It depends on no weights, so it can be made before a training step, e.g. in the
-        data loader's workers (training_loop.GeometryCollate), and given to `forward`.
+        data loader's workers (training_loop.GeometryCollate), and given to `forward`. grid and
+        alpha are float32 (the topology buffers' dtype); `render_views` casts them to the
+        texture's.
         """
         misc.assert_shape(verts, [None, None, 3], 'verts')
         bsz, res = verts.shape[0], self.image_size
@@ -310,6 +312,7 @@ class TexturePlaneRasterizer(torch.nn.Module):
             geometry = self.geometry(verts)
         bsz, res = verts.shape[0], self.image_size
         misc.assert_shape(geometry.grid, [bsz, 4 * res * res, 2], 'geometry.grid')
+        misc.assert_shape(geometry.covered, [bsz, 4, res * res], 'geometry.covered')
         misc.assert_shape(geometry.alpha, [bsz, 4, 1, res, res], 'geometry.alpha')
         # Image b reads texture b: (B, 4 HW, C) rows (on the CPU a weighted sum of 4 texels per pixel) -> (4, B, C, HW).
         render = bilinear_mean.bilinear_mean(texture[:, None], geometry.grid[:, None].to(texture.dtype))
