@@ -212,8 +212,8 @@ def run_train(*args, timeout=600):
 def test_train_py_next3d_end_to_end(head_data, tmp_path):
     out = str(tmp_path / 'runs')
     proc = run_train('--outdir', out, '--cfg', 'tiny64', '--data', head_data, '--gpus', '1', '--batch', '2', '--gamma', '1',
-                     '--kimg', '0.002', '--tick', '0.002', '--snap', '1', '--workers', '1', '--geometry-in-loader', '--grid', '1x1',
-                     '--metrics', 'none', '--mirror', 'True', '--gen_pose_cond', 'True', '--density_reg_every', '1', '--aug', 'ada', '--desc', 'e2e')
+                     '--kimg', '0.002', '--tick', '0.002', '--snap', '1', '--workers', '0', '--grid', '1x1', '--metrics', 'none',
+                     '--mirror', 'True', '--gen_pose_cond', 'True', '--density_reg_every', '1', '--aug', 'ada', '--desc', 'e2e')
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     runs = os.listdir(out)
     assert runs == ['00000-tiny64-data-gpus1-batch2-gamma1-e2e']
@@ -228,8 +228,6 @@ def test_train_py_next3d_end_to_end(head_data, tmp_path):
     assert options['ada_target'] == 0.6 and options['augment_kwargs']['class_name'] == 'training.augment.AugmentPipe'
     log = open(os.path.join(run, 'log.txt')).read()
     assert 'tick 0' in log and 'augment 0.000' in log
-    assert "Rasterizing the generator's meshes in the data loader's workers" in log      # GeometryCollate
-    assert options['geometry_in_loader'] is True
     snap = legacy.load_network_pkl(os.path.join(run, 'network-snapshot-000000.002.pkl'))
     assert type(snap.G).__name__ == 'Next3DGenerator' and snap.resume_state.cur_nimg == 2
     assert type(snap.augment_pipe).__name__ == 'AugmentPipe' and snap.resume_state.augment_p == 0.0
@@ -804,6 +802,28 @@ def test_tf32_is_off_in_training_and_broadcast_object_works_without_a_group(toy_
     assert torch.backends.cudnn.allow_tf32 is False and torch.backends.cuda.matmul.allow_tf32 is False
     assert not distributed.is_initialized()
     assert distributed.broadcast_object({'run_dir': 'x'}) == {'run_dir': 'x'}
+
+
+def test_train_py_with_the_loaders_geometry_trains_as_without_bit_for_bit(head_data, tmp_path):
+    """4 steps (Greg every 2nd, R1 every 16th) with the meshes rasterized in a loader worker
+    end with the weights of 4 steps rasterizing in the step, to the bit (on the CPU)."""
+    nets = {}
+    for flag in ('--geometry-in-loader', None):
+        out = str(tmp_path / ('loader' if flag else 'step'))
+        proc = run_train('--outdir', out, '--cfg', 'tiny64', '--data', head_data, '--gpus', '1', '--batch', '2', '--gamma', '1',
+                         '--kimg', '0.008', '--tick', '0.008', '--snap', '1', '--workers', '1', '--grid', '1x1', '--metrics', 'none',
+                         '--density_reg_every', '2', *([flag] if flag else []))
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        run = os.path.join(out, os.listdir(out)[0])
+        log = open(os.path.join(run, 'log.txt')).read()
+        assert ("Rasterizing the generator's meshes in the data loader's workers" in log) == bool(flag)
+        assert json.load(open(os.path.join(run, 'training_options.json')))['geometry_in_loader'] is bool(flag)
+        nets[flag] = legacy.load_network_pkl(os.path.join(run, 'network-snapshot-000000.008.pkl'))
+    for name in ('G', 'D', 'G_ema'):
+        a, b = getattr(nets['--geometry-in-loader'], name).state_dict(), getattr(nets[None], name).state_dict()
+        assert a.keys() == b.keys()
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=f'{name}.{k}')
 
 
 def test_geometry_from_the_loaders_workers_gives_the_steps_own_gradients(head_data):
