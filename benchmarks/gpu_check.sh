@@ -20,7 +20,8 @@
 #      than the original's on an H200, a slow cuDNN kernel; 0.87x since our own double
 #      backward of the convolutions), and small128 at batch 8 with the meshes' geometry
 #      given (--geometry-in-loader: what the loader's workers make; ~15% fewer ops per step,
-#      not yet timed on a GPU);
+#      not yet timed on a GPU), and train.py end to end with and without that option
+#      (benchmarks/loader_geometry.py: whether 3 workers keep up);
 #   6. benchmarks/rasterize.py on CUDA: 4 heads x 4 views at 256;
 #   7. benchmarks/ops.py on CUDA: kernels vs references (without its torch.compile column,
 #      whose compiles would not fit);
@@ -113,6 +114,7 @@ if [ -z "$compile_only" ]; then
     step train-small128 45 "$PY" benchmarks/train_step.py --cfg small128 --batch 8 --device cuda --profile Gmain --outdir "$dest"
     step profile-dreg-small128 45 "$PY" benchmarks/train_step.py --cfg small128 --batch 32 --device cuda --repeats 1 --profile Dreg --outdir "$dest"
     step train-small128-geometry 45 "$PY" benchmarks/train_step.py --cfg small128 --batch 8 --device cuda --geometry-in-loader --outdir "$dest"
+    step loader-geometry-small128 100 "$PY" benchmarks/loader_geometry.py --cfg small128 --batch 8 --workers 3 --repeats 1 --outdir "$dest"
     step rasterize 30 "$PY" benchmarks/rasterize.py --device cuda --batch 4 --resolution 256
     step ops 60 "$PY" benchmarks/ops.py --device cuda --no-compile --outdir "$dest"
 fi

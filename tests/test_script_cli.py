@@ -151,7 +151,7 @@ def test_gpu_check_script_runs_its_steps_in_order(tmp_path, compile_mode):
     assert result.returncode == 0, result.stdout + result.stderr
     steps = [line.split(' (limit')[0][3:] for line in result.stdout.splitlines() if line.startswith('== ') and '(limit' in line]
     everything = ['build', 'pytest-gpu', 'vs-original', 'train-ffhq512-eg3d', 'train-small128', 'profile-dreg-small128',
-                  'train-small128-geometry', 'rasterize', 'ops']
+                  'train-small128-geometry', 'loader-geometry-small128', 'rasterize', 'ops']
     assert steps == {'': everything, '1': everything + ['vs-original-compiled'], 'only': ['build', 'vs-original-compiled']}[compile_mode]
     if compile_mode == 'only':       # the run's 500 s less the build's (a moment here) and 5 s to spare
         limit = int(re.search(r'== vs-original-compiled \(limit (\d+) s\)', result.stdout).group(1))
@@ -178,6 +178,23 @@ def test_train_step_benchmark_times_the_step_given_the_meshes_geometry(tmp_path)
     for args, message in ((['--cfg', 'tiny64-eg3d'], 'rasterizes no mesh'), (['--compile', 'D'], 'time them in separate runs')):
         result = CliRunner().invoke(train_step.main, args + ['--device', 'cpu', '--geometry-in-loader', '--outdir', str(tmp_path)])
         assert result.exit_code == 2 and message in result.output, result.output
+
+
+def test_loader_geometry_benchmark_runs_train_py_both_ways(tmp_path):
+    # benchmarks/loader_geometry.py: train.py on a rendered set, with and without --geometry-in-loader, s/kimg per tick.
+    from click.testing import CliRunner
+    from benchmarks import loader_geometry
+    result = CliRunner().invoke(loader_geometry.main, ['--cfg', 'tiny64', '--batch', '2', '--workers', '1', '--kimg', '0.004',
+                                                       '--tick', '0.002', '--repeats', '1', '--outdir', str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    files = os.listdir(tmp_path)
+    assert len(files) == 1 and files[0].startswith('loader_geometry-tiny64-cpu-')
+    text = (tmp_path / files[0]).read_text()
+    rows = [line for line in text.splitlines() if line.startswith(('| --geometry-in-loader |', '| in the step |'))]
+    assert len(rows) == 2 and all(float(row.split('|')[3].split(',')[0]) > 0 for row in rows), text
+    assert 'Median s/kimg: in the loader' in text
+    result = CliRunner().invoke(loader_geometry.main, ['--cfg', 'tiny64-eg3d', '--outdir', str(tmp_path)])
+    assert result.exit_code == 2 and 'needs a Next3D preset' in result.output
 
 
 def test_train_step_benchmark_profiles_a_phase(tmp_path):
