@@ -11,7 +11,7 @@ orbit; the bundled head model's mesh for Next3D presets), so no dataset is neede
 the compile time (the checked first calls) reported.
 
 `--geometry-in-loader` adds a column for Next3D presets: the same phases given the meshes'
-geometry made beforehand (G.rasterizer.geometry, what training_loop.GeometryCollate makes
+geometry made beforehand (G.mesh_geometry, what training_loop.GeometryCollate makes
 in the data loader's workers under train.py --geometry-in-loader), i.e. the step without
 its rasterization.
 
@@ -144,10 +144,10 @@ def main(cfg, batch, device, repeats, template, threads, which, geometry_in_load
     inputs = make_inputs(G, batch, template, device)
     geometries = None
     if geometry_in_loader:
-        if not hasattr(G, 'rasterizer'):
-            raise click.UsageError(f'--geometry-in-loader: the {cfg} generator rasterizes no mesh (a Next3D preset does)')
+        if not hasattr(G, 'mesh_geometry'):
+            raise click.UsageError(f'--geometry-in-loader: the {cfg} generator takes no mesh geometry (a Next3D preset does)')
         with torch.no_grad():
-            geometry = G.rasterizer.geometry(inputs[2][:, :G.num_vertices])
+            geometry = G.mesh_geometry(inputs[2])
         losses.append(losses[0])
         geometries = [None, geometry]
     if device.type == 'cuda':

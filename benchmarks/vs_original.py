@@ -425,7 +425,7 @@ class OursSide:
         self.geometry = None
         if cfg.get('geometry_in_loader') and self.v is not None:     # made once, untimed: train.py's loader workers make it
             with torch.no_grad():
-                self.geometry = self.G.rasterizer.geometry(self.v[:, :self.G.num_vertices])
+                self.geometry = self.G.mesh_geometry(self.v)
 
     def phase(self, name: str, interval: int):
         import torch

@@ -175,7 +175,8 @@ def test_train_step_benchmark_times_the_step_given_the_meshes_geometry(tmp_path)
     text = (tmp_path / files[0]).read_text()
     assert '| phase | every N steps | rasterizing in the step seconds | geometry given seconds | ratio |' in text
     assert len([line for line in text.splitlines() if line.startswith(('| Gmain |', '| Greg |', '| Dmain |', '| Dreg |', '| step '))]) == 5
-    for args, message in ((['--cfg', 'tiny64-eg3d'], 'rasterizes no mesh'), (['--compile', 'D'], 'time them in separate runs')):
+    for args, message in ((['--cfg', 'tiny64-eg3d'], 'takes no mesh geometry'), (['--cfg', 'tiny64-gaussian'], 'takes no mesh geometry'),
+                          (['--compile', 'D'], 'time them in separate runs')):
         result = CliRunner().invoke(train_step.main, args + ['--device', 'cpu', '--geometry-in-loader', '--outdir', str(tmp_path)])
         assert result.exit_code == 2 and message in result.output, result.output
 
@@ -193,8 +194,9 @@ def test_loader_geometry_benchmark_runs_train_py_both_ways(tmp_path):
     rows = [line for line in text.splitlines() if line.startswith(('| --geometry-in-loader |', '| in the step |'))]
     assert len(rows) == 2 and all(float(row.split('|')[3].split(',')[0]) > 0 for row in rows), text
     assert 'Median s/kimg: in the loader' in text
-    result = CliRunner().invoke(loader_geometry.main, ['--cfg', 'tiny64-eg3d', '--outdir', str(tmp_path)])
-    assert result.exit_code == 2 and 'needs a Next3D preset' in result.output
+    assert loader_geometry.PRESETS == ['small128', 'tiny64']            # not EG3D, Gaussian or FLAME-sized presets
+    result = CliRunner().invoke(loader_geometry.main, ['--cfg', 'tiny64', '--kimg', '0.002', '--tick', '0.002', '--outdir', str(tmp_path)])
+    assert result.exit_code == 1 and 'reported no tick after the first' in result.output
 
 
 def test_train_step_benchmark_profiles_a_phase(tmp_path):

@@ -164,7 +164,7 @@ class EG3DGenerator(torch.nn.Module):
                   generator: Optional[torch.Generator] = None, geometry=None) -> dict:
         """ws [N, num_ws, w_dim], camera c [N, >= 25] (OpenCV cam2world + normalised intrinsics),
         v [N, V + 68, 3] mesh condition (Next3D; ignored here), geometry: Next3D's
-        rasterizer.geometry(v's vertices) made beforehand, or None (ignored here) -> dict(
+        mesh_geometry(v) made beforehand, or None (ignored here) -> dict(
             image       [N, 3, R, R] float32, roughly [-1, 1],
             image_raw   [N, 3, r, r] float32 in [-1, 1],
             image_depth [N, 1, r, r] float32, world units along the ray).

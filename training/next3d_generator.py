@@ -122,6 +122,11 @@ class Next3DGenerator(EG3DGenerator):
         misc.assert_shape(v, [batch_size, self.num_vertices + NUM_LANDMARKS, 3], 'v (mesh vertices + 68 landmarks)')
         return v[:, :self.num_vertices], v[:, self.num_vertices:]
 
+    def mesh_geometry(self, v: torch.Tensor):
+        """The rasterizer's ViewGeometry of the mesh condition v [N, V + 68, 3]: what `geometry`
+        of make_planes / synthesis / sample_mixed takes, made beforehand (no weights involved)."""
+        return self.rasterizer.geometry(self.split_condition(v, len(v))[0])
+
     def refine_front(self, front: torch.Tensor, landmarks: torch.Tensor, eg3d_ws: torch.Tensor, **kwargs) -> torch.Tensor:
         """Mouth synthesis at the lip box, then neural blending of the whole front render.
 
@@ -138,7 +143,7 @@ class Next3DGenerator(EG3DGenerator):
     def make_planes(self, ws: torch.Tensor, v: Optional[torch.Tensor], update_emas: bool = False, noise_mode: str = 'random',
                     force_fp32: bool = False, fused_modconv=None, geometry=None) -> torch.Tensor:
         """ws [N, num_ws, w_dim], v [N, V + 68, 3] -> tri-plane [N, 3, plane_channels, P, P] float32.
-        geometry: self.rasterizer.geometry(v's vertices) made beforehand (the same planes), or None."""
+        geometry: self.mesh_geometry(v) made beforehand (the same planes), or None."""
         if not self.topology_loaded:
             raise RuntimeError('Next3DGenerator: the mesh topology is not loaded: call '
                                'training.next3d_generator.load_topology(G, template_obj, uv_mask) after building it '
