@@ -31,13 +31,20 @@
 #      compiles of D and of G.synthesis, each new input signature checked against eager)
 #      did not end within 285 s on an H200, so a short loan wants GPU_CHECK_COMPILE=only:
 #      steps 1, 2 and 8 alone, step 8 with the rest of the run's time. Step 8 fails when a
-#      network fell back to eager (vs_original.py exits 1 then).
+#      network fell back to eager (vs_original.py exits 1 then);
+#   9. with GPU_CHECK_COMPILE=cudagraphs and ORIGINAL_SRC: steps 1 and 2, the test of the
+#      cudagraphs backend on the device (pytest -k cudagraphs), then vs_original.py --compile G
+#      --compile-backend cudagraphs: G's synthesis traced by dynamo and replayed as CUDA graphs
+#      with eager kernels (no Triton: the warm-up is the tracing, ~25-35 s per signature on
+#      this project's 2-core CPU machine, 3 signatures), D eager; then the same with
+#      --geometry-in-loader (no rasterization, hence no graph break, in the training phases)
+#      if time is left.
 # A failing step does not stop the others. Results go to $OUT if it is set (a remote
 # runner's collection folder), else to benchmarks/results/gpu-check-<UTC date>-<HHMM>/:
 # log.txt, environment.txt and the benchmarks' tables. Exit status: 0 if every step passed,
 # 1 if one failed or was skipped, 2 without a GPU.
 #
-#     [ORIGINAL_SRC=DIR] [EG3D_SRC=DIR] [PYTHON=...] [GPU_CHECK_SECONDS=540] [GPU_CHECK_COMPILE=1|only] bash benchmarks/gpu_check.sh
+#     [ORIGINAL_SRC=DIR] [EG3D_SRC=DIR] [PYTHON=...] [GPU_CHECK_SECONDS=540] [GPU_CHECK_COMPILE=1|only|cudagraphs] bash benchmarks/gpu_check.sh
 #
 # NEXT3D_COMMIT names the commit in the results when the tree was copied to the GPU machine
 # (its git metadata there may be missing or stale).
@@ -51,8 +58,8 @@ if ! "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1
 fi
 case "${GPU_CHECK_COMPILE:-}" in
     ''|1) ;;
-    only) [ -n "${ORIGINAL_SRC:-}" ] || { echo "Error: GPU_CHECK_COMPILE=only: the compiled comparison needs ORIGINAL_SRC (a checkout of MrTornado24/Next3D)" >&2; exit 2; } ;;
-    *) echo "Error: GPU_CHECK_COMPILE=${GPU_CHECK_COMPILE}: expected 1 or only (or nothing)" >&2; exit 2 ;;
+    only|cudagraphs) [ -n "${ORIGINAL_SRC:-}" ] || { echo "Error: GPU_CHECK_COMPILE=${GPU_CHECK_COMPILE}: the compiled comparison needs ORIGINAL_SRC (a checkout of MrTornado24/Next3D)" >&2; exit 2; } ;;
+    *) echo "Error: GPU_CHECK_COMPILE=${GPU_CHECK_COMPILE}: expected 1, only or cudagraphs (or nothing)" >&2; exit 2 ;;
 esac
 budget=${GPU_CHECK_SECONDS:-540}
 dest=${OUT:-benchmarks/results/gpu-check-$(date -u +%Y-%m-%d-%H%M)}
@@ -97,7 +104,7 @@ from torch_utils.ops import _build, bias_act, upfirdn2d
 ok = [_build.kernel_available(n, m.SOURCES, torch.device("cuda")) for n, m in (("bias_act", bias_act), ("upfirdn2d", upfirdn2d))]
 print("kernels built and self-checked (bias_act, upfirdn2d):", ok)
 sys.exit(0 if all(ok) else 1)'
-compile_only=$([ "${GPU_CHECK_COMPILE:-}" = only ] && echo 1)
+compile_only=$(case "${GPU_CHECK_COMPILE:-}" in only|cudagraphs) echo 1 ;; esac)
 if [ -z "$compile_only" ]; then
     workers=()
     "$PY" -c 'import xdist' 2>/dev/null && workers=(-n 6)
@@ -118,7 +125,11 @@ if [ -z "$compile_only" ]; then
     step rasterize 30 "$PY" benchmarks/rasterize.py --device cuda --batch 4 --resolution 256
     step ops 60 "$PY" benchmarks/ops.py --device cuda --no-compile --outdir "$dest"
 fi
-if [ -n "${GPU_CHECK_COMPILE:-}" ] && [ -n "${ORIGINAL_SRC:-}" ]; then     # opt-in: Triton compiles take minutes
+if [ "${GPU_CHECK_COMPILE:-}" = cudagraphs ]; then
+    step pytest-cudagraphs 60 "$PY" -m pytest -q -m gpu -p no:cacheprovider -k cudagraphs tests/test_compiled.py
+    step vs-original-cudagraphs 240 "$PY" benchmarks/vs_original.py --device cuda --original-src "$ORIGINAL_SRC" --compile G --compile-backend cudagraphs --pairs 3 --batch 8 --outdir "$dest"
+    step vs-original-cudagraphs-geometry $budget "$PY" benchmarks/vs_original.py --device cuda --original-src "$ORIGINAL_SRC" --compile G --compile-backend cudagraphs --geometry-in-loader --pairs 3 --batch 8 --outdir "$dest"
+elif [ -n "${GPU_CHECK_COMPILE:-}" ] && [ -n "${ORIGINAL_SRC:-}" ]; then     # opt-in: Triton compiles take minutes
     step vs-original-compiled $budget "$PY" benchmarks/vs_original.py --device cuda --original-src "$ORIGINAL_SRC" --compile all --pairs 3 --batch 8 --outdir "$dest"
 fi
 echo "results in $dest"

@@ -8,7 +8,8 @@ orbit; the bundled head model's mesh for Next3D presets), so no dataset is neede
 
 `--compile D|G|all` adds a column: the same phases with those networks through torch.compile
 (torch_utils/compiled.py), timed interleaved with the eager ones on the same networks, and
-the compile time (the checked first calls) reported.
+the compile time (the checked first calls) reported; `--compile-backend` picks its backend
+(`--compile G --compile-backend cudagraphs`: G's synthesis replayed as CUDA graphs).
 
 `--geometry-in-loader` adds a column for Next3D presets: the same phases given the meshes'
 geometry made beforehand (G.mesh_geometry, what training_loop.GeometryCollate makes
@@ -25,6 +26,7 @@ Prints a markdown table and writes it to benchmarks/results/train_step-<preset>-
     python benchmarks/train_step.py --cfg tiny64 --batch 8 --threads 1 --compile D
     python benchmarks/train_step.py --cfg ffhq512 --batch 4 --device cuda --template data/flame/head_template.obj
     python benchmarks/train_step.py --cfg small128 --batch 32 --device cuda --profile Dreg
+    python benchmarks/train_step.py --cfg small128 --batch 8 --device cuda --compile G --compile-backend cudagraphs
 """
 
 import datetime
@@ -118,13 +120,19 @@ def profile_phase(loss, phase, inputs, z_dim, device, top: int = 15) -> list:
 @click.option('--template', help='Mesh template (default: the bundled head model for the small presets)', metavar='PATH')
 @click.option('--threads', help='CPU threads (default: all)', type=int, default=None)
 @click.option('--compile', 'which', help='Also time the phases with these networks through torch.compile', type=click.Choice(loss_lib.COMPILE_CHOICES), default='none', show_default=True)
+@click.option('--compile-backend', 'compile_backend', help='The torch.compile backend of --compile (cudagraphs: --compile=G only)',
+              type=click.Choice(compiled.BACKENDS), default=compiled.DEFAULT_BACKEND, show_default=True)
 @click.option('--geometry-in-loader', is_flag=True, help="Also time the phases given the meshes' geometry made beforehand (Next3D)")
 @click.option('--profile', 'profiled', help='Also profile one run of this phase (eager)', type=click.Choice(['none', 'Gmain', 'Greg', 'Dmain', 'Dreg']), default='none', show_default=True)
 @click.option('--outdir', help='Where to write the result', default=RESULTS_DIR, show_default='benchmarks/results')
-def main(cfg, batch, device, repeats, template, threads, which, geometry_in_loader, profiled, outdir):
+def main(cfg, batch, device, repeats, template, threads, which, compile_backend, geometry_in_loader, profiled, outdir):
     """Benchmark training steps of a preset."""
     if which != 'none' and geometry_in_loader:
         raise click.UsageError('--compile and --geometry-in-loader each add a column against eager: time them in separate runs')
+    if compile_backend != compiled.DEFAULT_BACKEND and which == 'none':
+        raise click.UsageError('--compile-backend applies to --compile=D, G or all only')
+    if compile_backend == 'cudagraphs' and which in ('D', 'all'):
+        raise click.UsageError(f'--compile-backend=cudagraphs takes --compile=G only (train.py\'s rule); got --compile={which}')
     device = torch.device(device)
     if threads is not None:
         torch.set_num_threads(threads)
@@ -138,7 +146,7 @@ def main(cfg, batch, device, repeats, template, threads, which, geometry_in_load
     losses = [loss_lib.Next3DLoss(device, G, D, r1_gamma=1.0, gpc_reg_prob=0.5, neural_rendering_resolution_initial=G.neural_rendering_resolution)]
     if which != 'none':
         losses.append(loss_lib.Next3DLoss(device, G, D, r1_gamma=1.0, gpc_reg_prob=0.5, neural_rendering_resolution_initial=G.neural_rendering_resolution))
-        losses[1].compile_networks(which)
+        losses[1].compile_networks(which, compile_backend)
     adam = dict(lr=0.0025, betas=[0, 0.99], eps=1e-8)
     g_main, g_reg, d_main, d_reg = setup_phases(G, D, adam, adam, 4, 16)
     inputs = make_inputs(G, batch, template, device)
@@ -181,7 +189,8 @@ def main(cfg, batch, device, repeats, template, threads, which, geometry_in_load
     if len(losses) == 1:
         lines += ['| phase | every N steps | seconds |', '|---|---|---|'] + [f'| {n} | {i} | {s[0]:.3f} |' for n, i, s in rows]
     else:
-        columns = ('rasterizing in the step', 'geometry given') if geometry_in_loader else ('eager', f'--compile={which}')
+        columns = ('rasterizing in the step', 'geometry given') if geometry_in_loader else ('eager', f'--compile={which}' + (
+            f' --compile-backend={compile_backend}' if compile_backend != compiled.DEFAULT_BACKEND else ''))
         lines += [f'| phase | every N steps | {columns[0]} seconds | {columns[1]} seconds | ratio |', '|---|---|---|---|---|']
         lines += [f'| {n} | {i} | {s[0]:.3f} | {s[1]:.3f} | {s[1] / s[0]:.3f} |' for n, i, s in rows]
         lines += [f'| step (phases at their intervals) | | {steps[0]:.3f} | {steps[1]:.3f} | {steps[1] / steps[0]:.3f} |', '']
@@ -198,7 +207,7 @@ def main(cfg, batch, device, repeats, template, threads, which, geometry_in_load
     text = '\n'.join(lines)
     print(text)
     os.makedirs(outdir, exist_ok=True)
-    suffix = (('' if which == 'none' else f'-compile-{which}') + ('-geometry-in-loader' if geometry_in_loader else '')
+    suffix = (('' if which == 'none' else f'-compile-{which}') + ('' if compile_backend == compiled.DEFAULT_BACKEND else f'-{compile_backend}') + ('-geometry-in-loader' if geometry_in_loader else '')
               + ('' if profiled == 'none' else f'-profile-{profiled}'))
     path = os.path.join(outdir, f'train_step-{cfg}{suffix}-{device.type}-{now:%Y-%m-%d}.md')
     atomic_write_bytes(path, text.encode())

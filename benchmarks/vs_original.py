@@ -61,6 +61,10 @@ inference once more with the time inside its convolutions recorded (forward and 
 oneDNN on both sides, ours channels last), which bounds the speed-up: our convolutions alone against
 the original's whole step (not with --compile).
 
+`--compile G --compile-backend cudagraphs`: our G's synthesis traced by dynamo and replayed as
+CUDA graphs with eager kernels (torch_utils/compiled.py), D eager: what it cuts on a GPU is the
+host's work per launch, which bounds our small-batch step there.
+
 `--geometry-in-loader`: our Next3D training phases are given their meshes' geometry made
 beforehand and not timed (training_loop.GeometryCollate makes it in the data loader's
 workers under train.py --geometry-in-loader), i.e. our training step without its
@@ -418,7 +422,7 @@ class OursSide:
         self.loss = Next3DLoss(self.device, self.G, self.D, r1_gamma=cfg['r1_gamma'], gpc_reg_prob=cfg['gpc_reg_prob'],
                                neural_rendering_resolution_initial=cfg['raw'])
         self.phases = {p.name: p for p in setup_phases(self.G, self.D, dict(ADAM), dict(ADAM_D), 4, 16)}
-        self.loss.compile_networks(cfg.get('compile', 'none'), log=lambda line: print(line, file=sys.stderr))
+        self.loss.compile_networks(cfg.get('compile', 'none'), cfg.get('compile_backend'), log=lambda line: print(line, file=sys.stderr))
         self.all_reduce_grads = distributed.all_reduce_grads
         self.inputs = inputs
         self.v = inputs['v'] if cfg['preset'] == 'next3d' else None
@@ -742,6 +746,8 @@ def summarise(preset: str, samples: dict, profiles: dict, info: dict, device: st
 @click.option('--batch', type=click.IntRange(min=1), default=4, show_default=True, help='Batch size')
 @click.option('--compile', 'which', type=click.Choice(['none', 'D', 'G', 'all']), default='none', show_default=True,
               help='Our side through torch.compile (train.py --compile; the first, compiling calls are the warm-up)')
+@click.option('--compile-backend', 'compile_backend', type=click.Choice(['inductor', 'aot_eager', 'cudagraphs']), default='inductor',
+              show_default=True, help='The backend of --compile (train.py --compile-backend; cudagraphs: --compile=G only)')
 @click.option('--original-allocator', type=click.Choice(['default', 'ours']), default='default', show_default=True,
               help="The original's host memory policy: glibc's default, or ours (torch_utils/host_memory.py, which our scripts set)")
 @click.option('--geometry-in-loader', is_flag=True,
@@ -754,7 +760,7 @@ def summarise(preset: str, samples: dict, profiles: dict, info: dict, device: st
 @click.option('--outdir', help='Folder for the result table (markdown)', default=os.path.join(ROOT, 'benchmarks', 'results'), show_default='benchmarks/results')
 @click.option('--worker', type=click.Choice(['ours', 'original']), hidden=True)
 @click.option('--worker-config', hidden=True)
-def main(original_src, eg3d_src, pairs, batch, which, original_allocator, geometry_in_loader, device, prepare, outdir, worker, worker_config):
+def main(original_src, eg3d_src, pairs, batch, which, compile_backend, original_allocator, geometry_in_loader, device, prepare, outdir, worker, worker_config):
     """Compare training and inference speed with the original code, side by side."""
     if worker is not None:
         run_worker(worker, worker_config)
@@ -767,6 +773,10 @@ def main(original_src, eg3d_src, pairs, batch, which, original_allocator, geomet
     torch.set_num_threads(1)
     if device == 'cuda' and not torch.cuda.is_available():
         raise click.ClickException('--device cuda: this PyTorch sees no CUDA device')
+    if compile_backend != 'inductor' and which == 'none':
+        raise click.ClickException('--compile-backend applies to --compile=D, G or all only')
+    if compile_backend == 'cudagraphs' and which in ('D', 'all'):
+        raise click.ClickException(f'--compile-backend=cudagraphs takes --compile=G only (train.py\'s rule); got --compile={which}')
     if prepare and device != 'cuda':
         raise click.ClickException("--prepare builds the original's CUDA plugins: give --device cuda")
     presets = [(p, src) for p, src in (('next3d', original_src), ('eg3d', eg3d_src)) if src is not None]
@@ -794,6 +804,7 @@ def main(original_src, eg3d_src, pairs, batch, which, original_allocator, geomet
             cfg = make_config(preset, batch, os.path.abspath(src))
             cfg['inputs'] = os.path.join(tmp, 'inputs.npz')
             cfg['compile'] = which
+            cfg['compile_backend'] = compile_backend
             cfg['original_allocator'] = original_allocator
             cfg['geometry_in_loader'] = geometry_in_loader
             cfg['device'] = device
@@ -807,6 +818,7 @@ def main(original_src, eg3d_src, pairs, batch, which, original_allocator, geomet
     command = 'python benchmarks/vs_original.py' + ''.join(
         f' {flag}' for flag, on in (('--original-src=<Next3D checkout>', original_src), ('--eg3d-src=<eg3d checkout>', eg3d_src)) if on) + \
         f' --pairs={pairs} --batch={batch}' + (f' --compile={which}' if which != 'none' else '') + \
+        (f' --compile-backend={compile_backend}' if compile_backend != 'inductor' else '') + \
         (f' --original-allocator={original_allocator}' if original_allocator != 'default' else '') + \
         (' --geometry-in-loader' if geometry_in_loader else '') + \
         (f' --device={device}' if device != 'cpu' else '')
@@ -836,7 +848,7 @@ def main(original_src, eg3d_src, pairs, batch, which, original_allocator, geomet
          for p, m, a, b, r, (lo, hi) in all_rows] + [''] + all_detail)
     click.echo(text)
     os.makedirs(outdir, exist_ok=True)
-    suffix = ((f'-compile-{which}' if which != 'none' else '') + ('-same-allocator' if original_allocator == 'ours' else '')
+    suffix = ((f'-compile-{which}' if which != 'none' else '') + (f'-{compile_backend}' if compile_backend != 'inductor' else '') + ('-same-allocator' if original_allocator == 'ours' else '')
               + ('-geometry-in-loader' if geometry_in_loader else ''))
     path = os.path.join(outdir, f'vs_original-{device}-{now:%Y-%m-%d-%H%M}{suffix}.md')        # one file per run
     with open(path + '.tmp', 'w') as f:

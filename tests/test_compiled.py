@@ -300,10 +300,113 @@ def test_a_compiler_error_on_a_later_call_falls_back(monkeypatch):
 
 
 def test_bad_choices_are_refused():
-    with pytest.raises(ValueError, match="backend 'cudagraphs' is not one we use"):
-        compiled.Compiled(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2), 'x', backend='cudagraphs')
+    with pytest.raises(ValueError, match="backend 'tvm' is not one we use"):
+        compiled.Compiled(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2), 'x', backend='tvm')
     with pytest.raises(ValueError, match="--compile='GD': expected one of none, D, G, all"):
         Next3DLoss.compile_networks(None, 'GD')
+    for which in ('D', 'all'):      # D's gradients are summed over two backward passes: a graph's next run would overwrite them
+        with pytest.raises(ValueError, match=f'--compile={which} with the cudagraphs backend: only G'):
+            Next3DLoss.compile_networks(None, which, backend='cudagraphs')
+
+
+# --- the cudagraphs backend (on the CPU: traced graphs with eager kernels, no capture) ------------
+
+def test_cudagraphs_backend_matches_eager_and_checks_a_call_after_the_recording_runs(monkeypatch):
+    """Each new signature runs RECORD_RUNS times (forward and backward) before the call compared with eager,
+    so that on a GPU the compared call is a replay; results as eager's."""
+    exercised = []
+    real_exercise = compiled._exercise
+    monkeypatch.setattr(compiled, '_exercise', lambda out, module, inputs: (exercised.append(1), real_exercise(out, module, inputs)))
+    torch.manual_seed(1)
+    eager_module, compiled_module = Noisy(), Noisy()
+    compiled_module.load_state_dict(eager_module.state_dict())
+    lines = []
+    fast = compiled.Compiled(compiled_module, compiled_module, 'noisy', backend='cudagraphs', log=lines.append)
+    want = run_twice(eager_module, eager_module)
+    got = run_twice(fast, compiled_module)
+    for w, g in zip(want, got):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+    assert fast.failed is None and len(fast.checked) == 1
+    assert len(exercised) == compiled.RECORD_RUNS == 2      # for the one signature only, not for the second call
+    assert len(lines) == 1 and 'matches eager' in lines[0]
+
+
+def test_cudagraphs_outputs_are_copies_that_keep_their_gradient():
+    weight = torch.randn(3, requires_grad=True)
+    produced = []
+
+    def fn(x):
+        produced.append(x * weight)
+        return dict(y=produced[-1], n=3)
+
+    out = compiled._for_cuda_graphs(fn)(torch.ones(3))
+    assert out['n'] == 3 and out['y'].data_ptr() != produced[0].data_ptr()
+    torch.testing.assert_close(out['y'], produced[0])
+    out['y'].sum().backward()
+    torch.testing.assert_close(weight.grad, torch.ones(3))
+
+
+def test_own_gradients_replaces_each_grad_by_an_equal_copy():
+    params = [torch.nn.Parameter(torch.randn(4, 3)), torch.nn.Parameter(torch.randn(5)), torch.nn.Parameter(torch.randn(2))]
+    params[0].grad, params[1].grad = torch.randn(4, 3), torch.randn(5)
+    before = [p.grad for p in params]
+    compiled.own_gradients(params)
+    for p, old in zip(params[:2], before):
+        assert p.grad is not old and p.grad.data_ptr() != old.data_ptr()
+        torch.testing.assert_close(p.grad, old, rtol=0, atol=0)
+    assert params[2].grad is None
+
+
+def test_training_loop_with_g_through_cudagraphs_trains_as_eager_over_two_rounds(tmp_path, monkeypatch):
+    """training_loop(compile='G', compile_backend='cudagraphs') with two rounds per phase (batch 2, 1 per round):
+    the same parameters after 4 steps as an eager run; after every G main round its gradients are taken
+    over from the graphs' memory (so that the second round adds to them, not to memory a replay rewrote)."""
+    data = th.make_dataset(str(tmp_path / 'data'), count=8, resolution=32)
+    eager = tl.training_loop(**th.loop_kwargs(str(tmp_path / 'eager'), data, total_kimg=0.008, batch_gpu=1))
+    owned = []
+    real_own = compiled.own_gradients
+    monkeypatch.setattr(compiled, 'own_gradients', lambda params: (owned.append(1), real_own(params)))
+    lines = []
+    monkeypatch.setattr('builtins.print', lambda *a, **k: lines.append(' '.join(str(x) for x in a)))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        fast = tl.training_loop(**th.loop_kwargs(str(tmp_path / 'fast'), data, total_kimg=0.008, batch_gpu=1,
+                                                 compile='G', compile_backend='cudagraphs'))
+    fallbacks = [str(w.message) for w in caught if str(w.message).startswith('torch.compile:')]
+    assert not fallbacks, fallbacks
+    assert any(line.startswith('torch.compile: G.synthesis compiled') for line in lines), lines
+    assert len(owned) == 8          # 4 steps x 2 rounds of G main
+    for name in ('G', 'D', 'G_ema'):
+        a, b = fast[name].state_dict(), eager[name].state_dict()
+        for k in b:
+            torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=f'{name}.{k}')
+
+
+@pytest.mark.gpu
+def test_cudagraphs_backend_on_a_gpu_accumulates_and_keeps_outputs():
+    """On CUDA (graphs captured and replayed): gradients summed over two forward + backward passes with
+    own_gradients in between equal eager's, and an output stays readable after the next call."""
+    torch.manual_seed(0)
+    eager = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.LeakyReLU(0.2), torch.nn.Conv2d(8, 1, 1)).cuda()
+    module = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.LeakyReLU(0.2), torch.nn.Conv2d(8, 1, 1)).cuda()
+    module.load_state_dict(eager.state_dict())
+    fast = compiled.Compiled(module, module, 'toy', backend='cudagraphs', log=lambda line: None)
+    xs = [torch.randn(2, 3, 16, 16, device='cuda') for _ in range(2)]
+    for step in range(3):           # the checked first call, then replays
+        module.zero_grad(set_to_none=True)
+        eager.zero_grad(set_to_none=True)
+        outs = []
+        for x in xs:
+            out = fast(x)
+            out.square().sum().backward()
+            compiled.own_gradients(module.parameters())
+            outs.append(out.detach())
+            eager(x).square().sum().backward()
+        for out, x in zip(outs, xs):
+            torch.testing.assert_close(out, eager(x).detach(), rtol=1e-5, atol=1e-5)
+        for p, q in zip(module.parameters(), eager.parameters()):
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-5)
+    assert fast.failed is None
 
 
 def phase_gradients(loss, phases, inputs, seed):
@@ -332,6 +435,30 @@ class Filtered(torch.nn.Module):
 
     def forward(self, x):
         return (x * self.weight) * self.fir
+
+
+def test_another_batch_size_gets_a_graph_of_its_own():
+    """With dynamo's automatic dynamic shapes, the second batch size traced the batch as a symbol, and
+    torch.rand(size, generator=None) (the renderer's stratified samples) cannot take one: the call fell
+    back to eager. Each shape is checked on its own anyway: graphs are static."""
+    class Jitter(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.scale = torch.nn.Parameter(torch.ones(3))
+
+        def forward(self, x):
+            return x * self.scale + torch.rand(x.shape, generator=None, device=x.device)
+
+    module = Jitter()
+    fast = compiled.Compiled(module, module, 'jitter', backend='aot_eager', log=lambda line: None)
+    with warnings.catch_warnings():
+        warnings.simplefilter('error', RuntimeWarning)
+        for batch in (1, 2, 3):
+            torch.manual_seed(batch)
+            got = fast(torch.ones(batch, 3))
+            torch.manual_seed(batch)
+            torch.testing.assert_close(got, module(torch.ones(batch, 3)))
+    assert fast.failed is None and len(fast.checked) == 3
 
 
 def test_the_check_leaves_constant_buffers_that_graphs_saved_intact():

@@ -135,10 +135,11 @@ def test_gpu_check_script_refuses_a_machine_without_a_gpu(tmp_path):
     assert not out.exists()                      # nothing written
 
 
-@pytest.mark.parametrize('compile_mode', ['', '1', 'only'])
+@pytest.mark.parametrize('compile_mode', ['', '1', 'only', 'cudagraphs'])
 def test_gpu_check_script_runs_its_steps_in_order(tmp_path, compile_mode):
     """The steps gpu_check.sh runs, with a stand-in Python that says it sees a GPU and logs its arguments;
-    GPU_CHECK_COMPILE=only keeps the build and the compiled comparison, which gets the rest of the time."""
+    GPU_CHECK_COMPILE=only keeps the build and the compiled comparison, which gets the rest of the time;
+    =cudagraphs the build, the cudagraphs test on the device and two comparisons through CUDA graphs."""
     import subprocess
     fake = tmp_path / 'python'
     calls = tmp_path / 'calls.txt'
@@ -152,13 +153,16 @@ def test_gpu_check_script_runs_its_steps_in_order(tmp_path, compile_mode):
     steps = [line.split(' (limit')[0][3:] for line in result.stdout.splitlines() if line.startswith('== ') and '(limit' in line]
     everything = ['build', 'pytest-gpu', 'vs-original', 'train-ffhq512-eg3d', 'train-small128', 'profile-dreg-small128',
                   'train-small128-geometry', 'loader-geometry-small128', 'rasterize', 'ops']
-    assert steps == {'': everything, '1': everything + ['vs-original-compiled'], 'only': ['build', 'vs-original-compiled']}[compile_mode]
+    assert steps == {'': everything, '1': everything + ['vs-original-compiled'], 'only': ['build', 'vs-original-compiled'],
+                     'cudagraphs': ['build', 'pytest-cudagraphs', 'vs-original-cudagraphs', 'vs-original-cudagraphs-geometry']}[compile_mode]
+    if compile_mode == 'cudagraphs':        # (the stand-in logs the first 60 characters of each call)
+        assert open(script).read().count('vs_original.py --device cuda --original-src "$ORIGINAL_SRC" --compile G --compile-backend cudagraphs') == 2
     if compile_mode == 'only':       # the run's 500 s less the build's (a moment here) and 5 s to spare
         limit = int(re.search(r'== vs-original-compiled \(limit (\d+) s\)', result.stdout).group(1))
         assert 485 <= limit <= 495, limit
     assert 'benchmarks/vs_original.py --device cuda --prepare' in calls.read_text()
     if compile_mode == 'only':       # refused: no checkout to compare with, or a value it does not know
-        for bad, why in ((dict(ORIGINAL_SRC=''), 'needs ORIGINAL_SRC'), (dict(GPU_CHECK_COMPILE='0'), 'expected 1 or only')):
+        for bad, why in ((dict(ORIGINAL_SRC=''), 'needs ORIGINAL_SRC'), (dict(GPU_CHECK_COMPILE='0'), 'expected 1, only or cudagraphs')):
             result = subprocess.run(['bash', script], capture_output=True, text=True, env=dict(env, **bad), timeout=120)
             assert result.returncode == 2 and result.stderr.startswith('Error: GPU_CHECK_COMPILE=') and why in result.stderr, result.stderr
 
@@ -179,6 +183,16 @@ def test_train_step_benchmark_times_the_step_given_the_meshes_geometry(tmp_path)
                           (['--compile', 'D'], 'time them in separate runs')):
         result = CliRunner().invoke(train_step.main, args + ['--device', 'cpu', '--geometry-in-loader', '--outdir', str(tmp_path)])
         assert result.exit_code == 2 and message in result.output, result.output
+
+
+def test_train_step_benchmark_refuses_a_compile_backend_where_it_would_not_apply(tmp_path):
+    from click.testing import CliRunner
+    from benchmarks import train_step
+    for args, message in ((['--compile-backend', 'cudagraphs'], '--compile-backend applies to --compile=D, G or all only'),
+                          (['--compile', 'D', '--compile-backend', 'cudagraphs'], 'takes --compile=G only')):
+        result = CliRunner().invoke(train_step.main, ['--cfg', 'tiny64', '--device', 'cpu', '--outdir', str(tmp_path), *args])
+        assert result.exit_code == 2 and message in result.output, result.output
+    assert os.listdir(tmp_path) == []
 
 
 def test_loader_geometry_benchmark_runs_train_py_both_ways(tmp_path):

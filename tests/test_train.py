@@ -562,12 +562,13 @@ def test_train_py_options_reach_networks_loss_and_loop(tmp_path):
         '--metrics', 'none', '--nobench', 'True', '--workers', '0', '--cond', 'False', '--freezed', '2', '--sr_noise_mode', 'const',
         '--sr_num_fp16_res', '1', '--g_num_fp16_res', '2', '--d_num_fp16_res', '3', '--decoder_lr_mul', '0.5', '--c-scale', '2',
         '--gen_exp_cond', 'True', '--load_lms', 'False', '--mbstd-group', '2', '--map-depth', '3', '--cbase', '1024', '--cmax', '16',
-        '--density_reg_every', '8', '--style_mixing_prob', '0.7', '--gen_pose_cond', 'True', '--gpc_reg_prob', '0.3', '--compile', 'G'])
+        '--density_reg_every', '8', '--style_mixing_prob', '0.7', '--gen_pose_cond', 'True', '--gpc_reg_prob', '0.3', '--compile', 'G',
+        '--compile-backend', 'cudagraphs'])
     opts = dnnlib.EasyDict(ctx.params)
     opts.grid = train.parse_grid(opts.grid)
     c = train.build_config(opts)
     assert c.cudnn_benchmark is False and c.data_loader_kwargs['num_workers'] == 0 and c.G_reg_interval == 8
-    assert c.compile == 'G'
+    assert c.compile == 'G' and c.compile_backend == 'cudagraphs'
     assert c.training_set_kwargs['load_lms'] is False
     assert c.loss_kwargs['style_mixing_prob'] == 0.7 and c.loss_kwargs['gpc_reg_prob'] == 0.3
     G = builders.build('network', c.G_kwargs)
@@ -779,6 +780,18 @@ def test_train_py_bad_resume_stops_before_making_a_run_folder(toy_data, head_dat
     assert result.exit_code == 1, result.output
     assert f'Error: {path}: ' in result.output and message in result.output, result.output
     assert result.exception is None or isinstance(result.exception, SystemExit)
+    assert not os.path.exists(tmp_path / 'runs')
+
+
+@pytest.mark.parametrize('args, message', [
+    (['--compile-backend', 'aot_eager'], 'Error: --compile-backend applies to --compile=D, G or all only'),
+    (['--compile', 'all', '--compile-backend', 'cudagraphs'], 'Error: --compile-backend=cudagraphs takes --compile=G only'),
+    (['--compile', 'D', '--compile-backend', 'cudagraphs'], 'this run has --compile=D'),
+])
+def test_train_py_refuses_a_compile_backend_where_it_would_not_apply(head_data, tmp_path, args, message):
+    result = invoke_train(['--outdir', str(tmp_path / 'runs'), '--cfg', 'tiny64', '--data', head_data, '--gpus', '1', '--batch', '2',
+                           '--gamma', '1', '--metrics', 'none', '--kimg', '0.002', *args])
+    assert result.exit_code == 1 and message in result.output, result.output
     assert not os.path.exists(tmp_path / 'runs')
 
 

@@ -11,6 +11,10 @@ requires grad are compared. An exception on that first call (no C++ compiler, no
 a compiler bug) or a mismatch warns once and the eager module is used from then on; so
 does a compiler error on a later call.
 
+Shapes are static (dynamic=False): each new shape is a new signature, traced and checked on
+its own. (With dynamo's automatic dynamic shapes a second batch size was traced as a symbol,
+which torch.rand(size, generator=None) cannot take: the call fell back to eager.)
+
 Random numbers: inductor is told to draw them with eager's generator
 (`torch._inductor.config.fallback_random`), so a compiled run draws the same numbers as an
 eager one and the check can compare outputs of random ops.
@@ -30,6 +34,19 @@ gradient that eager itself moves by 10% or more under a nudge is in effect not c
 
 Double backward (R1's gradient penalty) does not go through compiled graphs: callers use
 the eager module there.
+
+Backend 'cudagraphs': dynamo's graphs replayed as CUDA graphs (cudagraph trees) with eager
+kernels, no Triton: what it cuts is the host's work per kernel launch, which bounds our
+small-batch step on a GPU, and its warm-up is the tracing alone (no code generation). On a
+CPU it runs the traced graphs with eager kernels (no capture). A CUDA graph writes its
+outputs into memory of its own that its next run overwrites, so with this backend:
+  - the first call per signature runs RECORD_RUNS times from the same state before the
+    checked one (cudagraph trees warm up, then record), so that the call compared with
+    eager is a replay;
+  - the outputs returned are copies;
+  - the gradients its backward leaves in the parameters' .grad live in graph memory too:
+    callers take them over with own_gradients() after each backward (gradients summed over
+    several backward passes would otherwise be overwritten by the next run).
 """
 
 import time
@@ -40,12 +57,13 @@ import torch.utils._pytree as pytree
 
 from torch_utils import misc
 
-BACKENDS = ('inductor', 'aot_eager')        # the torch.compile backends we accept
+BACKENDS = ('inductor', 'aot_eager', 'cudagraphs')    # the torch.compile backends we accept
 DEFAULT_BACKEND = 'inductor'
 FORWARD_TOL = 1e-3                          # |compiled - eager| <= tol x (1 + |eager|) on every output element
 GRADIENT_TOL = 1e-3                         # ||g_compiled - g_eager|| <= tol x ||g_eager|| for every gradient, or
 NUDGE, NUDGE_FACTOR = 1e-5, 10              # <= factor x ||g_eager(weights, inputs x (1 +- NUDGE)) - g_eager||
 NUDGES = 3                                  # nudges tried at most (other random signs each), the largest change counts
+RECORD_RUNS = 2                             # 'cudagraphs': runs before the checked one (warm-up, recording)
 
 
 def _describe(x):
@@ -89,9 +107,12 @@ class Compiled:
         if backend not in BACKENDS:
             raise ValueError(f'torch.compile backend {backend!r} is not one we use (expected {" or ".join(BACKENDS)})')
         import torch._inductor.config
-        torch._inductor.config.fallback_random = True       # eager's generator for rand/randn/dropout
-        self.fn, self.module, self.name, self.log = fn, module, name, log
-        self.compiled = torch.compile(fn, backend=backend)
+        if backend == 'inductor':
+            torch._inductor.config.fallback_random = True   # eager's generator for rand/randn/dropout
+        self.fn, self.module, self.name, self.log, self.backend = fn, module, name, log, backend
+        self.compiled = torch.compile(fn, backend=backend, dynamic=False)       # a graph per shape, as each is checked
+        if backend == 'cudagraphs':
+            self.compiled = _for_cuda_graphs(self.compiled)
         self.checked = set()                    # signatures whose check passed
         self.failed = None                      # the reason the eager module is used, or None
         self.compile_seconds = 0.0              # wall time of the checked first calls, summed
@@ -135,6 +156,11 @@ class Compiled:
 
         start = time.time()
         try:
+            if self.backend == 'cudagraphs':        # so that the call checked is a replay
+                for _ in range(RECORD_RUNS):
+                    _exercise(from_start(self.compiled, check_args, check_kwargs), self.module, (check_args, check_kwargs))
+                _set_rng_state(rng)
+                _set_buffers(self.module, buffers)
             out = self.compiled(*check_args, **check_kwargs)
         except Exception as e:      # a compiler that cannot run here must not stop training
             self._fall_back(f'failed to compile ({type(e).__name__}: {_first_line(e)})')
@@ -225,6 +251,38 @@ class Compiled:
                                          f'{floors[i]:.3g} (the largest change of eager\'s in {NUDGES} nudges of its weights and '
                                          f'inputs x (1 +- {NUDGE:g}))')
         return forward_error, gradient_error, where
+
+
+def _for_cuda_graphs(fn):
+    """fn (through the cudagraphs backend) whose tensor outputs are copies (differentiable), out
+    of a CUDA graph's memory. Its graphs are traced with inductor's fallback_random off (which
+    the inductor backend turns on): with it on, each backward of these graphs drew the random
+    numbers of the forward again, and the calls after it drew other numbers than eager."""
+    def call(*args, **kwargs):
+        import torch._inductor.config
+        with torch._inductor.config.patch(fallback_random=False):
+            out = fn(*args, **kwargs)
+        return pytree.tree_map_only(torch.Tensor, torch.clone, out)
+    return call
+
+
+def _exercise(outputs, module: torch.nn.Module, inputs):
+    """Run the backward of sum(outputs) to every parameter and input that requires grad (as a
+    training step would), if any output requires grad; the gradients are dropped."""
+    differentiable = [o for o in _grad_tensors(outputs) if o.is_floating_point()]
+    leaves = [p for p in module.parameters() if p.requires_grad] + _grad_tensors(inputs)
+    if differentiable and leaves:
+        torch.autograd.grad(sum(o.sum() for o in differentiable), leaves, allow_unused=True)
+
+
+def own_gradients(params) -> None:
+    """Replace each parameter's .grad by a copy (one multi-tensor op): after the backward of a
+    call through the 'cudagraphs' backend, .grad may be memory of a CUDA graph that its next
+    run overwrites."""
+    params = [p for p in params if p.grad is not None]
+    if params:
+        for p, grad in zip(params, torch._foreach_mul([p.grad for p in params], 1.0)):
+            p.grad = grad
 
 
 def nudge_generator(attempt: int) -> torch.Generator:

@@ -187,6 +187,10 @@ class Next3DLoss:
         """
         if which not in COMPILE_CHOICES:
             raise ValueError(f'--compile={which!r}: expected one of {", ".join(COMPILE_CHOICES)}')
+        if backend == 'cudagraphs' and which in ('D', 'all'):
+            # D's gradients are summed over two backward passes in D main (fakes, then reals),
+            # and a CUDA graph's next run overwrites the memory its backward left them in.
+            raise ValueError(f'--compile={which} with the cudagraphs backend: only G (its synthesis) runs through CUDA graphs; D stays eager')
         if which in ('D', 'all'):
             self.D_forward = compiled.Compiled(self.D, self.D, 'D', backend, log)
         if which in ('G', 'all'):
@@ -233,6 +237,8 @@ class Next3DLoss:
             loss_G = F.softplus(-gen_logits)
             training_stats.report('Loss/G/loss', loss_G)
             loss_G.mean().mul(gain).backward()
+            if getattr(self.synthesis_forward, 'backend', None) == 'cudagraphs':      # .grad out of a CUDA graph's memory
+                compiled.own_gradients(self.G.parameters())
 
         if phase in ('Greg', 'Gboth'):
             loss_reg = self.density_regularization(gen_z, gen_c, gen_v, s['swapping_prob'], geometry=gen_geometry)

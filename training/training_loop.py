@@ -490,6 +490,7 @@ def training_loop(
     resume_kwargs: dict = None,         # dict(resume_blur=bool): keep the fade-ins when starting from other weights
     cudnn_benchmark: bool = True,       # torch.backends.cudnn.benchmark
     compile: str = 'none',              # torch.compile D and/or G.synthesis in the phases: 'none', 'D', 'G', 'all'
+    compile_backend: str = None,        # its backend, one of torch_utils.compiled.BACKENDS (None: inductor)
     geometry_in_loader: bool = False,   # Next3D: rasterize the meshes in the loader's workers (GeometryCollate)
     progress_fn=None,                   # callback(cur_nimg, total_nimg)
 ):
@@ -530,7 +531,7 @@ def training_loop(
             state.ada_signs = torch.zeros(3, dtype=torch.float64)     # [count, sum, sum_sq] since p's last update, all ranks
 
     loss = Next3DLoss(device=device, G=G, D=D, augment_pipe=augment_pipe, **(loss_kwargs or {}))
-    loss.compile_networks(compile, log=log)
+    loss.compile_networks(compile, compile_backend, log=log)
     phases = setup_phases(G, D, G_opt_kwargs, D_opt_kwargs, G_reg_interval, D_reg_interval)
     if resume_state is not None:
         restore_training_state(resume_state, state, phases, augment_pipe, log)
