@@ -329,6 +329,8 @@ def test_cudagraphs_backend_matches_eager_and_checks_a_call_after_the_recording_
     assert fast.failed is None and len(fast.checked) == 1
     assert len(exercised) == compiled.RECORD_RUNS == 2      # for the one signature only, not for the second call
     assert len(lines) == 1 and 'matches eager' in lines[0]
+    # On the CPU cudagraph trees capture nothing, and the line says so (the forward graph; its backward follows it).
+    assert lines[0].endswith('; 1 traced graph(s) not captured as CUDA graphs (torch\'s log says why)'), lines[0]
 
 
 def test_cudagraphs_outputs_are_copies_that_keep_their_gradient():
@@ -390,7 +392,8 @@ def test_cudagraphs_backend_on_a_gpu_accumulates_and_keeps_outputs():
     eager = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.LeakyReLU(0.2), torch.nn.Conv2d(8, 1, 1)).cuda()
     module = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.LeakyReLU(0.2), torch.nn.Conv2d(8, 1, 1)).cuda()
     module.load_state_dict(eager.state_dict())
-    fast = compiled.Compiled(module, module, 'toy', backend='cudagraphs', log=lambda line: None)
+    lines = []
+    fast = compiled.Compiled(module, module, 'toy', backend='cudagraphs', log=lines.append)
     xs = [torch.randn(2, 3, 16, 16, device='cuda') for _ in range(2)]
     for step in range(3):           # the checked first call, then replays
         module.zero_grad(set_to_none=True)
@@ -407,6 +410,7 @@ def test_cudagraphs_backend_on_a_gpu_accumulates_and_keeps_outputs():
         for p, q in zip(module.parameters(), eager.parameters()):
             torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-5)
     assert fast.failed is None
+    assert len(lines) == 1 and lines[0].endswith('; captured as CUDA graphs'), lines
 
 
 def phase_gradients(loss, phases, inputs, seed):

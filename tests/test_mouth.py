@@ -154,3 +154,29 @@ def test_empty_batch():
     front, box = torch.rand(0, 2, 16, 16), torch.zeros(0, 3, dtype=torch.long)
     assert crop_mouth(front, box, 4).shape == (0, 2, 4, 4)
     assert paste_mouth(front, torch.rand(0, 2, 4, 4), box).shape == (0, 2, 16, 16)
+
+
+def test_crop_and_paste_trace_without_tensors_made_from_python_numbers():
+    """torch.tensor(16) in a traced graph is a CPU constant, and cudagraph trees skip every graph that
+    holds a CPU tensor (torch.compile's cudagraphs backend): the mouth's resize weights made the graph
+    holding the mouth network, blending and backbone run without CUDA graphs. Sizes are made on the
+    boxes' device."""
+    import torch._dynamo
+    graphs = []
+
+    def probe(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch.manual_seed(0)
+    front, patch = torch.randn(2, 4, 32, 32), torch.randn(2, 4, 8, 8)
+    box = torch.tensor([[4, 6, 12], [0, 2, 20]])
+    torch._dynamo.reset()
+    crop = torch.compile(lambda f, b: mouth.crop_mouth(f, b, out_size=8), backend=probe, dynamic=False)
+    paste = torch.compile(mouth.paste_mouth, backend=probe, dynamic=False)
+    torch.testing.assert_close(crop(front, box), mouth.crop_mouth(front, box, out_size=8))
+    torch.testing.assert_close(paste(front, patch, box), mouth.paste_mouth(front, patch, box))
+    assert graphs
+    made = [(n.op, str(n.target)) for gm in graphs for n in gm.graph.nodes
+            if n.op == 'get_attr' or (n.op == 'call_function' and n.target in (torch.tensor, torch.as_tensor))]
+    assert not made, made

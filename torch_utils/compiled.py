@@ -154,7 +154,7 @@ class Compiled:
             _set_buffers(self.module, buffers)
             return fn(*args, **kwargs)
 
-        start = time.time()
+        start, skips = time.time(), _cudagraph_skips()
         try:
             if self.backend == 'cudagraphs':        # so that the call checked is a replay
                 for _ in range(RECORD_RUNS):
@@ -201,8 +201,13 @@ class Compiled:
         forward_error, gradient_error, where = errors
         rounding = (f' at {where}, within {NUDGE_FACTOR}x the largest change of eager\'s for weights and inputs x (1 +- {NUDGE:g})'
                     if gradient_error > GRADIENT_TOL else '')
+        capture = ''
+        if self.backend == 'cudagraphs':        # a graph cudagraph trees skip runs without capture, correct but slow
+            skipped = _cudagraph_skips() - skips
+            capture = (f'; {skipped} traced graph(s) not captured as CUDA graphs (torch\'s log says why)' if skipped
+                       else '; captured as CUDA graphs')
         self.log(f'torch.compile: {self.name} compiled for a new input signature in {seconds:.1f} s '
-                 f'(matches eager: output error {forward_error:.1e}, gradient error {gradient_error:.1e}{rounding})')
+                 f'(matches eager: output error {forward_error:.1e}, gradient error {gradient_error:.1e}{rounding}){capture}')
         try:
             return from_start(self.compiled)
         except _compiler_errors() as e:
@@ -251,6 +256,12 @@ class Compiled:
                                          f'{floors[i]:.3g} (the largest change of eager\'s in {NUDGES} nudges of its weights and '
                                          f'inputs x (1 +- {NUDGE:g}))')
         return forward_error, gradient_error, where
+
+
+def _cudagraph_skips() -> int:
+    """How many traced graphs cudagraph trees have skipped (ran without capture) in this process."""
+    from torch._dynamo.utils import counters
+    return counters['inductor']['cudagraph_skips']
 
 
 def _for_cuda_graphs(fn):

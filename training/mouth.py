@@ -123,8 +123,9 @@ def crop_mouth(front: torch.Tensor, box: torch.Tensor, out_size: int = 64) -> to
     dtype = _geometry_dtype(front)
     ys, xs = _covered(y0, side, height), _covered(x0, side, width)          # weights elsewhere are 0
     out = _pixels(out_size, front.device).reshape(1, -1, 1)
-    rows = _resize_weights(out, _pixels(height, front.device)[ys].reshape(1, 1, -1) - y0, torch.tensor(out_size), side, dtype)
-    cols = _resize_weights(out, _pixels(width, front.device)[xs].reshape(1, 1, -1) - x0, torch.tensor(out_size), side, dtype)
+    out_side = torch.full_like(side, out_size)          # on the device: a CPU constant keeps a graph from CUDA graph capture
+    rows = _resize_weights(out, _pixels(height, front.device)[ys].reshape(1, 1, -1) - y0, out_side, side, dtype)
+    cols = _resize_weights(out, _pixels(width, front.device)[xs].reshape(1, 1, -1) - x0, out_side, side, dtype)
     rows, cols = rows.to(front.dtype), cols.to(front.dtype)                 # (B, out, H'), (B, out, W')
     return rows.unsqueeze(1) @ front[:, :, ys, xs] @ cols.transpose(1, 2).unsqueeze(1)
 
@@ -164,9 +165,9 @@ def paste_mouth(front: torch.Tensor, patch: torch.Tensor, box: torch.Tensor) -> 
     patch_h, patch_w = patch.shape[2:]
     ys, xs = _covered(y0, side, height), _covered(x0, side, width)          # the pixels that change
     rows = _resize_weights(_pixels(height, front.device)[ys].reshape(1, -1, 1) - y0, _pixels(patch_h, front.device).reshape(1, 1, -1),
-                           side, torch.tensor(patch_h), dtype)
+                           side, torch.full_like(side, patch_h), dtype)
     cols = _resize_weights(_pixels(width, front.device)[xs].reshape(1, -1, 1) - x0, _pixels(patch_w, front.device).reshape(1, 1, -1),
-                           side, torch.tensor(patch_w), dtype)
+                           side, torch.full_like(side, patch_w), dtype)
     rows, cols = rows.to(front.dtype), cols.to(front.dtype)                 # (B, H', h), (B, W', w)
     pasted = rows.unsqueeze(1) @ patch.to(front.dtype) @ cols.transpose(1, 2).unsqueeze(1)
     if (ys.stop - ys.start, xs.stop - xs.start) == (height, width):
