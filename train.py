@@ -374,7 +374,7 @@ def parse_grid(s):
 @click.option('--nobench', help='Disable cuDNN benchmarking', metavar='BOOL', type=bool, default=False, show_default=True)
 @click.option('--compile', help='torch.compile D, G\'s synthesis or both in the training phases (checked against eager at first use, eager if it fails; R1 stays eager)',
               type=click.Choice(loss_lib.COMPILE_CHOICES), default='none', show_default=True)
-@click.option('--compile-backend', 'compile_backend', help='torch.compile backend of --compile: inductor (generated kernels), aot_eager (traced graphs, eager kernels) or cudagraphs (traced graphs replayed as CUDA graphs: less host work per step; G only)',
+@click.option('--compile-backend', 'compile_backend', help='torch.compile backend of --compile: inductor (generated kernels), aot_eager (traced graphs, eager kernels) or cudagraphs (traced graphs replayed as CUDA graphs: less host work per step)',
               type=click.Choice(compiled.BACKENDS), default=compiled.DEFAULT_BACKEND, show_default=True)
 @click.option('--workers', help='DataLoader worker processes', metavar='INT', type=click.IntRange(min=0), default=3, show_default=True)
 @click.option('--geometry-in-loader', 'geometry_in_loader', is_flag=True,
@@ -430,9 +430,6 @@ def main(ctx, **kwargs):
             raise click.ClickException(f'--{name} applies to {requirement}')
     if ctx.get_parameter_source('compile_backend') == click.core.ParameterSource.COMMANDLINE and opts.compile == 'none':
         raise click.ClickException('--compile-backend applies to --compile=D, G or all only')
-    if opts.compile_backend == 'cudagraphs' and opts.compile in ('D', 'all'):
-        raise click.ClickException(f'--compile-backend=cudagraphs takes --compile=G only (D\'s gradients are summed over two '
-                                   f'backward passes, which a CUDA graph\'s next run would overwrite); this run has --compile={opts.compile}')
     opts.grid = parse_grid(opts.grid)
     if opts.topology_path is not None and not os.path.isfile(opts.topology_path):
         raise click.ClickException(f'{opts.topology_path}: no such topology file (--topology_path)')

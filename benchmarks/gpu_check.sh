@@ -33,10 +33,11 @@
 #      steps 1, 2 and 8 alone, step 8 with the rest of the run's time. Step 8 fails when a
 #      network fell back to eager (vs_original.py exits 1 then);
 #   9. with GPU_CHECK_COMPILE=cudagraphs and ORIGINAL_SRC: steps 1 and 2, the test of the
-#      cudagraphs backend on the device (pytest -k cudagraphs), then vs_original.py --compile G
-#      --compile-backend cudagraphs: G's synthesis traced by dynamo and replayed as CUDA graphs
-#      with eager kernels (no Triton: the warm-up is the tracing, ~25-35 s per signature on
-#      this project's 2-core CPU machine, 3 signatures), D eager; then the same with
+#      cudagraphs backend on the device (pytest -k cudagraphs), then vs_original.py --compile all
+#      --compile-backend cudagraphs: D and G's synthesis traced by dynamo and replayed as CUDA
+#      graphs with eager kernels (no Triton: the warm-up is the tracing, ~25-35 s per synthesis
+#      signature on this project's 2-core CPU machine, 3 of them, and ~2 s per D signature;
+#      the compile lines say whether cudagraph trees captured the graphs); then the same with
 #      --geometry-in-loader (no rasterization, hence no graph break, in the training phases)
 #      if time is left.
 # A failing step does not stop the others. Results go to $OUT if it is set (a remote
@@ -127,8 +128,8 @@ if [ -z "$compile_only" ]; then
 fi
 if [ "${GPU_CHECK_COMPILE:-}" = cudagraphs ]; then
     step pytest-cudagraphs 60 "$PY" -m pytest -q -m gpu -p no:cacheprovider -k cudagraphs tests/test_compiled.py
-    step vs-original-cudagraphs 240 "$PY" benchmarks/vs_original.py --device cuda --original-src "$ORIGINAL_SRC" --compile G --compile-backend cudagraphs --pairs 3 --batch 8 --outdir "$dest"
-    step vs-original-cudagraphs-geometry $budget "$PY" benchmarks/vs_original.py --device cuda --original-src "$ORIGINAL_SRC" --compile G --compile-backend cudagraphs --geometry-in-loader --pairs 3 --batch 8 --outdir "$dest"
+    step vs-original-cudagraphs 240 "$PY" benchmarks/vs_original.py --device cuda --original-src "$ORIGINAL_SRC" --compile all --compile-backend cudagraphs --pairs 3 --batch 8 --outdir "$dest"
+    step vs-original-cudagraphs-geometry $budget "$PY" benchmarks/vs_original.py --device cuda --original-src "$ORIGINAL_SRC" --compile all --compile-backend cudagraphs --geometry-in-loader --pairs 3 --batch 8 --outdir "$dest"
 elif [ -n "${GPU_CHECK_COMPILE:-}" ] && [ -n "${ORIGINAL_SRC:-}" ]; then     # opt-in: Triton compiles take minutes
     step vs-original-compiled $budget "$PY" benchmarks/vs_original.py --device cuda --original-src "$ORIGINAL_SRC" --compile all --pairs 3 --batch 8 --outdir "$dest"
 fi

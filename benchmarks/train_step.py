@@ -9,7 +9,7 @@ orbit; the bundled head model's mesh for Next3D presets), so no dataset is neede
 `--compile D|G|all` adds a column: the same phases with those networks through torch.compile
 (torch_utils/compiled.py), timed interleaved with the eager ones on the same networks, and
 the compile time (the checked first calls) reported; `--compile-backend` picks its backend
-(`--compile G --compile-backend cudagraphs`: G's synthesis replayed as CUDA graphs).
+(`--compile all --compile-backend cudagraphs`: D and G's synthesis replayed as CUDA graphs).
 
 `--geometry-in-loader` adds a column for Next3D presets: the same phases given the meshes'
 geometry made beforehand (G.mesh_geometry, what training_loop.GeometryCollate makes
@@ -26,7 +26,7 @@ Prints a markdown table and writes it to benchmarks/results/train_step-<preset>-
     python benchmarks/train_step.py --cfg tiny64 --batch 8 --threads 1 --compile D
     python benchmarks/train_step.py --cfg ffhq512 --batch 4 --device cuda --template data/flame/head_template.obj
     python benchmarks/train_step.py --cfg small128 --batch 32 --device cuda --profile Dreg
-    python benchmarks/train_step.py --cfg small128 --batch 8 --device cuda --compile G --compile-backend cudagraphs
+    python benchmarks/train_step.py --cfg small128 --batch 8 --device cuda --compile all --compile-backend cudagraphs
 """
 
 import datetime
@@ -120,7 +120,7 @@ def profile_phase(loss, phase, inputs, z_dim, device, top: int = 15) -> list:
 @click.option('--template', help='Mesh template (default: the bundled head model for the small presets)', metavar='PATH')
 @click.option('--threads', help='CPU threads (default: all)', type=int, default=None)
 @click.option('--compile', 'which', help='Also time the phases with these networks through torch.compile', type=click.Choice(loss_lib.COMPILE_CHOICES), default='none', show_default=True)
-@click.option('--compile-backend', 'compile_backend', help='The torch.compile backend of --compile (cudagraphs: --compile=G only)',
+@click.option('--compile-backend', 'compile_backend', help='The torch.compile backend of --compile',
               type=click.Choice(compiled.BACKENDS), default=compiled.DEFAULT_BACKEND, show_default=True)
 @click.option('--geometry-in-loader', is_flag=True, help="Also time the phases given the meshes' geometry made beforehand (Next3D)")
 @click.option('--profile', 'profiled', help='Also profile one run of this phase (eager)', type=click.Choice(['none', 'Gmain', 'Greg', 'Dmain', 'Dreg']), default='none', show_default=True)
@@ -131,8 +131,6 @@ def main(cfg, batch, device, repeats, template, threads, which, compile_backend,
         raise click.UsageError('--compile and --geometry-in-loader each add a column against eager: time them in separate runs')
     if compile_backend != compiled.DEFAULT_BACKEND and which == 'none':
         raise click.UsageError('--compile-backend applies to --compile=D, G or all only')
-    if compile_backend == 'cudagraphs' and which in ('D', 'all'):
-        raise click.UsageError(f'--compile-backend=cudagraphs takes --compile=G only (train.py\'s rule); got --compile={which}')
     device = torch.device(device)
     if threads is not None:
         torch.set_num_threads(threads)

@@ -61,9 +61,9 @@ inference once more with the time inside its convolutions recorded (forward and 
 oneDNN on both sides, ours channels last), which bounds the speed-up: our convolutions alone against
 the original's whole step (not with --compile).
 
-`--compile G --compile-backend cudagraphs`: our G's synthesis traced by dynamo and replayed as
-CUDA graphs with eager kernels (torch_utils/compiled.py), D eager: what it cuts on a GPU is the
-host's work per launch, which bounds our small-batch step there.
+`--compile all --compile-backend cudagraphs`: our D and G's synthesis traced by dynamo and
+replayed as CUDA graphs with eager kernels (torch_utils/compiled.py): what it cuts on a GPU is
+the host's work per launch, which bounds our small-batch step there.
 
 `--geometry-in-loader`: our Next3D training phases are given their meshes' geometry made
 beforehand and not timed (training_loop.GeometryCollate makes it in the data loader's
@@ -747,7 +747,7 @@ def summarise(preset: str, samples: dict, profiles: dict, info: dict, device: st
 @click.option('--compile', 'which', type=click.Choice(['none', 'D', 'G', 'all']), default='none', show_default=True,
               help='Our side through torch.compile (train.py --compile; the first, compiling calls are the warm-up)')
 @click.option('--compile-backend', 'compile_backend', type=click.Choice(['inductor', 'aot_eager', 'cudagraphs']), default='inductor',
-              show_default=True, help='The backend of --compile (train.py --compile-backend; cudagraphs: --compile=G only)')
+              show_default=True, help='The backend of --compile (train.py --compile-backend)')
 @click.option('--original-allocator', type=click.Choice(['default', 'ours']), default='default', show_default=True,
               help="The original's host memory policy: glibc's default, or ours (torch_utils/host_memory.py, which our scripts set)")
 @click.option('--geometry-in-loader', is_flag=True,
@@ -775,8 +775,6 @@ def main(original_src, eg3d_src, pairs, batch, which, compile_backend, original_
         raise click.ClickException('--device cuda: this PyTorch sees no CUDA device')
     if compile_backend != 'inductor' and which == 'none':
         raise click.ClickException('--compile-backend applies to --compile=D, G or all only')
-    if compile_backend == 'cudagraphs' and which in ('D', 'all'):
-        raise click.ClickException(f'--compile-backend=cudagraphs takes --compile=G only (train.py\'s rule); got --compile={which}')
     if prepare and device != 'cuda':
         raise click.ClickException("--prepare builds the original's CUDA plugins: give --device cuda")
     presets = [(p, src) for p, src in (('next3d', original_src), ('eg3d', eg3d_src)) if src is not None]

@@ -304,9 +304,6 @@ def test_bad_choices_are_refused():
         compiled.Compiled(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2), 'x', backend='tvm')
     with pytest.raises(ValueError, match="--compile='GD': expected one of none, D, G, all"):
         Next3DLoss.compile_networks(None, 'GD')
-    for which in ('D', 'all'):      # D's gradients are summed over two backward passes: a graph's next run would overwrite them
-        with pytest.raises(ValueError, match=f'--compile={which} with the cudagraphs backend: only G'):
-            Next3DLoss.compile_networks(None, which, backend='cudagraphs')
 
 
 # --- the cudagraphs backend (on the CPU: traced graphs with eager kernels, no capture) ------------
@@ -359,25 +356,29 @@ def test_own_gradients_replaces_each_grad_by_an_equal_copy():
     assert params[2].grad is None
 
 
-def test_training_loop_with_g_through_cudagraphs_trains_as_eager_over_two_rounds(tmp_path, monkeypatch):
-    """training_loop(compile='G', compile_backend='cudagraphs') with two rounds per phase (batch 2, 1 per round):
-    the same parameters after 4 steps as an eager run; after every G main round its gradients are taken
-    over from the graphs' memory (so that the second round adds to them, not to memory a replay rewrote)."""
+def test_training_loop_through_cudagraphs_trains_as_eager_over_two_rounds(tmp_path, monkeypatch):
+    """training_loop(compile='all', compile_backend='cudagraphs') with two rounds per phase (batch 2, 1 per
+    round): the same parameters after 4 steps as an eager run; after every backward the phase's network's
+    gradients are taken over from the graphs' memory (so that the next pass adds to them, not to memory a
+    replay rewrote): G's after G main, D's after D main's fakes, its reals, and R1."""
     data = th.make_dataset(str(tmp_path / 'data'), count=8, resolution=32)
     eager = tl.training_loop(**th.loop_kwargs(str(tmp_path / 'eager'), data, total_kimg=0.008, batch_gpu=1))
     owned = []
     real_own = compiled.own_gradients
-    monkeypatch.setattr(compiled, 'own_gradients', lambda params: (owned.append(1), real_own(params)))
+    monkeypatch.setattr(compiled, 'own_gradients', lambda params: (owned.append(len(params)), real_own(params)))
     lines = []
     monkeypatch.setattr('builtins.print', lambda *a, **k: lines.append(' '.join(str(x) for x in a)))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter('always')
         fast = tl.training_loop(**th.loop_kwargs(str(tmp_path / 'fast'), data, total_kimg=0.008, batch_gpu=1,
-                                                 compile='G', compile_backend='cudagraphs'))
+                                                 compile='all', compile_backend='cudagraphs'))
     fallbacks = [str(w.message) for w in caught if str(w.message).startswith('torch.compile:')]
     assert not fallbacks, fallbacks
     assert any(line.startswith('torch.compile: G.synthesis compiled') for line in lines), lines
-    assert len(owned) == 8          # 4 steps x 2 rounds of G main
+    assert any(line.startswith('torch.compile: D compiled') for line in lines), lines
+    num_g, num_d = (len(list(fast[name].parameters())) for name in ('G', 'D'))
+    # 4 steps x 2 rounds: G main once; D main twice (fakes, reals); R1 every 2nd step once.
+    assert sorted(n for n in owned if n) == sorted([num_g] * 8 + [num_d] * (16 + 4)), owned      # (0: the other network)
     for name in ('G', 'D', 'G_ema'):
         a, b = fast[name].state_dict(), eager[name].state_dict()
         for k in b:

@@ -783,15 +783,10 @@ def test_train_py_bad_resume_stops_before_making_a_run_folder(toy_data, head_dat
     assert not os.path.exists(tmp_path / 'runs')
 
 
-@pytest.mark.parametrize('args, message', [
-    (['--compile-backend', 'aot_eager'], 'Error: --compile-backend applies to --compile=D, G or all only'),
-    (['--compile', 'all', '--compile-backend', 'cudagraphs'], 'Error: --compile-backend=cudagraphs takes --compile=G only'),
-    (['--compile', 'D', '--compile-backend', 'cudagraphs'], 'this run has --compile=D'),
-])
-def test_train_py_refuses_a_compile_backend_where_it_would_not_apply(head_data, tmp_path, args, message):
+def test_train_py_refuses_a_compile_backend_without_compile(head_data, tmp_path):
     result = invoke_train(['--outdir', str(tmp_path / 'runs'), '--cfg', 'tiny64', '--data', head_data, '--gpus', '1', '--batch', '2',
-                           '--gamma', '1', '--metrics', 'none', '--kimg', '0.002', *args])
-    assert result.exit_code == 1 and message in result.output, result.output
+                           '--gamma', '1', '--metrics', 'none', '--kimg', '0.002', '--compile-backend', 'aot_eager'])
+    assert result.exit_code == 1 and 'Error: --compile-backend applies to --compile=D, G or all only' in result.output, result.output
     assert not os.path.exists(tmp_path / 'runs')
 
 

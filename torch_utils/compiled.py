@@ -44,9 +44,11 @@ outputs into memory of its own that its next run overwrites, so with this backen
     checked one (cudagraph trees warm up, then record), so that the call compared with
     eager is a replay;
   - the outputs returned are copies;
-  - the gradients its backward leaves in the parameters' .grad live in graph memory too:
-    callers take them over with own_gradients() after each backward (gradients summed over
-    several backward passes would otherwise be overwritten by the next run).
+  - the gradients its backward leaves in the parameters' .grad live in graph memory too
+    (AccumulateGrad keeps the tensor it is given): callers take them over with
+    own_gradients() after each backward, or the next run would overwrite gradients still
+    to be summed (D's over the fakes' and the reals' passes, any network's over the rounds
+    of a batch).
 """
 
 import time

@@ -187,14 +187,18 @@ class Next3DLoss:
         """
         if which not in COMPILE_CHOICES:
             raise ValueError(f'--compile={which!r}: expected one of {", ".join(COMPILE_CHOICES)}')
-        if backend == 'cudagraphs' and which in ('D', 'all'):
-            # D's gradients are summed over two backward passes in D main (fakes, then reals),
-            # and a CUDA graph's next run overwrites the memory its backward left them in.
-            raise ValueError(f'--compile={which} with the cudagraphs backend: only G (its synthesis) runs through CUDA graphs; D stays eager')
         if which in ('D', 'all'):
             self.D_forward = compiled.Compiled(self.D, self.D, 'D', backend, log)
         if which in ('G', 'all'):
             self.synthesis_forward = compiled.Compiled(self.G.synthesis, self.G, 'G.synthesis', backend, log)
+
+    def _own_graph_gradients(self):
+        """After a backward: the gradients of a network that runs through the cudagraphs backend
+        may be memory of a CUDA graph that its next run overwrites (D's are summed over the fakes'
+        and the reals' passes, every network's over the rounds of a batch): copy them out."""
+        for forward, net in ((self.synthesis_forward, self.G), (self.D_forward, self.D)):
+            if getattr(forward, 'backend', None) == 'cudagraphs':     # (the phase's network: the other one's have no new gradient)
+                compiled.own_gradients([p for p in net.parameters() if p.requires_grad])
 
     # --- the phases -----------------------------------------------------------------------
     def schedule(self, cur_nimg: int) -> dict:
@@ -237,8 +241,7 @@ class Next3DLoss:
             loss_G = F.softplus(-gen_logits)
             training_stats.report('Loss/G/loss', loss_G)
             loss_G.mean().mul(gain).backward()
-            if getattr(self.synthesis_forward, 'backend', None) == 'cudagraphs':      # .grad out of a CUDA graph's memory
-                compiled.own_gradients(self.G.parameters())
+            self._own_graph_gradients()
 
         if phase in ('Greg', 'Gboth'):
             loss_reg = self.density_regularization(gen_z, gen_c, gen_v, s['swapping_prob'], geometry=gen_geometry)
@@ -251,6 +254,7 @@ class Next3DLoss:
             training_stats.report('Loss/signs/fake', gen_logits.sign())
             loss_Dgen = F.softplus(gen_logits)
             loss_Dgen.mean().mul(gain).backward()
+            self._own_graph_gradients()
 
         if phase in ('Dmain', 'Dreg', 'Dboth'):
             do_r1 = phase in ('Dreg', 'Dboth')
@@ -274,6 +278,7 @@ class Next3DLoss:
                 training_stats.report('Loss/D/reg', loss_r1)
                 loss = loss + loss_r1[:, None]
             loss.mean().mul(gain).backward()
+            self._own_graph_gradients()
 
     def density_regularization(self, gen_z, gen_c, gen_v, swapping_prob, geometry=None) -> torch.Tensor:
         """EG3D's density regularization of the radiance field (a scalar, weight included).
