@@ -327,7 +327,9 @@ def test_cudagraphs_backend_matches_eager_and_checks_a_call_after_the_recording_
     assert len(exercised) == compiled.RECORD_RUNS == 2      # for the one signature only, not for the second call
     assert len(lines) == 1 and 'matches eager' in lines[0]
     # On the CPU cudagraph trees capture nothing, and the line says so (the forward graph; its backward follows it).
-    assert lines[0].endswith('; 1 traced graph(s) not captured as CUDA graphs (torch\'s log says why)'), lines[0]
+    assert lines[0].endswith('; CUDA graphs: 1 traced, 1 (forward or backward) not captured (torch\'s log says why)'), lines[0]
+    assert compiled._capture_note(0, 0).startswith('; CUDA graphs: none traced for it')     # dynamo reused an earlier graph
+    assert compiled._capture_note(3, 0) == '; CUDA graphs: 3 traced, all captured'
 
 
 def test_cudagraphs_outputs_are_copies_that_keep_their_gradient():
@@ -411,7 +413,7 @@ def test_cudagraphs_backend_on_a_gpu_accumulates_and_keeps_outputs():
         for p, q in zip(module.parameters(), eager.parameters()):
             torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-5)
     assert fast.failed is None
-    assert len(lines) == 1 and lines[0].endswith('; captured as CUDA graphs'), lines
+    assert len(lines) == 1 and lines[0].endswith('traced, all captured'), lines
 
 
 def phase_gradients(loss, phases, inputs, seed):

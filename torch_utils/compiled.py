@@ -112,12 +112,20 @@ class Compiled:
         if backend == 'inductor':
             torch._inductor.config.fallback_random = True   # eager's generator for rand/randn/dropout
         self.fn, self.module, self.name, self.log, self.backend = fn, module, name, log, backend
-        self.compiled = torch.compile(fn, backend=backend, dynamic=False)       # a graph per shape, as each is checked
+        self.graphs_traced = 0                  # graphs dynamo handed the backend (counted for 'cudagraphs')
         if backend == 'cudagraphs':
-            self.compiled = _for_cuda_graphs(self.compiled)
+            self.compiled = _for_cuda_graphs(torch.compile(fn, backend=self._counting_cudagraphs, dynamic=False))
+        else:
+            self.compiled = torch.compile(fn, backend=backend, dynamic=False)   # a graph per shape, as each is checked
         self.checked = set()                    # signatures whose check passed
         self.failed = None                      # the reason the eager module is used, or None
         self.compile_seconds = 0.0              # wall time of the checked first calls, summed
+
+    def _counting_cudagraphs(self, graph_module, example_inputs):
+        """torch's 'cudagraphs' backend, counting the graphs it is given."""
+        from torch._dynamo.backends.registry import lookup_backend
+        self.graphs_traced += 1
+        return lookup_backend('cudagraphs')(graph_module, example_inputs)
 
     def _signature(self, args, kwargs):
         leaves, spec = pytree.tree_flatten((args, kwargs))
@@ -156,7 +164,7 @@ class Compiled:
             _set_buffers(self.module, buffers)
             return fn(*args, **kwargs)
 
-        start, skips = time.time(), _cudagraph_skips()
+        start, skips, traced = time.time(), _cudagraph_skips(), self.graphs_traced
         try:
             if self.backend == 'cudagraphs':        # so that the call checked is a replay
                 for _ in range(RECORD_RUNS):
@@ -205,9 +213,7 @@ class Compiled:
                     if gradient_error > GRADIENT_TOL else '')
         capture = ''
         if self.backend == 'cudagraphs':        # a graph cudagraph trees skip runs without capture, correct but slow
-            skipped = _cudagraph_skips() - skips
-            capture = (f'; {skipped} traced graph(s) not captured as CUDA graphs (torch\'s log says why)' if skipped
-                       else '; captured as CUDA graphs')
+            capture = _capture_note(self.graphs_traced - traced, _cudagraph_skips() - skips)
         self.log(f'torch.compile: {self.name} compiled for a new input signature in {seconds:.1f} s '
                  f'(matches eager: output error {forward_error:.1e}, gradient error {gradient_error:.1e}{rounding}){capture}')
         try:
@@ -264,6 +270,16 @@ def _cudagraph_skips() -> int:
     """How many traced graphs cudagraph trees have skipped (ran without capture) in this process."""
     from torch._dynamo.utils import counters
     return counters['inductor']['cudagraph_skips']
+
+
+def _capture_note(traced: int, skipped: int) -> str:
+    """What the compile line says of CUDA graph capture, given the graphs dynamo traced for the
+    call and the graphs (forward or backward) cudagraph trees skipped meanwhile."""
+    if traced == 0:
+        return '; CUDA graphs: none traced for it (graphs traced for an earlier signature serve it)'
+    if skipped:
+        return f'; CUDA graphs: {traced} traced, {skipped} (forward or backward) not captured (torch\'s log says why)'
+    return f'; CUDA graphs: {traced} traced, all captured'
 
 
 def _for_cuda_graphs(fn):
