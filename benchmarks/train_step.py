@@ -121,7 +121,7 @@ def profile_phase(loss, phase, inputs, z_dim, device, top: int = 15) -> list:
 @click.option('--threads', help='CPU threads (default: all)', type=int, default=None)
 @click.option('--compile', 'which', help='Also time the phases with these networks through torch.compile', type=click.Choice(loss_lib.COMPILE_CHOICES), default='none', show_default=True)
 @click.option('--compile-backend', 'compile_backend', help='The torch.compile backend of --compile',
-              type=click.Choice(compiled.BACKENDS), default=compiled.DEFAULT_BACKEND, show_default=True)
+              type=click.Choice(compiled.BACKENDS), default=None, show_default=compiled.DEFAULT_BACKEND)
 @click.option('--geometry-in-loader', is_flag=True, help="Also time the phases given the meshes' geometry made beforehand (Next3D)")
 @click.option('--profile', 'profiled', help='Also profile one run of this phase (eager)', type=click.Choice(['none', 'Gmain', 'Greg', 'Dmain', 'Dreg']), default='none', show_default=True)
 @click.option('--outdir', help='Where to write the result', default=RESULTS_DIR, show_default='benchmarks/results')
@@ -129,8 +129,9 @@ def main(cfg, batch, device, repeats, template, threads, which, compile_backend,
     """Benchmark training steps of a preset."""
     if which != 'none' and geometry_in_loader:
         raise click.UsageError('--compile and --geometry-in-loader each add a column against eager: time them in separate runs')
-    if compile_backend != compiled.DEFAULT_BACKEND and which == 'none':
+    if compile_backend is not None and which == 'none':
         raise click.UsageError('--compile-backend applies to --compile=D, G or all only')
+    compile_backend = compile_backend or compiled.DEFAULT_BACKEND
     device = torch.device(device)
     if threads is not None:
         torch.set_num_threads(threads)

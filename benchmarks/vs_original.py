@@ -93,6 +93,8 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HEAD_MODEL = os.path.join(ROOT, 'data', 'head_model')
+# torch_utils/compiled.BACKENDS, default first (this process does not import the project's torch code).
+COMPILE_BACKENDS = ('inductor', 'aot_eager', 'cudagraphs')
 CUR_NIMG = 10 ** 7          # after every fade: no blur, swap probability gpc_reg_prob
 FLOODFILL_FIXED_RANGE = 1 << 16     # OpenCV's flag value
 # A file each checkout must have (relative to its root).
@@ -746,8 +748,7 @@ def summarise(preset: str, samples: dict, profiles: dict, info: dict, device: st
 @click.option('--batch', type=click.IntRange(min=1), default=4, show_default=True, help='Batch size')
 @click.option('--compile', 'which', type=click.Choice(['none', 'D', 'G', 'all']), default='none', show_default=True,
               help='Our side through torch.compile (train.py --compile; the first, compiling calls are the warm-up)')
-@click.option('--compile-backend', 'compile_backend', type=click.Choice(['inductor', 'aot_eager', 'cudagraphs']), default='inductor',
-              show_default=True, help='The backend of --compile (train.py --compile-backend)')
+@click.option('--compile-backend', 'compile_backend', type=click.Choice(COMPILE_BACKENDS), default=None, show_default=COMPILE_BACKENDS[0], help='The backend of --compile (train.py --compile-backend)')
 @click.option('--original-allocator', type=click.Choice(['default', 'ours']), default='default', show_default=True,
               help="The original's host memory policy: glibc's default, or ours (torch_utils/host_memory.py, which our scripts set)")
 @click.option('--geometry-in-loader', is_flag=True,
@@ -773,8 +774,9 @@ def main(original_src, eg3d_src, pairs, batch, which, compile_backend, original_
     torch.set_num_threads(1)
     if device == 'cuda' and not torch.cuda.is_available():
         raise click.ClickException('--device cuda: this PyTorch sees no CUDA device')
-    if compile_backend != 'inductor' and which == 'none':
+    if compile_backend is not None and which == 'none':
         raise click.ClickException('--compile-backend applies to --compile=D, G or all only')
+    compile_backend = compile_backend or COMPILE_BACKENDS[0]
     if prepare and device != 'cuda':
         raise click.ClickException("--prepare builds the original's CUDA plugins: give --device cuda")
     presets = [(p, src) for p, src in (('next3d', original_src), ('eg3d', eg3d_src)) if src is not None]
@@ -816,7 +818,7 @@ def main(original_src, eg3d_src, pairs, batch, which, compile_backend, original_
     command = 'python benchmarks/vs_original.py' + ''.join(
         f' {flag}' for flag, on in (('--original-src=<Next3D checkout>', original_src), ('--eg3d-src=<eg3d checkout>', eg3d_src)) if on) + \
         f' --pairs={pairs} --batch={batch}' + (f' --compile={which}' if which != 'none' else '') + \
-        (f' --compile-backend={compile_backend}' if compile_backend != 'inductor' else '') + \
+        (f' --compile-backend={compile_backend}' if compile_backend != COMPILE_BACKENDS[0] else '') + \
         (f' --original-allocator={original_allocator}' if original_allocator != 'default' else '') + \
         (' --geometry-in-loader' if geometry_in_loader else '') + \
         (f' --device={device}' if device != 'cpu' else '')
@@ -846,7 +848,7 @@ def main(original_src, eg3d_src, pairs, batch, which, compile_backend, original_
          for p, m, a, b, r, (lo, hi) in all_rows] + [''] + all_detail)
     click.echo(text)
     os.makedirs(outdir, exist_ok=True)
-    suffix = ((f'-compile-{which}' if which != 'none' else '') + (f'-{compile_backend}' if compile_backend != 'inductor' else '') + ('-same-allocator' if original_allocator == 'ours' else '')
+    suffix = ((f'-compile-{which}' if which != 'none' else '') + (f'-{compile_backend}' if compile_backend != COMPILE_BACKENDS[0] else '') + ('-same-allocator' if original_allocator == 'ours' else '')
               + ('-geometry-in-loader' if geometry_in_loader else ''))
     path = os.path.join(outdir, f'vs_original-{device}-{now:%Y-%m-%d-%H%M}{suffix}.md')        # one file per run
     with open(path + '.tmp', 'w') as f:

@@ -20,6 +20,15 @@ from training.training_loop import setup_phases
 pytestmark = pytest.mark.filterwarnings('ignore::UserWarning')
 
 
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    """Each test starts with dynamo's caches empty: its recompile limit (8) counts the graphs of a function
+    over the whole process, and the suite traces the same networks' code with many shapes."""
+    torch.compiler.reset()
+    yield
+    torch.compiler.reset()
+
+
 class Noisy(torch.nn.Module):
     """A conv, random noise, a running-mean buffer written in forward, and a method to compile."""
 
@@ -466,6 +475,46 @@ def test_another_batch_size_gets_a_graph_of_its_own():
             torch.manual_seed(batch)
             torch.testing.assert_close(got, module(torch.ones(batch, 3)))
     assert fast.failed is None and len(fast.checked) == 3
+
+
+def test_a_shape_past_dynamos_recompile_limit_falls_back_with_the_warning():
+    """Past the limit dynamo would run the new shape eagerly without a word, under a line saying it compiled."""
+    import torch._dynamo
+    module = torch.nn.Linear(3, 2)
+    fast = compiled.Compiled(module, module, 'linear', backend='aot_eager', log=lambda line: None)
+    with torch._dynamo.config.patch(recompile_limit=2):
+        for batch in (1, 2):
+            fast(torch.randn(batch, 3))
+        with pytest.warns(RuntimeWarning, match='linear failed to compile .*FailOnRecompileLimitHit'):
+            out = fast(torch.randn(3, 3))
+    assert fast.failed is not None and out.shape == (3, 2)
+
+
+def test_aot_eager_keeps_a_random_draw_whose_result_is_unused(monkeypatch):
+    """Without inductor's fallback_random (as in a process that made no inductor Compiled) aot_eager dropped
+    an unused draw: the compiled call drew fewer numbers than eager and failed its check."""
+    import torch._inductor.config
+    monkeypatch.setattr(torch._inductor.config, 'fallback_random', False)
+
+    class Draws(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.scale = torch.nn.Parameter(torch.ones(3))
+
+        def forward(self, x):
+            torch.rand(5)                       # unused, but it moves the generator
+            return x * self.scale + torch.rand(x.shape)
+
+    module = Draws()
+    fast = compiled.Compiled(module, module, 'draws', backend='aot_eager', log=lambda line: None)
+    with warnings.catch_warnings():
+        warnings.simplefilter('error', RuntimeWarning)
+        for _ in range(2):
+            torch.manual_seed(3)
+            got = fast(torch.ones(2, 3))
+            torch.manual_seed(3)
+            torch.testing.assert_close(got, module(torch.ones(2, 3)))
+    assert fast.failed is None
 
 
 def test_the_check_leaves_constant_buffers_that_graphs_saved_intact():

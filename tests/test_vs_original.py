@@ -41,8 +41,11 @@ def test_official_patches_replace_distinct_literals():
 
 def test_main_refuses_a_compile_backend_where_it_would_not_apply(tmp_path):
     from click.testing import CliRunner
-    result = CliRunner().invoke(vs_original.main, ['--eg3d-src', str(tmp_path), '--outdir', str(tmp_path / 'out'), '--compile-backend', 'cudagraphs'])
-    assert result.exit_code == 1 and 'Error: --compile-backend applies to --compile=D, G or all only' in result.output, result.output
+    for backend in ('cudagraphs', 'inductor'):      # the default too, named without --compile
+        result = CliRunner().invoke(vs_original.main, ['--eg3d-src', str(tmp_path), '--outdir', str(tmp_path / 'out'), '--compile-backend', backend])
+        assert result.exit_code == 1 and 'Error: --compile-backend applies to --compile=D, G or all only' in result.output, result.output
+    from torch_utils import compiled
+    assert vs_original.COMPILE_BACKENDS == compiled.BACKENDS and vs_original.COMPILE_BACKENDS[0] == compiled.DEFAULT_BACKEND
     assert not (tmp_path / 'out').exists()
 
 

@@ -13,11 +13,14 @@ does a compiler error on a later call.
 
 Shapes are static (dynamic=False): each new shape is a new signature, traced and checked on
 its own. (With dynamo's automatic dynamic shapes a second batch size was traced as a symbol,
-which torch.rand(size, generator=None) cannot take: the call fell back to eager.)
+which torch.rand(size, generator=None) cannot take: the call fell back to eager.) A shape
+past dynamo's recompile limit raises instead of running eagerly unannounced, so it falls back
+to eager with the warning.
 
-Random numbers: inductor is told to draw them with eager's generator
-(`torch._inductor.config.fallback_random`), so a compiled run draws the same numbers as an
-eager one and the check can compare outputs of random ops.
+Random numbers: the graphs draw them with eager's generator, in eager's order
+(`torch._inductor.config.fallback_random`, which also keeps draws whose result is unused), so
+a compiled run draws the same numbers as an eager one and the check can compare outputs of
+random ops. Not for 'cudagraphs' (see below).
 
 Gradients and rounding: a compiled graph sums in another order than eager, and a gradient
 that is a small sum of large terms (a noise strength's: noise x the incoming gradient over a
@@ -38,12 +41,16 @@ the eager module there.
 Backend 'cudagraphs': dynamo's graphs replayed as CUDA graphs (cudagraph trees) with eager
 kernels, no Triton: what it cuts is the host's work per kernel launch, which bounds our
 small-batch step on a GPU, and its warm-up is the tracing alone (no code generation). On a
-CPU it runs the traced graphs with eager kernels (no capture). A CUDA graph writes its
-outputs into memory of its own that its next run overwrites, so with this backend:
+CPU it runs the traced graphs with eager kernels (no capture). With this backend (a CUDA
+graph writes its outputs into memory of its own, which its next run overwrites):
   - the first call per signature runs RECORD_RUNS times from the same state before the
     checked one (cudagraph trees warm up, then record), so that the call compared with
     eager is a replay;
   - the outputs returned are copies;
+  - its graphs are traced with fallback_random off: with it on, each backward of these
+    graphs drew the forward's random numbers again (the calls after it then drew other
+    numbers than eager). Off, a draw whose result is unused is dropped from the graph, and
+    the check then refuses the network (no network of ours has one);
   - the gradients its backward leaves in the parameters' .grad live in graph memory too
     (AccumulateGrad keeps the tensor it is given): callers take them over with
     own_gradients() after each backward, or the next run would overwrite gradients still
@@ -109,14 +116,14 @@ class Compiled:
         if backend not in BACKENDS:
             raise ValueError(f'torch.compile backend {backend!r} is not one we use (expected {" or ".join(BACKENDS)})')
         import torch._inductor.config
-        if backend == 'inductor':
+        if backend != 'cudagraphs':
             torch._inductor.config.fallback_random = True   # eager's generator for rand/randn/dropout
         self.fn, self.module, self.name, self.log, self.backend = fn, module, name, log, backend
         self.graphs_traced = 0                  # graphs dynamo handed the backend (counted for 'cudagraphs')
         if backend == 'cudagraphs':
-            self.compiled = _for_cuda_graphs(torch.compile(fn, backend=self._counting_cudagraphs, dynamic=False))
+            self.compiled = _for_cuda_graphs(_no_silent_eager(torch.compile(fn, backend=self._counting_cudagraphs, dynamic=False)))
         else:
-            self.compiled = torch.compile(fn, backend=backend, dynamic=False)   # a graph per shape, as each is checked
+            self.compiled = _no_silent_eager(torch.compile(fn, backend=backend, dynamic=False))    # a graph per shape, as each is checked
         self.checked = set()                    # signatures whose check passed
         self.failed = None                      # the reason the eager module is used, or None
         self.compile_seconds = 0.0              # wall time of the checked first calls, summed
@@ -282,11 +289,20 @@ def _capture_note(traced: int, skipped: int) -> str:
     return f'; CUDA graphs: {traced} traced, all captured'
 
 
+def _no_silent_eager(fn):
+    """A torch.compile'd fn that raises at dynamo's recompile limit (by default it would run
+    eagerly from then on without a word, under a line that says it is compiled)."""
+    def call(*args, **kwargs):
+        import torch._dynamo.config
+        with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+            return fn(*args, **kwargs)
+    return call
+
+
 def _for_cuda_graphs(fn):
     """fn (through the cudagraphs backend) whose tensor outputs are copies (differentiable), out
-    of a CUDA graph's memory. Its graphs are traced with inductor's fallback_random off (which
-    the inductor backend turns on): with it on, each backward of these graphs drew the random
-    numbers of the forward again, and the calls after it drew other numbers than eager."""
+    of a CUDA graph's memory, traced with inductor's fallback_random off (see the module's
+    docstring)."""
     def call(*args, **kwargs):
         import torch._inductor.config
         with torch._inductor.config.patch(fallback_random=False):
@@ -336,7 +352,8 @@ def _compiler_errors() -> tuple:
     """The exception types of dynamo and inductor (InductorError is newer than torch 2.4)."""
     import torch._dynamo.exc
     import torch._inductor.exc
-    return tuple(t for t in (torch._dynamo.exc.TorchDynamoException, getattr(torch._inductor.exc, 'InductorError', None)) if t is not None)
+    return tuple(t for t in (torch._dynamo.exc.TorchDynamoException, torch._dynamo.exc.FailOnRecompileLimitHit,
+                             getattr(torch._inductor.exc, 'InductorError', None)) if t is not None)
 
 
 def _first_line(e: Exception) -> str:
