@@ -291,9 +291,13 @@ def _capture_note(traced: int, skipped: int) -> str:
 
 def _no_silent_eager(fn):
     """A torch.compile'd fn that raises at dynamo's recompile limit (by default it would run
-    eagerly from then on without a word, under a line that says it is compiled)."""
+    eagerly from then on without a word, under a line that says it is compiled). A torch
+    without the option (older than 2.6) keeps dynamo's default."""
+    import torch._dynamo.config
+    if not hasattr(torch._dynamo.config, 'fail_on_recompile_limit_hit'):
+        return fn
+
     def call(*args, **kwargs):
-        import torch._dynamo.config
         with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
             return fn(*args, **kwargs)
     return call
@@ -352,7 +356,7 @@ def _compiler_errors() -> tuple:
     """The exception types of dynamo and inductor (InductorError is newer than torch 2.4)."""
     import torch._dynamo.exc
     import torch._inductor.exc
-    return tuple(t for t in (torch._dynamo.exc.TorchDynamoException, torch._dynamo.exc.FailOnRecompileLimitHit,
+    return tuple(t for t in (torch._dynamo.exc.TorchDynamoException, getattr(torch._dynamo.exc, 'FailOnRecompileLimitHit', None),
                              getattr(torch._inductor.exc, 'InductorError', None)) if t is not None)
 
 
