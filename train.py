@@ -372,7 +372,7 @@ def parse_grid(s):
 @click.option('--snap', help='How often to save snapshots and grids (ticks)', metavar='TICKS', type=click.IntRange(min=1), default=50, show_default=True)
 @click.option('--seed', help='Random seed', metavar='INT', type=click.IntRange(min=0), default=0, show_default=True)
 @click.option('--nobench', help='Disable cuDNN benchmarking', metavar='BOOL', type=bool, default=False, show_default=True)
-@click.option('--compile', help='torch.compile D, G\'s synthesis or both in the training phases (checked against eager at first use, eager if it fails; R1 stays eager)',
+@click.option('--compile', help='torch.compile D, G (its synthesis and density query) or both in the training phases (checked against eager at first use, eager if it fails; R1 stays eager)',
               type=click.Choice(loss_lib.COMPILE_CHOICES), default='none', show_default=True)
 @click.option('--compile-backend', 'compile_backend', help='torch.compile backend of --compile: inductor (generated kernels), aot_eager (traced graphs, eager kernels) or cudagraphs (traced graphs replayed as CUDA graphs, aimed at the host work per step on a GPU)',
               type=click.Choice(compiled.BACKENDS), default=compiled.DEFAULT_BACKEND, show_default=True)

@@ -128,7 +128,7 @@ if [ -z "$compile_only" ]; then
 fi
 if [ "${GPU_CHECK_COMPILE:-}" = cudagraphs ]; then
     step pytest-cudagraphs 60 "$PY" -m pytest -q -m gpu -p no:cacheprovider -k cudagraphs tests/test_compiled.py
-    step vs-original-cudagraphs 240 "$PY" benchmarks/vs_original.py --device cuda --original-src "$ORIGINAL_SRC" --compile all --compile-backend cudagraphs --pairs 3 --batch 8 --outdir "$dest"
+    step vs-original-cudagraphs 300 "$PY" benchmarks/vs_original.py --device cuda --original-src "$ORIGINAL_SRC" --compile all --compile-backend cudagraphs --pairs 3 --batch 8 --outdir "$dest"
     step vs-original-cudagraphs-geometry $budget "$PY" benchmarks/vs_original.py --device cuda --original-src "$ORIGINAL_SRC" --compile all --compile-backend cudagraphs --geometry-in-loader --pairs 3 --batch 8 --outdir "$dest"
 elif [ -n "${GPU_CHECK_COMPILE:-}" ] && [ -n "${ORIGINAL_SRC:-}" ]; then     # opt-in: Triton compiles take minutes
     step vs-original-compiled $budget "$PY" benchmarks/vs_original.py --device cuda --original-src "$ORIGINAL_SRC" --compile all --pairs 3 --batch 8 --outdir "$dest"

@@ -193,7 +193,7 @@ def main(cfg, batch, device, repeats, template, threads, which, compile_backend,
         lines += [f'| phase | every N steps | {columns[0]} seconds | {columns[1]} seconds | ratio |', '|---|---|---|---|---|']
         lines += [f'| {n} | {i} | {s[0]:.3f} | {s[1]:.3f} | {s[1] / s[0]:.3f} |' for n, i, s in rows]
         lines += [f'| step (phases at their intervals) | | {steps[0]:.3f} | {steps[1]:.3f} | {steps[1] / steps[0]:.3f} |', '']
-        parts = [('D', losses[1].D_forward), ('G.synthesis', losses[1].synthesis_forward)]
+        parts = [('D', losses[1].D_forward), ('G.synthesis', losses[1].synthesis_forward), ('G.sample_mixed', losses[1].sample_mixed_forward)]
         parts = [(name, f) for name, f in parts if isinstance(f, compiled.Compiled)]
         lines += [f'- {name}: compiled in {f.compile_seconds:.0f} s wall ({len(f.checked)} input signatures, each checked against eager)'
                   if f.failed is None else f'- {name}: not compiled, eager: {f.failed}' for name, f in parts]

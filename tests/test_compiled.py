@@ -371,7 +371,7 @@ def test_training_loop_through_cudagraphs_trains_as_eager_over_two_rounds(tmp_pa
     """training_loop(compile='all', compile_backend='cudagraphs') with two rounds per phase (batch 2, 1 per
     round): the same parameters after 4 steps as an eager run; after every backward the phase's network's
     gradients are taken over from the graphs' memory (so that the next pass adds to them, not to memory a
-    replay rewrote): G's after G main, D's after D main's fakes, its reals, and R1."""
+    replay rewrote): G's after G main and density regularization, D's after D main's fakes, its reals, and R1."""
     data = th.make_dataset(str(tmp_path / 'data'), count=8, resolution=32)
     eager = tl.training_loop(**th.loop_kwargs(str(tmp_path / 'eager'), data, total_kimg=0.008, batch_gpu=1))
     owned = []
@@ -388,8 +388,9 @@ def test_training_loop_through_cudagraphs_trains_as_eager_over_two_rounds(tmp_pa
     assert any(line.startswith('torch.compile: G.synthesis compiled') for line in lines), lines
     assert any(line.startswith('torch.compile: D compiled') for line in lines), lines
     num_g, num_d = (len(list(fast[name].parameters())) for name in ('G', 'D'))
-    # 4 steps x 2 rounds: G main once; D main twice (fakes, reals); R1 every 2nd step once.
-    assert sorted(n for n in owned if n) == sorted([num_g] * 8 + [num_d] * (16 + 4)), owned      # (0: the other network)
+    # 4 steps x 2 rounds: G main once, density reg every 2nd step once; D main twice (fakes, reals), R1 every 2nd step once.
+    assert sorted(n for n in owned if n) == sorted([num_g] * (8 + 4) + [num_d] * (16 + 4)), owned      # (0: the other network)
+    assert any(line.startswith('torch.compile: G.sample_mixed compiled') for line in lines), lines
     for name in ('G', 'D', 'G_ema'):
         a, b = fast[name].state_dict(), eager[name].state_dict()
         for k in b:
@@ -587,6 +588,7 @@ def test_training_loop_with_compile_trains_as_eager(tmp_path, monkeypatch):
     assert not fallbacks, fallbacks                 # every signature ran compiled: none fell back to eager
     assert any(line.startswith('torch.compile: D compiled') for line in lines), lines
     assert any(line.startswith('torch.compile: G.synthesis compiled') for line in lines), lines
+    assert any(line.startswith('torch.compile: G.sample_mixed compiled') for line in lines), lines      # density regularization
     for name in ('G', 'D', 'G_ema'):
         a, b = fast[name].state_dict(), eager[name].state_dict()
         for k in b:

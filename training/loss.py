@@ -114,7 +114,7 @@ class Next3DLoss:
         self.G, self.D, self.augment_pipe = G, D, augment_pipe
         # What the phases call; compile_networks() may route them through torch.compile.
         # R1's double backward always runs the eager D.
-        self.synthesis_forward, self.D_forward = G.synthesis, D
+        self.synthesis_forward, self.sample_mixed_forward, self.D_forward = G.synthesis, G.sample_mixed, D
         self.r1_gamma = r1_gamma
         self.style_mixing_prob = style_mixing_prob
         self.blur_init_sigma, self.blur_fade_kimg, self.blur_raw_target = blur_init_sigma, blur_fade_kimg, blur_raw_target
@@ -181,7 +181,8 @@ class Next3DLoss:
         return img
 
     def compile_networks(self, which: str, backend: str = None, log=print):
-        """Run D and/or G.synthesis through torch.compile in the phases (which: one of COMPILE_CHOICES).
+        """Run D and/or G (its synthesis and its density query) through torch.compile in the phases
+        (which: one of COMPILE_CHOICES).
 
         Each is checked against eager at first use and falls back to eager (torch_utils/compiled.py).
         """
@@ -191,12 +192,14 @@ class Next3DLoss:
             self.D_forward = compiled.Compiled(self.D, self.D, 'D', backend, log)
         if which in ('G', 'all'):
             self.synthesis_forward = compiled.Compiled(self.G.synthesis, self.G, 'G.synthesis', backend, log)
+            self.sample_mixed_forward = compiled.Compiled(self.G.sample_mixed, self.G, 'G.sample_mixed', backend, log)
 
     def _own_graph_gradients(self):
         """After a backward: the gradients of a network that runs through the cudagraphs backend
         may be memory of a CUDA graph that its next run overwrites (D's are summed over the fakes'
-        and the reals' passes, every network's over the rounds of a batch): copy them out."""
-        for forward, net in ((self.synthesis_forward, self.G), (self.D_forward, self.D)):
+        and the reals' passes, G's over G main and density regularization in Gboth, every
+        network's over the rounds of a batch): copy them out."""
+        for forward, net in ((self.synthesis_forward, self.G), (self.D_forward, self.D)):       # (G's two share a backend)
             if getattr(forward, 'backend', None) == 'cudagraphs':     # (the phase's network: the other one's have no new gradient)
                 compiled.own_gradients([p for p in net.parameters() if p.requires_grad])
 
@@ -246,6 +249,7 @@ class Next3DLoss:
         if phase in ('Greg', 'Gboth'):
             loss_reg = self.density_regularization(gen_z, gen_c, gen_v, s['swapping_prob'], geometry=gen_geometry)
             loss_reg.mul(gain).backward()
+            self._own_graph_gradients()
 
         if phase in ('Dmain', 'Dboth'):
             gen_img, _ws = self.run_G(gen_z, gen_c, gen_v, s['swapping_prob'], nrr, update_emas=True, geometry=gen_geometry)
@@ -304,7 +308,7 @@ class Next3DLoss:
             behind = front + torch.tensor([0.0, 0.0, -1.0], device=ws.device) * (box_warp / 256)
             groups = [front, behind] + groups
         both = torch.cat(groups, dim=1)
-        sigma = self.G.sample_mixed(both, torch.randn_like(both), ws, gen_v, **_geometry_kwargs(geometry))['sigma']
+        sigma = self.sample_mixed_forward(both, torch.randn_like(both), ws, gen_v, **_geometry_kwargs(geometry))['sigma']
         loss = torch.zeros([], device=ws.device)
         if self.reg_type in monotonic_types:
             sigma_front, sigma_behind, sigma = sigma.split([MONOTONIC_POINTS, MONOTONIC_POINTS, 2 * DENSITY_REG_POINTS], dim=1)
