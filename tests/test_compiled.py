@@ -480,15 +480,46 @@ def test_another_batch_size_gets_a_graph_of_its_own():
 
 def test_a_shape_past_dynamos_recompile_limit_falls_back_with_the_warning():
     """Past the limit dynamo would run the new shape eagerly without a word, under a line saying it compiled."""
-    import torch._dynamo
     module = torch.nn.Linear(3, 2)
-    fast = compiled.Compiled(module, module, 'linear', backend='aot_eager', log=lambda line: None)
-    with torch._dynamo.config.patch(recompile_limit=2):
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(compiled, 'RECOMPILE_LIMIT', 2)
+        fast = compiled.Compiled(module, module, 'linear', backend='aot_eager', log=lambda line: None)
         for batch in (1, 2):
             fast(torch.randn(batch, 3))
         with pytest.warns(RuntimeWarning, match='linear failed to compile .*FailOnRecompileLimitHit'):
             out = fast(torch.randn(3, 3))
     assert fast.failed is not None and out.shape == (3, 2)
+
+
+def test_frames_shared_after_a_graph_break_take_many_signatures():
+    """A graph break inside G (the planes, the renderer) starts frames that the synthesis and the density
+    query share, each signature of either adding graphs there: in a small128 run of vs_original.py
+    (G main, D main, density regularization, inference) a frame passed dynamo's default limit of 8
+    graphs, and G's synthesis fell back to eager at inference. Here 10 shapes pass one such frame."""
+    class Shared(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = torch.nn.Linear(3, 3)
+
+        def inner(self, x):
+            torch._dynamo.graph_break()
+            return self.linear(x).tanh()
+
+        def first(self, x):
+            return self.inner(x * 2)
+
+        def second(self, x):
+            return self.inner(x + 1)
+
+    module = Shared()
+    fast = [compiled.Compiled(f, module, name, backend='aot_eager', log=lambda line: None)
+            for f, name in ((module.first, 'first'), (module.second, 'second'))]
+    with warnings.catch_warnings():
+        warnings.simplefilter('error', RuntimeWarning)
+        for batch in range(1, 6):       # 10 shapes through the frame after the break
+            for f, g, rows in zip(fast, (module.first, module.second), (batch, batch + 5)):
+                torch.testing.assert_close(f(torch.ones(rows, 3)), g(torch.ones(rows, 3)))
+    assert all(f.failed is None for f in fast)
 
 
 def test_aot_eager_keeps_a_random_draw_whose_result_is_unused(monkeypatch):

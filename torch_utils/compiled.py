@@ -14,8 +14,8 @@ does a compiler error on a later call.
 Shapes are static (dynamic=False): each new shape is a new signature, traced and checked on
 its own. (With dynamo's automatic dynamic shapes a second batch size was traced as a symbol,
 which torch.rand(size, generator=None) cannot take: the call fell back to eager.) A shape
-past dynamo's recompile limit raises instead of running eagerly unannounced, so it falls back
-to eager with the warning.
+past the recompile limit (RECOMPILE_LIMIT) raises instead of running eagerly unannounced, so
+it falls back to eager with the warning.
 
 Random numbers: the graphs draw them with eager's generator, in eager's order
 (`torch._inductor.config.fallback_random`, which also keeps draws whose result is unused), so
@@ -73,6 +73,10 @@ GRADIENT_TOL = 1e-3                         # ||g_compiled - g_eager|| <= tol x 
 NUDGE, NUDGE_FACTOR = 1e-5, 10              # <= factor x ||g_eager(weights, inputs x (1 +- NUDGE)) - g_eager||
 NUDGES = 3                                  # nudges tried at most (other random signs each), the largest change counts
 RECORD_RUNS = 2                             # 'cudagraphs': runs before the checked one (warm-up, recording)
+# Dynamo's recompile limit (its default: 8) counts the graphs of each frame, and the frames that
+# a graph break starts inside G (the planes, the renderer) serve the synthesis and the density
+# query in every grad mode, training mode and shape: small128's 3 + 1 signatures passed 8.
+RECOMPILE_LIMIT = 64
 
 
 def _describe(x):
@@ -290,15 +294,17 @@ def _capture_note(traced: int, skipped: int) -> str:
 
 
 def _no_silent_eager(fn):
-    """A torch.compile'd fn that raises at dynamo's recompile limit (by default it would run
-    eagerly from then on without a word, under a line that says it is compiled). A torch
-    without the option (older than 2.6) keeps dynamo's default."""
+    """A torch.compile'd fn with dynamo's recompile limit raised to RECOMPILE_LIMIT, which
+    raises there (by default dynamo runs a frame past its limit eagerly from then on without a
+    word, under a line that says it is compiled). A torch without the option to raise (older
+    than 2.6) keeps dynamo's behaviour at the limit."""
     import torch._dynamo.config
-    if not hasattr(torch._dynamo.config, 'fail_on_recompile_limit_hit'):
-        return fn
+    limits = dict(recompile_limit=RECOMPILE_LIMIT)
+    if hasattr(torch._dynamo.config, 'fail_on_recompile_limit_hit'):
+        limits['fail_on_recompile_limit_hit'] = True
 
     def call(*args, **kwargs):
-        with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+        with torch._dynamo.config.patch(**limits):
             return fn(*args, **kwargs)
     return call
 
