@@ -119,7 +119,7 @@ def test_r1_of_the_dual_discriminator_matches_torch_double_backward(device):
     from training.loss import Next3DLoss, r1_penalty
     torch.manual_seed(0)
     D = configs.make_discriminator('tiny64').requires_grad_(True).to(device)
-    loss = Next3DLoss(torch.device(device), G=types.SimpleNamespace(synthesis=None), D=D, r1_gamma=1.0)
+    loss = Next3DLoss(torch.device(device), G=types.SimpleNamespace(synthesis=None, sample_mixed=None), D=D, r1_gamma=1.0)
     image = torch.randn(2, 3, 64, 64, device=device, requires_grad=True)
     image_raw = torch.randn(2, 3, 32, 32, device=device, requires_grad=True)
     c = torch.randn(2, 25, device=device)
