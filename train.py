@@ -442,6 +442,11 @@ def main(ctx, **kwargs):
         c = build_config(opts)
     except cli.USER_ERRORS as e:      # the dataset's or the template's error, naming the file
         raise click.ClickException(cli.error_message(e)) from e
+    from training import configs
+    generator = configs.PRESETS[c.G_kwargs.cfg]['generator']
+    if opts.geometry_in_loader and (generator != 'next3d' or opts.workers == 0):    # where it would move nothing
+        raise click.ClickException(f'--geometry-in-loader applies to a Next3D generator with --workers > 0 only '
+                                   f'(this run: generator {generator}, --workers={opts.workers})')
 
     print()
     print('Training options:')

@@ -777,6 +777,8 @@ def main(original_src, eg3d_src, pairs, batch, which, compile_backend, original_
     if compile_backend is not None and which == 'none':
         raise click.ClickException('--compile-backend applies to --compile=D, G or all only')
     compile_backend = compile_backend or COMPILE_BACKENDS[0]
+    if geometry_in_loader and original_src is None:
+        raise click.ClickException('--geometry-in-loader applies to the Next3D rows (--original-src) only: EG3D has no meshes')
     if prepare and device != 'cuda':
         raise click.ClickException("--prepare builds the original's CUDA plugins: give --device cuda")
     presets = [(p, src) for p, src in (('next3d', original_src), ('eg3d', eg3d_src)) if src is not None]

@@ -349,7 +349,7 @@ def test_cudagraphs_outputs_are_copies_that_keep_their_gradient():
         produced.append(x * weight)
         return dict(y=produced[-1], n=3)
 
-    out = compiled._for_cuda_graphs(fn)(torch.ones(3))
+    out = compiled._as_we_call(fn, 'cudagraphs')(torch.ones(3))
     assert out['n'] == 3 and out['y'].data_ptr() != produced[0].data_ptr()
     torch.testing.assert_close(out['y'], produced[0])
     out['y'].sum().backward()

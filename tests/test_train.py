@@ -812,6 +812,16 @@ def test_tf32_is_off_in_training_and_broadcast_object_works_without_a_group(toy_
     assert distributed.broadcast_object({'run_dir': 'x'}) == {'run_dir': 'x'}
 
 
+@pytest.mark.parametrize('args, this_run', [(['--workers', '0'], 'generator next3d, --workers=0'),
+                                             (['--model_version', 'eg3d', '--workers', '1'], 'generator eg3d, --workers=1')])
+def test_train_py_refuses_geometry_in_loader_where_it_moves_nothing(head_data, tmp_path, args, this_run):
+    result = invoke_train(['--outdir', str(tmp_path / 'runs'), '--cfg', 'tiny64', '--data', head_data, '--gpus', '1', '--batch', '2',
+                           '--gamma', '1', '--metrics', 'none', '--kimg', '0.002', '--geometry-in-loader', *args])
+    assert result.exit_code == 1, result.output
+    assert f'Error: --geometry-in-loader applies to a Next3D generator with --workers > 0 only (this run: {this_run})' in result.output
+    assert not os.path.exists(tmp_path / 'runs')
+
+
 def test_train_py_with_the_loaders_geometry_trains_as_without_bit_for_bit(head_data, tmp_path):
     """4 steps (Greg every 2nd, R1 every 16th) with the meshes rasterized in a loader worker
     end with the weights of 4 steps rasterizing in the step, to the bit (on the CPU)."""

@@ -44,6 +44,8 @@ def test_main_refuses_a_compile_backend_where_it_would_not_apply(tmp_path):
     for backend in ('cudagraphs', 'inductor'):      # the default too, named without --compile
         result = CliRunner().invoke(vs_original.main, ['--eg3d-src', str(tmp_path), '--outdir', str(tmp_path / 'out'), '--compile-backend', backend])
         assert result.exit_code == 1 and 'Error: --compile-backend applies to --compile=D, G or all only' in result.output, result.output
+    result = CliRunner().invoke(vs_original.main, ['--eg3d-src', str(tmp_path), '--outdir', str(tmp_path / 'out'), '--geometry-in-loader'])
+    assert result.exit_code == 1 and 'Error: --geometry-in-loader applies to the Next3D rows (--original-src) only' in result.output
     from torch_utils import compiled
     assert vs_original.COMPILE_BACKENDS == compiled.BACKENDS and vs_original.COMPILE_BACKENDS[0] == compiled.DEFAULT_BACKEND
     assert not (tmp_path / 'out').exists()

@@ -199,9 +199,9 @@ class Next3DLoss:
         may be memory of a CUDA graph that its next run overwrites (D's are summed over the fakes'
         and the reals' passes, G's over G main and density regularization in Gboth, every
         network's over the rounds of a batch): copy them out."""
-        for forward, net in ((self.synthesis_forward, self.G), (self.D_forward, self.D)):       # (G's two share a backend)
+        for forward in (self.synthesis_forward, self.D_forward):      # (G's two share a backend and parameters)
             if getattr(forward, 'backend', None) == 'cudagraphs':     # (the phase's network: the other one's have no new gradient)
-                compiled.own_gradients([p for p in net.parameters() if p.requires_grad])
+                compiled.own_gradients([p for p in forward.params if p.requires_grad])
 
     # --- the phases -----------------------------------------------------------------------
     def schedule(self, cur_nimg: int) -> dict:
