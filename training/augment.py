@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from torch_utils import misc
 from torch_utils import persistence
+from torch_utils.ops.grid_sample import grid_sample
 
 # ADA's 'bgc' pipeline (blit + geometric + colour): the one EG3D uses.
 BGC = dict(xflip=1, rotate90=1, xint=1, scale=1, rotate=1, aniso=1, xfrac=1,
@@ -179,7 +180,7 @@ class AugmentPipe(torch.nn.Module):
             # matrices are products of rotations, nonzero scalings and translations).
             inv = torch.linalg.inv_ex(geo).inverse[:, :2, :].to(images.dtype)
             grid = F.affine_grid(inv, [b, ch, h, w], align_corners=False)
-            images = F.grid_sample(images, grid, mode='bilinear', padding_mode='reflection', align_corners=False)
+            images = grid_sample(images, grid, padding_mode='reflection')     # R1 differentiates its backward
         col = self.color_matrix(b, device).to(images.dtype)
         if not torch.equal(col, torch.eye(4, device=device, dtype=images.dtype).expand_as(col)):
             groups = images.reshape(b, ch // 3, 3, h * w)
