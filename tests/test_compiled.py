@@ -9,6 +9,7 @@ import warnings
 
 import pytest
 import torch
+import torch._dynamo.config
 
 from torch_utils import compiled
 from training import configs
@@ -16,6 +17,8 @@ from tests import train_helpers as th
 from training import training_loop as tl
 from training.loss import Next3DLoss
 from training.training_loop import setup_phases
+
+_TORCH_VERSION = tuple(int(n) for n in torch.__version__.split('+')[0].split('.')[:2])
 
 pytestmark = pytest.mark.filterwarnings('ignore::UserWarning')
 
@@ -478,6 +481,8 @@ def test_another_batch_size_gets_a_graph_of_its_own():
     assert fast.failed is None and len(fast.checked) == 3
 
 
+@pytest.mark.skipif(not hasattr(torch._dynamo.config, 'fail_on_recompile_limit_hit'),
+                    reason='this torch (before 2.6) cannot raise at the limit: past it dynamo runs eagerly unannounced')
 def test_a_shape_past_dynamos_recompile_limit_falls_back_with_the_warning():
     """Past the limit dynamo would run the new shape eagerly without a word, under a line saying it compiled."""
     module = torch.nn.Linear(3, 2)
@@ -539,6 +544,12 @@ def test_aot_eager_keeps_a_random_draw_whose_result_is_unused(monkeypatch):
 
     module = Draws()
     fast = compiled.Compiled(module, module, 'draws', backend='aot_eager', log=lambda line: None)
+    if _TORCH_VERSION < (2, 11):
+        # torch 2.4 drops the draw whatever the flag (2.5-2.10 not tried): the check catches it.
+        with pytest.warns(RuntimeWarning, match='draws failed its check against eager'):
+            fast(torch.ones(2, 3))
+        assert fast.failed is not None
+        return
     with warnings.catch_warnings():
         warnings.simplefilter('error', RuntimeWarning)
         for _ in range(2):

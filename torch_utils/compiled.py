@@ -300,7 +300,9 @@ def _as_we_call(fn, backend: str):
     memory (see the module's docstring)."""
     import torch._dynamo.config
     import torch._inductor.config
-    limits = dict(recompile_limit=RECOMPILE_LIMIT)
+    # The limit's name before torch 2.6: cache_size_limit.
+    name = 'recompile_limit' if hasattr(torch._dynamo.config, 'recompile_limit') else 'cache_size_limit'
+    limits = {name: RECOMPILE_LIMIT}
     if hasattr(torch._dynamo.config, 'fail_on_recompile_limit_hit'):
         limits['fail_on_recompile_limit_hit'] = True
     cuda_graphs = backend == 'cudagraphs'

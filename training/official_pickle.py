@@ -128,8 +128,9 @@ _SAFE_GLOBALS = {
     ('torch', 'device'): torch.device,
 }
 _NUMPY_MODULES = ('numpy', 'numpy.core.multiarray', 'numpy._core.multiarray')
-_NUMPY_GLOBALS = {'_reconstruct': _numpy_reconstruct, 'dtype': _numpy_dtype,
-                  'scalar': (np._core if hasattr(np, '_core') else np.core).multiarray.scalar}
+# numpy's scalar reconstructor, by what a scalar pickles with: numpy 2's numpy._core.multiarray
+# or numpy 1's numpy.core.multiarray (numpy 1.26 has a numpy._core without that attribute).
+_NUMPY_GLOBALS = {'_reconstruct': _numpy_reconstruct, 'dtype': _numpy_dtype, 'scalar': np.float32(0).__reduce__()[0]}
 # Classes of the official code base that may appear pickled by reference, and torch's own
 # modules: they become ModuleRecords (never imported).
 _RECORD_PREFIXES = ('training.', 'training_avatar_texture.', 'torch.nn.modules.', 'torch_utils.')
