@@ -220,9 +220,9 @@ def test_stubs_stand_in_for_modules_this_python_removed(monkeypatch):
         monkeypatch.setattr(importlib, 'import_module', real_import)
         for name in ('imp', 'distutils', 'distutils.util'):
             sys.modules.pop(name, None)
+        has_imp = importlib.util.find_spec('imp') is not None     # Python < 3.12
         vs_original.install_stubs(lambda *a, **k: None, lambda path: None)
-        if importlib.util.find_spec('imp') is not None:           # Python < 3.12: the real module is kept
-            assert sys.modules['imp'].load_module is not vs_original._never_called
+        assert (sys.modules['imp'].load_module is vs_original._never_called) != has_imp     # the real module where present
     finally:
         for name in set(sys.modules) - set(before):
             del sys.modules[name]
