@@ -64,7 +64,7 @@ def test_bad_arguments_are_refused():
 
 
 class _FirstOrderGridSample(torch.autograd.Function):
-    """F.grid_sample as PyTorch before 2.13 has it: a backward with no derivative of its own."""
+    """F.grid_sample as PyTorch 2.4 and 2.11 have it: a backward with no derivative of its own."""
 
     @staticmethod
     def forward(ctx, images, grid, mode, padding_mode, align_corners):
@@ -86,7 +86,7 @@ _TORCH_GRID_SAMPLE = F.grid_sample
 
 
 def test_augmented_r1_on_a_torch_without_grid_samples_second_derivative(monkeypatch):
-    """train.py --aug ada stopped at its first R1 step on PyTorch 2.4-2.12 ("derivative for
+    """train.py --aug ada stopped at its first R1 step on PyTorch 2.4 and 2.11 ("derivative for
     aten::grid_sampler_2d_backward is not implemented"): simulated here on any PyTorch."""
     from training.augment import BGC, AugmentPipe
     monkeypatch.setattr(F, 'grid_sample', lambda images, grid, mode='bilinear', padding_mode='zeros', align_corners=None:

@@ -5,7 +5,7 @@
 
 R1 on augmented reals differentiates D's gradient to the images, and with the augmentation
 pipe's resampling in between that gradient passes through grid_sample's backward. PyTorch
-before 2.13 has no derivative for `grid_sampler_2d_backward` ("derivative for
+2.4 and 2.11 have no derivative for `grid_sampler_2d_backward` (2.13 has; "derivative for
 aten::grid_sampler_2d_backward is not implemented": `train.py --aug ada` stopped at its
 first R1 step there). For a fixed grid the sampling is a linear map A of the images, so its
 backward is the linear map A^T of the output gradient, whose derivative is A again: the

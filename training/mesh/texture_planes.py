@@ -315,7 +315,7 @@ class TexturePlaneRasterizer(torch.nn.Module):
         misc.assert_shape(geometry.covered, [bsz, 4, res * res], 'geometry.covered')
         misc.assert_shape(geometry.alpha, [bsz, 4, 1, res, res], 'geometry.alpha')
         # Image b reads texture b: (B, 4 HW, C) rows (on the CPU a weighted sum of 4 texels per pixel) -> (4, B, C, HW).
-        # unsqueeze, not [:, None]: before torch 2.13 the full slice's backward is a contiguous copy.
+        # unsqueeze, not [:, None]: in older torch (2.4) the full slice's backward is a contiguous copy.
         render = bilinear_mean.bilinear_mean(texture.unsqueeze(1), geometry.grid[:, None].to(texture.dtype))
         render = render.reshape(bsz, 4, res * res, -1).permute(1, 0, 3, 2)
         if self.layout == 'released':                            # empty pixels: texture at the UV centre
