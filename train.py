@@ -33,6 +33,7 @@ from dnnlib import cli
 from metrics import metric_main
 from torch_utils import compiled
 from training import builders
+from training import configs
 from training import distributed
 from training import loss as loss_lib
 
@@ -44,7 +45,6 @@ CFG_PRESETS = {'ffhq': 'ffhq512', 'ffhq512': 'ffhq512', 'tiny64': 'tiny64', 'sma
 # Options -> the training loop's arguments
 
 def preset_name(cfg: str, model_version: str) -> str:
-    from training import configs
     name = CFG_PRESETS[cfg] + ('-eg3d' if model_version == 'eg3d' else '')
     if name not in configs.PRESETS:
         raise click.ClickException(f'--cfg={cfg} has no {model_version} variant (presets: {sorted(configs.PRESETS)})')
@@ -61,7 +61,6 @@ def uv_mask_for(topology_path: str):
 
 def build_config(opts: dnnlib.EasyDict) -> dnnlib.EasyDict:
     """Every option mapped onto the training loop's keyword arguments (plain data)."""
-    from training import configs
     c = dnnlib.EasyDict()
     preset = preset_name(opts.cfg, opts.model_version)
     template = opts.topology_path
@@ -424,12 +423,12 @@ def main(ctx, **kwargs):
         ('resume_blur', opts.resume is not None, '--resume only'),
         ('disc_c_noise', opts.cond, '--cond=True only (D sees no label)'),
         ('detector', any(m in metric_main.NEEDS_DETECTOR for m in opts.metrics), 'metrics that use it only (FID, KID, precision/recall)'),
+        ('compile_backend', opts.compile != 'none', '--compile=D, G or all only'),
     ]
+    flags = {param.name: param.opts[0] for param in ctx.command.params}
     for name, applies, requirement in requirements:
         if not applies and ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE:
-            raise click.ClickException(f'--{name} applies to {requirement}')
-    if ctx.get_parameter_source('compile_backend') == click.core.ParameterSource.COMMANDLINE and opts.compile == 'none':
-        raise click.ClickException('--compile-backend applies to --compile=D, G or all only')
+            raise click.ClickException(f'{flags[name]} applies to {requirement}')
     opts.grid = parse_grid(opts.grid)
     if opts.topology_path is not None and not os.path.isfile(opts.topology_path):
         raise click.ClickException(f'{opts.topology_path}: no such topology file (--topology_path)')
@@ -442,7 +441,6 @@ def main(ctx, **kwargs):
         c = build_config(opts)
     except cli.USER_ERRORS as e:      # the dataset's or the template's error, naming the file
         raise click.ClickException(cli.error_message(e)) from e
-    from training import configs
     generator = configs.PRESETS[c.G_kwargs.cfg]['generator']
     if opts.geometry_in_loader and (generator != 'next3d' or opts.workers == 0):    # where it would move nothing
         raise click.ClickException(f'--geometry-in-loader applies to a Next3D generator with --workers > 0 only '

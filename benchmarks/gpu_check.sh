@@ -34,8 +34,8 @@
 #      network fell back to eager (vs_original.py exits 1 then);
 #   9. with GPU_CHECK_COMPILE=cudagraphs and ORIGINAL_SRC: steps 1 and 2, the test of the
 #      cudagraphs backend on the device (pytest -k cudagraphs), then vs_original.py --compile all
-#      --compile-backend cudagraphs: D and G's synthesis traced by dynamo and replayed as CUDA
-#      graphs with eager kernels (no Triton: the warm-up is the tracing, ~130 s in all on this
+#      --compile-backend cudagraphs: D, G's synthesis and its density query traced by dynamo and
+#      replayed as CUDA graphs with eager kernels (no Triton: the warm-up is the tracing, ~130 s in all on this
 #      project's 2-core CPU machine: 29-37 s per synthesis signature, 3 of them, 23 s for the
 #      density query, ~2 s per D signature;
 #      the compile lines say whether cudagraph trees captured the graphs); then the same with

@@ -9,7 +9,8 @@ orbit; the bundled head model's mesh for Next3D presets), so no dataset is neede
 `--compile D|G|all` adds a column: the same phases with those networks through torch.compile
 (torch_utils/compiled.py), timed interleaved with the eager ones on the same networks, and
 the compile time (the checked first calls) reported; `--compile-backend` picks its backend
-(`--compile all --compile-backend cudagraphs`: D and G's synthesis replayed as CUDA graphs).
+(`--compile all --compile-backend cudagraphs`: D, G's synthesis and its density query replayed
+as CUDA graphs).
 
 `--geometry-in-loader` adds a column for Next3D presets: the same phases given the meshes'
 geometry made beforehand (G.mesh_geometry, what training_loop.GeometryCollate makes

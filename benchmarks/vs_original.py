@@ -61,8 +61,8 @@ inference once more with the time inside its convolutions recorded (forward and 
 oneDNN on both sides, ours channels last), which bounds the speed-up: our convolutions alone against
 the original's whole step (not with --compile).
 
-`--compile all --compile-backend cudagraphs`: our D and G's synthesis traced by dynamo and
-replayed as CUDA graphs with eager kernels (torch_utils/compiled.py): what it cuts on a GPU is
+`--compile all --compile-backend cudagraphs`: our D, G's synthesis and its density query traced
+by dynamo and replayed as CUDA graphs with eager kernels (torch_utils/compiled.py): what it cuts on a GPU is
 the host's work per launch, which bounds our small-batch step there.
 
 `--geometry-in-loader`: our Next3D training phases are given their meshes' geometry made

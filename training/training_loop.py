@@ -489,7 +489,7 @@ def training_loop(
     resume_pkl: str = None,             # snapshot to continue, or weights to start from
     resume_kwargs: dict = None,         # dict(resume_blur=bool): keep the fade-ins when starting from other weights
     cudnn_benchmark: bool = True,       # torch.backends.cudnn.benchmark
-    compile: str = 'none',              # torch.compile D and/or G.synthesis in the phases: 'none', 'D', 'G', 'all'
+    compile: str = 'none',              # torch.compile D and/or G (synthesis, density query) in the phases: 'none', 'D', 'G', 'all'
     compile_backend: str = None,        # its backend, one of torch_utils.compiled.BACKENDS (None: inductor)
     geometry_in_loader: bool = False,   # Next3D: rasterize the meshes in the loader's workers (GeometryCollate)
     progress_fn=None,                   # callback(cur_nimg, total_nimg)
