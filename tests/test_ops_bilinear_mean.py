@@ -23,8 +23,13 @@ def make_grid(batch, num_images, num_points, seed=0):
     return grid
 
 
+BACKWARDS = {'sparse': 10 ** 6, 'index_add': 0}      # SPARSE_MAX_THREADS that picks each backward
+
+
+@pytest.mark.parametrize('backward', sorted(BACKWARDS))
 @pytest.mark.parametrize('num_images', [1, 3])
-def test_cpu_path_equals_grid_sample_mean(num_images):
+def test_cpu_path_equals_grid_sample_mean(monkeypatch, num_images, backward):
+    monkeypatch.setattr(BM._BilinearMeanCPU, 'SPARSE_MAX_THREADS', BACKWARDS[backward])
     torch.manual_seed(0)
     images = torch.randn(2, num_images, 5, 8, 6, dtype=torch.float64, requires_grad=True)
     grid = make_grid(2, num_images, 120)
@@ -39,12 +44,37 @@ def test_cpu_path_equals_grid_sample_mean(num_images):
                                atol=1e-12, rtol=0)
 
 
+@pytest.mark.parametrize('backward', sorted(BACKWARDS))
 @pytest.mark.parametrize('num_images', [1, 3])
-def test_cpu_path_gradcheck(monkeypatch, num_images):
+def test_cpu_path_gradcheck(monkeypatch, num_images, backward):
+    monkeypatch.setattr(BM._BilinearMeanCPU, 'SPARSE_MAX_THREADS', BACKWARDS[backward])
     monkeypatch.setattr(BM._BilinearMeanCPU, 'CHUNK', 7)     # several backward chunks, the last partial
     images = torch.randn(2, num_images, 3, 4, 5, dtype=torch.float64, requires_grad=True)
     grid = make_grid(2, num_images, 30, seed=1)
     assert torch.autograd.gradcheck(lambda im: BM.bilinear_mean(im, grid), (images,))
+
+
+@pytest.mark.parametrize('threads', [1, 2])
+def test_the_two_backwards_agree_to_the_bit(monkeypatch, threads):
+    # float32, as in training: both add each texel's terms point by point, bags in order.
+    # The sparse product runs up to SPARSE_MAX_THREADS torch threads, index_add_ above.
+    torch.manual_seed(1)
+    images = torch.randn(2, 3, 8, 16, 12, requires_grad=True)
+    grid = make_grid(2, 3, 700, seed=6).float() * 0.8       # many points per texel: texels summed from many terms
+    grad = torch.randn(2, 700, 8)
+    grads = {}
+    old_threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        for name, limit in BACKWARDS.items():
+            monkeypatch.setattr(BM._BilinearMeanCPU, 'SPARSE_MAX_THREADS', limit)
+            grads[name], = torch.autograd.grad(BM.bilinear_mean(images, grid), images, grad)
+    finally:
+        torch.set_num_threads(old_threads)
+    assert torch.equal(grads['sparse'], grads['index_add'])
+    assert grads['sparse'].dtype == torch.float32 and grads['sparse'].abs().max() > 0
+    expected, = torch.autograd.grad(grid_sample_mean(images, grid), images, grad)
+    torch.testing.assert_close(grads['sparse'], expected, atol=1e-5, rtol=1e-5)
 
 
 def test_table_cache_builds_the_table_once(monkeypatch):
