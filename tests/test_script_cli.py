@@ -228,3 +228,23 @@ def test_train_step_benchmark_profiles_a_phase(tmp_path):
     rows = [line for line in text.splitlines() if line.startswith('| `aten::')]
     assert len(rows) >= 5 and any('convolution' in row for row in rows)
     assert all(row.count('|') >= 5 for row in rows)
+
+
+def test_plane_sampling_benchmark_times_three_paths(tmp_path):
+    # benchmarks/plane_sampling.py: the table path's two backwards and grid_sample, per thread count.
+    from click.testing import CliRunner
+    from benchmarks import plane_sampling
+    result = CliRunner().invoke(plane_sampling.main, ['--rays', '8', '--depths', '4', '--plane-res', '8', '--channels', '4',
+                                                      '--threads', '1,2', '--repeats', '1', '--outdir', str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    files = os.listdir(tmp_path)
+    assert len(files) == 1 and files[0].startswith('plane_sampling-cpu-')
+    text = (tmp_path / files[0]).read_text()
+    assert 'sparse and index_add equal to the bit' in text and '256 points' in text
+    rows = [line.split('|')[1:-1] for line in text.splitlines() if line.startswith(('| 1 |', '| 2 |'))]
+    assert [(r[0].strip(), r[1].strip()) for r in rows] == [(t, p) for t in '12' for p in plane_sampling.PATHS]
+    assert all(float(r[2]) > 0 and float(r[3]) > 0 for r in rows)
+    assert all(r[5].strip() == '1.00x' for r in rows if r[1].strip() == 'grid_sample')
+    result = CliRunner().invoke(plane_sampling.main, ['--threads', '1,x', '--outdir', str(tmp_path)])
+    assert result.exit_code == 2 and "'1,x' is not a comma-separated list of integers" in result.output
+    assert len(os.listdir(tmp_path)) == 1
