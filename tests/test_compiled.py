@@ -550,20 +550,27 @@ def test_aot_eager_keeps_a_random_draw_whose_result_is_unused(monkeypatch):
 
     module = Draws()
     fast = compiled.Compiled(module, module, 'draws', backend='aot_eager', log=lambda line: None)
-    if _TORCH_VERSION < (2, 11):
-        # torch 2.4 drops the draw whatever the flag (2.5-2.10 not tried): the check catches it.
-        with pytest.warns(RuntimeWarning, match='draws failed its check against eager'):
-            fast(torch.ones(2, 3))
-        assert fast.failed is not None
-        return
+    # Older aot_eager drops the draw whatever the flag, and the check must catch it: seen with
+    # torch 2.4.1 and 2.5.1. 2.9.1, 2.11.0 and 2.13.0 keep it. 2.6-2.8 were not tried: either
+    # outcome passes there, as long as the result is eager's.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        torch.manual_seed(3)
+        got = fast(torch.ones(2, 3))
+    fell_back = any('draws failed its check against eager' in str(w.message) for w in caught)
+    if _TORCH_VERSION <= (2, 5):
+        assert fell_back
+    if _TORCH_VERSION >= (2, 9):
+        assert not fell_back, [str(w.message) for w in caught]
+    assert (fast.failed is not None) == fell_back
+    torch.manual_seed(3)
+    torch.testing.assert_close(got, module(torch.ones(2, 3)))
     with warnings.catch_warnings():
         _fallback_is_an_error()
-        for _ in range(2):
-            torch.manual_seed(3)
-            got = fast(torch.ones(2, 3))
-            torch.manual_seed(3)
-            torch.testing.assert_close(got, module(torch.ones(2, 3)))
-    assert fast.failed is None
+        torch.manual_seed(3)
+        got = fast(torch.ones(2, 3))
+        torch.manual_seed(3)
+        torch.testing.assert_close(got, module(torch.ones(2, 3)))
 
 
 def test_the_check_leaves_constant_buffers_that_graphs_saved_intact():
