@@ -1,5 +1,8 @@
 """bilinear_mean: the CPU table path against grid_sample (values, gradients), finite differences, fallbacks."""
 
+import functools
+import platform
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -26,6 +29,15 @@ def make_grid(batch, num_images, num_points, seed=0):
 BACKWARDS = {'sparse': 10 ** 6, 'index_add': 0}      # SPARSE_MAX_THREADS that picks each backward
 
 
+def spy_on_scatters(monkeypatch) -> list:
+    """Record which scatter each backward calls (their names, in order)."""
+    calls = []
+    for name in ('scatter_rows_sparse', 'scatter_rows_index_add'):
+        function = getattr(BM, name)
+        monkeypatch.setattr(BM, name, lambda *args, _f=function, _n=name, **kwargs: calls.append(_n) or _f(*args, **kwargs))
+    return calls
+
+
 @pytest.mark.parametrize('backward', sorted(BACKWARDS))
 @pytest.mark.parametrize('num_images', [1, 3])
 def test_cpu_path_equals_grid_sample_mean(monkeypatch, num_images, backward):
@@ -48,7 +60,8 @@ def test_cpu_path_equals_grid_sample_mean(monkeypatch, num_images, backward):
 @pytest.mark.parametrize('num_images', [1, 3])
 def test_cpu_path_gradcheck(monkeypatch, num_images, backward):
     monkeypatch.setattr(BM._BilinearMeanCPU, 'SPARSE_MAX_THREADS', BACKWARDS[backward])
-    monkeypatch.setattr(BM._BilinearMeanCPU, 'CHUNK', 7)     # several backward chunks, the last partial
+    # Several index_add_ chunks, the last partial.
+    monkeypatch.setattr(BM, 'scatter_rows_index_add', functools.partial(BM.scatter_rows_index_add, chunk=7))
     images = torch.randn(2, num_images, 3, 4, 5, dtype=torch.float64, requires_grad=True)
     grid = make_grid(2, num_images, 30, seed=1)
     assert torch.autograd.gradcheck(lambda im: BM.bilinear_mean(im, grid), (images,))
@@ -57,11 +70,12 @@ def test_cpu_path_gradcheck(monkeypatch, num_images, backward):
 @pytest.mark.parametrize('threads', [1, 2])
 def test_the_two_backwards_agree_to_the_bit(monkeypatch, threads):
     # float32, as in training: both add each texel's terms point by point, bags in order.
-    # The sparse product runs up to SPARSE_MAX_THREADS torch threads, index_add_ above.
+    # To the bit on x86-64, where SciPy's product makes no fused multiply-add; elsewhere to rounding.
     torch.manual_seed(1)
     images = torch.randn(2, 3, 8, 16, 12, requires_grad=True)
     grid = make_grid(2, 3, 700, seed=6).float() * 0.8       # many points per texel: texels summed from many terms
     grad = torch.randn(2, 700, 8)
+    calls = spy_on_scatters(monkeypatch)
     grads = {}
     old_threads = torch.get_num_threads()
     try:
@@ -71,10 +85,41 @@ def test_the_two_backwards_agree_to_the_bit(monkeypatch, threads):
             grads[name], = torch.autograd.grad(BM.bilinear_mean(images, grid), images, grad)
     finally:
         torch.set_num_threads(old_threads)
-    assert torch.equal(grads['sparse'], grads['index_add'])
+    assert calls == ['scatter_rows_sparse', 'scatter_rows_index_add']
+    if platform.machine().lower() in ('x86_64', 'amd64'):
+        assert torch.equal(grads['sparse'], grads['index_add'])
+    else:
+        torch.testing.assert_close(grads['sparse'], grads['index_add'], atol=1e-6, rtol=1e-6)
     assert grads['sparse'].dtype == torch.float32 and grads['sparse'].abs().max() > 0
     expected, = torch.autograd.grad(grid_sample_mean(images, grid), images, grad)
     torch.testing.assert_close(grads['sparse'], expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize('threads', [1, 2, 4, 5])
+def test_the_backward_takes_the_sparse_product_up_to_its_thread_limit(monkeypatch, threads):
+    assert BM._BilinearMeanCPU.SPARSE_MAX_THREADS == 4
+    calls = spy_on_scatters(monkeypatch)
+    images = torch.randn(1, 3, 4, 8, 6, requires_grad=True)
+    grid = make_grid(1, 3, 60, seed=7).float()
+    old_threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        BM.bilinear_mean(images, grid).sum().backward()
+    finally:
+        torch.set_num_threads(old_threads)
+    assert calls == ['scatter_rows_sparse' if threads <= 4 else 'scatter_rows_index_add']
+
+
+def test_sparse_scatter_takes_int64_indices():
+    # The table path's int64 texel indices (tables of 2^31 values or more): the same table.
+    torch.manual_seed(2)
+    rows, weights = torch.randn(50, 3), torch.rand(50, 4)
+    texel = torch.randint(0, 20, (50, 4), dtype=torch.int32)
+    table = BM.scatter_rows_sparse(rows, texel, weights, 20)
+    assert table.shape == (20, 3) and table.dtype == torch.float32
+    assert torch.equal(BM.scatter_rows_sparse(rows, texel.long(), weights, 20), table)
+    expected = torch.zeros(20, 3).index_add_(0, texel.reshape(-1).long(), (weights[:, :, None] * rows[:, None]).reshape(-1, 3))
+    torch.testing.assert_close(table, expected, atol=1e-6, rtol=1e-6)
 
 
 def test_table_cache_builds_the_table_once(monkeypatch):

@@ -243,8 +243,11 @@ def test_plane_sampling_benchmark_times_three_paths(tmp_path):
     assert 'sparse and index_add equal to the bit' in text and '256 points' in text
     rows = [line.split('|')[1:-1] for line in text.splitlines() if line.startswith(('| 1 |', '| 2 |'))]
     assert [(r[0].strip(), r[1].strip()) for r in rows] == [(t, p) for t in '12' for p in plane_sampling.PATHS]
-    assert all(float(r[2]) > 0 and float(r[3]) > 0 for r in rows)
+    assert all(float(r[2]) > 0 and float(r[3]) > 0 and float(r[4]) > 0 for r in rows)
     assert all(r[5].strip() == '1.00x' for r in rows if r[1].strip() == 'grid_sample')
     result = CliRunner().invoke(plane_sampling.main, ['--threads', '1,x', '--outdir', str(tmp_path)])
     assert result.exit_code == 2 and "'1,x' is not a comma-separated list of integers" in result.output
+    # Fewer points than a plane's texels: bilinear_mean would take grid_sample's path for all three.
+    result = CliRunner().invoke(plane_sampling.main, ['--rays', '8', '--depths', '4', '--plane-res', '32', '--outdir', str(tmp_path)])
+    assert result.exit_code == 2 and "256 points are fewer than a plane's 1024 texels" in result.output
     assert len(os.listdir(tmp_path)) == 1

@@ -58,21 +58,15 @@ class _BilinearMeanCPU(torch.autograd.Function):
     its backward adds one float per channel plane. Here the forward is one weighted sum of
     the P x 4 texels around each point (F.embedding_bag over a channels-last copy of the
     images with a zero border, so that corners outside an image read zeros without masks),
-    written points first. The backward scatters the same weights back into the table.
-    Up to SPARSE_MAX_THREADS torch threads it is one SciPy product of the transposed
-    sampling matrix with the gradient rows, the matrix a CSC view of the forward's indices
-    and weights (column = point, its 4 P texels as rows; int32 indices are not copied).
-    Above, it is torch's index_add_, which uses the threads, a few thousand points at a
-    time so that their weighted gradient rows stay in the cache. Both add each texel's
-    terms in the same order (point by point, bags in order) and agree to the bit. The
-    backward of small128's 98,304 points on 3 planes of 32 channels
-    (benchmarks/plane_sampling.py): SciPy 8.0 ms against index_add_'s 25 ms on one thread,
-    5.3 against 17 ms on two. The limit of 4 extrapolates that (more threads were not
+    written points first. The backward scatters the same weights back into the table:
+    `scatter_rows_sparse` up to SPARSE_MAX_THREADS torch threads, `scatter_rows_index_add`
+    above (see them). The backward of small128's 98,304 points on 3 planes of 32 channels
+    (benchmarks/plane_sampling.py): 7.6-8.1 ms against 25-26 ms on one thread, 7.5-7.7
+    against 15-17 ms on two. The limit of 4 extrapolates that (more threads were not
     measured). embedding_bag's own backward sorts its indices first and is slower still.
     Gradients reach the images only."""
 
-    CHUNK = 2048                # points per index_add_ in the backward
-    SPARSE_MAX_THREADS = 4      # the SciPy product (one thread) up to this many torch threads
+    SPARSE_MAX_THREADS = 4      # scatter_rows_sparse (one thread) up to this many torch threads
 
     @staticmethod
     def forward(ctx, images: torch.Tensor, grid: torch.Tensor, table: torch.Tensor = None) -> torch.Tensor:
@@ -121,25 +115,43 @@ class _BilinearMeanCPU(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         texel, weights = ctx.saved_tensors
         batch_size, num_images, channels, height, width = ctx.images_shape
-        pad, chunk = BORDER, _BilinearMeanCPU.CHUNK
+        pad = BORDER
         grad = grad.reshape(-1, channels)
         num_texels = batch_size * num_images * (height + 2 * pad) * (width + 2 * pad)
-        if torch.get_num_threads() <= _BilinearMeanCPU.SPARSE_MAX_THREADS:
-            bag = texel.shape[1]
-            pointers = np.arange(0, texel.numel() + 1, bag, dtype=texel.numpy().dtype)
-            transposed = scipy.sparse.csc_matrix((weights.numpy().reshape(-1), texel.numpy().reshape(-1), pointers),
-                                                 shape=(num_texels, len(grad)), copy=False)
-            table = torch.from_numpy(np.asarray(transposed @ grad.contiguous().numpy()))
-        else:
-            table = grad.new_zeros(num_texels, channels)
-            for i in range(0, len(grad), chunk):
-                rows = torch.mul(grad[i:i + chunk, None, :], weights[i:i + chunk, :, None])
-                table.index_add_(0, texel[i:i + chunk].reshape(-1).to(torch.int64), rows.reshape(-1, channels))
+        scatter = scatter_rows_sparse if torch.get_num_threads() <= _BilinearMeanCPU.SPARSE_MAX_THREADS else scatter_rows_index_add
+        table = scatter(grad, texel, weights, num_texels)
         table = table.reshape(batch_size, num_images, height + 2 * pad, width + 2 * pad, channels)
         return misc.copy_with_stride(table[:, :, pad:-pad, pad:-pad].permute(0, 1, 4, 2, 3), ctx.images_stride), None, None
 
 
 BORDER = 2      # zero texels around each image in the CPU path's table: far-away points are clamped onto them
+
+
+def scatter_rows_sparse(rows: torch.Tensor, texel: torch.Tensor, weights: torch.Tensor, num_texels: int) -> torch.Tensor:
+    """table[texel[n, j]] += weights[n, j] * rows[n] for every point n and bag entry j, as one
+    SciPy product: the transposed sampling matrix, a CSC view of texel and weights (column n
+    holds point n's bag; int32 indices are not copied), times the rows. One thread.
+
+    rows (N, C), texel (N, K) int32 or int64, weights (N, K) in rows' dtype -> table
+    (num_texels, C). SciPy adds each texel's terms column by column, i.e. point by point and
+    in bag order, as scatter_rows_index_add does: on x86-64, where SciPy's product uses no
+    fused multiply-add, the two agree to the bit (other CPUs: to rounding)."""
+    pointer_dtype = np.int32 if texel.dtype == torch.int32 and texel.numel() < 2 ** 31 else np.int64
+    pointers = np.arange(0, texel.numel() + 1, texel.shape[1], dtype=pointer_dtype)
+    transposed = scipy.sparse.csc_matrix((weights.numpy().reshape(-1), texel.numpy().reshape(-1), pointers),
+                                         shape=(num_texels, len(rows)), copy=False)
+    return torch.from_numpy(np.asarray(transposed @ rows.contiguous().numpy()))
+
+
+def scatter_rows_index_add(rows: torch.Tensor, texel: torch.Tensor, weights: torch.Tensor, num_texels: int,
+                           chunk: int = 2048) -> torch.Tensor:
+    """scatter_rows_sparse with torch's index_add_ (which uses torch's threads), `chunk` points
+    at a time so that their weighted rows stay in the cache."""
+    table = rows.new_zeros(num_texels, rows.shape[1])
+    for i in range(0, len(rows), chunk):
+        weighted = torch.mul(rows[i:i + chunk, None, :], weights[i:i + chunk, :, None])
+        table.index_add_(0, texel[i:i + chunk].reshape(-1).to(torch.int64), weighted.reshape(-1, rows.shape[1]))
+    return table
 
 
 def _texel_table(images: torch.Tensor) -> torch.Tensor:
