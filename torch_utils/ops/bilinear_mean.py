@@ -61,9 +61,8 @@ class _BilinearMeanCPU(torch.autograd.Function):
     written points first. The backward scatters the same weights back into the table:
     `scatter_rows_sparse` up to SPARSE_MAX_THREADS torch threads, `scatter_rows_index_add`
     above (see them). The backward of small128's 98,304 points on 3 planes of 32 channels
-    (benchmarks/plane_sampling.py): 7.6-8.1 ms against 25-26 ms on one thread, 7.5-7.7
-    against 15-17 ms on two. The limit of 4 extrapolates that (more threads were not
-    measured). embedding_bag's own backward sorts its indices first and is slower still.
+    (benchmarks/plane_sampling.py): 7.9 ms against 24 ms on one thread, 7.4 against 16 ms
+    on two. The limit of 4 extrapolates that (more threads were not measured). embedding_bag's own backward sorts its indices first and is slower still.
     Gradients reach the images only."""
 
     SPARSE_MAX_THREADS = 4      # scatter_rows_sparse (one thread) up to this many torch threads
