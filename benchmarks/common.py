@@ -84,3 +84,14 @@ def peak_memory_gib(device: torch.device) -> float:
     if device.type == 'cuda':
         return torch.cuda.max_memory_allocated(device) / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20     # kB -> GiB
+
+
+def write_result(outdir: str, filename: str, text: str) -> str:
+    """Write a benchmark's markdown to outdir/filename atomically (the folder made if missing),
+    say where, and return the path."""
+    from torch_utils.persistence import atomic_write_bytes     # (vs_original's parent imports no project torch code)
+    os.makedirs(outdir, exist_ok=True)
+    path = os.path.join(outdir, filename)
+    atomic_write_bytes(path, text.encode())
+    print(f'Wrote {path}')
+    return path

@@ -26,9 +26,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import RESULTS_DIR, device_name, git_commit, load_average           # noqa: E402
+from benchmarks.common import RESULTS_DIR, device_name, git_commit, load_average, write_result   # noqa: E402
 from dataset_preprocessing.synthetic.make_dataset import make_training_set                # noqa: E402
-from torch_utils.persistence import atomic_write_bytes                                     # noqa: E402
 from training import configs                                                               # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -87,10 +86,7 @@ def main(cfg, batch, workers, kimg, tick, repeats, outdir):
         f'(ratio {medians["--geometry-in-loader"] / medians["in the step"]:.3f}).', '']
     text = '\n'.join(lines)
     print(text)
-    os.makedirs(outdir, exist_ok=True)
-    path = os.path.join(outdir, f'loader_geometry-{cfg}-{device.type}-{now:%Y-%m-%d-%H%M}.md')
-    atomic_write_bytes(path, text.encode())
-    print(f'Wrote {path}')
+    write_result(outdir, f'loader_geometry-{cfg}-{device.type}-{now:%Y-%m-%d-%H%M}.md', text)
 
 
 if __name__ == '__main__':

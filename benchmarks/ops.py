@@ -30,12 +30,11 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import RESULTS_DIR, device_name, git_commit, load_average, timed   # noqa: E402
+from benchmarks.common import RESULTS_DIR, device_name, git_commit, load_average, timed, write_result   # noqa: E402
 from torch_utils.ops import _build                       # noqa: E402
 from torch_utils.ops import bias_act as bias_act_mod     # noqa: E402
 from torch_utils.ops import filtered_lrelu as filtered_lrelu_mod  # noqa: E402
 from torch_utils.ops import upfirdn2d as upfirdn2d_mod   # noqa: E402
-from torch_utils.persistence import atomic_write_bytes   # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -147,10 +146,7 @@ def main(device_str, quick, repeats, warmup, use_compile, outdir):
     text = '\n'.join(lines)
     print('\n' + text)
     slug = re.sub(r'[^a-z0-9]+', '-', (torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu').lower()).strip('-')
-    path = os.path.join(outdir, f'ops-{slug}-{now.strftime("%Y-%m-%d")}.md')
-    os.makedirs(outdir, exist_ok=True)
-    atomic_write_bytes(path, text.encode())
-    print(f'Wrote {path}')
+    write_result(outdir, f'ops-{slug}-{now.strftime("%Y-%m-%d")}.md', text)
 
 
 if __name__ == '__main__':

@@ -32,10 +32,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import RESULTS_DIR, device_name, git_commit, load_average, timed   # noqa: E402
+from benchmarks.common import RESULTS_DIR, device_name, git_commit, load_average, timed, write_result   # noqa: E402
 from torch_utils import host_memory                      # noqa: E402
 from torch_utils.ops import bilinear_mean                # noqa: E402
-from torch_utils.persistence import atomic_write_bytes   # noqa: E402
 from training import coords                              # noqa: E402
 from training.volumetric_rendering import renderer      # noqa: E402
 from training.volumetric_rendering.ray_sampler import RaySampler   # noqa: E402
@@ -160,10 +159,7 @@ def main(rays, depths, plane_res, channels, threads, repeats, outdir):
     ] + rows + ['']
     text = '\n'.join(lines)
     print(text)
-    os.makedirs(outdir, exist_ok=True)
-    path = os.path.join(outdir, f'plane_sampling-cpu-{now:%Y-%m-%d}.md')
-    atomic_write_bytes(path, text.encode())
-    print(f'Wrote {path}')
+    write_result(outdir, f'plane_sampling-cpu-{now:%Y-%m-%d-%H%M}.md', text)
 
 
 if __name__ == '__main__':

@@ -41,9 +41,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import RESULTS_DIR, device_name, git_commit, load_average, peak_memory_gib, sync   # noqa: E402
+from benchmarks.common import RESULTS_DIR, device_name, git_commit, load_average, peak_memory_gib, sync, write_result   # noqa: E402
 from torch_utils import compiled, host_memory             # noqa: E402
-from torch_utils.persistence import atomic_write_bytes   # noqa: E402
 from training import configs, coords                      # noqa: E402
 from training import loss as loss_lib                     # noqa: E402
 from training.mesh import obj_io                          # noqa: E402
@@ -206,12 +205,9 @@ def main(cfg, batch, device, repeats, template, threads, which, compile_backend,
     ] + profile_lines
     text = '\n'.join(lines)
     print(text)
-    os.makedirs(outdir, exist_ok=True)
     suffix = (('' if which == 'none' else f'-compile-{which}') + ('' if compile_backend == compiled.DEFAULT_BACKEND else f'-{compile_backend}') + ('-geometry-in-loader' if geometry_in_loader else '')
               + ('' if profiled == 'none' else f'-profile-{profiled}'))
-    path = os.path.join(outdir, f'train_step-{cfg}{suffix}-{device.type}-{now:%Y-%m-%d}.md')
-    atomic_write_bytes(path, text.encode())
-    print(f'Wrote {path}')
+    write_result(outdir, f'train_step-{cfg}{suffix}-{device.type}-{now:%Y-%m-%d}.md', text)
 
 
 if __name__ == '__main__':

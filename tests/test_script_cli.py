@@ -196,16 +196,20 @@ def test_train_step_benchmark_refuses_a_compile_backend_where_it_would_not_apply
     assert os.listdir(tmp_path) == []
 
 
+def benchmark_result(command: click.Command, args: list, outdir, prefix: str) -> str:
+    """Run a benchmark's CLI into an empty outdir; the text of the one result file it wrote (name starting with prefix)."""
+    result = CliRunner().invoke(command, args + ['--outdir', str(outdir)])
+    assert result.exit_code == 0, result.output
+    files = os.listdir(outdir)
+    assert len(files) == 1 and files[0].startswith(prefix), files
+    return (outdir / files[0]).read_text()
+
+
 def test_loader_geometry_benchmark_runs_train_py_both_ways(tmp_path):
     # benchmarks/loader_geometry.py: train.py on a rendered set, with and without --geometry-in-loader, s/kimg per tick.
-    from click.testing import CliRunner
     from benchmarks import loader_geometry
-    result = CliRunner().invoke(loader_geometry.main, ['--cfg', 'tiny64', '--batch', '2', '--workers', '1', '--kimg', '0.004',
-                                                       '--tick', '0.002', '--repeats', '1', '--outdir', str(tmp_path)])
-    assert result.exit_code == 0, result.output
-    files = os.listdir(tmp_path)
-    assert len(files) == 1 and files[0].startswith('loader_geometry-tiny64-cpu-')
-    text = (tmp_path / files[0]).read_text()
+    text = benchmark_result(loader_geometry.main, ['--cfg', 'tiny64', '--batch', '2', '--workers', '1', '--kimg', '0.004',
+                                                   '--tick', '0.002', '--repeats', '1'], tmp_path, 'loader_geometry-tiny64-cpu-')
     rows = [line for line in text.splitlines() if line.startswith(('| --geometry-in-loader |', '| in the step |'))]
     assert len(rows) == 2 and all(float(row.split('|')[3].split(',')[0]) > 0 for row in rows), text
     assert 'Median s/kimg: in the loader' in text
@@ -216,14 +220,9 @@ def test_loader_geometry_benchmark_runs_train_py_both_ways(tmp_path):
 
 def test_train_step_benchmark_profiles_a_phase(tmp_path):
     # benchmarks/train_step.py --profile: the phase's top ops with their input shapes, written with the timings.
-    from click.testing import CliRunner
     from benchmarks import train_step
-    result = CliRunner().invoke(train_step.main, ['--cfg', 'tiny64', '--batch', '2', '--device', 'cpu', '--repeats', '1',
-                                                  '--profile', 'Dreg', '--outdir', str(tmp_path)])
-    assert result.exit_code == 0, result.output
-    files = os.listdir(tmp_path)
-    assert len(files) == 1 and files[0].startswith('train_step-tiny64-profile-Dreg-cpu-')
-    text = (tmp_path / files[0]).read_text()
+    text = benchmark_result(train_step.main, ['--cfg', 'tiny64', '--batch', '2', '--device', 'cpu', '--repeats', '1',
+                                              '--profile', 'Dreg'], tmp_path, 'train_step-tiny64-profile-Dreg-cpu-')
     assert '### Dreg: top 15 ops by self CPU ms, with their input shapes' in text
     rows = [line for line in text.splitlines() if line.startswith('| `aten::')]
     assert len(rows) >= 5 and any('convolution' in row for row in rows)
@@ -232,14 +231,9 @@ def test_train_step_benchmark_profiles_a_phase(tmp_path):
 
 def test_plane_sampling_benchmark_times_three_paths(tmp_path):
     # benchmarks/plane_sampling.py: the table path's two backwards and grid_sample, per thread count.
-    from click.testing import CliRunner
     from benchmarks import plane_sampling
-    result = CliRunner().invoke(plane_sampling.main, ['--rays', '8', '--depths', '4', '--plane-res', '8', '--channels', '4',
-                                                      '--threads', '1,2', '--repeats', '1', '--outdir', str(tmp_path)])
-    assert result.exit_code == 0, result.output
-    files = os.listdir(tmp_path)
-    assert len(files) == 1 and files[0].startswith('plane_sampling-cpu-')
-    text = (tmp_path / files[0]).read_text()
+    text = benchmark_result(plane_sampling.main, ['--rays', '8', '--depths', '4', '--plane-res', '8', '--channels', '4',
+                                                  '--threads', '1,2', '--repeats', '1'], tmp_path, 'plane_sampling-cpu-')
     assert 'sparse and index_add equal to the bit' in text and '256 points' in text
     rows = [line.split('|')[1:-1] for line in text.splitlines() if line.startswith(('| 1 |', '| 2 |'))]
     assert [(r[0].strip(), r[1].strip()) for r in rows] == [(t, p) for t in '12' for p in plane_sampling.PATHS]
