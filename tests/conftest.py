@@ -33,6 +33,14 @@ def _seed_everything():
     yield
 
 
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    """A test may set torch's thread count: the next one starts with the suite's again."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def pretend_kernels(monkeypatch):
     """Route every custom op through its torch.library op, as on a GPU (whose CPU twin then runs)."""

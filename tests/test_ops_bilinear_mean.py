@@ -77,14 +77,10 @@ def test_the_two_backwards_agree_to_the_bit(monkeypatch, threads):
     grad = torch.randn(2, 700, 8)
     calls = spy_on_scatters(monkeypatch)
     grads = {}
-    old_threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(threads)
-        for name, limit in BACKWARDS.items():
-            monkeypatch.setattr(BM._BilinearMeanCPU, 'SPARSE_MAX_THREADS', limit)
-            grads[name], = torch.autograd.grad(BM.bilinear_mean(images, grid), images, grad)
-    finally:
-        torch.set_num_threads(old_threads)
+    torch.set_num_threads(threads)                              # (conftest restores it)
+    for name, limit in BACKWARDS.items():
+        monkeypatch.setattr(BM._BilinearMeanCPU, 'SPARSE_MAX_THREADS', limit)
+        grads[name], = torch.autograd.grad(BM.bilinear_mean(images, grid), images, grad)
     assert calls == ['scatter_rows_sparse', 'scatter_rows_index_add']
     if platform.machine().lower() in ('x86_64', 'amd64'):
         assert torch.equal(grads['sparse'], grads['index_add'])
@@ -101,12 +97,8 @@ def test_the_backward_takes_the_sparse_product_up_to_its_thread_limit(monkeypatc
     calls = spy_on_scatters(monkeypatch)
     images = torch.randn(1, 3, 4, 8, 6, requires_grad=True)
     grid = make_grid(1, 3, 60, seed=7).float()
-    old_threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(threads)
-        BM.bilinear_mean(images, grid).sum().backward()
-    finally:
-        torch.set_num_threads(old_threads)
+    torch.set_num_threads(threads)                              # (conftest restores it)
+    BM.bilinear_mean(images, grid).sum().backward()
     assert calls == ['scatter_rows_sparse' if threads <= 4 else 'scatter_rows_index_add']
 
 

@@ -63,6 +63,9 @@ def test_bad_arguments_are_refused():
         grid_sample(images, grid.requires_grad_(), 'zeros')
 
 
+_TORCH_GRID_SAMPLE = F.grid_sample       # the real one, for the stand-in below once F.grid_sample is patched
+
+
 class _FirstOrderGridSample(torch.autograd.Function):
     """F.grid_sample as PyTorch 2.4 and 2.11 have it: a backward with no derivative of its own."""
 
@@ -80,9 +83,6 @@ class _FirstOrderGridSample(torch.autograd.Function):
         grad, _ = torch.ops.aten.grid_sampler_2d_backward(grad_output, images, grid, 0, MODES.index(padding_mode), align_corners,
                                                           [True, False])
         return grad, None, None, None, None
-
-
-_TORCH_GRID_SAMPLE = F.grid_sample
 
 
 def test_augmented_r1_on_a_torch_without_grid_samples_second_derivative(monkeypatch):

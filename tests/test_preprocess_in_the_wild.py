@@ -24,13 +24,6 @@ def model():
     return fit_flame.HeadModelAdapter(load_head_model())
 
 
-@pytest.fixture(autouse=True)
-def _restore_threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
 def _landmarks_2d(model, size, yaw=0.2, pitch=0.05, jaw=0.1, seed=0):
     """68 points (continuous pixels) of a synthetic head in a `size` image, and its camera."""
     g = torch.Generator().manual_seed(seed)

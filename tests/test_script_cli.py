@@ -239,6 +239,7 @@ def test_plane_sampling_benchmark_times_three_paths(tmp_path):
     assert [(r[0].strip(), r[1].strip()) for r in rows] == [(t, p) for t in '12' for p in plane_sampling.PATHS]
     assert all(float(r[2]) > 0 and float(r[3]) > 0 and float(r[4]) > 0 for r in rows)
     assert all(r[5].strip() == '1.00x' for r in rows if r[1].strip() == 'grid_sample')
+    assert all(rows[i][2] == rows[i + 1][2] for i in (0, 3))           # sparse and index_add: one forward, timed once
     result = CliRunner().invoke(plane_sampling.main, ['--threads', '1,x', '--outdir', str(tmp_path)])
     assert result.exit_code == 2 and "'1,x' is not a comma-separated list of integers" in result.output
     # Fewer points than a plane's texels: bilinear_mean would take grid_sample's path for all three.

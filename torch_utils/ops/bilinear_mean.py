@@ -62,8 +62,9 @@ class _BilinearMeanCPU(torch.autograd.Function):
     `scatter_rows_sparse` up to SPARSE_MAX_THREADS torch threads, `scatter_rows_index_add`
     above (see them). The backward of small128's 98,304 points on 3 planes of 32 channels
     (benchmarks/plane_sampling.py): 7.9 ms against 24 ms on one thread, 7.4 against 16 ms
-    on two. The limit of 4 extrapolates that (more threads were not measured). embedding_bag's own backward sorts its indices first and is slower still.
-    Gradients reach the images only."""
+    on two. The limit of 4 extrapolates that (more threads were not measured).
+    embedding_bag's own backward sorts its indices first and is slower still. Gradients
+    reach the images only."""
 
     SPARSE_MAX_THREADS = 4      # scatter_rows_sparse (one thread) up to this many torch threads
 
