@@ -300,11 +300,13 @@ def _as_we_call(fn, backend: str):
     memory (see the module's docstring)."""
     import torch._dynamo.config
     import torch._inductor.config
-    # The limit's name before torch 2.6: cache_size_limit.
-    name = 'recompile_limit' if hasattr(torch._dynamo.config, 'recompile_limit') else 'cache_size_limit'
-    limits = {name: RECOMPILE_LIMIT}
-    if hasattr(torch._dynamo.config, 'fail_on_recompile_limit_hit'):
-        limits['fail_on_recompile_limit_hit'] = True
+    # The limit and the flag that raises there, under their old names where this torch lacks
+    # the new ones (torch 2.6 has them only as cache_size_limit and fail_on_cache_limit_hit).
+    config = torch._dynamo.config
+    limits = {'recompile_limit' if hasattr(config, 'recompile_limit') else 'cache_size_limit': RECOMPILE_LIMIT}
+    fail_flag = next((flag for flag in ('fail_on_recompile_limit_hit', 'fail_on_cache_limit_hit') if hasattr(config, flag)), None)
+    if fail_flag is not None:
+        limits[fail_flag] = True
     cuda_graphs = backend == 'cudagraphs'
     inductor = dict(fallback_random=False) if cuda_graphs else {}
 
