@@ -324,6 +324,47 @@ def test_bad_choices_are_refused():
         Next3DLoss.compile_networks(None, 'GD')
 
 
+class _DrawsInBackward(torch.autograd.Function):
+    """The identity, whose backward draws one number from the CPU generator."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        torch.rand(1)
+        return grad
+
+
+@pytest.mark.parametrize('where', ['forward', 'backward'])
+def test_a_compiled_call_that_moves_the_generator_otherwise_than_eager_falls_back(where):
+    """Outputs and gradients equal to eager's, but one more draw than eager's, whose number is not used: in the
+    forward (as aot_eager before torch 2.7, when the draw is the forward's last) or in the backward (torch
+    2.7.1's cudagraphs backend). Every later draw of the run would be another than eager's."""
+    torch.manual_seed(1)
+    module = torch.nn.Linear(3, 2)
+    fast = compiled.Compiled(module, module, 'linear', backend='aot_eager', log=lambda line: None)
+    real = fast.compiled
+
+    def draws_once_more(*args, **kwargs):
+        out = real(*args, **kwargs)
+        if where == 'forward':
+            torch.rand(1)
+            return out
+        return _DrawsInBackward.apply(out)
+    fast.compiled = draws_once_more
+    x = torch.randn(4, 3)
+    torch.manual_seed(2)
+    with pytest.warns(RuntimeWarning, match=f'linear failed its check against eager .*its {where} draws'):
+        out = fast(x)
+    assert fast.failed is not None
+    after = torch.rand(3)
+    torch.manual_seed(2)
+    torch.testing.assert_close(out, module(x))
+    assert torch.equal(after, torch.rand(3))          # the run goes on drawing eager's numbers
+
+
 # --- the cudagraphs backend (on the CPU: traced graphs with eager kernels, no capture) ------------
 
 def test_cudagraphs_backend_matches_eager_and_checks_a_call_after_the_recording_runs(monkeypatch):
@@ -341,6 +382,11 @@ def test_cudagraphs_backend_matches_eager_and_checks_a_call_after_the_recording_
     got = run_twice(fast, compiled_module)
     for w, g in zip(want, got):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+    if _TORCH_VERSION == (2, 7):
+        # torch 2.7.1's cudagraphs backend runs the forward's draw again in the backward (2.6.0 and 2.8.0
+        # on do not): the check refuses the module, and eager runs it.
+        assert 'its backward draws random numbers' in fast.failed
+        return
     assert fast.failed is None and len(fast.checked) == 1
     assert len(exercised) == compiled.RECORD_RUNS == 2      # for the one signature only, not for the second call
     assert len(lines) == 1 and 'matches eager' in lines[0]
@@ -393,13 +439,16 @@ def test_training_loop_through_cudagraphs_trains_as_eager_over_two_rounds(tmp_pa
         fast = tl.training_loop(**th.loop_kwargs(str(tmp_path / 'fast'), data, total_kimg=0.008, batch_gpu=1,
                                                  compile='all', compile_backend='cudagraphs'))
     fallbacks = [str(w.message) for w in caught if str(w.message).startswith('torch.compile:')]
-    assert not fallbacks, fallbacks
-    assert any(line.startswith('torch.compile: G.synthesis compiled') for line in lines), lines
-    assert any(line.startswith('torch.compile: D compiled') for line in lines), lines
-    num_g, num_d = (len(list(fast[name].parameters())) for name in ('G', 'D'))
-    # 4 steps x 2 rounds: G main once, density reg every 2nd step once; D main twice (fakes, reals), R1 every 2nd step once.
-    assert sorted(n for n in owned if n) == sorted([num_g] * (8 + 4) + [num_d] * (16 + 4)), owned      # (0: the other network)
-    assert any(line.startswith('torch.compile: G.sample_mixed compiled') for line in lines), lines
+    if _TORCH_VERSION == (2, 7):    # G's noise is drawn again in the backward there: see the test above
+        assert fallbacks and all('its backward draws random numbers' in f for f in fallbacks), fallbacks
+    else:
+        assert not fallbacks, fallbacks
+        assert any(line.startswith('torch.compile: G.synthesis compiled') for line in lines), lines
+        assert any(line.startswith('torch.compile: D compiled') for line in lines), lines
+        num_g, num_d = (len(list(fast[name].parameters())) for name in ('G', 'D'))
+        # 4 steps x 2 rounds: G main once, density reg every 2nd step once; D main twice (fakes, reals), R1 every 2nd step once.
+        assert sorted(n for n in owned if n) == sorted([num_g] * (8 + 4) + [num_d] * (16 + 4)), owned      # (0: the other network)
+        assert any(line.startswith('torch.compile: G.sample_mixed compiled') for line in lines), lines
     for name in ('G', 'D', 'G_ema'):
         a, b = fast[name].state_dict(), eager[name].state_dict()
         for k in b:
@@ -551,8 +600,7 @@ def test_aot_eager_keeps_a_random_draw_whose_result_is_unused(monkeypatch):
     module = Draws()
     fast = compiled.Compiled(module, module, 'draws', backend='aot_eager', log=lambda line: None)
     # Older aot_eager drops the draw whatever the flag, and the check must catch it: seen with
-    # torch 2.4.1, 2.5.1 and 2.6.0. 2.8.0, 2.9.1, 2.11.0 and 2.13.0 keep it. 2.7 was not tried:
-    # either outcome passes there, as long as the result is eager's.
+    # torch 2.4.1, 2.5.1 and 2.6.0; 2.7.1, 2.8.0, 2.9.1, 2.11.0 and 2.13.0 keep it.
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter('always')
         torch.manual_seed(3)
@@ -560,7 +608,7 @@ def test_aot_eager_keeps_a_random_draw_whose_result_is_unused(monkeypatch):
     fell_back = any('draws failed its check against eager' in str(w.message) for w in caught)
     if _TORCH_VERSION <= (2, 6):
         assert fell_back
-    if _TORCH_VERSION >= (2, 8):
+    if _TORCH_VERSION >= (2, 7):
         assert not fell_back, [str(w.message) for w in caught]
     assert (fast.failed is not None) == fell_back
     torch.manual_seed(3)

@@ -186,7 +186,9 @@ class Compiled:
             return from_start(self.fn)
         seconds = time.time() - start
         buffers_after = [b.detach().clone() for b in self.module.buffers()]
+        generator_after = torch.get_rng_state()
         ref = from_start(self.fn, check_args, check_kwargs)
+        generators_after = (generator_after, torch.get_rng_state())
 
         def eager_nudged(projections, attempt):
             """Gradients (parameters, then inputs) of eager from the same state with the floating
@@ -211,7 +213,7 @@ class Compiled:
                     p.data = original
 
         try:
-            errors = self._compare(out, ref, buffers_after, check_args, check_kwargs, eager_nudged)
+            errors = self._compare(out, ref, buffers_after, generators_after, check_args, check_kwargs, eager_nudged)
         except Exception as e:      # includes a backward the compiler cannot build
             self._fall_back(f'failed its check against eager ({type(e).__name__}: {_first_line(e)})')
             return from_start(self.fn)
@@ -231,9 +233,17 @@ class Compiled:
             self._fall_back(f'failed to compile ({type(e).__name__}: {_first_line(e)})')
             return from_start(self.fn)
 
-    def _compare(self, out, ref, buffers_after, args, kwargs, eager_nudged):
+    def _compare(self, out, ref, buffers_after, generators_after, args, kwargs, eager_nudged):
         """(output error, gradient error, the name of the parameter or input it is at); raises
         CompileCheckFailed on a mismatch.
+
+        generators_after: the CPU generator's state after the compiled and after the eager
+        forward (from the same state): the compiled call must draw as many numbers there, and
+        its backward as many as eager's (none). Outputs alone miss a draw whose numbers are
+        not used (aot_eager before torch 2.7 drops one; the 'cudagraphs' backend of torch
+        2.7.1 runs the forward's draw again in the backward), yet it moves every later
+        draw of the run. CUDA generators are not compared: a CUDA graph advances theirs by
+        its own bookkeeping (not tried on a GPU).
 
         eager_nudged(projections, attempt) -> the gradients of eager with the weights and inputs
         x (1 +- NUDGE), signs drawn by nudge_generator(attempt); called only when a gradient
@@ -248,6 +258,8 @@ class Compiled:
                             [misc.relative_error(b, r) for b, r in zip(buffers_after, self.module.buffers())], default=0.0)
         if not forward_error <= FORWARD_TOL:
             raise CompileCheckFailed(f'output error {forward_error:.3g} > {FORWARD_TOL:g}')
+        if not torch.equal(*generators_after):
+            raise CompileCheckFailed('its forward draws other random numbers than eager\'s (the CPU generator ends elsewhere)')
         gradient_error, where = 0.0, None
         differentiable = [(o, r) for o, r in pairs if r.requires_grad and r.is_floating_point()]
         if differentiable:
@@ -257,8 +269,13 @@ class Compiled:
             names = [n for n, _ in named] + [f'input {i}' for i in range(len(leaves) - len(params))]
             gen = torch.Generator(device=differentiable[0][1].device).manual_seed(0)
             projections = [torch.randn(r.shape, generator=gen, device=r.device, dtype=r.dtype) for _, r in differentiable]
+            generator = torch.get_rng_state()
             got = _gradients([o for o, _ in differentiable], projections, leaves)
+            generator_after = torch.get_rng_state()
+            torch.set_rng_state(generator)
             want = _gradients([r for _, r in differentiable], projections, leaves)
+            if not torch.equal(generator_after, torch.get_rng_state()):
+                raise CompileCheckFailed('its backward draws random numbers that eager\'s does not (the CPU generator moves)')
             errors = [_gradient_error(g, w) for g, w in zip(got, want)]
             gradient_error, where = max(zip(errors, names), default=(0.0, None))
             floors = [0.0] * len(errors)        # the largest change of eager's gradient over the nudges so far
