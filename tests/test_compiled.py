@@ -339,9 +339,9 @@ class _DrawsInBackward(torch.autograd.Function):
 
 @pytest.mark.parametrize('where', ['forward', 'backward'])
 def test_a_compiled_call_that_moves_the_generator_otherwise_than_eager_falls_back(where):
-    """Outputs and gradients equal to eager's, but one more draw than eager's, whose number is not used: in the
-    forward (as aot_eager before torch 2.7, when the draw is the forward's last) or in the backward (torch
-    2.7.1's cudagraphs backend). Every later draw of the run would be another than eager's."""
+    """Outputs and gradients equal to eager's, but one draw more than eager's, whose number is not used, in the
+    forward or in the backward (torch 2.7.1's cudagraphs backend; aot_eager before torch 2.7 drops one draw
+    instead, which the same comparison sees): every later draw of the run would be another than eager's."""
     torch.manual_seed(1)
     module = torch.nn.Linear(3, 2)
     fast = compiled.Compiled(module, module, 'linear', backend='aot_eager', log=lambda line: None)
@@ -359,10 +359,13 @@ def test_a_compiled_call_that_moves_the_generator_otherwise_than_eager_falls_bac
     with pytest.warns(RuntimeWarning, match=f'linear failed its check against eager .*its {where} draws'):
         out = fast(x)
     assert fast.failed is not None
+    out.sum().backward()
     after = torch.rand(3)
     torch.manual_seed(2)
-    torch.testing.assert_close(out, module(x))
-    assert torch.equal(after, torch.rand(3))          # the run goes on drawing eager's numbers
+    ref = module(x)
+    ref.sum().backward()
+    torch.testing.assert_close(out, ref)
+    assert torch.equal(after, torch.rand(3))          # after a forward and a backward, the run draws eager's numbers
 
 
 # --- the cudagraphs backend (on the CPU: traced graphs with eager kernels, no capture) ------------

@@ -193,13 +193,19 @@ def test_two_processes_gloo(toy_data, tmp_path):
     context = mp.start_processes(th.run_rank, args=(2, init_file, kwargs, str(tmp_path)), nprocs=2, start_method='spawn', join=False)
     # Bounded: once (torch 2.4.1, a loaded machine) rank 0 never returned from destroy_process_group
     # after rank 1 had exited; a hang here would stop the whole suite.
-    deadline = time.time() + 600
-    while not context.join(timeout=1):
-        if time.time() > deadline:
-            for process in context.processes:
+    limit = 600
+    deadline = time.time() + limit
+    try:
+        while not context.join(timeout=1):
+            if time.time() > deadline:
+                pytest.fail(f'a rank was still running after {limit} s (a rank writes its result after its process group is '
+                            'destroyed): ' + ', '.join(f'rank {r} {"wrote" if os.path.exists(tmp_path / f"rank{r}.pt") else "did not write"} '
+                                                       f'its result, exit code {p.exitcode}' for r, p in enumerate(context.processes)))
+    finally:        # also on Ctrl-C: no rank is left running
+        for process in context.processes:
+            if process.is_alive():
                 process.kill()
-            pytest.fail('a rank was still running after 600 s: ' + ', '.join(
-                f'rank {r} {"wrote" if os.path.exists(tmp_path / f"rank{r}.pt") else "did not write"} its result' for r in (0, 1)))
+                process.join(10)
     r0, r1 = (torch.load(str(tmp_path / f'rank{r}.pt')) for r in (0, 1))
     assert len(r0['real_indices']) == len(r1['real_indices']) == 4     # 2 steps x 2 items per rank
     assert not set(r0['real_indices']) & set(r1['real_indices'])

@@ -5,9 +5,10 @@
 dtypes, devices and requires_grad, the other arguments, grad mode, training mode, which
 parameters require grad) is a self-check: the compiled call is timed (that time, mostly compiling, is
 logged), then the same call runs in eager mode from the same RNG state and buffers, and
-the outputs, the buffers written and, when the output needs a gradient, the gradients of
-a fixed random projection of the output with respect to every parameter and input that
-requires grad are compared. An exception on that first call (no C++ compiler, no triton,
+the outputs, the buffers written, where the CPU generator ends and, when the output needs a
+gradient, the gradients of a fixed random projection of the output with respect to every
+parameter and input that requires grad (and where the CPU generator ends after them) are
+compared. An exception on that first call (no C++ compiler, no triton,
 a compiler bug) or a mismatch warns once and the eager module is used from then on; so
 does a compiler error on a later call.
 
@@ -50,7 +51,9 @@ graph writes its outputs into memory of its own, which its next run overwrites):
   - its graphs are traced with fallback_random off: with it on, each backward of these
     graphs drew the forward's random numbers again (the calls after it then drew other
     numbers than eager). Off, a draw whose result is unused is dropped from the graph, and
-    the check then refuses the network (no network of ours has one);
+    the check then refuses the network (no network of ours has one): always for a draw on
+    the CPU generator, on a GPU only where a later draw's output shows it (CUDA generators
+    are not compared, see _compare);
   - the gradients its backward leaves in the parameters' .grad live in graph memory too
     (AccumulateGrad keeps the tensor it is given): callers take them over with
     own_gradients() after each backward, or the next run would overwrite gradients still
@@ -239,11 +242,13 @@ class Compiled:
 
         generators_after: the CPU generator's state after the compiled and after the eager
         forward (from the same state): the compiled call must draw as many numbers there, and
-        its backward as many as eager's (none). Outputs alone miss a draw whose numbers are
+        its backward as many as eager's backward. Outputs alone miss a draw whose numbers are
         not used (aot_eager before torch 2.7 drops one; the 'cudagraphs' backend of torch
         2.7.1 runs the forward's draw again in the backward), yet it moves every later
         draw of the run. CUDA generators are not compared: a CUDA graph advances theirs by
-        its own bookkeeping (not tried on a GPU).
+        its own bookkeeping (not tried on a GPU), so on a GPU neither case is seen here.
+        (A custom autograd.Function that draws in its backward is refused: the compiled
+        graphs draw that number in the forward.)
 
         eager_nudged(projections, attempt) -> the gradients of eager with the weights and inputs
         x (1 +- NUDGE), signs drawn by nudge_generator(attempt); called only when a gradient
