@@ -11,6 +11,7 @@ also works for parameters that some phases do not touch.
 """
 
 import os
+import time
 
 import torch
 
@@ -53,8 +54,19 @@ def barrier():
         torch.distributed.barrier()
 
 
+# Before torch 2.8 (pytorch/pytorch#154976) the process group's destructor joins gloo's worker
+# threads holding the GIL, while a worker may still be freeing a finished collective whose
+# tensors Python has dropped, which takes the GIL: a deadlock (seen in about 1 of 7 runs of a
+# two-rank gloo script with torch 2.6, and in the suite's two-process test with 2.4.1 and 2.6.0).
+# Sleeping first (which lets the GIL go) gives them the time to finish.
+GLOO_DRAIN_SECONDS = 0.05
+
+
 def shutdown():
+    """Leave the process group (after GLOO_DRAIN_SECONDS with gloo, see above)."""
     if is_initialized():
+        if torch.distributed.get_backend() == 'gloo':
+            time.sleep(GLOO_DRAIN_SECONDS)
         torch.distributed.destroy_process_group()
 
 
