@@ -10,6 +10,9 @@ from training import configs
 from training.networks_stylegan2 import Generator
 from training.networks_stylegan2 import MappingNetwork
 from training.networks_stylegan2 import MinibatchStdLayer
+from training.networks_stylegan2 import SynthesisLayer
+from training.networks_stylegan2 import ToRGBLayer
+from training.networks_stylegan2 import demodulation_coefficients
 from training.networks_stylegan2 import modulated_conv2d
 from training.style_unet import StyleUNet
 from training.superresolution import SuperResolution
@@ -69,6 +72,66 @@ def test_modulated_conv2d_without_demodulation_is_a_scaled_conv():
     out = modulated_conv2d(x, weight, styles, demodulate=False)
     expected = torch.einsum('oi,ni,nihw->nohw', weight[:, :, 0, 0], styles, x)
     torch.testing.assert_close(out, expected)
+
+
+def test_demodulation_coefficients_are_the_inverse_norms_of_the_modulated_filters():
+    torch.manual_seed(0)
+    weight = torch.randn(5, 4, 3, 3, dtype=torch.float64)
+    styles = torch.randn(3, 4, dtype=torch.float64)
+    modulated = weight.unsqueeze(0) * styles.reshape(3, 1, 4, 1, 1)               # [N, O, I, kh, kw]
+    expected = (modulated.square().sum(dim=[2, 3, 4]) + 1e-8).rsqrt()
+    torch.testing.assert_close(demodulation_coefficients(weight, styles), expected, rtol=1e-12, atol=0)
+
+
+def _layer_inputs(layer, batch=3):
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.copy_(torch.randn_like(p) * 0.5 + (1 if p.ndim == 0 else 0))        # noise_strength, bias: nonzero
+    res = layer.resolution // layer.up if isinstance(layer, SynthesisLayer) else 8
+    return torch.randn(batch, layer.in_channels, res, res), torch.randn(batch, layer.w_dim)
+
+
+@pytest.mark.parametrize('activation, up, conv_clamp, gain', [('lrelu', 1, None, 1), ('lrelu', 2, 0.5, 1),
+                                                             ('linear', 1, None, 0.5), ('relu', 1, 0.7, 2)])
+@pytest.mark.parametrize('noise_mode', ['const', 'random', 'none'])
+def test_synthesis_layer_cpu_inference_path_matches_the_recorded_one(monkeypatch, activation, up, conv_clamp, gain, noise_mode):
+    """Without a graph to record, the unfused CPU forward folds demodulation, noise, bias and
+    gain into one addcmul: the same values as the path autograd records (rounding only), and
+    taken only where nothing records a graph."""
+    layer = SynthesisLayer(6, 5, w_dim=4, resolution=16, up=up, activation=activation, conv_clamp=conv_clamp)
+    x, w = _layer_inputs(layer)
+    taken = []
+    original = SynthesisLayer._forward_cpu_inference
+    monkeypatch.setattr(SynthesisLayer, '_forward_cpu_inference', lambda *a: taken.append(1) or original(*a))
+    torch.manual_seed(2)
+    recorded = layer(x, w, noise_mode=noise_mode, fused_modconv=False, gain=gain)       # parameters require grad
+    assert recorded.requires_grad and not taken
+    torch.manual_seed(2)                                                                 # the same random noise
+    with torch.no_grad():
+        fast = layer(x, w, noise_mode=noise_mode, fused_modconv=False, gain=gain)
+    assert taken == [1]
+    torch.testing.assert_close(fast, recorded.detach(), rtol=1e-5, atol=1e-5)
+    assert fast.abs().max() > 0.1
+    if conv_clamp is not None:
+        assert fast.abs().max() <= conv_clamp * gain and recorded.abs().max() > conv_clamp * gain * 0.99
+    layer.requires_grad_(False)                                   # no parameter and no input requiring grad
+    torch.manual_seed(2)
+    torch.testing.assert_close(layer(x, w, noise_mode=noise_mode, fused_modconv=False, gain=gain), fast, rtol=0, atol=0)
+    assert taken == [1, 1]
+
+
+def test_torgb_cpu_inference_path_matches_the_recorded_one():
+    layer = ToRGBLayer(6, 3, w_dim=4, conv_clamp=0.8)
+    x, w = _layer_inputs(layer)
+    recorded = layer(x, w, fused_modconv=False)
+    with torch.no_grad():
+        fast = layer(x, w, fused_modconv=False)
+        fused = layer(x, w, fused_modconv=True)
+    assert recorded.requires_grad
+    torch.testing.assert_close(fast, recorded.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fused, recorded.detach(), rtol=1e-5, atol=1e-5)
+    assert fast.abs().max() == 0.8 and (fast.abs() < 0.8).any()
 
 
 # --- mapping ---------------------------------------------------------------------------------

@@ -675,19 +675,42 @@ def test_decoder_cpu_path_gradcheck(monkeypatch):
 
 
 def test_decoder_cpu_softplus_matches_torch(monkeypatch):
-    """The decoder's exp2-based softplus: within 1e-6 of float64's from -20 up (torch's own
-    float32 is within 1.2e-7), within 1e-14 below, torch's identity above the threshold, in
-    place or not."""
+    """The decoder's exp2-based softplus: within 1e-6 of float64's from -20 up to its limit
+    of 80 (torch's own float32 is within 1.2e-7; above torch's threshold of 20, within 2e-7
+    of torch's identity), within 1e-14 below, torch's own past the limit, in place or not,
+    with a bias added in its first pass or not."""
     torch_softplus = torch.ops.aten.softplus.out
     calls = []
     monkeypatch.setattr(triplane_decoder.torch.ops.aten.softplus, 'out', lambda *a, **k: calls.append(1) or torch_softplus(*a, **k))
-    x = torch.linspace(-60, 19.9, 200001, dtype=torch.float32)
+    x = torch.linspace(-60, triplane_decoder.EXP2_SAFE_MAX, 200001, dtype=torch.float32)
     exact = torch.nn.functional.softplus(x.double())
     got = triplane_decoder.softplus_cpu(x, torch.empty_like(x))
     assert not calls                                  # the exp2 path, not torch's softplus
     relative = (got.double() - exact).abs() / exact
     assert relative[x >= -20].max() < 1e-6
     assert (got.double() - exact)[x < -20].abs().max() < 1e-14
+    above = x > 20
+    assert ((got - x).abs() / x)[above].max() < 2e-7          # torch's float32 softplus is x itself there
+    # The bias (along the last dimension) in the first pass: softplus(pre + bias), also in place.
+    pre = x[:199680].reshape(-1, 64) - 0.5
+    bias = torch.linspace(-0.5, 0.5, 64)
+    exact = torch.nn.functional.softplus(pre.double() + bias.double())
+    for out in (torch.empty_like(pre), pre.clone()):
+        with_bias = triplane_decoder.softplus_cpu(pre if out.data_ptr() != pre.data_ptr() else out, out, bias=bias)
+        keep = (pre + bias >= -20) & (pre + bias <= triplane_decoder.EXP2_SAFE_MAX - 1)
+        assert ((with_bias.double() - exact).abs() / exact)[keep].max() < 1e-6
+    biased_in_place = pre.clone()
+    assert triplane_decoder.softplus_cpu(biased_in_place, biased_in_place, bias=bias) is biased_in_place
+    assert not calls
+    # Past the limit by the bound max(pre) + max(bias): torch's own of pre + bias, in place or not.
+    pre, bias = torch.tensor([[79.5, -1.0]]), torch.tensor([0.0, 1.0])
+    want = torch.nn.functional.softplus(pre + bias)
+    torch.testing.assert_close(triplane_decoder.softplus_cpu(pre, torch.empty_like(pre), bias=bias), want, atol=0, rtol=0)
+    assert calls and torch.equal(pre, torch.tensor([[79.5, -1.0]]))     # pre itself untouched when out is not pre
+    calls.clear()
+    torch.testing.assert_close(triplane_decoder.softplus_cpu(pre, pre, bias=bias), want, atol=0, rtol=0)
+    assert calls
+    calls.clear()
     in_place = x.clone()
     assert triplane_decoder.softplus_cpu(in_place, in_place) is in_place
     torch.testing.assert_close(in_place, got, atol=0, rtol=0)

@@ -225,6 +225,11 @@ def keep_gradient_layout(x: torch.Tensor) -> torch.Tensor:
     return _GradientInLayout.apply(x)
 
 
+def records_graph(*tensors) -> bool:
+    """Whether autograd records operations on these tensors (None entries are skipped)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def split_keeping_gradient_layout(x: torch.Tensor) -> tuple:
     """x.split(1) (views of its items along dim 0) whose backward writes the items' gradients
     into one gradient in x's memory layout: split's own backward concatenates them

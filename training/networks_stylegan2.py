@@ -76,16 +76,8 @@ def modulated_conv2d(
         weight = weight * (1 / math.sqrt(in_channels * kh * kw) / weight.norm(float('inf'), dim=[1, 2, 3], keepdim=True))
         styles = styles / styles.norm(float('inf'), dim=1, keepdim=True)
 
-    w = None
-    dcoefs = None
-    if demodulate or fused_modconv:
-        w = weight.unsqueeze(0) * styles.reshape(batch_size, 1, -1, 1, 1)       # [NOIkk]
-    if demodulate:
-        dcoefs = (w.square().sum(dim=[2, 3, 4]) + 1e-8).rsqrt()                  # [NO]
-    if demodulate and fused_modconv:
-        w = w * dcoefs.reshape(batch_size, -1, 1, 1, 1)
-
     if not fused_modconv:
+        dcoefs = demodulation_coefficients(weight, styles) if demodulate else None
         x = x * styles.to(x.dtype).reshape(batch_size, -1, 1, 1)
         x = conv2d_resample.conv2d_resample(x, weight.to(x.dtype), f=resample_filter, up=up, down=down, padding=padding, flip_weight=flip_weight)
         if demodulate and noise is not None:
@@ -97,6 +89,9 @@ def modulated_conv2d(
         return x
 
     # One grouped convolution with a weight per sample.
+    w = weight.unsqueeze(0) * styles.reshape(batch_size, 1, -1, 1, 1)           # [NOIkk]
+    if demodulate:
+        w = w * (w.square().sum(dim=[2, 3, 4]) + 1e-8).rsqrt().reshape(batch_size, -1, 1, 1, 1)
     x = x.reshape(1, -1, *x.shape[2:])
     w = w.reshape(-1, in_channels, kh, kw)
     x = conv2d_resample.conv2d_resample(x, w.to(x.dtype), f=resample_filter, up=up, down=down, padding=padding, groups=batch_size, flip_weight=flip_weight)
@@ -104,6 +99,15 @@ def modulated_conv2d(
     if noise is not None:
         x = x + noise.to(x.dtype)
     return x
+
+
+def demodulation_coefficients(weight: torch.Tensor, styles: torch.Tensor) -> torch.Tensor:
+    """StyleGAN2's demodulation: 1 / sqrt(|weight[o] * styles[n]|^2 + 1e-8) per sample and
+    output filter, weight [O, I, kh, kw], styles [N, I] -> [N, O]. The squared norm is
+    sum_i styles[n, i]^2 sum_k weight[o, i, k]^2, one [N, I] x [I, O] product: the unfused
+    convolution never forms the [N, O, I, kh, kw] modulated weights (only the rounding
+    differs from summing those)."""
+    return (styles.square() @ weight.square().sum(dim=[2, 3]).t() + 1e-8).rsqrt()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -317,10 +321,37 @@ class SynthesisLayer(torch.nn.Module):
             noise = torch.randn([x.shape[0], 1, self.resolution, self.resolution], device=x.device) * self.noise_strength
         if self.use_noise and noise_mode == 'const':
             noise = self.noise_const * self.noise_strength
+        clamp = self.conv_clamp * gain if self.conv_clamp is not None else None
+        act_gain = self.act_gain * gain
+        if (not fused_modconv and x.device.type == 'cpu' and x.dtype == torch.float32 and act_gain > 0
+                and self.activation in ('linear', 'relu', 'lrelu') and not misc.records_graph(x, styles, self.weight, self.bias, noise)):
+            return self._forward_cpu_inference(x, styles, noise, act_gain, clamp)
         x = modulated_conv2d(x, self.weight, styles, noise=noise, up=self.up, padding=self.padding,
                              resample_filter=self.resample_filter, flip_weight=(self.up == 1), fused_modconv=fused_modconv)
-        clamp = self.conv_clamp * gain if self.conv_clamp is not None else None
-        return bias_act.bias_act(x, self.bias.to(x.dtype), act=self.activation, gain=self.act_gain * gain, clamp=clamp)
+        return bias_act.bias_act(x, self.bias.to(x.dtype), act=self.activation, gain=act_gain, clamp=clamp)
+
+    def _forward_cpu_inference(self, x: torch.Tensor, styles: torch.Tensor, noise: Optional[torch.Tensor], gain: float,
+                               clamp: Optional[float]) -> torch.Tensor:
+        """The unfused forward in float32 on the CPU when nothing records a graph: the shared
+        convolution of x * styles, then demodulation, noise, bias and gain as one addcmul
+        written over the convolution's output, then the activation in place. Three passes
+        over the output where modulated_conv2d + bias_act take four, and one new tensor
+        where they make three. The same maths for a positive gain (linear, relu and lrelu
+        commute with it); only the rounding differs."""
+        batch_size = x.shape[0]
+        x = x * styles.reshape(batch_size, -1, 1, 1)
+        x = conv2d_resample.conv2d_resample(x, self.weight, f=self.resample_filter, up=self.up, padding=self.padding,
+                                            flip_weight=(self.up == 1))
+        scale = (demodulation_coefficients(self.weight, styles) * gain).reshape(batch_size, -1, 1, 1)
+        offset = (self.bias * gain).reshape(1, -1, 1, 1)
+        if noise is not None:       # bias + noise [1 or N, O, H, W], laid out as x (a strided one slows addcmul)
+            offset = torch.add(offset, noise, alpha=gain, out=torch.empty_like(x[:1] if noise.ndim < 4 or len(noise) == 1 else x))
+        x = torch.addcmul(offset, x, scale, out=x)
+        if self.activation == 'lrelu':
+            x = torch.nn.functional.leaky_relu_(x, bias_act.ACTIVATIONS['lrelu'].alpha)
+        elif self.activation == 'relu':
+            x = torch.nn.functional.relu_(x)
+        return x.clamp_(-clamp, clamp) if clamp is not None else x
 
     def extra_repr(self):
         return (f'in_channels={self.in_channels}, out_channels={self.out_channels}, w_dim={self.w_dim}, '
@@ -351,6 +382,13 @@ class ToRGBLayer(torch.nn.Module):
     def forward(self, x: torch.Tensor, w: torch.Tensor, fused_modconv: bool = True) -> torch.Tensor:
         """x [N, in, H, W], w [N, w_dim] -> [N, out, H, W] in x's dtype."""
         styles = self.affine(w) * self.weight_gain
+        if (not fused_modconv and x.device.type == 'cpu' and x.dtype == torch.float32
+                and not misc.records_graph(x, styles, self.weight, self.bias)):
+            # CPU inference: oneDNN adds the bias inside the convolution, not in a pass of its own.
+            x = x * styles.reshape(x.shape[0], -1, 1, 1)
+            x = torch.nn.functional.conv2d(x.contiguous(memory_format=torch.channels_last),
+                                           self.weight.contiguous(memory_format=torch.channels_last), self.bias)
+            return x.clamp_(-self.conv_clamp, self.conv_clamp) if self.conv_clamp is not None else x
         x = modulated_conv2d(x, self.weight, styles, demodulate=False, fused_modconv=fused_modconv)
         return bias_act.bias_act(x, self.bias.to(x.dtype), clamp=self.conv_clamp)
 

@@ -84,7 +84,9 @@ class _BilinearMeanCPU(torch.autograd.Function):
         for k, size in ((0, width), (1, height)):
             # Texel coordinate, points first (B, N, P), as grid_sample unnormalizes it
             # (align_corners=False: texel centres at integers).
-            t = grid[..., k].transpose(1, 2).add(1)
+            # Written points first: an add keeps the grid's P-first layout, which every tensor
+            # made from t would inherit (the texel indices' reshape below would then copy them).
+            t = torch.add(grid[..., k].transpose(1, 2), 1, out=grid.new_empty(batch_size, num_points, num_images))
             t.mul_(size).sub_(1).div_(2)
             t0 = t.floor()
             w1 = t.sub_(t0)                                        # weight of the upper corner
