@@ -134,6 +134,48 @@ def test_torgb_cpu_inference_path_matches_the_recorded_one():
     assert fast.abs().max() == 0.8 and (fast.abs() < 0.8).any()
 
 
+@pytest.mark.parametrize('conv_clamp', [None, 0.8])
+@pytest.mark.parametrize('channels_last', [True, False])
+def test_torgb_adds_to_the_callers_tensor(conv_clamp, channels_last):
+    """add_to + torgb(x): in place on a channels-last add_to without a clamp (CPU inference),
+    else a new tensor; the clamp applies to torgb's output before the sum."""
+    layer = ToRGBLayer(6, 3, w_dim=4, conv_clamp=conv_clamp)
+    x, w = _layer_inputs(layer)
+    x = x.contiguous(memory_format=torch.channels_last)
+    base = torch.randn(3, 3, 8, 8)
+    make = lambda: base.contiguous(memory_format=torch.channels_last) if channels_last else base.clone()
+    expected = base + layer(x, w, fused_modconv=False).detach()           # the recorded path
+    assert torch.equal(layer(x, w, fused_modconv=False, add_to=make()).detach(), base + layer(x, w, fused_modconv=False).detach())
+    with torch.no_grad():
+        add_to = make()
+        out = layer(x, w, fused_modconv=False, add_to=add_to)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    in_place = channels_last and conv_clamp is None
+    assert (out.data_ptr() == add_to.data_ptr()) == in_place
+    if not in_place:
+        assert torch.equal(add_to, base)
+
+
+def test_synthesis_block_cpu_inference_matches_the_recorded_one():
+    from training.networks_stylegan2 import SynthesisBlock
+    torch.manual_seed(0)
+    block = SynthesisBlock(8, 6, w_dim=4, resolution=16, img_channels=5, is_last=False, fused_modconv_default=False)
+    with torch.no_grad():
+        for p in block.parameters():
+            p.copy_(torch.randn_like(p) * 0.5 + (1 if p.ndim == 0 else 0))
+    x = torch.randn(3, 8, 8, 8).contiguous(memory_format=torch.channels_last)
+    img = torch.randn(3, 5, 8, 8).contiguous(memory_format=torch.channels_last)
+    ws = torch.randn(3, block.num_conv + block.num_torgb, 4)
+    img_before = img.clone()
+    x_rec, img_rec = block(x, img, ws, noise_mode='const')
+    with torch.no_grad():
+        x_fast, img_fast = block(x, img, ws, noise_mode='const')
+    assert img_rec.requires_grad and img_fast.shape == (3, 5, 16, 16)
+    torch.testing.assert_close(x_fast, x_rec.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(img_fast, img_rec.detach(), rtol=1e-5, atol=1e-5)
+    assert torch.equal(img, img_before)                         # the caller's img is left alone
+
+
 # --- mapping ---------------------------------------------------------------------------------
 
 def test_mapping_truncation_and_w_avg_tracking():

@@ -379,18 +379,35 @@ class ToRGBLayer(torch.nn.Module):
         self.bias = torch.nn.Parameter(torch.zeros([out_channels]))
         self.weight_gain = 1 / math.sqrt(in_channels * kernel_size ** 2)
 
-    def forward(self, x: torch.Tensor, w: torch.Tensor, fused_modconv: bool = True) -> torch.Tensor:
-        """x [N, in, H, W], w [N, w_dim] -> [N, out, H, W] in x's dtype."""
+    def forward(self, x: torch.Tensor, w: torch.Tensor, fused_modconv: bool = True, add_to: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x [N, in, H, W], w [N, w_dim] -> [N, out, H, W] in x's dtype; with add_to ([N, out, H, W]
+        float32, a tensor of the caller's that may be overwritten), add_to + that in float32."""
         styles = self.affine(w) * self.weight_gain
-        if (not fused_modconv and x.device.type == 'cpu' and x.dtype == torch.float32
-                and not misc.records_graph(x, styles, self.weight, self.bias)):
-            # CPU inference: oneDNN adds the bias inside the convolution, not in a pass of its own.
-            x = x * styles.reshape(x.shape[0], -1, 1, 1)
-            x = torch.nn.functional.conv2d(x.contiguous(memory_format=torch.channels_last),
-                                           self.weight.contiguous(memory_format=torch.channels_last), self.bias)
-            return x.clamp_(-self.conv_clamp, self.conv_clamp) if self.conv_clamp is not None else x
+        if (not fused_modconv and x.device.type == 'cpu' and x.dtype == torch.float32 and self.weight.shape[-1] == 1
+                and not misc.records_graph(x, styles, self.weight, self.bias, add_to)):
+            return self._forward_cpu_inference(x, styles, add_to)
         x = modulated_conv2d(x, self.weight, styles, demodulate=False, fused_modconv=fused_modconv)
-        return bias_act.bias_act(x, self.bias.to(x.dtype), clamp=self.conv_clamp)
+        x = bias_act.bias_act(x, self.bias.to(x.dtype), clamp=self.conv_clamp)
+        return x if add_to is None else add_to + x.to(torch.float32)
+
+    def _forward_cpu_inference(self, x: torch.Tensor, styles: torch.Tensor, add_to: Optional[torch.Tensor]) -> torch.Tensor:
+        """The 1x1 modulated convolution on the CPU in float32 when nothing records a graph: per
+        image one matrix product of the channels-last pixels [H W, in] with the styled weight
+        [in, out] (the styles scale the weight, not x), accumulated into add_to in place when
+        that is channels last and nothing is clamped, then the bias in one pass. torch runs a
+        1x1 convolution of a small batch on one thread as its generic kernel, which first
+        copies the bias into its output; here neither x * styles nor the sum with add_to
+        takes a pass of its own. The same maths; only the rounding differs."""
+        batch_size, channels, height, width = x.shape
+        rows = x.permute(0, 2, 3, 1).reshape(batch_size, height * width, channels)     # a view of channels-last x
+        weight = styles.unsqueeze(2) * self.weight.reshape(self.out_channels, channels).t()    # [N, in, out]
+        if add_to is not None and self.conv_clamp is None and add_to.is_contiguous(memory_format=torch.channels_last):
+            add_to.permute(0, 2, 3, 1).view(batch_size, height * width, self.out_channels).baddbmm_(rows, weight)
+            return add_to.add_(self.bias.reshape(1, -1, 1, 1))
+        y = torch.baddbmm(self.bias, rows, weight).view(batch_size, height, width, self.out_channels).permute(0, 3, 1, 2)
+        if self.conv_clamp is not None:
+            y = y.clamp_(-self.conv_clamp, self.conv_clamp)
+        return y if add_to is None else add_to + y
 
     def extra_repr(self):
         return f'in_channels={self.in_channels}, out_channels={self.out_channels}, w_dim={self.w_dim}'
@@ -474,11 +491,11 @@ class SynthesisBlock(torch.nn.Module):
 
         if img is not None:
             misc.assert_shape(img, [None, self.img_channels, self.resolution // self.up, self.resolution // self.up], f'b{self.resolution} img')
-            if self.up > 1:
+            if self.up > 1:         # a tensor of this block's: torgb may add to it in place
                 img = upfirdn2d.upsample2d(img, self.resample_filter, up=self.up)
-        y = self.torgb(x, next(w_iter), fused_modconv=fused_modconv).to(torch.float32)
-        img = img + y if img is not None else y
-        return x, img
+                return x, self.torgb(x, next(w_iter), fused_modconv=fused_modconv, add_to=img)
+            return x, img + self.torgb(x, next(w_iter), fused_modconv=fused_modconv).to(torch.float32)
+        return x, self.torgb(x, next(w_iter), fused_modconv=fused_modconv).to(torch.float32)
 
     def extra_repr(self):
         return f'resolution={self.resolution}, up={self.up}, use_fp16={self.use_fp16}'
