@@ -347,6 +347,20 @@ def test_sample_importance_as_eg3d():
     np.testing.assert_allclose(fine[0, 0, :, 0].numpy(), inverse_cdf_numpy(edges, inner, u[0].numpy()), atol=1e-12, rtol=0)
 
 
+def test_sample_importance_smooths_as_torchs_pooling_bit_for_bit():
+    """The smoothing written as elementwise ops gives EG3D's max_pool1d + avg_pool1d values
+    exactly (float32, random weights with zeros), so the fine depths are the same bits."""
+    torch.manual_seed(0)
+    depths = torch.sort(torch.rand(2, 300, 24, 1) * 2 + 2, dim=2)[0]
+    weights = torch.rand(2, 300, 23, 1) * (torch.rand(2, 300, 23, 1) > 0.3)
+    w = torch.nn.functional.max_pool1d(weights.reshape(600, 1, 23), kernel_size=2, stride=1, padding=1)
+    w = torch.nn.functional.avg_pool1d(w, kernel_size=2, stride=1).squeeze(1) + 0.01
+    t = depths.reshape(600, 24)
+    mids = (t[:, :-1] + t[:, 1:]) / 2
+    expected = sample_pdf(mids[:, :-1], w[:, 1:-1], 16, deterministic=True).reshape(2, 300, 16, 1)
+    assert torch.equal(sample_importance(depths, weights, 16, deterministic=True), expected)
+
+
 # ----------------------------------------------------------------------------------------
 # Renderer
 
