@@ -242,8 +242,14 @@ def test_spread_along_runs_marks_whole_runs():
     assert _spread_along_runs(empty, empty, 1).shape == (2, 0, 5) and _spread_along_runs(empty, empty, 2).shape == (2, 0, 5)
 
 
-def test_fill_enclosed_matches_connected_components():
-    # Random blobs plus a spiral wall: compare with scipy's 4-connected labelling.
+@pytest.mark.parametrize('path', ['labels', 'runs'])
+def test_fill_enclosed_matches_connected_components(monkeypatch, path):
+    # Random blobs plus a spiral wall: compare with scipy's 4-connected labelling, image by
+    # image, for the CPU's path (one labelling of the batch) and the other devices' (runs).
+    from training.mesh import texture_planes
+    if path == 'runs':
+        calls = []
+        monkeypatch.setattr(texture_planes, '_reachable_by_labels', lambda p: calls.append(1) or texture_planes._reachable_by_runs(p, 1024))
     g = torch.Generator().manual_seed(1)
     for trial in range(3):
         a = (torch.rand(2, 1, 48, 48, generator=g) > 0.62).float()
@@ -261,6 +267,9 @@ def test_fill_enclosed_matches_connected_components():
             reach = np.isin(lab, list(border))
             expected = np.where(reach, a[i, 0].numpy(), 1.0)
             np.testing.assert_array_equal(got[i, 0].numpy(), expected)
+    if path == 'runs':
+        assert calls
+    assert fill_enclosed(torch.zeros(0, 1, 8, 8)).shape == (0, 1, 8, 8)
 
 
 # --- side alpha, gradients, persistence ---------------------------------------------------

@@ -35,13 +35,15 @@ original's boolean OR.
 Hole filling: pixels that cannot be reached from the image border through pixels with
 alpha < 1 (the open mouth, enclosed by the lips) get alpha = 1; their render value is
 what the view holds there (0 in 'aligned', the texture centre in 'released'), as in the
-original, which fills alpha only. Reachability is computed on the tensors' device by
-alternating row and column run propagation (see `fill_enclosed`).
+original, which fills alpha only. Reachability comes from SciPy's connected components on
+the CPU, and from alternating row and column run propagation on other devices (see
+`fill_enclosed`).
 """
 
 from typing import Dict, NamedTuple, Optional, Tuple
 
 import numpy as np
+import scipy.ndimage
 import torch
 import torch.nn.functional as F
 
@@ -108,15 +110,45 @@ def fill_enclosed(alpha: torch.Tensor, max_rounds: int = 1024) -> torch.Tensor:
 
     alpha: (N, 1, H, W) in [0, 1]. A pixel is passable when alpha * 255 <= 254 (the
     original's 8-bit flood fill), reachable when a 4-connected path of passable pixels
-    joins it to a passable border pixel (the original seeds at pixel (0, 0) only). One
-    round spreads reachability along whole runs of passable pixels, first in rows, then
-    in columns, so a path with k turns needs about k / 2 rounds (one or two for a mouth).
+    joins it to a passable border pixel (the original seeds at pixel (0, 0) only). On the
+    CPU (outside torch.compile) the connected components come from SciPy's labelling, one
+    call for the batch (_reachable_by_labels); elsewhere from run propagation on the
+    tensors' device, at most max_rounds rounds (_reachable_by_runs). Both give the same
+    pixels (on the batch of a small128 generator, 2.5 against 8.7 ms on one CPU thread).
+    """
+    passable = alpha[:, 0] * 255 <= 254
+    if alpha.device.type == 'cpu' and not torch.compiler.is_compiling():
+        reach = _reachable_by_labels(passable)
+    else:
+        reach = _reachable_by_runs(passable, max_rounds)
+    return torch.where(reach[:, None], alpha, torch.ones_like(alpha))
+
+
+def _reachable_by_labels(passable: torch.Tensor) -> torch.Tensor:
+    """(N, H, W) bool CPU -> the passable pixels 4-connected to a passable border pixel:
+    the components of scipy.ndimage.label (its structure joins no two images) that
+    touch the border."""
+    if passable.numel() == 0:
+        return passable.clone()
+    structure = np.zeros((3, 3, 3), dtype=bool)
+    structure[1] = [[0, 1, 0], [1, 1, 1], [0, 1, 0]]
+    labels, count = scipy.ndimage.label(passable.numpy(), structure)
+    on_border = np.zeros(count + 1, dtype=bool)
+    for edge in (labels[:, 0], labels[:, -1], labels[:, :, 0], labels[:, :, -1]):
+        on_border[edge] = True
+    on_border[0] = False                                         # label 0: not passable
+    return torch.from_numpy(on_border[labels])
+
+
+def _reachable_by_runs(passable: torch.Tensor, max_rounds: int) -> torch.Tensor:
+    """_reachable_by_labels by propagation in torch ops (any device, torch.compile). One
+    round spreads reachability along whole runs of passable pixels, first in rows, then in
+    columns, so a path with k turns needs about k / 2 rounds (one or two for a mouth).
     Reachability only grows, so the first round that changes nothing marks the fixed
     point. That test needs the host (one sync); it is made after rounds 2, 4, 8, ... only,
     comparing the last round's input and output, so a mouth costs two rounds and one sync.
     No fixed round count would do without it: a maze can need of the order of H W rounds.
     """
-    passable = (alpha[:, 0] * 255 <= 254)
     border = torch.zeros_like(passable)
     border[:, 0, :] = border[:, -1, :] = True
     border[:, :, 0] = border[:, :, -1] = True
@@ -131,7 +163,7 @@ def fill_enclosed(alpha: torch.Tensor, max_rounds: int = 1024) -> torch.Tensor:
         if torch.equal(reach, before):                          # the last round changed nothing
             break
         next_check = min(2 * next_check, max_rounds)
-    return torch.where(reach[:, None], alpha, torch.ones_like(alpha))
+    return reach
 
 
 def _spread_along_runs(reach: torch.Tensor, passable: torch.Tensor, dim: int) -> torch.Tensor:
