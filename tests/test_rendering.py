@@ -722,6 +722,11 @@ def test_decoder_cpu_softplus_matches_torch(monkeypatch):
     torch.testing.assert_close(triplane_decoder.softplus_cpu(pre, torch.empty_like(pre), bias=bias), want, atol=0, rtol=0)
     assert calls and torch.equal(pre, torch.tensor([[79.5, -1.0]]))     # pre itself untouched when out is not pre
     calls.clear()
+    with_max = triplane_decoder.softplus_cpu(pre, torch.empty_like(pre), bias=bias, bias_max=1.0)     # the caller's max(bias)
+    assert calls and torch.equal(with_max, want)
+    calls.clear()
+    assert torch.equal(triplane_decoder.softplus_cpu(pre - 1, torch.empty_like(pre), bias=bias, bias_max=1.0),
+                       triplane_decoder.softplus_cpu(pre - 1, torch.empty_like(pre), bias=bias)) and not calls
     torch.testing.assert_close(triplane_decoder.softplus_cpu(pre, pre, bias=bias), want, atol=0, rtol=0)
     assert calls
     calls.clear()
