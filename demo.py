@@ -44,7 +44,8 @@ def save_depth_grid(network: str, seeds: list, path: str):
     with torch.no_grad():
         for seed in seeds:
             z = torch.from_numpy(np.random.RandomState(seed).randn(1, G.z_dim)).float()
-            depths.append(depth_to_image(G(z, c, v, truncation_psi=0.7, noise_mode='const')['image_depth']))
+            generator = torch.Generator().manual_seed(seed)          # the renderer's depth sampling, as gen_samples
+            depths.append(depth_to_image(G(z, c, v, truncation_psi=0.7, noise_mode='const', generator=generator)['image_depth']))
     save_image_grid(torch.cat(depths), path, grid=(len(seeds), 1))
 
 

@@ -9,6 +9,8 @@ import subprocess
 import sys
 import zipfile
 
+import numpy as np
+import PIL.Image
 import pytest
 import torch
 from click.testing import CliRunner
@@ -98,6 +100,18 @@ def test_demo_missing_network(tmp_path):
     line = refuse(demo.main, ['--network', missing, '--outdir', tmp_path / 'out'])
     assert line.startswith(f'Error: {missing}: no such network file')
     assert not (tmp_path / 'out').exists()
+
+
+def test_demo_depth_grid_is_the_same_every_run(tmp_path):
+    """The depth pictures draw the renderer's samples from a generator seeded by the seed
+    (the global one made depth.png differ from run to run)."""
+    paths = [str(tmp_path / f'depth{k}.png') for k in range(2)]
+    demo.save_depth_grid(os.path.join(demo.ROOT, demo.NETWORK), [0, 1], paths[0])
+    torch.rand(5)                                                # move the global generator on
+    demo.save_depth_grid(os.path.join(demo.ROOT, demo.NETWORK), [0, 1], paths[1])
+    first, second = (np.asarray(PIL.Image.open(p)) for p in paths)
+    assert first.shape[1] == 2 * first.shape[0] and first.std() > 0
+    assert np.array_equal(first, second)
 
 
 def test_demo_failed_step_is_one_line(tmp_path, monkeypatch):
