@@ -235,7 +235,7 @@ def split_keeping_gradient_layout(x: torch.Tensor) -> tuple:
     into one gradient in x's memory layout: split's own backward concatenates them
     contiguously, and a channels-last x would then need a second, transposing copy
     (keep_gradient_layout). Items without a gradient get zeros."""
-    if not x.requires_grad or not torch.is_grad_enabled():
+    if not records_graph(x):
         return x.split(1)
     return _SplitInLayout.apply(x)
 

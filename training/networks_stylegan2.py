@@ -110,6 +110,12 @@ def demodulation_coefficients(weight: torch.Tensor, styles: torch.Tensor) -> tor
     return (styles.square() @ weight.square().sum(dim=[2, 3]).t() + 1e-8).rsqrt()
 
 
+def cpu_inference(x: torch.Tensor, fused_modconv: bool, *tensors) -> bool:
+    """Whether a modulated layer takes its CPU inference path (SynthesisLayer, ToRGBLayer):
+    unfused, x float32 on the CPU, and no graph recorded on x or `tensors` (None skipped)."""
+    return not fused_modconv and x.device.type == 'cpu' and x.dtype == torch.float32 and not misc.records_graph(x, *tensors)
+
+
 # ---------------------------------------------------------------------------------------------
 
 @persistence.persistent_class
@@ -323,8 +329,8 @@ class SynthesisLayer(torch.nn.Module):
             noise = self.noise_const * self.noise_strength
         clamp = self.conv_clamp * gain if self.conv_clamp is not None else None
         act_gain = self.act_gain * gain
-        if (not fused_modconv and x.device.type == 'cpu' and x.dtype == torch.float32 and act_gain > 0
-                and self.activation in ('linear', 'relu', 'lrelu') and not misc.records_graph(x, styles, self.weight, self.bias, noise)):
+        if (act_gain > 0 and self.activation in ('linear', 'relu', 'lrelu')
+                and cpu_inference(x, fused_modconv, styles, self.weight, self.bias, noise)):
             return self._forward_cpu_inference(x, styles, noise, act_gain, clamp)
         x = modulated_conv2d(x, self.weight, styles, noise=noise, up=self.up, padding=self.padding,
                              resample_filter=self.resample_filter, flip_weight=(self.up == 1), fused_modconv=fused_modconv)
@@ -383,8 +389,7 @@ class ToRGBLayer(torch.nn.Module):
         """x [N, in, H, W], w [N, w_dim] -> [N, out, H, W] in x's dtype; with add_to ([N, out, H, W]
         float32, a tensor of the caller's that may be overwritten), add_to + that in float32."""
         styles = self.affine(w) * self.weight_gain
-        if (not fused_modconv and x.device.type == 'cpu' and x.dtype == torch.float32 and self.weight.shape[-1] == 1
-                and not misc.records_graph(x, styles, self.weight, self.bias, add_to)):
+        if self.weight.shape[-1] == 1 and cpu_inference(x, fused_modconv, styles, self.weight, self.bias, add_to):
             return self._forward_cpu_inference(x, styles, add_to)
         x = modulated_conv2d(x, self.weight, styles, demodulate=False, fused_modconv=fused_modconv)
         x = bias_act.bias_act(x, self.bias.to(x.dtype), clamp=self.conv_clamp)

@@ -28,6 +28,8 @@ from typing import Tuple
 import torch
 import torch.nn.functional as F
 
+from torch_utils import misc
+
 _active = [0]               # nesting depth of twice_differentiable()
 _no_weight_grads = [0]      # nesting depth of no_weight_gradients()
 
@@ -56,7 +58,7 @@ def no_weight_gradients():
 
 
 def _wanted(x: torch.Tensor, w: torch.Tensor) -> bool:
-    return _active[0] > 0 and torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)
+    return _active[0] > 0 and misc.records_graph(x, w)
 
 
 def conv2d(x: torch.Tensor, w: torch.Tensor, stride=1, padding=0, groups: int = 1) -> torch.Tensor:
