@@ -328,3 +328,26 @@ def test_version_key_follows_writes_and_skips_inference_tensors():
     assert misc.version_key(t) != key and misc.version_key(t.clone()) != misc.version_key(t)
     with torch.inference_mode():
         assert misc.version_key(torch.zeros(3)) is None
+
+
+@pytest.mark.parametrize('cpuinfo, mkl, want', [
+    ('processor\t: 0\nvendor_id\t: GenuineIntel\nflags\t: avx512f\n', True, True),
+    ('processor\t: 0\nvendor_id\t: AuthenticAMD\nflags\t: avx2\n', True, False),
+    ('processor\t: 0\nvendor_id\t: GenuineIntel\n', False, False),          # a torch without MKL
+    (None, True, False),                                                   # no /proc/cpuinfo, no vendor named
+])
+def test_mkl_vector_math_fast_reads_the_cpu_vendor(monkeypatch, cpuinfo, mkl, want):
+    import builtins
+    import io
+    real_open = builtins.open
+
+    def fake_open(path, *args, **kwargs):
+        if path != '/proc/cpuinfo':
+            return real_open(path, *args, **kwargs)
+        if cpuinfo is None:
+            raise FileNotFoundError(path)
+        return io.StringIO(cpuinfo)
+    monkeypatch.setattr(builtins, 'open', fake_open)
+    monkeypatch.setattr(misc.platform, 'processor', lambda: '')
+    monkeypatch.setattr(misc.torch.backends.mkl, 'is_available', lambda: mkl)
+    assert misc.mkl_vector_math_fast.__wrapped__() is want

@@ -688,21 +688,29 @@ def test_decoder_cpu_path_gradcheck(monkeypatch):
          torch.randn(3, 4, dtype=torch.float64, requires_grad=True), torch.randn(3, dtype=torch.float64, requires_grad=True)))
 
 
-def test_decoder_cpu_softplus_matches_torch(monkeypatch):
-    """The decoder's exp2-based softplus: within 1e-6 of float64's from -20 up to its limit
-    of 80 (torch's own float32 is within 1.2e-7; above torch's threshold of 20, within 2e-7
-    of torch's identity), within 1e-14 below, torch's own past the limit, in place or not,
-    with a bias added in its first pass or not."""
+@pytest.mark.parametrize('log_exp', [False, True])
+def test_decoder_cpu_softplus_matches_torch(monkeypatch, log_exp):
+    """The decoder's softplus, both formulas (the CPU's vendor picks one): log1p(exp2) within
+    1e-6 of float64's from -20 up to its limit of 80 (torch's own float32 is within 1.2e-7),
+    within 1e-14 below; log(1 + exp) within 1.3e-7 max(1, softplus), 0 below -17 (within
+    4.2e-8). Above torch's threshold of 20 both within 2e-7 of torch's identity; torch's own
+    past the limit, in place or not, with a bias added in its first pass or not."""
+    monkeypatch.setattr(triplane_decoder.misc, 'mkl_vector_math_fast', lambda: log_exp)
     torch_softplus = torch.ops.aten.softplus.out
     calls = []
     monkeypatch.setattr(triplane_decoder.torch.ops.aten.softplus, 'out', lambda *a, **k: calls.append(1) or torch_softplus(*a, **k))
-    x = torch.linspace(-60, triplane_decoder.EXP2_SAFE_MAX, 200001, dtype=torch.float32)
+    x = torch.linspace(-60, triplane_decoder.SOFTPLUS_SAFE_MAX, 200001, dtype=torch.float32)
     exact = torch.nn.functional.softplus(x.double())
     got = triplane_decoder.softplus_cpu(x, torch.empty_like(x))
-    assert not calls                                  # the exp2 path, not torch's softplus
-    relative = (got.double() - exact).abs() / exact
-    assert relative[x >= -20].max() < 1e-6
-    assert (got.double() - exact)[x < -20].abs().max() < 1e-14
+    assert not calls                                  # our formula, not torch's softplus
+    error = (got.double() - exact).abs()
+    if log_exp:
+        assert (error / exact.clamp(min=1)).max() < 1.3e-7
+        assert (error[x < -17]).max() < 4.2e-8 and (got[x < -17.5] == 0).all()
+    else:
+        assert (error / exact)[x >= -20].max() < 1e-6
+        assert error[x < -20].max() < 1e-14
+    torch.testing.assert_close(got, triplane_decoder.softplus_cpu(x, torch.empty_like(x), log_exp=log_exp), atol=0, rtol=0)
     above = x > 20
     assert ((got - x).abs() / x)[above].max() < 2e-7          # torch's float32 softplus is x itself there
     # The bias (along the last dimension) in the first pass: softplus(pre + bias), also in place.
@@ -711,8 +719,12 @@ def test_decoder_cpu_softplus_matches_torch(monkeypatch):
     exact = torch.nn.functional.softplus(pre.double() + bias.double())
     for out in (torch.empty_like(pre), pre.clone()):
         with_bias = triplane_decoder.softplus_cpu(pre if out.data_ptr() != pre.data_ptr() else out, out, bias=bias)
-        keep = (pre + bias >= -20) & (pre + bias <= triplane_decoder.EXP2_SAFE_MAX - 1)
-        assert ((with_bias.double() - exact).abs() / exact)[keep].max() < 1e-6
+        keep = (pre + bias >= -20) & (pre + bias <= triplane_decoder.SOFTPLUS_SAFE_MAX - 1)
+        error = (with_bias.double() - exact).abs()
+        if log_exp:             # pre + bias rounds to float32 first: half an ulp more
+            assert (error / exact.clamp(min=1))[keep].max() < 2e-7
+        else:
+            assert (error / exact)[keep].max() < 1e-6
     biased_in_place = pre.clone()
     assert triplane_decoder.softplus_cpu(biased_in_place, biased_in_place, bias=bias) is biased_in_place
     assert not calls

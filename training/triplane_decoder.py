@@ -84,28 +84,42 @@ def _effective_params(layer: FullyConnectedLayer, dtype: torch.dtype):
 
 
 LOG2_E = 1 / math.log(2)
-EXP2_SAFE_MAX = 80.0        # softplus_cpu's exp2 path up to here: 2^(80 log2 e) = e^80 is finite in float32 (max ~e^88.7)
+SOFTPLUS_SAFE_MAX = 80.0        # softplus_cpu's own formulas up to here: e^80 is finite in float32 (max ~e^88.7)
 
 
-def softplus_cpu(pre: torch.Tensor, out: torch.Tensor, bias: torch.Tensor = None, bias_max: float = None) -> torch.Tensor:
+def softplus_cpu(pre: torch.Tensor, out: torch.Tensor, bias: torch.Tensor = None, bias_max: float = None,
+                 log_exp: bool = None) -> torch.Tensor:
     """torch's softplus (beta 1, threshold 20) of pre (+ bias, broadcast along the last
-    dimension) into out (which may be pre), computed as log1p(2^(pre log2 e)): torch's CPU
-    exp2 is about 3x faster than its exp on AMD EPYC (torch 2.13, one thread: 1.2 against
-    1.5 ns a value for the whole softplus). Relative error below 1e-6 from pre = -20 up to
-    EXP2_SAFE_MAX (torch's: 1.2e-7; above its threshold of 20, where torch returns pre
-    itself, within 2e-7 of it), absolute below 1e-14 under -20. The bias joins the scaling
-    pass (torch.add with alpha), so that the caller's matrix product needs no bias (an addmm
-    first copies its bias into the output: a pass of its own). Chunks whose largest value
-    may exceed EXP2_SAFE_MAX (the bound: max(pre) + max(bias); bias_max: float(bias.amax())
-    when the caller has it), or hold a NaN (which amax returns), take torch's own, and so
-    does torch.compile (no branch on a value there)."""
+    dimension) into out (which may be pre), by the faster of two formulas for this CPU:
+
+    - `log_exp` (default: misc.mkl_vector_math_fast(), i.e. Intel CPUs): log(1 + e^pre),
+      MKL's exp and log. Within 1.3e-7 max(1, softplus) of float64's (torch's float32:
+      8.4e-8), so below -17, where 1 + e^pre rounds to 1, it is 0 (within 4.2e-8). On an
+      Intel Xeon (one thread) 0.70 against 1.20 ns a value for the other formula.
+    - else log1p(2^(pre log2 e)): torch's exp2 and log1p, which are not MKL's; on AMD EPYC
+      exp2 was about 3x faster than exp (1.2 against 1.5 ns a value for the whole
+      softplus). Relative error below 1e-6 from pre = -20 up to SOFTPLUS_SAFE_MAX (torch's:
+      1.2e-7), absolute below 1e-14 under -20.
+
+    Above torch's threshold of 20, where torch returns pre itself, both are within 2e-7 of
+    it. The bias joins the first pass (torch.add), so that the caller's matrix product
+    needs no bias (an addmm first copies its bias into the output: a pass of its own).
+    Chunks whose largest value may exceed SOFTPLUS_SAFE_MAX (the bound: max(pre) + max(bias);
+    bias_max: float(bias.amax()) when the caller has it), or hold a NaN (which amax
+    returns), take torch's own, and so does torch.compile (no branch on a value there)."""
     torch_own = torch.compiler.is_compiling() or pre.numel() == 0
     if not torch_own:
         if bias is not None and bias_max is None:
             bias_max = float(bias.amax())
-        torch_own = not float(pre.amax()) <= EXP2_SAFE_MAX - (0.0 if bias is None else bias_max)
+        torch_own = not float(pre.amax()) <= SOFTPLUS_SAFE_MAX - (0.0 if bias is None else bias_max)
     if torch_own:
         return torch.ops.aten.softplus.out(pre if bias is None else pre.add_(bias) if out is pre else pre + bias, 1, 20, out=out)
+    if misc.mkl_vector_math_fast() if log_exp is None else log_exp:
+        if bias is None:
+            torch.exp(pre, out=out)
+        else:
+            torch.add(pre, bias, out=out).exp_()
+        return out.add_(1).log_()
     if bias is None:
         torch.mul(pre, LOG2_E, out=out)
     else:
@@ -147,7 +161,7 @@ class _DecodeCPU(torch.autograd.Function):
                 pre = torch.mm(x[rows], w1_t)
                 hidden_chunk = softplus_cpu(pre, pre, bias=b1, bias_max=b1_max)
             torch.addmv(b_sigma, hidden_chunk, w_sigma, out=sigma[rows, 0])
-            rgb_chunk = torch.addmm(b_rgb, hidden_chunk, w_rgb_t, out=rgb[rows])
+            rgb_chunk = torch.mm(hidden_chunk, w_rgb_t, out=rgb[rows]).add_(b_rgb)   # not addmm: see softplus_cpu's bias
             widened_sigmoid(rgb_chunk, out=rgb_chunk)
         if keep:
             ctx.save_for_backward(x, w1, w2, hidden, slope, rgb)
