@@ -137,8 +137,9 @@ def test_torgb_cpu_inference_path_matches_the_recorded_one():
 @pytest.mark.parametrize('conv_clamp', [None, 0.8])
 @pytest.mark.parametrize('channels_last', [True, False])
 def test_torgb_adds_to_the_callers_tensor(conv_clamp, channels_last):
-    """add_to + torgb(x): in place on a channels-last add_to without a clamp (CPU inference),
-    else a new tensor; the clamp applies to torgb's output before the sum."""
+    """add_to + torgb(x): in place on add_to in CPU inference (accumulated by the matrix
+    product on a channels-last add_to without a clamp, else added), a new tensor where a
+    graph is recorded; the clamp applies to torgb's output before the sum."""
     layer = ToRGBLayer(6, 3, w_dim=4, conv_clamp=conv_clamp)
     x, w = _layer_inputs(layer)
     x = x.contiguous(memory_format=torch.channels_last)
@@ -150,10 +151,9 @@ def test_torgb_adds_to_the_callers_tensor(conv_clamp, channels_last):
         add_to = make()
         out = layer(x, w, fused_modconv=False, add_to=add_to)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
-    in_place = channels_last and conv_clamp is None
-    assert (out.data_ptr() == add_to.data_ptr()) == in_place
-    if not in_place:
-        assert torch.equal(add_to, base)
+    assert out is add_to or out.data_ptr() == add_to.data_ptr()
+    recorded_to = make()
+    assert layer(x, w, fused_modconv=False, add_to=recorded_to).requires_grad and torch.equal(recorded_to, make())
 
 
 def test_synthesis_block_cpu_inference_matches_the_recorded_one():

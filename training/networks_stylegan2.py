@@ -399,7 +399,8 @@ class ToRGBLayer(torch.nn.Module):
         """The 1x1 modulated convolution on the CPU in float32 when nothing records a graph: per
         image one matrix product of the channels-last pixels [H W, in] with the styled weight
         [in, out] (the styles scale the weight, not x), accumulated into add_to in place when
-        that is channels last and nothing is clamped, then the bias in one pass. torch runs a
+        that is channels last and nothing is clamped, then the bias in one pass (with a clamp:
+        the clamped product with its bias, added to add_to in place). torch runs a
         1x1 convolution of a small batch on one thread as its generic kernel, which first
         copies the bias into its output; here neither x * styles nor the sum with add_to
         takes a pass of its own. The same maths; only the rounding differs."""
@@ -412,7 +413,7 @@ class ToRGBLayer(torch.nn.Module):
         y = torch.baddbmm(self.bias, rows, weight).view(batch_size, height, width, self.out_channels).permute(0, 3, 1, 2)
         if self.conv_clamp is not None:
             y = y.clamp_(-self.conv_clamp, self.conv_clamp)
-        return y if add_to is None else add_to + y
+        return y if add_to is None else add_to.add_(y)
 
     def extra_repr(self):
         return f'in_channels={self.in_channels}, out_channels={self.out_channels}, w_dim={self.w_dim}'

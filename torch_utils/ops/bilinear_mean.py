@@ -165,8 +165,11 @@ def _texel_table(images: torch.Tensor) -> torch.Tensor:
     batch_size, num_images, channels, height, width = images.shape
     images = images.detach()
     if images.stride(2) == 1:
-        table = images.new_zeros(batch_size, num_images, height + 2 * BORDER, width + 2 * BORDER, channels)
+        table = images.new_empty(batch_size, num_images, height + 2 * BORDER, width + 2 * BORDER, channels)
         table[:, :, BORDER:-BORDER, BORDER:-BORDER] = images.permute(0, 1, 3, 4, 2)
+        for rows, columns in ((slice(0, BORDER), slice(None)), (slice(-BORDER, None), slice(None)),
+                              (slice(BORDER, -BORDER), slice(0, BORDER)), (slice(BORDER, -BORDER), slice(-BORDER, None))):
+            table[:, :, rows, columns] = 0                   # the border alone: the interior is written once
         return table.reshape(batch_size * num_images, -1, channels)
     bordered = torch.nn.functional.pad(images.reshape(batch_size * num_images, channels, height, width), [BORDER] * 4)
     bordered = bordered.reshape(batch_size * num_images, channels, -1)
