@@ -14,7 +14,8 @@ from training.triplane_decoder import OSGDecoder
 from training.volumetric_rendering.ray_marcher import MipRayMarcher2
 from training.volumetric_rendering.ray_sampler import RaySampler
 from training.volumetric_rendering.renderer import (ImportanceRenderer, ray_box_intersection, sample_from_planes,
-                                                    sample_importance, sample_pdf, sample_plane_mean, sample_stratified)
+                                                    sample_importance, sample_pdf, sample_plane_mean, sample_stratified,
+                                                    searchsorted_right, sort_samples)
 
 # Written out by hand (not read from coords.PLANE_AXES) so a change there is caught.
 EXPECTED_AXES = {
@@ -296,6 +297,39 @@ def inverse_cdf_numpy(edges, weights, u):
     mass = np.asarray(weights, np.float64) + 1e-5
     cdf = np.concatenate([[0], np.cumsum(mass / mass.sum())])
     return np.interp(u, cdf, np.asarray(edges, np.float64))
+
+
+@pytest.mark.parametrize('num_entries', [1, 22, 255, 300])
+def test_searchsorted_right_is_torchs(num_entries):
+    """The CPU's count (up to 255 entries a row; torch's own above) equals torch.searchsorted
+    with right=True: ties between entries, values equal to entries, below the first and
+    above the last, float64 values against float32 rows."""
+    gen = torch.Generator().manual_seed(num_entries)
+    steps = torch.randint(0, 3, (40, num_entries), generator=gen).float() / 4          # zero steps: tied entries
+    rows = torch.cumsum(steps, dim=1) - 1
+    values = torch.cat([rows[:, torch.randint(0, num_entries, (6,), generator=gen)],          # on an entry
+                        torch.rand(40, 10, generator=gen) * (rows[:, -1:] + 3) - 2], dim=1)   # in between, below, above
+    want = torch.searchsorted(rows, values, right=True)
+    got = searchsorted_right(rows, values)
+    assert got.dtype == torch.int64 and torch.equal(got, want)
+    assert torch.equal(searchsorted_right(rows, values.double()), torch.searchsorted(rows.double(), values.double(), right=True))
+    assert (want == 0).any() and (want == num_entries).any()
+
+
+def test_sort_samples_is_torchs():
+    """The CPU's NumPy sort of the samples along each ray: torch.sort's sorted depths, an
+    order that gathers them (tied depths may come in either order), NaN last."""
+    gen = torch.Generator().manual_seed(1)
+    depths = torch.rand(2, 50, 48, 1, generator=gen)
+    depths[0, :, 30:] = depths[0, :, :18]                         # ties between the two halves
+    depths[1, 3, 5] = float('nan')
+    got, order = sort_samples(depths)
+    want, want_order = torch.sort(depths, dim=2)
+    assert order.dtype == torch.int64 and order.shape == depths.shape
+    torch.testing.assert_close(got, want, atol=0, rtol=0, equal_nan=True)
+    torch.testing.assert_close(depths.gather(2, order), want, atol=0, rtol=0, equal_nan=True)
+    assert torch.equal(order.sort(dim=2).values, want_order.sort(dim=2).values)          # a permutation per ray
+    assert torch.isnan(got[1, 3, -1]) and torch.equal(order[1], want_order[1])             # no ties in item 1
 
 
 def test_sample_pdf_inverts_the_cdf_with_eps():
