@@ -15,7 +15,7 @@ from training.volumetric_rendering.ray_marcher import MipRayMarcher2
 from training.volumetric_rendering.ray_sampler import RaySampler
 from training.volumetric_rendering.renderer import (ImportanceRenderer, ray_box_intersection, sample_from_planes,
                                                     sample_importance, sample_pdf, sample_plane_mean, sample_stratified,
-                                                    searchsorted_right, sort_samples)
+                                                    ray_points, searchsorted_right, sort_samples)
 
 # Written out by hand (not read from coords.PLANE_AXES) so a change there is caught.
 EXPECTED_AXES = {
@@ -330,6 +330,19 @@ def test_sort_samples_is_torchs():
     torch.testing.assert_close(depths.gather(2, order), want, atol=0, rtol=0, equal_nan=True)
     assert torch.equal(order.sort(dim=2).values, want_order.sort(dim=2).values)          # a permutation per ray
     assert torch.isnan(got[1, 3, -1]) and torch.equal(order[1], want_order[1])             # no ties in item 1
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
+def test_ray_points_are_origin_plus_depth_times_direction(dtype):
+    """The CPU's coordinate-at-a-time points: bitwise the broadcast formula, with or without a graph."""
+    gen = torch.Generator().manual_seed(0)
+    origins, directions = torch.randn(2, 30, 3, generator=gen, dtype=dtype), torch.randn(2, 30, 3, generator=gen, dtype=dtype)
+    depths = torch.rand(2, 30, 7, 1, generator=gen, dtype=dtype) + 2
+    want = origins.unsqueeze(2) + depths * directions.unsqueeze(2)
+    got = ray_points(origins, directions, depths)
+    assert got.dtype == dtype and torch.equal(got, want)
+    recorded = ray_points(origins.requires_grad_(), directions, depths)
+    assert recorded.requires_grad and torch.equal(recorded.detach(), want)
 
 
 def test_sample_pdf_inverts_the_cdf_with_eps():
@@ -725,18 +738,14 @@ def test_decoder_cpu_path_gradcheck(monkeypatch):
 @pytest.mark.parametrize('log_exp', [False, True])
 def test_decoder_cpu_softplus_matches_torch(monkeypatch, log_exp):
     """The decoder's softplus, both formulas (the CPU's vendor picks one): log1p(exp2) within
-    1e-6 of float64's from -20 up to its limit of 80 (torch's own float32 is within 1.2e-7),
-    within 1e-14 below; log(1 + exp) within 1.3e-7 max(1, softplus), 0 below -17 (within
-    4.2e-8). Above torch's threshold of 20 both within 2e-7 of torch's identity; torch's own
-    past the limit, in place or not, with a bias added in its first pass or not."""
+    1e-6 of float64's from -20 up to 88 (torch's own float32 is within 1.2e-7), within 1e-14
+    below; log(1 + exp) within 1.3e-7 max(1, softplus), 0 below -17 (within 4.2e-8). Above
+    torch's threshold of 20 both within 2e-7 of torch's identity; inf where e^x overflows
+    float32, NaN for NaN; in place or not, with a bias added in its first pass or not."""
     monkeypatch.setattr(triplane_decoder.misc, 'mkl_vector_math_fast', lambda: log_exp)
-    torch_softplus = torch.ops.aten.softplus.out
-    calls = []
-    monkeypatch.setattr(triplane_decoder.torch.ops.aten.softplus, 'out', lambda *a, **k: calls.append(1) or torch_softplus(*a, **k))
-    x = torch.linspace(-60, triplane_decoder.SOFTPLUS_SAFE_MAX, 200001, dtype=torch.float32)
+    x = torch.linspace(-60, 88, 200001, dtype=torch.float32)
     exact = torch.nn.functional.softplus(x.double())
     got = triplane_decoder.softplus_cpu(x, torch.empty_like(x))
-    assert not calls                                  # our formula, not torch's softplus
     error = (got.double() - exact).abs()
     if log_exp:
         assert (error / exact.clamp(min=1)).max() < 1.3e-7
@@ -747,51 +756,53 @@ def test_decoder_cpu_softplus_matches_torch(monkeypatch, log_exp):
     torch.testing.assert_close(got, triplane_decoder.softplus_cpu(x, torch.empty_like(x), log_exp=log_exp), atol=0, rtol=0)
     above = x > 20
     assert ((got - x).abs() / x)[above].max() < 2e-7          # torch's float32 softplus is x itself there
+    in_place = x.clone()
+    assert triplane_decoder.softplus_cpu(in_place, in_place) is in_place
+    torch.testing.assert_close(in_place, got, atol=0, rtol=0)
     # The bias (along the last dimension) in the first pass: softplus(pre + bias), also in place.
     pre = x[:199680].reshape(-1, 64) - 0.5
     bias = torch.linspace(-0.5, 0.5, 64)
     exact = torch.nn.functional.softplus(pre.double() + bias.double())
+    keep = pre + bias >= -20
     for out in (torch.empty_like(pre), pre.clone()):
         with_bias = triplane_decoder.softplus_cpu(pre if out.data_ptr() != pre.data_ptr() else out, out, bias=bias)
-        keep = (pre + bias >= -20) & (pre + bias <= triplane_decoder.SOFTPLUS_SAFE_MAX - 1)
+        assert with_bias is out
         error = (with_bias.double() - exact).abs()
         if log_exp:             # pre + bias rounds to float32 first: half an ulp more
             assert (error / exact.clamp(min=1))[keep].max() < 2e-7
         else:
             assert (error / exact)[keep].max() < 1e-6
-    biased_in_place = pre.clone()
-    assert triplane_decoder.softplus_cpu(biased_in_place, biased_in_place, bias=bias) is biased_in_place
-    assert not calls
-    # Past the limit by the bound max(pre) + max(bias): torch's own of pre + bias, in place or not.
-    pre, bias = torch.tensor([[79.5, -1.0]]), torch.tensor([0.0, 1.0])
-    want = torch.nn.functional.softplus(pre + bias)
-    torch.testing.assert_close(triplane_decoder.softplus_cpu(pre, torch.empty_like(pre), bias=bias), want, atol=0, rtol=0)
-    assert calls and torch.equal(pre, torch.tensor([[79.5, -1.0]]))     # pre itself untouched when out is not pre
-    calls.clear()
-    with_max = triplane_decoder.softplus_cpu(pre, torch.empty_like(pre), bias=bias, bias_max=1.0)     # the caller's max(bias)
-    assert calls and torch.equal(with_max, want)
-    calls.clear()
-    assert torch.equal(triplane_decoder.softplus_cpu(pre - 1, torch.empty_like(pre), bias=bias, bias_max=1.0),
-                       triplane_decoder.softplus_cpu(pre - 1, torch.empty_like(pre), bias=bias)) and not calls
-    torch.testing.assert_close(triplane_decoder.softplus_cpu(pre, pre, bias=bias), want, atol=0, rtol=0)
-    assert calls
-    calls.clear()
-    in_place = x.clone()
-    assert triplane_decoder.softplus_cpu(in_place, in_place) is in_place
-    torch.testing.assert_close(in_place, got, atol=0, rtol=0)
-    # A chunk with values past the threshold: torch's softplus, identity there, also in place.
-    y = torch.tensor([-3.0, 0.5, 20.5, 1e4, float('inf'), float('-inf'), float('nan')])
-    want = torch.nn.functional.softplus(y)
-    torch.testing.assert_close(triplane_decoder.softplus_cpu(y, torch.empty_like(y)), want, atol=0, rtol=0, equal_nan=True)
-    y_in_place = y.clone()
-    torch.testing.assert_close(triplane_decoder.softplus_cpu(y_in_place, y_in_place), want, atol=0, rtol=0, equal_nan=True)
-    assert triplane_decoder.softplus_cpu(y, torch.empty_like(y))[3] == 1e4 and calls
-    calls.clear()
-    small = torch.tensor([-200.0, float('-inf'), 0.0])
-    got = triplane_decoder.softplus_cpu(small, torch.empty_like(small))
-    assert not calls and got[0] == 0 and got[1] == 0 and abs(got[2] - math.log(2)) < 1e-7
-    assert triplane_decoder.softplus_cpu(torch.tensor([1.0, float('nan')]), torch.empty(2))[1].isnan() and calls
+    # Past float32's exp: inf (the decoder redoes those with torch's softplus), NaN stays NaN.
+    y = torch.tensor([-200.0, float('-inf'), 0.0, 88.0, 89.0, float('inf'), float('nan')])
+    got = triplane_decoder.softplus_cpu(y, torch.empty_like(y))
+    assert got[0] == 0 and got[1] == 0 and abs(got[2] - math.log(2)) < 1e-7 and abs(got[3] - 88) < 1e-5
+    assert got[4] == float('inf') and got[5] == float('inf') and got[6].isnan()
     assert triplane_decoder.softplus_cpu(torch.empty(0), torch.empty(0)).shape == (0,)
+
+
+@pytest.mark.parametrize('keep', [False, True])
+def test_decoder_cpu_redoes_overflowing_chunks_with_torchs_softplus(monkeypatch, keep):
+    """Chunks whose softplus overflowed (pre-activations above ~88.7) or met a NaN get torch's
+    softplus: the same outputs as the layers run as modules, finite where those are; the
+    other chunks keep the fast formula (torch's softplus runs for the two bad chunks only)."""
+    monkeypatch.setattr(triplane_decoder._DecodeCPU, 'CHUNK', 8)
+    torch_softplus = torch.ops.aten.softplus.out
+    calls = []
+    monkeypatch.setattr(triplane_decoder.torch.ops.aten.softplus, 'out', lambda *a, **k: calls.append(1) or torch_softplus(*a, **k))
+    torch.manual_seed(0)
+    decoder = OSGDecoder(n_features=4, hidden_dim=6, decoder_output_dim=3)
+    features = torch.randn(1, 40, 4)
+    features[0, 3] = 400.0                     # chunk 0: pre-activations far past e^x's float32 range
+    features[0, 21, 1] = float('nan')          # chunk 2: a NaN
+    with torch.set_grad_enabled(keep):
+        got = decoder.forward_plane_mean(features.requires_grad_(keep), None)
+        sigma, rgb = _decoder_reference(decoder, features)
+    assert len(calls) == 2
+    finite = torch.ones(40, dtype=torch.bool)
+    finite[21] = False
+    assert torch.isfinite(got['sigma'][0, finite]).all() and got['sigma'][0, 21].isnan()
+    torch.testing.assert_close(got['sigma'].reshape(-1, 1), sigma, rtol=1e-5, atol=1e-5, equal_nan=True)
+    torch.testing.assert_close(got['rgb'].reshape(-1, 3), rgb, rtol=1e-5, atol=1e-5, equal_nan=True)
 
 
 def test_decoder_matches_explicit_mlp():

@@ -84,13 +84,11 @@ def _effective_params(layer: FullyConnectedLayer, dtype: torch.dtype):
 
 
 LOG2_E = 1 / math.log(2)
-SOFTPLUS_SAFE_MAX = 80.0        # softplus_cpu's own formulas up to here: e^80 is finite in float32 (max ~e^88.7)
 
 
-def softplus_cpu(pre: torch.Tensor, out: torch.Tensor, bias: torch.Tensor = None, bias_max: float = None,
-                 log_exp: bool = None) -> torch.Tensor:
-    """torch's softplus (beta 1, threshold 20) of pre (+ bias, broadcast along the last
-    dimension) into out (which may be pre), by the faster of two formulas for this CPU:
+def softplus_cpu(pre: torch.Tensor, out: torch.Tensor, bias: torch.Tensor = None, log_exp: bool = None) -> torch.Tensor:
+    """softplus (beta 1) of pre (+ bias, broadcast along the last dimension) into out (which
+    may be pre), by the faster of two formulas for this CPU:
 
     - `log_exp` (default: misc.mkl_vector_math_fast(), i.e. Intel CPUs): log(1 + e^pre),
       MKL's exp and log. Within 1.3e-7 max(1, softplus) of float64's (torch's float32:
@@ -98,22 +96,17 @@ def softplus_cpu(pre: torch.Tensor, out: torch.Tensor, bias: torch.Tensor = None
       Intel Xeon (one thread) 0.70 against 1.20 ns a value for the other formula.
     - else log1p(2^(pre log2 e)): torch's exp2 and log1p, which are not MKL's; on AMD EPYC
       exp2 was about 3x faster than exp (1.2 against 1.5 ns a value for the whole
-      softplus). Relative error below 1e-6 from pre = -20 up to SOFTPLUS_SAFE_MAX (torch's:
-      1.2e-7), absolute below 1e-14 under -20.
+      softplus). Relative error below 1e-6 from pre = -20 (torch's: 1.2e-7), absolute
+      below 1e-14 under -20.
 
     Above torch's threshold of 20, where torch returns pre itself, both are within 2e-7 of
-    it. The bias joins the first pass (torch.add), so that the caller's matrix product
-    needs no bias (an addmm first copies its bias into the output: a pass of its own).
-    Chunks whose largest value may exceed SOFTPLUS_SAFE_MAX (the bound: max(pre) + max(bias);
-    bias_max: float(bias.amax()) when the caller has it), or hold a NaN (which amax
-    returns), take torch's own, and so does torch.compile (no branch on a value there)."""
-    torch_own = torch.compiler.is_compiling() or pre.numel() == 0
-    if not torch_own:
-        if bias is not None and bias_max is None:
-            bias_max = float(bias.amax())
-        torch_own = not float(pre.amax()) <= SOFTPLUS_SAFE_MAX - (0.0 if bias is None else bias_max)
-    if torch_own:
-        return torch.ops.aten.softplus.out(pre if bias is None else pre.add_(bias) if out is pre else pre + bias, 1, 20, out=out)
+    it, up to where e^pre overflows float32 (pre above ~88.72): there they return inf,
+    and a NaN stays NaN. The caller decides what to do with those (_DecodeCPU redoes them
+    with torch's softplus); torch.compile gets torch's own (no branch on a value there).
+    The bias joins the first pass (torch.add), so that the caller's matrix product needs
+    no bias (an addmm first copies its bias into the output: a pass of its own)."""
+    if torch.compiler.is_compiling():
+        return torch_softplus(pre, out, bias)
     if misc.mkl_vector_math_fast() if log_exp is None else log_exp:
         if bias is None:
             torch.exp(pre, out=out)
@@ -125,6 +118,13 @@ def softplus_cpu(pre: torch.Tensor, out: torch.Tensor, bias: torch.Tensor = None
     else:
         torch.add(bias * LOG2_E, pre, alpha=LOG2_E, out=out)
     return out.exp2_().log1p_()
+
+
+def torch_softplus(pre: torch.Tensor, out: torch.Tensor, bias: torch.Tensor = None) -> torch.Tensor:
+    """torch's softplus (beta 1, threshold 20) of pre (+ bias) into out, with softplus_cpu's arguments."""
+    if bias is not None:
+        pre = pre.add_(bias) if out is pre else pre + bias
+    return torch.ops.aten.softplus.out(pre, 1, 20, out=out)
 
 
 class _DecodeCPU(torch.autograd.Function):
@@ -150,19 +150,29 @@ class _DecodeCPU(torch.autograd.Function):
         # The output layer as a matrix-vector product for sigma and a 32-wide product for
         # the colours, written in place: faster than one 33-wide product and two copies.
         w1_t, w_sigma, b_sigma, w_rgb_t, b_rgb = w1.t(), w2[0], b2[:1], w2[1:].t(), b2[1:]
-        b1_max = None if keep else float(b1.amax())
-        for i in range(0, len(x), _DecodeCPU.CHUNK):
-            rows = slice(i, i + _DecodeCPU.CHUNK)
+
+        def run(rows, softplus):
             if keep:
                 pre = torch.addmm(b1, x[rows], w1_t)
                 torch.sigmoid(pre, out=slope[rows])                          # softplus' derivative
-                hidden_chunk = softplus_cpu(pre, hidden[rows])
+                hidden_chunk = softplus(pre, hidden[rows])
             else:                                                            # the bias joins softplus' first pass
                 pre = torch.mm(x[rows], w1_t)
-                hidden_chunk = softplus_cpu(pre, pre, bias=b1, bias_max=b1_max)
+                hidden_chunk = softplus(pre, pre, b1)
             torch.addmv(b_sigma, hidden_chunk, w_sigma, out=sigma[rows, 0])
             rgb_chunk = torch.mm(hidden_chunk, w_rgb_t, out=rgb[rows]).add_(b_rgb)   # not addmm: see softplus_cpu's bias
             widened_sigmoid(rgb_chunk, out=rgb_chunk)
+
+        chunks = [slice(i, i + _DecodeCPU.CHUNK) for i in range(0, len(x), _DecodeCPU.CHUNK)]
+        for rows in chunks:
+            run(rows, softplus_cpu)
+        # Where softplus_cpu overflowed (inf) or met a NaN, sigma is not finite (inf times a
+        # weight, or 0 * inf = NaN): those chunks again with torch's softplus. One check of
+        # sigma instead of a max of each chunk's pre-activations first.
+        if not bool(torch.isfinite(sigma).all()):
+            for rows in chunks:
+                if not bool(torch.isfinite(sigma[rows]).all()):
+                    run(rows, torch_softplus)
         if keep:
             ctx.save_for_backward(x, w1, w2, hidden, slope, rgb)
         return sigma, rgb

@@ -84,6 +84,23 @@ def sample_plane_mean(planes: torch.Tensor, coordinates: torch.Tensor, plane_axe
     return bilinear_mean.bilinear_mean(planes, grid, table_cache=table_cache)
 
 
+def ray_points(ray_origins: torch.Tensor, ray_directions: torch.Tensor, depths: torch.Tensor) -> torch.Tensor:
+    """origin + depth * direction: ray_origins, ray_directions (B, N, 3), depths (B, N, S, 1) ->
+    (B, N, S, 3).
+
+    On the CPU without a graph to record, one coordinate at a time (a product, then the
+    sum in place): the same values, where the broadcast over (S, 3) runs 3-element inner
+    loops (4,096 rays of 24 samples, one thread: about 0.5 against 0.7-1.3 ms)."""
+    if ray_origins.device.type != 'cpu' or misc.records_graph(ray_origins, ray_directions, depths) or torch.compiler.is_compiling():
+        return ray_origins.unsqueeze(2) + depths * ray_directions.unsqueeze(2)
+    dtype = torch.promote_types(torch.promote_types(ray_origins.dtype, ray_directions.dtype), depths.dtype)
+    shape = torch.broadcast_shapes(ray_origins.unsqueeze(2).shape, ray_directions.unsqueeze(2).shape, depths.shape)
+    points = torch.empty(shape, dtype=dtype)
+    for c in range(3):
+        torch.mul(depths[..., 0], ray_directions[..., c:c + 1], out=points[..., c]).add_(ray_origins[..., c:c + 1])
+    return points
+
+
 def ray_box_intersection(ray_origins: torch.Tensor, ray_directions: torch.Tensor, box_side: float):
     """Entry and exit depths of rays through the cube [-box_side/2, box_side/2]^3 (slab method).
 
@@ -389,7 +406,7 @@ class ImportanceRenderer(torch.nn.Module):
     def _run_along_rays(self, planes, decoder, ray_origins, ray_directions, depths, opts, generator=None, table_cache=None):
         """Decoder at the points origin + depth * direction: colours (B, N, S, C'), sigma (B, N, S, 1)."""
         batch_size, num_rays, num_samples, _ = depths.shape
-        points = ray_origins.unsqueeze(2) + depths * ray_directions.unsqueeze(2)
+        points = ray_points(ray_origins, ray_directions, depths)
         directions = ray_directions.unsqueeze(2).expand(-1, -1, num_samples, -1)
         out = self.run_model(planes, decoder, points.reshape(batch_size, -1, 3), directions.reshape(batch_size, -1, 3), opts, generator,
                              table_cache)
