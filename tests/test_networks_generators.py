@@ -83,6 +83,28 @@ def test_next3d_forward_shapes_ranges_and_determinism(head):
     assert G.neural_rendering_resolution == 32
 
 
+@pytest.mark.parametrize('plane_layout', ['aligned', 'released'])
+def test_next3d_planes_blend_in_place_without_a_graph(head, monkeypatch, plane_layout):
+    """Without a graph to record, the rendered planes are blended into the static ones plane by
+    plane (no stacked renders): the planes the recorded path makes."""
+    G = tiny_next3d(plane_layout=plane_layout).eval()
+    ws = G.mapping(torch.randn(2, 64), frontal_label(2))
+    v = condition(head, jaw=0.2, batch=2)
+    recorded = G.make_planes(ws, v, noise_mode='const')
+    assert recorded.requires_grad
+    lerps = []
+    real_lerp = torch.lerp
+    monkeypatch.setattr(torch, 'lerp', lambda *a, **k: lerps.append(a[0].ndim) or real_lerp(*a, **k))
+    with torch.no_grad():
+        blended = G.make_planes(ws, v, noise_mode='const')
+    monkeypatch.undo()
+    assert lerps == [4, 4, 4]                           # plane by plane, (B, C, H, W) each
+    # (the networks' own CPU inference paths round differently from the recorded ones)
+    torch.testing.assert_close(blended, recorded.detach(), rtol=1e-4, atol=1e-4)
+    static = G.backbone.synthesis(ws[:, :G.num_backbone_ws], noise_mode='const').detach()
+    assert not torch.equal(blended.reshape(static.shape), static)          # the renders changed something
+
+
 def test_next3d_gradients_reach_every_part(head):
     G = tiny_next3d().train()
     out = G(torch.randn(2, 64), frontal_label(2), condition(head, batch=2), noise_mode='const')

@@ -156,9 +156,15 @@ class Next3DGenerator(EG3DGenerator):
         r = self.rasterizer(verts, texture, geometry)
         front = self.refine_front(r['front'], landmarks, eg3d_ws, **kwargs)
         static = super().make_planes(ws, None, update_emas=update_emas, **kwargs)
-        rendered = self.rasterizer.to_planes(front, r['side'], r['top'])
-        alpha = self.rasterizer.to_planes(r['front_alpha'], r['side_alpha'], r['top_alpha'])
-        return torch.lerp(static, rendered, alpha)         # rendered * alpha + static * (1 - alpha), one pass
+        rendered = self.rasterizer.plane_images(front, r['side'], r['top'])
+        alpha = self.rasterizer.plane_images(r['front_alpha'], r['side_alpha'], r['top_alpha'])
+        # rendered * alpha + static * (1 - alpha), one pass. Without a graph to record, plane by
+        # plane into the static planes (a tensor of this call's): the renders are not stacked.
+        if misc.records_graph(static, *rendered, *alpha):
+            return torch.lerp(static, torch.stack(rendered, dim=1), torch.stack(alpha, dim=1))
+        for p in range(static.shape[1]):
+            torch.lerp(static[:, p], rendered[p], alpha[p], out=static[:, p])
+        return static
 
     def extra_repr(self):
         return (super().extra_repr() + f', num_vertices={self.num_vertices}, texture_resolution={self.texture_resolution}, '

@@ -40,7 +40,7 @@ the CPU, and from alternating row and column run propagation on other devices (s
 `fill_enclosed`).
 """
 
-from typing import Dict, NamedTuple, Optional, Tuple
+from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import numpy as np
 import scipy.ndimage
@@ -392,8 +392,13 @@ class TexturePlaneRasterizer(torch.nn.Module):
         """Renders (B, C, H, W) -> planes (B, 3, C, H, W) in `plane_axes` order, grid_sample
         orientation (column = first axis, row = second, both increasing with the world
         coordinate). Works for renders and alphas alike."""
+        return torch.stack(self.plane_images(front, side, top), dim=1)
+
+    def plane_images(self, front: torch.Tensor, side: torch.Tensor, top: torch.Tensor) -> List[torch.Tensor]:
+        """to_planes' three planes (B, C, H, W) before they are stacked: views of the renders
+        where no flip is needed."""
         if self.layout == 'released':
-            return torch.stack([front, side, top], dim=1)
+            return [front, side, top]
         images = {'front': front, 'left': side, 'top': top}     # side is in the left view's orientation
         planes = []
         for a, b in coords.PLANE_AXES[self.plane_axes]:
@@ -407,7 +412,7 @@ class TexturePlaneRasterizer(torch.nn.Module):
                 img, (ca, cs), (ra, rs) = img.transpose(-1, -2), (ra, rs), (ca, cs)
             dims = [d for d, sign in ((-1, cs), (-2, rs)) if sign < 0]
             planes.append(img.flip(dims) if dims else img)
-        return torch.stack(planes, dim=1)
+        return planes
 
     def project_landmarks_front(self, lms: torch.Tensor) -> torch.Tensor:
         """(B, 68, 3) mesh metres -> (B, 68, 2) pixel coordinates in the front render
