@@ -15,7 +15,7 @@ from training.volumetric_rendering.ray_marcher import MipRayMarcher2
 from training.volumetric_rendering.ray_sampler import RaySampler
 from training.volumetric_rendering.renderer import (ImportanceRenderer, ray_box_intersection, sample_from_planes,
                                                     sample_importance, sample_pdf, sample_plane_mean, sample_stratified,
-                                                    ray_points, searchsorted_right, sort_samples)
+                                                    gather_samples, ray_points, searchsorted_right, sort_samples)
 
 # Written out by hand (not read from coords.PLANE_AXES) so a change there is caught.
 EXPECTED_AXES = {
@@ -316,9 +316,10 @@ def test_searchsorted_right_is_torchs(num_entries):
     assert (want == 0).any() and (want == num_entries).any()
 
 
-def test_sort_samples_is_torchs():
+def test_sort_samples_is_torchs_and_gather_samples_is_gather():
     """The CPU's NumPy sort of the samples along each ray: torch.sort's sorted depths, an
-    order that gathers them (tied depths may come in either order), NaN last."""
+    order that gathers them (tied depths may come in either order), NaN last; gather_samples
+    is gather along the samples, forward and backward."""
     gen = torch.Generator().manual_seed(1)
     depths = torch.rand(2, 50, 48, 1, generator=gen)
     depths[0, :, 30:] = depths[0, :, :18]                         # ties between the two halves
@@ -330,6 +331,12 @@ def test_sort_samples_is_torchs():
     torch.testing.assert_close(depths.gather(2, order), want, atol=0, rtol=0, equal_nan=True)
     assert torch.equal(order.sort(dim=2).values, want_order.sort(dim=2).values)          # a permutation per ray
     assert torch.isnan(got[1, 3, -1]) and torch.equal(order[1], want_order[1])             # no ties in item 1
+    densities = torch.randn(2, 50, 48, 1, generator=gen, requires_grad=True)
+    gathered = gather_samples(densities, order)
+    assert torch.equal(gathered, densities.gather(2, order))
+    gathered.backward(torch.arange(gathered.numel(), dtype=torch.float32).reshape(gathered.shape))
+    want_grad = torch.zeros_like(densities).scatter(2, order, torch.arange(gathered.numel(), dtype=torch.float32).reshape(gathered.shape))
+    assert torch.equal(densities.grad, want_grad)
 
 
 @pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
