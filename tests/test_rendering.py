@@ -869,16 +869,20 @@ def test_renderer_and_mouth_on_cuda_match_cpu():
 
 
 @pytest.mark.parametrize('plane_axes', sorted(coords.PLANE_AXES))
-def test_project_onto_planes_picks_each_planes_axes(plane_axes):
+@pytest.mark.parametrize('dtype, key', [(torch.float32, 'coords.plane_selection.{}.0.7.torch.float32'),
+                                        (torch.float64, 'coords.plane_selection.{}.0.7.torch.float64'),
+                                        (torch.float16, 'coords.plane_axes.{}')])
+def test_project_onto_planes_picks_each_planes_axes(plane_axes, dtype, key):
     """Plane k's grid point is the point's coordinates on the axes PLANE_AXES[k], scaled by
-    2 / box_warp; the index of those axes is made once per device, not on every call."""
-    pts = torch.randn(2, 7, 3)
-    grid = coords.project_onto_planes(pts, plane_axes=plane_axes, box_warp=0.5)
-    assert grid.shape == (2, 3, 7, 2)
+    2 / box_warp, to the bit (on the CPU in float32 and float64 as a product with a selection
+    matrix, else a gather); that matrix or index is made once per device, not on every call."""
+    pts = (torch.randn(2, 7, 3) * 0.6).to(dtype)
+    grid = coords.project_onto_planes(pts, plane_axes=plane_axes, box_warp=0.7)
+    assert grid.shape == (2, 3, 7, 2) and grid.dtype == dtype
     for k, (a, b) in enumerate(coords.PLANE_AXES[plane_axes]):
-        assert torch.equal(grid[:, k], torch.stack([pts[..., a], pts[..., b]], dim=-1) * 4)
+        assert torch.equal(grid[:, k], torch.stack([pts[..., a], pts[..., b]], dim=-1) * (2 / 0.7))
     from torch_utils import misc
-    key = (f'coords.plane_axes.{plane_axes}', pts.device)
-    index = misc._device_constants[key]
-    coords.project_onto_planes(pts, plane_axes=plane_axes)
-    assert misc._device_constants[key] is index
+    key = (key.format(plane_axes), pts.device)
+    made = misc._device_constants[key]
+    coords.project_onto_planes(pts, plane_axes=plane_axes, box_warp=0.7)
+    assert misc._device_constants[key] is made

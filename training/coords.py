@@ -109,11 +109,28 @@ def project_onto_planes(coords: torch.Tensor, plane_axes: str = 'next3d', box_wa
 
     A view of the points-first (B, N, 3, 2) gather (one pass; the layout that
     ops.bilinear_mean's CPU path reads)."""
-    axes = misc.device_constant(f'coords.plane_axes.{plane_axes}', coords.device,
-                                lambda d: torch.tensor(PLANE_AXES[plane_axes], device=d).reshape(-1))
-    # index_select (not [..., axes]): ~4x faster on the CPU, the same values.
-    gathered = (coords * (2 / box_warp)).index_select(-1, axes)
+    if coords.device.type == 'cpu' and coords.dtype in (torch.float32, torch.float64) and not torch.compiler.is_compiling():
+        # On the CPU a product with a (3, 6) matrix of zeros and 2 / box_warp: 5x faster than
+        # the gather of 3-wide rows (98,304 points: 0.17 against 0.86 ms) and the same values
+        # for finite points (one rounded product each, plus exact zeros); a non-finite
+        # coordinate makes all of its point's coordinates NaN.
+        selection = misc.device_constant(f'coords.plane_selection.{plane_axes}.{box_warp}.{coords.dtype}', coords.device,
+                                         lambda d: _plane_selection(plane_axes, box_warp, coords.dtype, d))
+        gathered = coords @ selection
+    else:
+        axes = misc.device_constant(f'coords.plane_axes.{plane_axes}', coords.device,
+                                    lambda d: torch.tensor(PLANE_AXES[plane_axes], device=d).reshape(-1))
+        # index_select (not [..., axes]): ~4x faster on the CPU, the same values.
+        gathered = (coords * (2 / box_warp)).index_select(-1, axes)
     return gathered.view(*coords.shape[:-1], 3, 2).permute(0, 2, 1, 3)
+
+
+def _plane_selection(plane_axes: str, box_warp: float, dtype: torch.dtype, device) -> torch.Tensor:
+    """(3, 6) matrix: column 2p + k holds 2 / box_warp in the row of plane p's axis k (made
+    without writes into it: misc.device_constant remakes a tensor that was written into)."""
+    columns = [a for pair in PLANE_AXES[plane_axes] for a in pair]
+    rows = [[2 / box_warp if axis == row else 0.0 for axis in columns] for row in range(3)]
+    return torch.tensor(rows, dtype=dtype, device=device)
 
 
 def cam2world_look_at(yaw: torch.Tensor, pitch: torch.Tensor, radius: float = CAMERA_RADIUS,
