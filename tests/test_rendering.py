@@ -331,6 +331,9 @@ def test_sort_samples_is_torchs_and_gather_samples_is_gather():
     torch.testing.assert_close(depths.gather(2, order), want, atol=0, rtol=0, equal_nan=True)
     assert torch.equal(order.sort(dim=2).values, want_order.sort(dim=2).values)          # a permutation per ray
     assert torch.isnan(got[1, 3, -1]) and torch.equal(order[1], want_order[1])             # no ties in item 1
+    half, half_order = sort_samples(depths.to(torch.bfloat16))         # torch's sort (NumPy has no bfloat16)
+    assert half.dtype == torch.bfloat16
+    torch.testing.assert_close(half, torch.sort(depths.to(torch.bfloat16), dim=2).values, atol=0, rtol=0, equal_nan=True)
     densities = torch.randn(2, 50, 48, 1, generator=gen, requires_grad=True)
     gathered = gather_samples(densities, order)
     assert torch.equal(gathered, densities.gather(2, order))
@@ -886,3 +889,15 @@ def test_project_onto_planes_picks_each_planes_axes(plane_axes, dtype, key):
     made = misc._device_constants[key]
     coords.project_onto_planes(pts, plane_axes=plane_axes, box_warp=0.7)
     assert misc._device_constants[key] is made
+    # Points that record a graph take the gather: their gradient sums only the two planes' terms.
+    pts.requires_grad_(True)
+    upstream = torch.randn(2, 3, 7, 2).to(dtype)
+    upstream[0, 0, 0, 0] = float('inf')
+    coords.project_onto_planes(pts, plane_axes=plane_axes, box_warp=0.7).backward(upstream)
+    want = torch.zeros_like(pts)
+    for k, (a, b) in enumerate(coords.PLANE_AXES[plane_axes]):
+        want[..., a] += upstream[:, k, :, 0] * (2 / 0.7)
+        want[..., b] += upstream[:, k, :, 1] * (2 / 0.7)
+    tolerance = dict(rtol=1e-2, atol=1e-2) if dtype == torch.float16 else dict(rtol=1e-6, atol=0)
+    torch.testing.assert_close(pts.grad, want, **tolerance)
+    assert torch.isfinite(pts.grad[0, 0]).sum() == 2                # the inf reaches one coordinate only

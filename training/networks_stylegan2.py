@@ -399,8 +399,8 @@ class ToRGBLayer(torch.nn.Module):
         """The 1x1 modulated convolution on the CPU in float32 when nothing records a graph: per
         image one matrix product of the channels-last pixels [H W, in] with the styled weight
         [in, out] (the styles scale the weight, not x), accumulated into add_to in place when
-        that is channels last and nothing is clamped, then the bias in one pass (with a clamp:
-        the clamped product with its bias, added to add_to in place). torch runs a
+        that is channels last and nothing is clamped, then the bias in one pass (otherwise the
+        product with its bias, clamped if asked, is added to add_to in place). torch runs a
         1x1 convolution of a small batch on one thread as its generic kernel, which first
         copies the bias into its output; here neither x * styles nor the sum with add_to
         takes a pass of its own. The same maths; only the rounding differs."""

@@ -107,7 +107,8 @@ def softplus_cpu(pre: torch.Tensor, out: torch.Tensor, bias: torch.Tensor = None
     no bias (an addmm first copies its bias into the output: a pass of its own)."""
     if torch.compiler.is_compiling():
         return torch_softplus(pre, out, bias)
-    if misc.mkl_vector_math_fast() if log_exp is None else log_exp:
+    use_log_exp = misc.mkl_vector_math_fast() if log_exp is None else log_exp
+    if use_log_exp:
         if bias is None:
             torch.exp(pre, out=out)
         else:

@@ -95,7 +95,7 @@ def ray_points(ray_origins: torch.Tensor, ray_directions: torch.Tensor, depths: 
         return ray_origins.unsqueeze(2) + depths * ray_directions.unsqueeze(2)
     dtype = torch.promote_types(torch.promote_types(ray_origins.dtype, ray_directions.dtype), depths.dtype)
     shape = torch.broadcast_shapes(ray_origins.unsqueeze(2).shape, ray_directions.unsqueeze(2).shape, depths.shape)
-    points = torch.empty(shape, dtype=dtype)
+    points = torch.empty(shape, dtype=dtype, device=depths.device)
     for c in range(3):
         torch.mul(depths[..., 0], ray_directions[..., c:c + 1], out=points[..., c]).add_(ray_origins[..., c:c + 1])
     return points
@@ -162,8 +162,8 @@ def searchsorted_right(sorted_rows: torch.Tensor, values: torch.Tensor) -> torch
     The same result (values or rows holding NaN aside: a NaN compares false here)."""
     if sorted_rows.device.type != 'cpu' or sorted_rows.shape[1] > 255 or torch.compiler.is_compiling():
         return torch.searchsorted(sorted_rows.contiguous(), values, right=True)
-    count = torch.zeros(values.shape, dtype=torch.uint8)
-    at_or_below = torch.empty(values.shape, dtype=torch.uint8)
+    count = torch.zeros(values.shape, dtype=torch.uint8, device=values.device)
+    at_or_below = torch.empty_like(count)
     for k in range(sorted_rows.shape[1]):
         torch.ge(values, sorted_rows[:, k:k + 1], out=at_or_below.view(torch.bool))
         count.add_(at_or_below)
@@ -175,9 +175,10 @@ def sort_samples(depths: torch.Tensor):
 
     On the CPU NumPy sorts the order (its quicksort runs vector code: 4,096 rays of 48
     samples, one thread, 1.8 against torch's 7.3 ms). Both sorts are unstable: equal
-    depths on a ray may come in another order, which changes nothing downstream (they are
-    the same point, with the same decoder output)."""
-    if depths.device.type != 'cpu' or torch.compiler.is_compiling():
+    depths on a ray may come in another order (exact ties of random depths: in practice
+    never; they would be the same point, whose densities differ only by density noise)."""
+    if (depths.device.type != 'cpu' or depths.dtype not in (torch.float16, torch.float32, torch.float64)
+            or torch.compiler.is_compiling()):
         return torch.sort(depths, dim=2)
     order = torch.from_numpy(np.argsort(depths.detach().numpy(), axis=2)).long()
     return gather_samples(depths, order), order
