@@ -330,13 +330,15 @@ def test_version_key_follows_writes_and_skips_inference_tensors():
         assert misc.version_key(torch.zeros(3)) is None
 
 
-@pytest.mark.parametrize('cpuinfo, mkl, want', [
-    ('processor\t: 0\nvendor_id\t: GenuineIntel\nflags\t: avx512f\n', True, True),
-    ('processor\t: 0\nvendor_id\t: AuthenticAMD\nflags\t: avx2\n', True, False),
-    ('processor\t: 0\nvendor_id\t: GenuineIntel\n', False, False),          # a torch without MKL
-    (None, True, False),                                                   # no /proc/cpuinfo, no vendor named
+@pytest.mark.parametrize('cpuinfo, processor, mkl, want', [
+    ('processor\t: 0\nvendor_id\t: GenuineIntel\nflags\t: avx512f\n', '', True, True),
+    ('processor\t: 0\nvendor_id\t: AuthenticAMD\nflags\t: avx2\n', '', True, False),
+    ('processor\t: 0\nvendor_id\t: GenuineIntel\n', '', False, False),          # a torch without MKL
+    (None, '', True, False),                                                   # no /proc/cpuinfo, no vendor named
+    (None, 'Intel64 Family 6 Model 106 Stepping 6, GenuineIntel', True, True),    # Windows names it there
+    (None, 'AMD64 Family 25 Model 1 Stepping 1, AuthenticAMD', True, False),
 ])
-def test_mkl_vector_math_fast_reads_the_cpu_vendor(monkeypatch, cpuinfo, mkl, want):
+def test_mkl_vector_math_fast_reads_the_cpu_vendor(monkeypatch, cpuinfo, processor, mkl, want):
     import builtins
     import io
     real_open = builtins.open
@@ -348,6 +350,6 @@ def test_mkl_vector_math_fast_reads_the_cpu_vendor(monkeypatch, cpuinfo, mkl, wa
             raise FileNotFoundError(path)
         return io.StringIO(cpuinfo)
     monkeypatch.setattr(builtins, 'open', fake_open)
-    monkeypatch.setattr(misc.platform, 'processor', lambda: '')
+    monkeypatch.setattr(misc.platform, 'processor', lambda: processor)
     monkeypatch.setattr(misc.torch.backends.mkl, 'is_available', lambda: mkl)
     assert misc.mkl_vector_math_fast.__wrapped__() is want

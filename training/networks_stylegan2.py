@@ -329,7 +329,7 @@ class SynthesisLayer(torch.nn.Module):
             noise = self.noise_const * self.noise_strength
         clamp = self.conv_clamp * gain if self.conv_clamp is not None else None
         act_gain = self.act_gain * gain
-        if (act_gain > 0 and self.activation in ('linear', 'relu', 'lrelu')
+        if (act_gain > 0 and self.activation in bias_act.SCALE_COMMUTING
                 and cpu_inference(x, fused_modconv, styles, self.weight, self.bias, noise)):
             return self._forward_cpu_inference(x, styles, noise, act_gain, clamp)
         x = modulated_conv2d(x, self.weight, styles, noise=noise, up=self.up, padding=self.padding,
@@ -353,10 +353,7 @@ class SynthesisLayer(torch.nn.Module):
         if noise is not None:       # bias + noise [1 or N, O, H, W], laid out as x (a strided one slows addcmul)
             offset = torch.add(offset, noise, alpha=gain, out=torch.empty_like(x[:1] if noise.ndim < 4 or len(noise) == 1 else x))
         x = torch.addcmul(offset, x, scale, out=x)
-        if self.activation == 'lrelu':
-            x = torch.nn.functional.leaky_relu_(x, bias_act.ACTIVATIONS['lrelu'].alpha)
-        elif self.activation == 'relu':
-            x = torch.nn.functional.relu_(x)
+        x = bias_act.activate_in_place(x, self.activation, bias_act.ACTIVATIONS[self.activation].alpha)
         return x.clamp_(-clamp, clamp) if clamp is not None else x
 
     def extra_repr(self):

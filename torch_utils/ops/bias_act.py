@@ -88,6 +88,18 @@ def activate(z: torch.Tensor, act: str, alpha: float) -> torch.Tensor:
     raise ValueError(f'bias_act: unknown activation {act!r}')
 
 
+SCALE_COMMUTING = ('linear', 'relu', 'lrelu')     # act(gain * z) = gain * act(z) for gain > 0
+
+
+def activate_in_place(z: torch.Tensor, act: str, alpha: float) -> torch.Tensor:
+    """One of SCALE_COMMUTING applied to z in place (z itself; no graph through a leaf)."""
+    if act == 'lrelu':
+        return F.leaky_relu_(z, alpha)
+    if act == 'relu':
+        return F.relu_(z)
+    return z
+
+
 def _bias_act_ref(x: torch.Tensor, b: Optional[torch.Tensor], dim: int, act: str, alpha: float, gain: float, clamp: float) -> torch.Tensor:
     """Reference: plain PyTorch, differentiable to any order. clamp < 0 means no clamp.
 
@@ -98,7 +110,7 @@ def _bias_act_ref(x: torch.Tensor, b: Optional[torch.Tensor], dim: int, act: str
     writing x once).
     """
     shape = [-1 if i == dim else 1 for i in range(x.ndim)]
-    if act in ('linear', 'relu', 'lrelu') and gain > 0:
+    if act in SCALE_COMMUTING and gain > 0:
         if b is not None and torch.compiler.is_compiling():
             # Inductor fuses the two passes itself, and drops add's alpha when it rewrites
             # add(b, mm(...), alpha) as an addmm (pytorch/pytorch#167313): no alpha there.
@@ -109,10 +121,7 @@ def _bias_act_ref(x: torch.Tensor, b: Optional[torch.Tensor], dim: int, act: str
             x = x * gain
         elif act != 'linear':
             x = x.clone()                       # the activation below works in place
-        if act == 'lrelu':
-            x = F.leaky_relu_(x, alpha)
-        elif act == 'relu':
-            x = F.relu_(x)
+        x = activate_in_place(x, act, alpha)
     else:
         if b is not None:
             x = x + b.to(x.dtype).reshape(shape)
