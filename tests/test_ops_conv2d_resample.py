@@ -34,6 +34,9 @@ CASES = [
     ((3, 3), 1, 2, 1, 1, True, False, [1, 3, 3, 1]),
     ((3, 2), 1, 2, [0, 1, 1, 2], 2, False, True, [1, 2, 3, 4]),
     ((3, 3), 1, 4, 1, 1, True, False, [1, 3, 3, 1]),
+    ((1, 1), 1, 1, 0, 1, True, False, None),
+    ((1, 1), 1, 1, 0, 2, False, False, None),
+    ((1, 1), 1, 1, 1, 1, True, False, None),
     ((1, 1), 2, 1, 0, 1, True, False, [1, 3, 3, 1]),
     ((1, 1), 1, 2, 0, 2, False, True, [1, 2, 3, 4]),
     ((3, 3), 2, 2, 1, 1, True, True, [1, 2, 3, 4]),
@@ -66,6 +69,20 @@ def test_cpu_runs_channels_last_with_the_same_values(kernel, up, down, padding, 
     assert torch.allclose(y, expected, rtol=1e-5, atol=1e-5)
     if kernel != (1, 1) and up == 1 and down == 1:                  # the convolution is the last step
         assert y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous()
+
+
+def test_cpu_1x1_product_gradients_to_second_order():
+    """A plain 1x1 convolution on the CPU is a matrix product of the channels-last pixels
+    (the first-order gradients of D's R1 are differentiated again): its gradients and
+    their gradients are the convolution's, checked against finite differences."""
+    x = torch.randn(2, 3, 4, 5, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, 3, 1, 1, dtype=torch.float64, requires_grad=True)
+    y = CR.conv2d_resample(x, w)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    assert torch.allclose(y, F.conv2d(x, w), rtol=1e-12, atol=1e-12)
+    fn = lambda x, w: CR.conv2d_resample(x, w)
+    assert torch.autograd.gradcheck(fn, (x, w))
+    assert torch.autograd.gradgradcheck(fn, (x, w))
 
 
 def test_output_sizes():

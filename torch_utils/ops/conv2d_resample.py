@@ -36,6 +36,8 @@ def _conv(x: torch.Tensor, w: torch.Tensor, stride: int = 1, padding=(0, 0), gro
         # it). small128 Next3D, batch 4, one thread: inference 0.95x the time, a training
         # step 0.98x (backward convolutions gain less than forward ones).
         x, w = x.contiguous(memory_format=torch.channels_last), w.contiguous(memory_format=torch.channels_last)
+        if w.shape[2:] == (1, 1) and not transpose and stride == 1 and groups == 1 and tuple(padding) == (0, 0):
+            return _conv1x1_cpu(x, w)
     if not transpose:
         return conv2d_double_backward.conv2d(x, w, stride=stride, padding=padding, groups=groups)
     # conv_transpose2d wants [in, out / groups, kh, kw].
@@ -43,6 +45,18 @@ def _conv(x: torch.Tensor, w: torch.Tensor, stride: int = 1, padding=(0, 0), gro
     w = w.reshape(groups, out_channels // groups, in_per_group, kh, kw).transpose(1, 2)
     w = w.reshape(groups * in_per_group, out_channels // groups, kh, kw)
     return conv2d_double_backward.conv_transpose2d(x, w, stride=stride, padding=padding, groups=groups)
+
+
+def _conv1x1_cpu(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """A 1x1 convolution of channels-last x [N, I, H, W] with w [O, I, 1, 1] as one matrix
+    product of the pixels [N H W, I] with w^T, returned as a channels-last [N, O, H, W] view.
+    torch sends 1x1 convolutions to its generic kernel, which makes NCHW copies of a
+    channels-last input and gradient in the backward; the product's gradients are two more
+    products on the same views (32 -> 32 channels at 128^2, batch 4, one thread: forward and
+    backward 4.4 against 7.0 ms; 96 -> 32: 14 against 21 ms). Differentiable to any order."""
+    batch, channels, height, width = x.shape
+    y = x.permute(0, 2, 3, 1).reshape(-1, channels) @ w.reshape(len(w), channels).t()
+    return y.view(batch, height, width, len(w)).permute(0, 3, 1, 2)
 
 
 def conv2d_resample(
