@@ -121,6 +121,50 @@ def test_synthesis_layer_cpu_inference_path_matches_the_recorded_one(monkeypatch
     assert taken == [1, 1]
 
 
+def _values_and_gradients(layer, inputs, **kwargs):
+    torch.manual_seed(2)                                                 # the same random noise
+    out = layer(*inputs, **kwargs)
+    grads = torch.autograd.grad(out, list(inputs) + list(layer.parameters()), torch.cos(out))
+    return out.detach(), grads
+
+
+@pytest.mark.parametrize('kind, activation, conv_clamp, gain, noise_mode, fused', [
+    ('synthesis', 'lrelu', None, 1, 'random', False), ('synthesis', 'lrelu', 0.5, 2, 'const', True),
+    ('synthesis', 'relu', None, 0.5, 'const', False), ('synthesis', 'linear', None, 3, 'const', False),
+    ('synthesis', 'tanh', None, 2, 'random', False),
+    ('conv', 'lrelu', None, 1, None, None), ('conv', 'lrelu', 0.4, 0.5, None, None), ('conv', 'linear', None, 2, None, None)])
+def test_cpu_layers_fold_the_gain_into_the_convolution(monkeypatch, kind, activation, conv_clamp, gain, noise_mode, fused):
+    """On the CPU a layer whose activation commutes with its (positive) gain scales the
+    convolution (weight or demodulation), bias and noise by it and calls bias_act with gain 1:
+    values and gradients (float64) equal to those with the gain passed to bias_act."""
+    from training import networks_stylegan2
+    from training.networks_stylegan2 import Conv2dLayer
+    torch.manual_seed(0)
+    if kind == 'synthesis':
+        layer = SynthesisLayer(6, 5, w_dim=4, resolution=16, up=2, activation=activation, conv_clamp=conv_clamp)
+        x, w = _layer_inputs(layer)
+        layer.double().resample_filter = layer.resample_filter.float()      # FIR filters stay float32
+        inputs, kwargs = (x.double().requires_grad_(), w.double().requires_grad_()), dict(noise_mode=noise_mode, fused_modconv=fused, gain=gain)
+    else:
+        layer = Conv2dLayer(6, 5, kernel_size=3, activation=activation, down=2, conv_clamp=conv_clamp)
+        layer.double().resample_filter = layer.resample_filter.float()
+        with torch.no_grad():
+            layer.bias.normal_()
+        inputs, kwargs = (torch.randn(3, 6, 16, 16, dtype=torch.float64, requires_grad=True),), dict(gain=gain)
+    expect_fold = activation in ('lrelu', 'relu') or (activation == 'linear' and layer.act_gain * gain != 1)
+    folds = []
+    original = networks_stylegan2.folds_gain
+    monkeypatch.setattr(networks_stylegan2, 'folds_gain', lambda *a: folds.append(original(*a)) or folds[-1])
+    out, grads = _values_and_gradients(layer, inputs, **kwargs)
+    assert folds == [expect_fold]
+    monkeypatch.setattr(networks_stylegan2, 'folds_gain', lambda *a: False)
+    ref_out, ref_grads = _values_and_gradients(layer, inputs, **kwargs)
+    torch.testing.assert_close(out, ref_out, rtol=1e-10, atol=1e-10)
+    assert out.abs().max() > 0.1 and (conv_clamp is None or ref_out.abs().max() == conv_clamp * gain)
+    for got, ref in zip(grads, ref_grads):
+        torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-10)
+
+
 def test_torgb_cpu_inference_path_matches_the_recorded_one():
     layer = ToRGBLayer(6, 3, w_dim=4, conv_clamp=0.8)
     x, w = _layer_inputs(layer)

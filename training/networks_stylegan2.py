@@ -63,6 +63,7 @@ def modulated_conv2d(
     demodulate: bool = True,                # Normalise each output channel's weight to unit norm?
     flip_weight: bool = True,               # True = correlation (torch's conv2d), False = convolution.
     fused_modconv: bool = True,             # One grouped convolution (True) or scale activations around a shared one.
+    gain: float = 1,                        # Scale of the convolution's output (before the noise), folded into the demodulation.
 ) -> torch.Tensor:
     """StyleGAN2's modulated convolution; returns [N, O, H', W'] in x's dtype."""
     batch_size = x.shape[0]
@@ -76,8 +77,11 @@ def modulated_conv2d(
         weight = weight * (1 / math.sqrt(in_channels * kh * kw) / weight.norm(float('inf'), dim=[1, 2, 3], keepdim=True))
         styles = styles / styles.norm(float('inf'), dim=1, keepdim=True)
 
+    if gain != 1 and not demodulate:
+        weight = weight * gain
     if not fused_modconv:
         dcoefs = demodulation_coefficients(weight, styles) if demodulate else None
+        dcoefs = dcoefs * gain if demodulate and gain != 1 else dcoefs
         x = x * styles.to(x.dtype).reshape(batch_size, -1, 1, 1)
         x = conv2d_resample.conv2d_resample(x, weight.to(x.dtype), f=resample_filter, up=up, down=down, padding=padding, flip_weight=flip_weight)
         if demodulate and noise is not None:
@@ -91,7 +95,8 @@ def modulated_conv2d(
     # One grouped convolution with a weight per sample.
     w = weight.unsqueeze(0) * styles.reshape(batch_size, 1, -1, 1, 1)           # [NOIkk]
     if demodulate:
-        w = w * (w.square().sum(dim=[2, 3, 4]) + 1e-8).rsqrt().reshape(batch_size, -1, 1, 1, 1)
+        dcoefs = (w.square().sum(dim=[2, 3, 4]) + 1e-8).rsqrt()
+        w = w * (dcoefs * gain if gain != 1 else dcoefs).reshape(batch_size, -1, 1, 1, 1)
     x = x.reshape(1, -1, *x.shape[2:])
     w = w.reshape(-1, in_channels, kh, kw)
     x = conv2d_resample.conv2d_resample(x, w.to(x.dtype), f=resample_filter, up=up, down=down, padding=padding, groups=batch_size, flip_weight=flip_weight)
@@ -108,6 +113,16 @@ def demodulation_coefficients(weight: torch.Tensor, styles: torch.Tensor) -> tor
     convolution never forms the [N, O, I, kh, kw] modulated weights (only the rounding
     differs from summing those)."""
     return (styles.square() @ weight.square().sum(dim=[2, 3]).t() + 1e-8).rsqrt()
+
+
+def folds_gain(x: torch.Tensor, activation: str, gain: float) -> bool:
+    """Whether a layer scales its convolution (weight or demodulation) by the activation's
+    gain instead of passing the gain to bias_act: on the CPU, where bias_act is the
+    reference, for activations that commute with a positive gain. Same maths, rounding
+    aside; the backward then skips a pass over the gradient (the product with the gain):
+    Next3D small128, batch 4, one thread: Gmain 0.99x, Dmain 0.975x the time (medians of 8
+    interleaved pairs). bias_act's CUDA kernel scales for free, so elsewhere nothing changes."""
+    return x.device.type == 'cpu' and gain != 1 and gain > 0 and activation in bias_act.SCALE_COMMUTING
 
 
 def cpu_inference(x: torch.Tensor, fused_modconv: bool, *tensors) -> bool:
@@ -195,12 +210,18 @@ class Conv2dLayer(torch.nn.Module):
 
     def forward(self, x: torch.Tensor, gain: float = 1) -> torch.Tensor:
         """x [N, in, H, W] -> [N, out, H*up/down, W*up/down] in x's dtype."""
-        w = self.weight * self.weight_gain
-        b = self.bias.to(x.dtype) if self.bias is not None else None
+        act_gain = self.act_gain * gain
+        clamp = self.conv_clamp * gain if self.conv_clamp is not None else None
+        if folds_gain(x, self.activation, act_gain):     # act(conv(x, w) + b) g = act(conv(x, w g) + b g)
+            w = self.weight * (self.weight_gain * act_gain)
+            b = self.bias.to(x.dtype) * act_gain if self.bias is not None else None
+            act_gain = 1
+        else:
+            w = self.weight * self.weight_gain
+            b = self.bias.to(x.dtype) if self.bias is not None else None
         x = conv2d_resample.conv2d_resample(x, w.to(x.dtype), f=self.resample_filter, up=self.up, down=self.down,
                                             padding=self.padding, flip_weight=(self.up == 1))
-        clamp = self.conv_clamp * gain if self.conv_clamp is not None else None
-        return bias_act.bias_act(x, b, act=self.activation, gain=self.act_gain * gain, clamp=clamp)
+        return bias_act.bias_act(x, b, act=self.activation, gain=act_gain, clamp=clamp)
 
     def extra_repr(self):
         return (f'in_channels={self.in_channels}, out_channels={self.out_channels}, activation={self.activation}, '
@@ -332,9 +353,13 @@ class SynthesisLayer(torch.nn.Module):
         if (act_gain > 0 and self.activation in bias_act.SCALE_COMMUTING
                 and cpu_inference(x, fused_modconv, styles, self.weight, self.bias, noise)):
             return self._forward_cpu_inference(x, styles, noise, act_gain, clamp)
-        x = modulated_conv2d(x, self.weight, styles, noise=noise, up=self.up, padding=self.padding,
-                             resample_filter=self.resample_filter, flip_weight=(self.up == 1), fused_modconv=fused_modconv)
-        return bias_act.bias_act(x, self.bias.to(x.dtype), act=self.activation, gain=act_gain, clamp=clamp)
+        bias, out_gain = self.bias.to(x.dtype), 1
+        if folds_gain(x, self.activation, act_gain):     # the demodulation scales by the gain
+            bias, out_gain, act_gain = bias * act_gain, act_gain, 1
+            noise = noise.to(x.dtype) * out_gain if noise is not None else None
+        x = modulated_conv2d(x, self.weight, styles, noise=noise, up=self.up, padding=self.padding, resample_filter=self.resample_filter,
+                             flip_weight=(self.up == 1), fused_modconv=fused_modconv, gain=out_gain)
+        return bias_act.bias_act(x, bias, act=self.activation, gain=act_gain, clamp=clamp)
 
     def _forward_cpu_inference(self, x: torch.Tensor, styles: torch.Tensor, noise: Optional[torch.Tensor], gain: float,
                                clamp: Optional[float]) -> torch.Tensor:
