@@ -145,6 +145,22 @@ def test_grid_gradient_and_few_points_use_grid_sample():
     assert 'BilinearMeanCPU' not in type(few.grad_fn).__name__
 
 
+def test_few_points_on_channels_innermost_images_use_the_table():
+    """Fewer points than texels, but the channels innermost in memory (a channels-last
+    convolution's planes): the table path, with grid_sample's values and gradients."""
+    images = torch.randn(2, 3, 5, 8, 6, dtype=torch.float64)
+    interleaved = images.permute(0, 3, 4, 1, 2).contiguous().permute(0, 3, 4, 1, 2).requires_grad_(True)
+    grid = make_grid(2, 3, 10, seed=6)
+    got = BM.bilinear_mean(interleaved, grid)
+    assert 'BilinearMeanCPU' in type(got.grad_fn).__name__
+    plain = images.clone().requires_grad_(True)
+    expected = grid_sample_mean(plain, grid)
+    torch.testing.assert_close(got, expected, atol=1e-12, rtol=0)
+    grad = torch.randn_like(got)
+    torch.testing.assert_close(torch.autograd.grad(got, interleaved, grad)[0], torch.autograd.grad(expected, plain, grad)[0],
+                               atol=1e-12, rtol=0)
+
+
 def test_half_precision_images_sample_in_float32():
     images = torch.randn(1, 1, 4, 8, 8).half()
     grid = make_grid(1, 1, 100).float()

@@ -161,7 +161,9 @@ class Next3DGenerator(EG3DGenerator):
         # rendered * alpha + static * (1 - alpha), one pass. Without a graph to record, plane by
         # plane into the static planes (a tensor of this call's): the renders are not stacked.
         if misc.records_graph(static, *rendered, *alpha):
-            return torch.lerp(static, torch.stack(rendered, dim=1), torch.stack(alpha, dim=1))
+            # The alphas laid out pixel by pixel like the planes (channels innermost): the
+            # blend and its backward broadcast them along contiguous channels.
+            return torch.lerp(static, torch.stack(rendered, dim=1), torch.stack(alpha, dim=-1).permute(0, 4, 1, 2, 3))
         for p in range(static.shape[1]):
             torch.lerp(static[:, p], rendered[p], alpha[p], out=static[:, p])
         return static

@@ -36,9 +36,13 @@ def bilinear_mean(images: torch.Tensor, grid: torch.Tensor, table_cache: dict = 
     # Half-precision grids cannot address a 256 texel image to better than ~0.1 texel: sample in float32 or wider.
     dtype = torch.promote_types(images.dtype, torch.float32)
     images, grid = images.to(dtype), grid.to(dtype)
-    # The CPU path pays a channels-last copy of the images: worth it from about as many
-    # points as an image has texels.
-    if images.device.type == 'cpu' and not grid.requires_grad and num_points >= height * width:
+    # The CPU path copies the images into a channels-last table: worth it from about as many
+    # points as an image has texels, and for any number when the channels are innermost
+    # already (a channels-last convolution's planes, which grid_sample's reshape below would
+    # transpose: small128's density regularization, 8,000 points a plane at 128^2, forward
+    # and backward 17 against 93 ms).
+    channels_innermost = images.stride(2) == 1 and channels > 1
+    if images.device.type == 'cpu' and not grid.requires_grad and (num_points >= height * width or channels_innermost):
         if table_cache is None:
             return _BilinearMeanCPU.apply(images, grid, None)
         if 'table' not in table_cache:
