@@ -161,9 +161,12 @@ class Next3DGenerator(EG3DGenerator):
         # rendered * alpha + static * (1 - alpha), one pass. Without a graph to record, plane by
         # plane into the static planes (a tensor of this call's): the renders are not stacked.
         if misc.records_graph(static, *rendered, *alpha):
-            # The alphas laid out pixel by pixel like the planes (channels innermost): the
-            # blend and its backward broadcast them along contiguous channels.
-            return torch.lerp(static, torch.stack(rendered, dim=1), torch.stack(alpha, dim=-1).permute(0, 4, 1, 2, 3))
+            # Planes with their channels innermost (channels-last convolutions, the CPU's): the
+            # alphas laid out pixel by pixel like them, so that the blend and its backward
+            # broadcast them along contiguous channels.
+            if static.stride(2) == 1:
+                return torch.lerp(static, torch.stack(rendered, dim=1), torch.stack(alpha, dim=-1).permute(0, 4, 1, 2, 3))
+            return torch.lerp(static, torch.stack(rendered, dim=1), torch.stack(alpha, dim=1))
         for p in range(static.shape[1]):
             torch.lerp(static[:, p], rendered[p], alpha[p], out=static[:, p])
         return static
