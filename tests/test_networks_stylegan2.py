@@ -128,15 +128,25 @@ def _values_and_gradients(layer, inputs, **kwargs):
     return out.detach(), grads
 
 
+def _r1_like_gradients(layer, x, **kwargs):
+    """Gradients for the parameters of |d sum(out cos(out)) / dx|^2 (a second derivative, as R1's)."""
+    out = layer(x, **kwargs)
+    dx, = torch.autograd.grad((out * torch.cos(out)).sum(), x, create_graph=True)
+    return torch.autograd.grad(dx.square().sum(), list(layer.parameters()))
+
+
 @pytest.mark.parametrize('kind, activation, conv_clamp, gain, noise_mode, fused', [
     ('synthesis', 'lrelu', None, 1, 'random', False), ('synthesis', 'lrelu', 0.5, 2, 'const', True),
+    ('synthesis', 'lrelu', None, 1, 'random', True),
     ('synthesis', 'relu', None, 0.5, 'const', False), ('synthesis', 'linear', None, 3, 'const', False),
     ('synthesis', 'tanh', None, 2, 'random', False),
-    ('conv', 'lrelu', None, 1, None, None), ('conv', 'lrelu', 0.4, 0.5, None, None), ('conv', 'linear', None, 2, None, None)])
+    ('conv3', 'lrelu', None, 1, None, None), ('conv3', 'lrelu', 0.4, 0.5, None, None), ('conv3', 'linear', None, 2, None, None),
+    ('conv1', 'linear', None, 0.5 ** 0.5, None, None), ('conv1', 'lrelu', None, 1, None, None)])
 def test_cpu_layers_fold_the_gain_into_the_convolution(monkeypatch, kind, activation, conv_clamp, gain, noise_mode, fused):
     """On the CPU a layer whose activation commutes with its (positive) gain scales the
     convolution (weight or demodulation), bias and noise by it and calls bias_act with gain 1:
-    values and gradients (float64) equal to those with the gain passed to bias_act."""
+    values and gradients (float64) equal to those with the gain passed to bias_act, and for
+    D's layers (3x3, and 1x1 skips with their downsampling) the second derivatives of R1."""
     from training import networks_stylegan2
     from training.networks_stylegan2 import Conv2dLayer
     torch.manual_seed(0)
@@ -146,7 +156,7 @@ def test_cpu_layers_fold_the_gain_into_the_convolution(monkeypatch, kind, activa
         layer.double().resample_filter = layer.resample_filter.float()      # FIR filters stay float32
         inputs, kwargs = (x.double().requires_grad_(), w.double().requires_grad_()), dict(noise_mode=noise_mode, fused_modconv=fused, gain=gain)
     else:
-        layer = Conv2dLayer(6, 5, kernel_size=3, activation=activation, down=2, conv_clamp=conv_clamp)
+        layer = Conv2dLayer(6, 5, kernel_size=int(kind[-1]), activation=activation, down=2, conv_clamp=conv_clamp)
         layer.double().resample_filter = layer.resample_filter.float()
         with torch.no_grad():
             layer.bias.normal_()
@@ -163,6 +173,13 @@ def test_cpu_layers_fold_the_gain_into_the_convolution(monkeypatch, kind, activa
     assert out.abs().max() > 0.1 and (conv_clamp is None or ref_out.abs().max() == conv_clamp * gain)
     for got, ref in zip(grads, ref_grads):
         torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-10)
+    if kind != 'synthesis':
+        ref_second = _r1_like_gradients(layer, *inputs, **kwargs)
+        monkeypatch.setattr(networks_stylegan2, 'folds_gain', original)
+        second = _r1_like_gradients(layer, *inputs, **kwargs)
+        assert max(g.abs().max() for g in second) > 0.1
+        for got, ref in zip(second, ref_second):
+            torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-10)
 
 
 def test_torgb_cpu_inference_path_matches_the_recorded_one():

@@ -134,6 +134,18 @@ def test_table_cache_builds_the_table_once(monkeypatch):
         BM.bilinear_mean(images.detach().clone(), grids[0], table_cache=cache)
 
 
+def test_table_cache_of_half_precision_images():
+    """Half-precision images are sampled from a float32 table; the cache is tied to the
+    caller's images (not to their float32 copy, a new tensor each call), so a second call
+    with the same images reuses the table."""
+    images = torch.randn(1, 3, 4, 8, 8).half()
+    grids = [make_grid(1, 3, 100, seed=s).float() for s in (7, 8)]
+    cache = {}
+    got = [BM.bilinear_mean(images, g, table_cache=cache) for g in grids]
+    for a, g in zip(got, grids):
+        torch.testing.assert_close(a, grid_sample_mean(images.float(), g))
+
+
 def test_grid_gradient_and_few_points_use_grid_sample():
     images = torch.randn(1, 3, 2, 8, 8, dtype=torch.float64)
     grid = make_grid(1, 3, 100).requires_grad_(True)           # points that want a gradient

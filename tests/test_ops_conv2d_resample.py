@@ -71,18 +71,28 @@ def test_cpu_runs_channels_last_with_the_same_values(kernel, up, down, padding, 
         assert y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous()
 
 
-def test_cpu_1x1_product_gradients_to_second_order():
-    """A plain 1x1 convolution on the CPU is a matrix product of the channels-last pixels
-    (the first-order gradients of D's R1 are differentiated again): its gradients and
-    their gradients are the convolution's, checked against finite differences."""
-    x = torch.randn(2, 3, 4, 5, dtype=torch.float64, requires_grad=True)
+@pytest.mark.parametrize('down', [1, 2])
+def test_cpu_1x1_product_gradients_to_second_order(monkeypatch, down):
+    """A plain 1x1 convolution on the CPU (also after a downsampling filter, as in D's skip
+    layers) is a matrix product of the channels-last pixels, and the first-order gradients
+    of D's R1 are differentiated again: its values, its gradients and their gradients are
+    the convolution's (finite differences). Grouped or padded 1x1 kernels stay torch's."""
+    calls = []
+    product = CR._conv1x1_cpu
+    monkeypatch.setattr(CR, '_conv1x1_cpu', lambda *a: calls.append(1) or product(*a))
+    f = U.setup_filter([1, 3, 3, 1]) if down > 1 else None
+    x = torch.randn(2, 3, 4, 6, dtype=torch.float64, requires_grad=True)
     w = torch.randn(4, 3, 1, 1, dtype=torch.float64, requires_grad=True)
-    y = CR.conv2d_resample(x, w)
-    assert y.is_contiguous(memory_format=torch.channels_last)
-    assert torch.allclose(y, F.conv2d(x, w), rtol=1e-12, atol=1e-12)
-    fn = lambda x, w: CR.conv2d_resample(x, w)
+    y = CR.conv2d_resample(x, w, f, down=down)
+    assert calls == [1] and y.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(y, _naive(x, w, f, 1, down, 0, 1, True, False), rtol=1e-12, atol=1e-12)
+    fn = lambda x, w: CR.conv2d_resample(x, w, f, down=down)
     assert torch.autograd.gradcheck(fn, (x, w))
     assert torch.autograd.gradgradcheck(fn, (x, w))
+    calls.clear()
+    CR.conv2d_resample(torch.randn(1, 4, 5, 5), torch.randn(6, 2, 1, 1), groups=2)
+    CR.conv2d_resample(torch.randn(1, 4, 5, 5), torch.randn(6, 4, 1, 1), padding=1)
+    assert calls == []
 
 
 def test_output_sizes():

@@ -35,6 +35,7 @@ def bilinear_mean(images: torch.Tensor, grid: torch.Tensor, table_cache: dict = 
     num_points = grid.shape[2]
     # Half-precision grids cannot address a 256 texel image to better than ~0.1 texel: sample in float32 or wider.
     dtype = torch.promote_types(images.dtype, torch.float32)
+    given = images                  # what table_cache is tied to (a half-precision one's copy is new each call)
     images, grid = images.to(dtype), grid.to(dtype)
     # The CPU path copies the images into a channels-last table: worth it from about as many
     # points as an image has texels, and for any number when the channels are innermost
@@ -46,8 +47,8 @@ def bilinear_mean(images: torch.Tensor, grid: torch.Tensor, table_cache: dict = 
         if table_cache is None:
             return _BilinearMeanCPU.apply(images, grid, None)
         if 'table' not in table_cache:
-            table_cache.update(images=images, table=_texel_table(images))
-        elif table_cache['images'] is not images:
+            table_cache.update(images=given, table=_texel_table(images))
+        elif table_cache['images'] is not given:
             raise ValueError('bilinear_mean: table_cache holds the table of other images')
         return _BilinearMeanCPU.apply(images, grid, table_cache['table'])
     samples = torch.nn.functional.grid_sample(images.reshape(batch_size * num_images, channels, height, width),
