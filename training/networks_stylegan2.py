@@ -81,7 +81,8 @@ def modulated_conv2d(
         weight = weight * gain
     if not fused_modconv:
         dcoefs = demodulation_coefficients(weight, styles) if demodulate else None
-        dcoefs = dcoefs * gain if demodulate and gain != 1 else dcoefs
+        if demodulate and gain != 1:
+            dcoefs = dcoefs * gain
         x = x * styles.to(x.dtype).reshape(batch_size, -1, 1, 1)
         x = conv2d_resample.conv2d_resample(x, weight.to(x.dtype), f=resample_filter, up=up, down=down, padding=padding, flip_weight=flip_weight)
         if demodulate and noise is not None:

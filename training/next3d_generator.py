@@ -164,9 +164,8 @@ class Next3DGenerator(EG3DGenerator):
             # Planes with their channels innermost (channels-last convolutions, the CPU's): the
             # alphas laid out pixel by pixel like them, so that the blend and its backward
             # broadcast them along contiguous channels.
-            if static.stride(2) == 1:
-                return torch.lerp(static, torch.stack(rendered, dim=1), torch.stack(alpha, dim=-1).permute(0, 4, 1, 2, 3))
-            return torch.lerp(static, torch.stack(rendered, dim=1), torch.stack(alpha, dim=1))
+            alphas = torch.stack(alpha, dim=-1).permute(0, 4, 1, 2, 3) if static.stride(2) == 1 else torch.stack(alpha, dim=1)
+            return torch.lerp(static, torch.stack(rendered, dim=1), alphas)
         for p in range(static.shape[1]):
             torch.lerp(static[:, p], rendered[p], alpha[p], out=static[:, p])
         return static

@@ -169,8 +169,9 @@ class _DecodeCPU(torch.autograd.Function):
             run(rows, softplus_cpu)
         # Where softplus_cpu overflowed (inf) or met a NaN, sigma is not finite (inf times a
         # weight, or 0 * inf = NaN): those chunks again with torch's softplus. One check of
-        # sigma instead of a max of each chunk's pre-activations first.
-        if not bool(torch.isfinite(sigma).all()):
+        # sigma's sum, which is finite when every value is (98,304 values: 8 against 390 us
+        # for isfinite().all(); a sum that overflows only makes the chunks be checked below).
+        if not math.isfinite(float(sigma.sum())):
             for rows in chunks:
                 if not bool(torch.isfinite(sigma[rows]).all()):
                     run(rows, torch_softplus)
