@@ -663,7 +663,9 @@ def run_preset(preset: str, cfg: dict, tmp: str, pairs: int, log):
                 for side in order:
                     samples[side][what].append(workers[side].call(what))
             t = samples['ours']['train'][-1], samples['original']['train'][-1]
-            log(f'{preset} pair {i + 1}/{pairs}: train step ours {step_time(t[0], 0):.2f} s, original {step_time(t[1], 0):.2f} s (wall)')
+            inf = samples['ours']['infer'][-1][0], samples['original']['infer'][-1][0]
+            log(f'{preset} pair {i + 1}/{pairs}: train step ours {step_time(t[0], 0):.2f} s, original {step_time(t[1], 0):.2f} s; '
+                f'inference ours {inf[0]:.3f} s, original {inf[1]:.3f} s (wall)')
         profiles = {side: w.call('profile') for side, w in workers.items()}
         info = {side: w.call('info') for side, w in workers.items()}
         # A dispatch mode around compiled graphs would time something else; on a GPU it would time launches.
@@ -701,6 +703,15 @@ def summarise(preset: str, samples: dict, profiles: dict, info: dict, device: st
         lines.append(f'| {name} | {median(ours_t):.3f} | {median(orig_t):.3f} | {median(ratios):.2f} |')
     detail = [f'### {preset}: phases ({main_label} seconds, median; each phase once per pair)', '',
               '| phase | ours | original | ours / original |', '|---|---|---|---|'] + lines + ['']
+    # Every pair, in the order run: a slow stretch of a shared machine shows as a run of low ratios.
+    detail += [f'### {preset}: each pair ({main_label} seconds; speed-up = original / ours)', '',
+               '| pair | training step: ours | original | speed-up | inference: ours | original | speed-up |',
+               '|---|---|---|---|---|---|---|']
+    for i, (a, b, ia, ib) in enumerate(zip(ours['train'], orig['train'], ours['infer'], orig['infer'])):
+        sa, sb = step_time(a, main_clock), step_time(b, main_clock)
+        detail.append(f'| {i + 1} | {sa:.3f} | {sb:.3f} | {sb / sa:.2f}x | {ia[main_clock]:.3f} | {ib[main_clock]:.3f} | '
+                      f'{ib[main_clock] / ia[main_clock]:.2f}x |')
+    detail.append('')
     memory = (f'Peak resident memory of the worker: ours {info["ours"]["peak_rss_gib"]:.2f} GiB, original '
               f'{info["original"]["peak_rss_gib"]:.2f} GiB.')
     if 'peak_gpu_gib' in info['ours']:

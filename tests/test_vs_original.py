@@ -80,6 +80,10 @@ def test_summarise_amortises_phases_and_reports_the_compile_log():
     assert wall['inference (wall)'] == (1.0, 4.0, 0.25)
     text = '\n'.join(detail)
     assert '| Gmain | 0.900 | 1.800 | 0.50 |' in text
+    # Every pair in the order run (CPU seconds): the second pair is ours' slow one.
+    assert '| 1 | 3.400 | 6.800 | 2.00x | 1.000 | 4.000 | 4.00x |' in text
+    assert '| 2 | 10.200 | 6.800 | 0.67x | 2.000 | 4.000 | 2.00x |' in text
+    assert '| 3 | 3.400 | 6.800 | 2.00x | 1.000 | 4.000 | 4.00x |' in text
     assert 'torch.compile on our side (2 lines' in text
     assert all(f'- {line}' in detail for line in compile_log)
     info['ours'].pop('compile_log')
