@@ -59,7 +59,9 @@ training step (all four phases once) under torch.profiler: top 10 ops by self CP
 and reports its peak resident memory. Last, on the CPU, each side runs the four phases and one
 inference once more with the time inside its convolutions recorded (forward and backward,
 oneDNN on both sides, ours channels last), which bounds the speed-up: our convolutions alone against
-the original's whole step (not with --compile).
+the original's whole step (not with --compile); and three inferences with timers around the
+stages of G (INFERENCE_STAGES: mapping, each network, the rasterization, the renderer, the
+super-resolution), which shows where each side spends an inference.
 
 `--compile all --compile-backend cudagraphs`: our D, G's synthesis and its density query traced
 by dynamo and replayed as CUDA graphs with eager kernels (torch_utils/compiled.py): what it cuts on a GPU is
@@ -100,6 +102,25 @@ FLOODFILL_FIXED_RANGE = 1 << 16     # OpenCV's flag value
 # A file each checkout must have (relative to its root).
 CHECKOUT_MARKERS = {'next3d': 'training_avatar_texture/triplane_next3d.py', 'eg3d': 'eg3d/training/triplane.py'}
 PHASES = (('Gmain', 1), ('Greg', 4), ('Dmain', 1), ('Dreg', 16))
+# The stages of one inference, timed by `stage_seconds`: (label, the module under G on our
+# side, on the original's). A name ending in '()' is a method of G, timed by wrapping it: the
+# original's rasterize() draws the four views and looks the texture up, what our texture
+# planes' forward does. The renderer includes its decoder on both sides.
+INFERENCE_STAGES = {
+    'next3d': (('mapping', 'backbone.mapping', 'backbone.mapping'),
+               ('texture (StyleGAN2)', 'texture_backbone.synthesis', 'texture_backbone.synthesis'),
+               ('mesh rasterization and texture lookups', 'rasterizer', 'rasterize()'),
+               ('mouth (StyleUNet)', 'mouth_backbone', 'mouth_backbone.synthesis'),
+               ('neural blending (StyleUNet)', 'neural_blending', 'neural_blending.synthesis'),
+               ('tri-plane backbone (StyleGAN2)', 'backbone.synthesis', 'backbone.synthesis'),
+               ('renderer: plane sampling, decoder, ray marching', 'renderer', 'renderer'),
+               ('super-resolution', 'superresolution', 'superresolution')),
+    'eg3d': (('mapping', 'backbone.mapping', 'backbone.mapping'),
+             ('tri-plane backbone (StyleGAN2)', 'backbone.synthesis', 'backbone.synthesis'),
+             ('renderer: plane sampling, decoder, ray marching', 'renderer', 'renderer'),
+             ('super-resolution', 'superresolution', 'superresolution')),
+}
+STAGE_CALLS = 3             # inferences timed by stage (their median per stage)
 ADAM = dict(lr=0.0025, betas=(0.0, 0.99), eps=1e-8)
 ADAM_D = dict(lr=0.002, betas=(0.0, 0.99), eps=1e-8)
 
@@ -486,6 +507,46 @@ def convolution_seconds(side_obj) -> dict:
     return seconds
 
 
+def stage_seconds(side_obj, stages, calls: int = STAGE_CALLS) -> dict:
+    """CPU seconds of each stage of an inference: {label: median over `calls` inferences},
+    plus 'inference' (the whole call, the same calls). stages: (label, path) pairs, path a
+    module under side_obj.G ('a.b', timed by forward hooks) or a method of G ('name()',
+    wrapped for the calls). Stages must not nest. The hooks and the wrapper are removed after."""
+    import torch
+    G = side_obj.G
+    spent, started, undo = {}, {}, []
+    for label, path in stages:
+        if path.endswith('()'):
+            name = path[:-2]
+            method = getattr(G, name)
+
+            def timed(*args, _method=method, _label=label, **kwargs):
+                start = time.process_time()
+                try:
+                    return _method(*args, **kwargs)
+                finally:
+                    spent[_label] += time.process_time() - start
+            setattr(G, name, timed)
+            undo.append(lambda name=name: delattr(G, name))     # the instance attribute hid the class's method
+        else:
+            module = G.get_submodule(path)
+            pre = module.register_forward_pre_hook(lambda m, args, label=label: started.__setitem__(label, time.process_time()))
+            post = module.register_forward_hook(
+                lambda m, args, out, label=label: spent.__setitem__(label, spent[label] + time.process_time() - started[label]))
+            undo += [pre.remove, post.remove]
+    samples = []
+    try:
+        for _ in range(calls):
+            spent.update({label: 0.0 for label, _ in stages})
+            start = time.process_time()
+            side_obj.infer()
+            samples.append(dict(spent, inference=time.process_time() - start))
+    finally:
+        for fn in undo:
+            fn()
+    return {k: float(np.median([sample[k] for sample in samples])) for k in samples[0]}
+
+
 def run_worker(side: str, cfg_path: str):
     """Serve the parent: one JSON request per line on stdin, one JSON reply per line."""
     reply_stream = os.fdopen(os.dup(1), 'w')
@@ -552,6 +613,10 @@ def run_worker(side: str, cfg_path: str):
         def convolutions():
             return convolution_seconds(side_obj)
 
+        def stages():
+            return stage_seconds(side_obj, [(label, ours if side == 'ours' else original)
+                                            for label, ours, original in INFERENCE_STAGES[cfg['preset']]])
+
         def info():
             out = dict(params=n_params, peak_rss_gib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
                        plugins=getattr(side_obj, 'plugins', None))     # the original's custom ops
@@ -559,7 +624,7 @@ def run_worker(side: str, cfg_path: str):
                 out['peak_gpu_gib'] = torch.cuda.max_memory_allocated(device) / 2**30
             return out
 
-        handlers = dict(train=train_step, infer=infer, profile=profile, convolutions=convolutions, info=info)
+        handlers = dict(train=train_step, infer=infer, profile=profile, convolutions=convolutions, stages=stages, info=info)
         reply_stream.write(json.dumps(dict(ready=True)) + '\n')
         reply_stream.flush()
         for line in sys.stdin:
@@ -668,10 +733,11 @@ def run_preset(preset: str, cfg: dict, tmp: str, pairs: int, log):
                 f'inference ours {inf[0]:.3f} s, original {inf[1]:.3f} s (wall)')
         profiles = {side: w.call('profile') for side, w in workers.items()}
         info = {side: w.call('info') for side, w in workers.items()}
-        # A dispatch mode around compiled graphs would time something else; on a GPU it would time launches.
+        # A dispatch mode or module hooks around compiled graphs would time something else; on a GPU, launches.
         if cfg.get('compile', 'none') == 'none' and cfg.get('device', 'cpu') == 'cpu':
             for side, w in workers.items():
                 info[side]['convolutions'] = w.call('convolutions')
+                info[side]['stages'] = w.call('stages')
     finally:
         for w in workers.values():
             w.close()
@@ -735,6 +801,8 @@ def summarise(preset: str, samples: dict, profiles: dict, info: dict, device: st
                           f'{total["original"] - c["original"]:.3f} | {total["original"] / c["ours"]:.2f}x |')
         detail += ['', 'The rest = the median time of the table above minus the convolutions. Ceiling = the original\'s time '
                    'over our convolutions alone: the speed-up if everything else on our side took no time.', '']
+    if 'stages' in info['ours']:
+        detail += stage_table(preset, {side: info[side]['stages'] for side in ('ours', 'original')})
     if info['ours'].get('compile_log'):
         detail += [f'torch.compile on our side ({len(info["ours"]["compile_log"])} lines of the worker\'s log):', '']
         detail += [f'- {line}' for line in info['ours']['compile_log']] + ['']
@@ -750,6 +818,19 @@ def summarise(preset: str, samples: dict, profiles: dict, info: dict, device: st
             detail += [f'### {preset}, {side}: {title}', '', f'| op | {unit} | share | calls |', '|---|---|---|---|']
             detail += [f'| `{k[:120]}` | {ms:.1f} | {100 * ms / t["total_ms"]:.1f}% | {n} |' for k, ms, n in t['top']] + ['']
     return rows, detail
+
+
+def stage_table(preset: str, stages: dict) -> list:
+    """Lines of the table of one inference by stage, stages = {side: stage_seconds' result}."""
+    labels = [k for k in stages['ours'] if k != 'inference']
+    rows = [(k, stages['ours'][k], stages['original'][k]) for k in labels]
+    rows.append(('the rest (outside these stages)', *(stages[side]['inference'] - sum(stages[side][k] for k in labels)
+                                                      for side in ('ours', 'original'))))
+    rows.append(('**inference**', stages['ours']['inference'], stages['original']['inference']))
+    speed_up = lambda a, b: f'{b / a:.2f}x' if a > 0 else '-'
+    return ([f'### {preset}: one inference by stage (CPU seconds, median of {STAGE_CALLS} inferences after the pairs; '
+             'timers around these modules of G)', '', '| stage | ours | original | speed-up |', '|---|---|---|---|']
+            + [f'| {label} | {a:.3f} | {b:.3f} | {speed_up(a, b)} |' for label, a, b in rows] + [''])
 
 
 @click.command()

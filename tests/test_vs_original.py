@@ -1,5 +1,7 @@
 """benchmarks/vs_original.py: the parts that do not need the original code."""
 
+import time
+
 import numpy as np
 import pytest
 
@@ -129,6 +131,11 @@ def test_summarise_reports_the_convolution_ceiling():
     # ours: step 1 + 1 + 1 + 1 = 4, convolutions 0.5 + 0.5 + 0.5 + 0.5 = 2; original: step 10, convolutions 2.5.
     assert '| training step | 2.000 | 2.000 | 2.500 | 7.500 | 5.00x |' in text
     assert '| inference | 0.250 | 0.250 | 0.250 | 1.750 | 8.00x |' in text
+    assert 'by stage' not in text
+    for side, t in (('ours', 0.1), ('original', 0.4)):
+        info[side]['stages'] = {'renderer': t, 'inference': 2 * t}
+    text = '\n'.join(vs_original.summarise('next3d', samples, profiles, info)[1])
+    assert '### next3d: one inference by stage' in text and '| renderer | 0.100 | 0.400 | 4.00x |' in text
 
 
 
@@ -358,3 +365,59 @@ def test_geometry_in_loader_reaches_our_side_and_is_said_in_the_table(tmp_path, 
     assert len(written) == 1
     text = written[0].read_text()
     assert '--geometry-in-loader' in text and "given its meshes' geometry made beforehand and not timed" in text
+
+
+def _busy(seconds):
+    end = time.process_time() + seconds
+    while time.process_time() < end:
+        pass
+
+
+def test_stage_seconds_times_modules_and_methods_then_removes_its_timers():
+    import torch
+
+    class Busy(torch.nn.Module):
+        def __init__(self, seconds):
+            super().__init__()
+            self.seconds = seconds
+
+        def forward(self, x):
+            _busy(self.seconds)
+            return x
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.backbone = torch.nn.Module()
+            self.backbone.synthesis = Busy(0.03)
+            self.renderer = Busy(0.01)
+
+        def rasterize(self, x):
+            _busy(0.02)
+            return x
+
+    class Side:
+        G = Net()
+
+        def infer(self):
+            x = self.G.backbone.synthesis(1)
+            x = self.G.rasterize(x)
+            x = self.G.renderer(x)
+            _busy(0.01)                         # outside every stage
+
+    side = Side()
+    seconds = vs_original.stage_seconds(side, [('backbone', 'backbone.synthesis'), ('raster', 'rasterize()'), ('render', 'renderer')], calls=2)
+    assert list(seconds) == ['backbone', 'raster', 'render', 'inference']
+    for label, expected in (('backbone', 0.03), ('raster', 0.02), ('render', 0.01), ('inference', 0.07)):
+        assert expected <= seconds[label] < expected + 0.01, (label, seconds[label])
+    assert 'rasterize' not in vars(side.G)      # the method is the class's again, the hooks gone
+    assert not side.G.renderer._forward_hooks and not side.G.renderer._forward_pre_hooks
+
+
+def test_stage_table_adds_the_rest_and_the_whole_inference():
+    stages = dict(ours=dict(texture=0.1, renderer=0.2, inference=0.4), original=dict(texture=0.3, renderer=1.0, inference=1.6))
+    text = '\n'.join(vs_original.stage_table('next3d', stages))
+    assert '| texture | 0.100 | 0.300 | 3.00x |' in text
+    assert '| renderer | 0.200 | 1.000 | 5.00x |' in text
+    assert '| the rest (outside these stages) | 0.100 | 0.300 | 3.00x |' in text
+    assert '| **inference** | 0.400 | 1.600 | 4.00x |' in text
