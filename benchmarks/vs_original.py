@@ -509,7 +509,8 @@ def convolution_seconds(side_obj) -> dict:
 
 def stage_seconds(side_obj, stages, calls: int = STAGE_CALLS) -> dict:
     """CPU seconds of each stage of an inference: {label: median over `calls` inferences},
-    plus 'inference' (the whole call, the same calls). stages: (label, path) pairs, path a
+    plus 'rest' (the time outside the stages) and 'inference' (the whole call), each the median
+    of its own over the same calls. stages: (label, path) pairs, path a
     module under side_obj.G ('a.b', timed by forward hooks) or a method of G ('name()',
     wrapped for the calls). Stages must not nest. The hooks and the wrapper are removed after."""
     import torch
@@ -540,7 +541,8 @@ def stage_seconds(side_obj, stages, calls: int = STAGE_CALLS) -> dict:
             spent.update({label: 0.0 for label, _ in stages})
             start = time.process_time()
             side_obj.infer()
-            samples.append(dict(spent, inference=time.process_time() - start))
+            total = time.process_time() - start
+            samples.append(dict(spent, rest=total - sum(spent.values()), inference=total))
     finally:
         for fn in undo:
             fn()
@@ -822,14 +824,14 @@ def summarise(preset: str, samples: dict, profiles: dict, info: dict, device: st
 
 def stage_table(preset: str, stages: dict) -> list:
     """Lines of the table of one inference by stage, stages = {side: stage_seconds' result}."""
-    labels = [k for k in stages['ours'] if k != 'inference']
+    labels = [k for k in stages['ours'] if k not in ('rest', 'inference')]
     rows = [(k, stages['ours'][k], stages['original'][k]) for k in labels]
-    rows.append(('the rest (outside these stages)', *(stages[side]['inference'] - sum(stages[side][k] for k in labels)
-                                                      for side in ('ours', 'original'))))
+    rows.append(('the rest (outside these stages)', stages['ours']['rest'], stages['original']['rest']))
     rows.append(('**inference**', stages['ours']['inference'], stages['original']['inference']))
     speed_up = lambda a, b: f'{b / a:.2f}x' if a > 0 else '-'
     return ([f'### {preset}: one inference by stage (CPU seconds, median of {STAGE_CALLS} inferences after the pairs; '
-             'timers around these modules of G)', '', '| stage | ours | original | speed-up |', '|---|---|---|---|']
+             'timers around these modules of G; each row the median of its own)', '', '| stage | ours | original | speed-up |',
+             '|---|---|---|---|']
             + [f'| {label} | {a:.3f} | {b:.3f} | {speed_up(a, b)} |' for label, a, b in rows] + [''])
 
 

@@ -133,7 +133,7 @@ def test_summarise_reports_the_convolution_ceiling():
     assert '| inference | 0.250 | 0.250 | 0.250 | 1.750 | 8.00x |' in text
     assert 'by stage' not in text
     for side, t in (('ours', 0.1), ('original', 0.4)):
-        info[side]['stages'] = {'renderer': t, 'inference': 2 * t}
+        info[side]['stages'] = {'renderer': t, 'rest': t, 'inference': 2 * t}
     text = '\n'.join(vs_original.summarise('next3d', samples, profiles, info)[1])
     assert '### next3d: one inference by stage' in text and '| renderer | 0.100 | 0.400 | 4.00x |' in text
 
@@ -407,15 +407,15 @@ def test_stage_seconds_times_modules_and_methods_then_removes_its_timers():
 
     side = Side()
     seconds = vs_original.stage_seconds(side, [('backbone', 'backbone.synthesis'), ('raster', 'rasterize()'), ('render', 'renderer')], calls=2)
-    assert list(seconds) == ['backbone', 'raster', 'render', 'inference']
-    for label, expected in (('backbone', 0.03), ('raster', 0.02), ('render', 0.01), ('inference', 0.07)):
+    assert list(seconds) == ['backbone', 'raster', 'render', 'rest', 'inference']
+    for label, expected in (('backbone', 0.03), ('raster', 0.02), ('render', 0.01), ('rest', 0.01), ('inference', 0.07)):
         assert expected <= seconds[label] < expected + 0.01, (label, seconds[label])
     assert 'rasterize' not in vars(side.G)      # the method is the class's again, the hooks gone
     assert not side.G.renderer._forward_hooks and not side.G.renderer._forward_pre_hooks
 
 
-def test_stage_table_adds_the_rest_and_the_whole_inference():
-    stages = dict(ours=dict(texture=0.1, renderer=0.2, inference=0.4), original=dict(texture=0.3, renderer=1.0, inference=1.6))
+def test_stage_table_lists_the_stages_the_rest_and_the_whole_inference():
+    stages = dict(ours=dict(texture=0.1, renderer=0.2, rest=0.1, inference=0.4), original=dict(texture=0.3, renderer=1.0, rest=0.3, inference=1.6))
     text = '\n'.join(vs_original.stage_table('next3d', stages))
     assert '| texture | 0.100 | 0.300 | 3.00x |' in text
     assert '| renderer | 0.200 | 1.000 | 5.00x |' in text
