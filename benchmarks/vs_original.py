@@ -527,8 +527,9 @@ def stage_seconds(side_obj, stages, calls: int = STAGE_CALLS) -> dict:
                     return _method(*args, **kwargs)
                 finally:
                     spent[_label] += time.process_time() - start
+            hidden = vars(G).get(name)              # an instance attribute it replaces, if any (else the class's method)
             setattr(G, name, timed)
-            undo.append(lambda name=name: delattr(G, name))     # the instance attribute hid the class's method
+            undo.append(lambda name=name, hidden=hidden: setattr(G, name, hidden) if hidden is not None else delattr(G, name))
         else:
             module = G.get_submodule(path)
             pre = module.register_forward_pre_hook(lambda m, args, label=label: started.__setitem__(label, time.process_time()))

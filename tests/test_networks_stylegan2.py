@@ -74,6 +74,22 @@ def test_modulated_conv2d_without_demodulation_is_a_scaled_conv():
     torch.testing.assert_close(out, expected)
 
 
+@pytest.mark.parametrize('demodulate', [True, False])
+@pytest.mark.parametrize('fused', [True, False])
+def test_modulated_conv2d_gain_scales_the_convolution_before_the_noise(demodulate, fused):
+    """gain (folded into the demodulation, or into the weight without one) scales the
+    convolution's output; the noise is added after, unscaled."""
+    torch.manual_seed(3)
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    weight = torch.randn(4, 3, 3, 3, dtype=torch.float64)
+    styles = torch.randn(2, 3, dtype=torch.float64)
+    noise = torch.randn(2, 1, 6, 6, dtype=torch.float64)
+    kwargs = dict(demodulate=demodulate, padding=1, fused_modconv=fused)
+    plain = modulated_conv2d(x, weight, styles, **kwargs)
+    got = modulated_conv2d(x, weight, styles, noise=noise, gain=2.5, **kwargs)
+    torch.testing.assert_close(got, plain * 2.5 + noise, rtol=1e-12, atol=1e-12)
+
+
 def test_demodulation_coefficients_are_the_inverse_norms_of_the_modulated_filters():
     torch.manual_seed(0)
     weight = torch.randn(5, 4, 3, 3, dtype=torch.float64)

@@ -141,7 +141,10 @@ def test_table_cache_of_half_precision_images():
     images = torch.randn(1, 3, 4, 8, 8).half()
     grids = [make_grid(1, 3, 100, seed=s).float() for s in (7, 8)]
     cache = {}
-    got = [BM.bilinear_mean(images, g, table_cache=cache) for g in grids]
+    got = [BM.bilinear_mean(images, grids[0], table_cache=cache)]
+    table = cache['table']
+    got.append(BM.bilinear_mean(images, grids[1], table_cache=cache))
+    assert cache['table'] is table and cache['images'] is images and table.dtype == torch.float32
     for a, g in zip(got, grids):
         torch.testing.assert_close(a, grid_sample_mean(images.float(), g))
 

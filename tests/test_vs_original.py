@@ -412,6 +412,10 @@ def test_stage_seconds_times_modules_and_methods_then_removes_its_timers():
         assert expected <= seconds[label] < expected + 0.01, (label, seconds[label])
     assert 'rasterize' not in vars(side.G)      # the method is the class's again, the hooks gone
     assert not side.G.renderer._forward_hooks and not side.G.renderer._forward_pre_hooks
+    own = lambda x: _busy(0.02) or x             # a method set on the instance is put back
+    side.G.rasterize = own
+    assert vs_original.stage_seconds(side, [('raster', 'rasterize()')], calls=1)['raster'] >= 0.02
+    assert vars(side.G)['rasterize'] is own
 
 
 def test_stage_table_lists_the_stages_the_rest_and_the_whole_inference():
