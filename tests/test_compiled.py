@@ -728,3 +728,50 @@ def test_rasterization_does_not_recompile_for_every_mesh():
             verts = torch.rand(2, 40, 3, generator=gen) * 2 - 1
             verts[..., :2] *= scale
             torch.testing.assert_close(compiled_f(verts), f(verts))
+
+
+
+def _traced_graphs(fn, *args) -> tuple:
+    """How dynamo traces fn(*args) (without compiling it): (number of graphs, reasons of its breaks).
+    A frame dynamo gives up on runs eagerly and counts no graph."""
+    import torch._dynamo
+    torch.compiler.reset()
+    explained = torch._dynamo.explain(fn)(*args)
+    torch.compiler.reset()
+    return explained.graph_count, [b.reason.splitlines()[0] for b in explained.break_reasons]
+
+
+@pytest.mark.parametrize('channels_last', [False, True])
+def test_the_next3d_plane_blend_traces_without_a_graph_break_and_blends_as_eager(channels_last):
+    """Without a graph to record, eager mode blends plane by plane into the static planes through
+    a strided out=, which dynamo cannot trace (alone, it traces no graph of the blend at all):
+    under torch.compile that split Next3D's synthesis
+    (on the generic path a GPU takes, traced on the meta device, a tiny64 synthesis given its
+    geometry made 11 graphs without a gradient, 1 after this and the importance sampler's fix:
+    each split a boundary between CUDA graphs for --compile-backend=cudagraphs)."""
+    from training.next3d_generator import blend_planes
+    torch.manual_seed(0)
+    static = torch.randn(2, 3, 4, 8, 8)
+    if channels_last:           # the channels innermost, as channels-last convolutions make them
+        static = static.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3)
+    rendered = tuple(torch.randn(2, 4, 8, 8) for _ in range(3))
+    alpha = tuple(torch.rand(2, 1, 8, 8) for _ in range(3))
+    want = torch.stack(rendered, 1) * torch.stack(alpha, 1) + static * (1 - torch.stack(alpha, 1))
+    with torch.no_grad():
+        assert _traced_graphs(blend_planes, static.clone(), rendered, alpha) == (1, [])
+        compiled_out = torch.compile(blend_planes, backend='aot_eager')(static.clone(), rendered, alpha)
+        eager_out = blend_planes(static.clone(), rendered, alpha)
+    torch.compiler.reset()
+    torch.testing.assert_close(eager_out, want)
+    assert torch.equal(compiled_out, eager_out)
+
+
+def test_the_importance_sampler_traces_without_a_graph_break():
+    """Its max-pool as an elementwise maximum wrote into a strided out= (a graph break under
+    torch.compile, between the coarse and the fine pass of every render); now slice
+    assignments, the same values (the sampler's own tests)."""
+    from training.volumetric_rendering.renderer import sample_importance
+    torch.manual_seed(0)
+    depths = torch.sort(torch.rand(2, 16, 12, 1) * 2 + 1, dim=2).values
+    weights = torch.rand(2, 16, 11, 1)
+    assert _traced_graphs(lambda d, w: sample_importance(d, w, 6, deterministic=True), depths, weights) == (1, [])

@@ -158,21 +158,29 @@ class Next3DGenerator(EG3DGenerator):
         static = super().make_planes(ws, None, update_emas=update_emas, **kwargs)
         rendered = self.rasterizer.plane_images(front, r['side'], r['top'])
         alpha = self.rasterizer.plane_images(r['front_alpha'], r['side_alpha'], r['top_alpha'])
-        # rendered * alpha + static * (1 - alpha), one pass. Without a graph to record, plane by
-        # plane into the static planes (a tensor of this call's): the renders are not stacked.
-        if misc.records_graph(static, *rendered, *alpha):
-            # Planes with their channels innermost (channels-last convolutions, the CPU's): the
-            # alphas laid out pixel by pixel like them, so that the blend and its backward
-            # broadcast them along contiguous channels.
-            alphas = torch.stack(alpha, dim=-1).permute(0, 4, 1, 2, 3) if static.stride(2) == 1 else torch.stack(alpha, dim=1)
-            return torch.lerp(static, torch.stack(rendered, dim=1), alphas)
-        for p in range(static.shape[1]):
-            torch.lerp(static[:, p], rendered[p], alpha[p], out=static[:, p])
-        return static
+        return blend_planes(static, rendered, alpha)
 
     def extra_repr(self):
         return (super().extra_repr() + f', num_vertices={self.num_vertices}, texture_resolution={self.texture_resolution}, '
                 f'plane_layout={self.plane_layout!r}, side_alpha={self.side_alpha!r}')
+
+
+def blend_planes(static: torch.Tensor, rendered, alpha) -> torch.Tensor:
+    """Next3D's planes: rendered * alpha + static * (1 - alpha), one pass.
+
+    static (N, 3, C, P, P), a tensor of the caller's that may be overwritten; rendered and
+    alpha: three (N, C, P, P) and three (N, 1, P, P), one per plane -> (N, 3, C, P, P).
+    Without a graph to record, in eager mode, plane by plane into `static` (the renders are
+    not stacked); otherwise (and under torch.compile, which cannot trace the strided out=)
+    stacked, with the alphas laid out like the planes: pixel by pixel when their channels
+    are innermost (channels-last convolutions, the CPU's), so that the blend and its
+    backward broadcast them along contiguous channels. The same values either way."""
+    if misc.records_graph(static, *rendered, *alpha) or torch.compiler.is_compiling():
+        alphas = torch.stack(alpha, dim=-1).permute(0, 4, 1, 2, 3) if static.stride(2) == 1 else torch.stack(alpha, dim=1)
+        return torch.lerp(static, torch.stack(rendered, dim=1), alphas)
+    for p in range(static.shape[1]):
+        torch.lerp(static[:, p], rendered[p], alpha[p], out=static[:, p])
+    return static
 
 
 def load_topology(G: Next3DGenerator, template_obj_path: str, uv_mask_path: Optional[str] = None) -> Next3DGenerator:

@@ -256,9 +256,10 @@ def sample_importance(depths: torch.Tensor, weights: torch.Tensor, num_samples: 
     # max_pool1d(kernel 2, stride 1, padding 1), then avg_pool1d(kernel 2, stride 1), as
     # elementwise operations: the same values bit for bit, 5x faster on the CPU (pooling
     # windows of 2 over rows of 47 run one small loop each).
+    # (Written with slice assignments, not a strided out=, which torch.compile cannot trace.)
     peak = w.new_empty(w.shape[0], num_coarse)                                     # (M, S)
     peak[:, 0], peak[:, -1] = w[:, 0], w[:, -1]
-    torch.maximum(w[:, :-1], w[:, 1:], out=peak[:, 1:-1])
+    peak[:, 1:-1] = torch.maximum(w[:, :-1], w[:, 1:])
     w = (peak[:, :-1] + peak[:, 1:]) / 2 + 0.01                                    # (M, S - 1)
     t = depths.detach().reshape(batch_size * num_rays, num_coarse)
     mids = (t[:, :-1] + t[:, 1:]) / 2                                             # (M, S - 1)
