@@ -38,9 +38,10 @@
 #      replayed as CUDA graphs with eager kernels (no Triton: the warm-up is the tracing, ~130 s in all on this
 #      project's 2-core CPU machine: 29-37 s per synthesis signature, 3 of them, 23 s for the
 #      density query, ~2 s per D signature;
-#      the compile lines say whether cudagraph trees captured the graphs); then the same with
-#      --geometry-in-loader (no rasterization, hence no graph break, in the training phases)
-#      if time is left.
+#      the compile lines say whether cudagraph trees captured the graphs), first with
+#      --geometry-in-loader (no rasterization in the training phases: G's synthesis traces as
+#      one graph forward and one backward), then without it (the rasterization splits the
+#      synthesis) if time is left.
 # A failing step does not stop the others. Results go to $OUT if it is set (a remote
 # runner's collection folder), else to benchmarks/results/gpu-check-<UTC date>-<HHMM>/:
 # log.txt, environment.txt and the benchmarks' tables. Exit status: 0 if every step passed,
@@ -129,8 +130,8 @@ if [ -z "$compile_only" ]; then
 fi
 if [ "${GPU_CHECK_COMPILE:-}" = cudagraphs ]; then
     step pytest-cudagraphs 60 "$PY" -m pytest -q -m gpu -p no:cacheprovider -k cudagraphs tests/test_compiled.py
-    step vs-original-cudagraphs 300 "$PY" benchmarks/vs_original.py --device cuda --original-src "$ORIGINAL_SRC" --compile all --compile-backend cudagraphs --pairs 3 --batch 8 --outdir "$dest"
-    step vs-original-cudagraphs-geometry $budget "$PY" benchmarks/vs_original.py --device cuda --original-src "$ORIGINAL_SRC" --compile all --compile-backend cudagraphs --geometry-in-loader --pairs 3 --batch 8 --outdir "$dest"
+    step vs-original-cudagraphs-geometry 300 "$PY" benchmarks/vs_original.py --device cuda --original-src "$ORIGINAL_SRC" --compile all --compile-backend cudagraphs --geometry-in-loader --pairs 3 --batch 8 --outdir "$dest"
+    step vs-original-cudagraphs $budget "$PY" benchmarks/vs_original.py --device cuda --original-src "$ORIGINAL_SRC" --compile all --compile-backend cudagraphs --pairs 3 --batch 8 --outdir "$dest"
 elif [ -n "${GPU_CHECK_COMPILE:-}" ] && [ -n "${ORIGINAL_SRC:-}" ]; then     # opt-in: Triton compiles take minutes
     step vs-original-compiled $budget "$PY" benchmarks/vs_original.py --device cuda --original-src "$ORIGINAL_SRC" --compile all --pairs 3 --batch 8 --outdir "$dest"
 fi
