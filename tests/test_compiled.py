@@ -730,7 +730,6 @@ def test_rasterization_does_not_recompile_for_every_mesh():
             torch.testing.assert_close(compiled_f(verts), f(verts))
 
 
-
 def _traced_graphs(fn, *args) -> tuple:
     """How dynamo traces fn(*args) (without compiling it): (number of graphs, reasons of its breaks).
     A frame dynamo gives up on runs eagerly and counts no graph."""

@@ -48,6 +48,20 @@ def test_alpha_gain_clamp_dim(act):
     assert (y.abs() <= 0.9).all() and (y.abs() == 0.9).any()
 
 
+
+@pytest.mark.parametrize('act', ['linear', 'relu', 'lrelu'])
+@pytest.mark.parametrize('gain', [-1.5, 0.0, 0.5])
+def test_gain_outside_the_activation_when_it_does_not_commute(act, gain):
+    """act(x + b) * gain: the activations that commute with a positive gain scale before the
+    activation (commutes_with_gain); a negative or zero gain must scale after it."""
+    x = torch.randn(3, 4, 5, dtype=torch.float64) * 2
+    b = torch.randn(4, dtype=torch.float64)
+    y = B.bias_act(x, b, act=act, alpha=0.3, gain=gain)
+    expected = CLOSED_FORMS[act](x.numpy() + b.numpy()[None, :, None], 0.3) * gain
+    np.testing.assert_allclose(y.numpy(), expected, rtol=1e-12, atol=1e-12)
+    assert B.commutes_with_gain(act, gain) == (gain > 0)
+    assert not B.commutes_with_gain('tanh', 2.0)
+
 def test_hand_values():
     x = torch.tensor([[-1.0, 2.0]])
     assert torch.allclose(B.bias_act(x, act='lrelu'), torch.tensor([[-0.2, 2.0]]) * math.sqrt(2))

@@ -123,7 +123,7 @@ def folds_gain(x: torch.Tensor, activation: str, gain: float) -> bool:
     aside; the backward then skips a pass over the gradient (the product with the gain):
     Next3D small128, batch 4, one thread: Gmain 0.99x, Dmain 0.975x the time (medians of 8
     interleaved pairs). bias_act's CUDA kernel scales for free, so elsewhere nothing changes."""
-    return x.device.type == 'cpu' and gain != 1 and gain > 0 and activation in bias_act.SCALE_COMMUTING
+    return x.device.type == 'cpu' and gain != 1 and bias_act.commutes_with_gain(activation, gain)
 
 
 def cpu_inference(x: torch.Tensor, fused_modconv: bool, *tensors) -> bool:
@@ -351,7 +351,7 @@ class SynthesisLayer(torch.nn.Module):
             noise = self.noise_const * self.noise_strength
         clamp = self.conv_clamp * gain if self.conv_clamp is not None else None
         act_gain = self.act_gain * gain
-        if (act_gain > 0 and self.activation in bias_act.SCALE_COMMUTING
+        if (bias_act.commutes_with_gain(self.activation, act_gain)
                 and cpu_inference(x, fused_modconv, styles, self.weight, self.bias, noise)):
             return self._forward_cpu_inference(x, styles, noise, act_gain, clamp)
         bias, out_gain = self.bias.to(x.dtype), 1

@@ -91,6 +91,11 @@ def activate(z: torch.Tensor, act: str, alpha: float) -> torch.Tensor:
 SCALE_COMMUTING = ('linear', 'relu', 'lrelu')     # act(gain * z) = gain * act(z) for gain > 0
 
 
+def commutes_with_gain(act: str, gain: float) -> bool:
+    """Whether act(z) * gain = act(z * gain): one of SCALE_COMMUTING and a positive gain."""
+    return act in SCALE_COMMUTING and gain > 0
+
+
 def activate_in_place(z: torch.Tensor, act: str, alpha: float) -> torch.Tensor:
     """One of SCALE_COMMUTING applied to z in place (z itself; no graph through a leaf)."""
     if act == 'lrelu':
@@ -110,7 +115,7 @@ def _bias_act_ref(x: torch.Tensor, b: Optional[torch.Tensor], dim: int, act: str
     writing x once).
     """
     shape = [-1 if i == dim else 1 for i in range(x.ndim)]
-    if act in SCALE_COMMUTING and gain > 0:
+    if commutes_with_gain(act, gain):
         if b is not None and torch.compiler.is_compiling():
             # Inductor fuses the two passes itself, and drops add's alpha when it rewrites
             # add(b, mm(...), alpha) as an addmm (pytorch/pytorch#167313): no alpha there.
